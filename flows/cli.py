@@ -1,0 +1,73 @@
+"""The `ragindex` command line: one typer app, commands grouped by the part they drive.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback
+(set RAGINDEX_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+from pydantic import ValidationError
+
+from storage.errors import RagindexError
+
+app = typer.Typer(
+    name="ragindex",
+    help="Keep a RAG model's Wikipedia index fresh: download, passages, embed, build, promote, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register_commands() -> None:
+    from flows import cli_demo, cli_embed, cli_ingest, cli_serve, cli_store
+
+    for module in (cli_ingest, cli_embed, cli_store, cli_serve, cli_demo):
+        module.register(app)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_commands()
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except (RagindexError, ValidationError, OSError, ValueError) as exc:
+        if os.environ.get("RAGINDEX_DEBUG"):
+            raise
+        fail(_one_line(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:  # an unexpected failure is still one line, with a way to see more
+        if os.environ.get("RAGINDEX_DEBUG"):
+            raise
+        fail(f"unexpected {type(exc).__name__}: {_one_line(exc)} (set RAGINDEX_DEBUG=1 for a traceback)")
+    if isinstance(rv, int) and rv:
+        raise SystemExit(rv)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "input"
+        return f"invalid {where}: {err.get('msg')}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The one settings model (`RAGINDEX_*`), read at the edge: CLI, flow entry, server start.
+
+Everything below the edge receives plain arguments; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.store import IndexStore
+
+DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-multiset-base"
+DEFAULT_DPR_QUESTION = "facebook/dpr-question_encoder-multiset-base"
+USER_AGENT = "ragindex/0.1 (https://github.com/ragindex/ragindex; index refresh bot)"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'16GiB' / '512M' / 1234 -> bytes; a clear ValueError for anything else, negatives included."""
+    if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 16GiB, 512MiB, 2000000000)")
+    unit = (m.group(2) or "").upper().removesuffix("B")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGINDEX_", extra="ignore")
+
+    store_url: str = "./var/ragindex"
+    s3_endpoint_url: str | None = None
+    mirror: str = "https://dumps.wikimedia.org"
+    user_agent: str = USER_AGENT
+    wiki: str = "enwiki"
+    dump_date: str = "latest"
+    encoder: str = DEFAULT_DPR_CTX
+    encoder_kind: Literal["dpr", "mean"] = "dpr"
+    question_encoder: str | None = None
+    index_spec: str = "auto"
+    memory_budget: str = "16GiB"
+    rag_model: str = "facebook/rag-sequence-nq"
+    admin_token: str | None = None
+    poll_seconds: float = Field(10.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    debug: bool = False
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return parse_size(self.memory_budget)
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    return Settings()
+
+
+def open_store(url: str | None = None, settings: Settings | None = None) -> IndexStore:
+    s = settings or load_settings()
+    return IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url)

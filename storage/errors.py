@@ -1,0 +1,21 @@
+"""Errors every layer raises and every edge (CLI, flow, server) turns into one readable line."""
+
+
+class RagindexError(Exception):
+    """An expected failure with a message fit to show a user as it is."""
+
+
+class InvalidName(RagindexError):
+    """A version id, file name or other name from outside that may not touch a path."""
+
+
+class NotFound(RagindexError):
+    """A version, file or pointer that does not exist."""
+
+
+class Conflict(RagindexError):
+    """A compare-and-swap lost its race, or a lock is held by someone else."""
+
+
+class Rejected(RagindexError):
+    """A version that failed validation, or another refusal of bad input."""

@@ -1,0 +1,78 @@
+"""fsspec filesystems for the store and for sources: a local path, `file://` or `s3://`.
+
+Every other module reaches files through `open_url` / `resolve`, so local disk and S3 follow one
+code path. The S3 endpoint is passed in (from settings), never read from the environment here.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from collections.abc import Iterator
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.errors import RagindexError
+
+SUPPORTED_SCHEMES = ("file", "s3")
+
+
+def resolve(url: str, s3_endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (filesystem, path within it) for a local path, `file://` URL or `s3://` URL."""
+    if not url:
+        raise RagindexError("empty location: give a local path, file:// or s3:// URL")
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in SUPPORTED_SCHEMES:
+        raise RagindexError(f"unsupported URL scheme {scheme!r} in {url!r}: use a local path, file:// or s3://")
+    if scheme == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    import s3fs  # imported lazily: local-only users never pay for aiobotocore
+
+    client_kwargs = {"endpoint_url": s3_endpoint_url} if s3_endpoint_url else {}
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+    return fs, url[len("s3://"):].rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(*parts: str) -> str:
+    """Join path parts with '/', the separator every fsspec filesystem uses."""
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p != "")
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL that `resolve` maps back to (fs, path): what tasks hand each other."""
+    return path if is_local(fs) else f"s3://{path}"
+
+
+@contextmanager
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `path` for writing so that readers see the whole file or none of it.
+
+    Locally: write a temp name in the same directory, fsync, then `os.replace`. On S3 a PUT is
+    already all-or-nothing (multipart uploads only appear when completed), so write in place.
+    On an exception nothing is left at `path`.
+    """
+    if not is_local(fs):
+        with fs.open(path, mode) as f:
+            yield f
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

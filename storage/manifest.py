@@ -1,0 +1,107 @@
+"""The manifest: what a version is made of, written last so that its presence means "complete".
+
+Schema-versioned pydantic models. Storage knows nothing of FAISS or models; the encoder and index
+sections are plain records filled in by the tasks that own those things.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class DumpFile(BaseModel):
+    name: str
+    sha1: str | None = None
+    size: int | None = None
+
+
+class SourceDump(BaseModel):
+    wiki: str
+    dump_date: str
+    location: str | None = None  # mirror URL, file:// or s3:// it was read from
+    files: list[DumpFile] = Field(default_factory=list)
+
+
+class EncoderFingerprint(BaseModel):
+    """Identifies the exact document encoder that produced a version's vectors."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_id: str
+    revision: str | None = None
+    weights_sha256: str
+    dim: int
+    pooling: Literal["pooler", "mean", "cls"]
+    normalize: bool = False
+    max_length: int
+    kind: Literal["dpr", "mean"]
+
+    @property
+    def key(self) -> str:
+        """Short stable id of everything that changes the vectors (not where the model was read from)."""
+        relevant = self.model_dump(exclude={"model_id", "revision"})
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class IndexInfo(BaseModel):
+    spec: str  # what was asked: flat / hnsw / ivfpq / ivfsq / auto / a factory string
+    factory: str  # the faiss factory string that was built
+    metric: Literal["ip", "l2"] = "ip"
+    dim: int  # dimension of the stored index (dim + 1 for the hnsw inner-product trick)
+    params: dict[str, Any] = Field(default_factory=dict)  # build parameters (M, nlist, ...)
+    search_params: dict[str, Any] = Field(default_factory=dict)  # nprobe / efSearch tuned for recall
+    phi: float | None = None  # hnsw trick: max squared norm; queries get a 0 extra dimension
+    bytes: int = 0
+
+
+class Validation(BaseModel):
+    passed: bool
+    reason: str | None = None  # one readable line when it failed
+    checks: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    version: str
+    status: Literal["ready", "rejected"]
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    parent: str | None = None
+    source: SourceDump
+    encoder: EncoderFingerprint
+    question_encoder: str | None = None  # id or path of the question encoder paired with `encoder`
+    index: IndexInfo
+    counts: dict[str, int] = Field(default_factory=dict)
+    skipped: dict[str, int] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    timings: dict[str, float] = Field(default_factory=dict)  # step -> seconds
+    validation: Validation | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class Pointer(BaseModel):
+    """The content of CURRENT."""
+
+    version: str
+    previous: str | None = None
+    generation: int
+    updated_at: datetime
+
+
+class HistoryEntry(BaseModel):
+    generation: int
+    action: Literal["promote", "rollback"]
+    from_version: str | None
+    to_version: str
+    actor: str
+    reason: str | None = None
+    at: datetime

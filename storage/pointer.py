@@ -1,0 +1,143 @@
+"""Compare-and-swap of small JSON objects (CURRENT, locks) on local disk and on S3.
+
+Locally: an `fcntl` lock file serialises writers, and `os.replace` makes the new content appear
+whole. On S3: a conditional PutObject (`If-Match` on the ETag we read, or `If-None-Match: *` to
+create) lets exactly one of several racing writers win; s3fs has no API for that, so we call the
+underlying aiobotocore client. Either way a lost race raises `Conflict` and the object is never torn.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+from fsspec.asyn import sync
+
+from storage.errors import Conflict, NotFound, RagindexError
+from storage.fs import atomic_write, is_local
+
+Token = str | None  # what identifies the state we read: a generation-bearing ETag on S3, None = absent
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any] | None, Token]:
+    """Read a JSON object and the token a later `swap_json` must present. (None, None) if absent."""
+    if is_local(fs):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return _parse(data, path), "local"
+    bucket, key = _split(path)
+    try:
+        data, etag = sync(fs.loop, _s3_get, fs, bucket, key)
+    except FileNotFoundError:
+        return None, None
+    return _parse(data, path), etag
+
+
+def swap_json(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    check: Callable[[dict[str, Any] | None], None],
+    new: dict[str, Any],
+    token: Token,
+) -> None:
+    """Write `new` at `path` only if the object is still the one `check` approves of.
+
+    `check(current)` raises `Conflict` when the current content is not what the caller read.
+    Locally it runs under the lock, on the freshly re-read content. On S3 the ETag `token`
+    from `read_json` is the guard (None: the object must not exist yet).
+    """
+    body = json.dumps(new, indent=2, default=str).encode()
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current, _ = read_json(fs, path)
+                check(current)
+                with atomic_write(fs, path) as f:
+                    f.write(body)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    bucket, key = _split(path)
+    condition = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    except Exception as exc:  # botocore raises ClientError; s3fs may translate it
+        if _is_precondition_failure(exc):
+            raise Conflict(f"{path} changed while we were writing it (lost a compare-and-swap race)") from None
+        raise
+
+
+def create_json(fs: fsspec.AbstractFileSystem, path: str, new: dict[str, Any]) -> None:
+    """Create `path`, whole, only if it does not exist yet; `Conflict` if it does."""
+    if not is_local(fs):
+        swap_json(fs, path, lambda current: None, new, token=None)
+        return
+    # Write a temp file, then hard-link it into place: link() fails if the name exists, so
+    # creation is atomic and exclusive without leaving a lock file beside every object.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(new, indent=2, default=str).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise Conflict(f"{path} already exists") from None
+    finally:
+        os.remove(tmp)
+
+
+def delete_json(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _parse(data: bytes, path: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise RagindexError(f"{path} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RagindexError(f"{path} does not hold a JSON object")
+    return obj
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    if not key:
+        raise NotFound(f"no key in S3 path {path!r}")
+    return bucket, key
+
+
+async def _s3_get(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
+    # One GetObject gives the body and the ETag of the same object version: a HEAD then GET
+    # could pair old content with a new ETag and let a stale swap through.
+    try:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        if "NoSuchKey" in repr(exc) or "404" in repr(exc):
+            raise FileNotFoundError(key) from None
+        raise
+    async with resp["Body"] as body:
+        data = await body.read()
+    return data, resp["ETag"]
+
+
+def _is_precondition_failure(exc: Exception) -> bool:
+    text = repr(exc)
+    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
