@@ -25,9 +25,9 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from flows import cli_demo, cli_embed, cli_ingest, cli_serve, cli_store
+    from flows import cli_demo, cli_embed, cli_ingest, cli_refresh, cli_serve, cli_store
 
-    for module in (cli_ingest, cli_embed, cli_store, cli_serve, cli_demo):
+    for module in (cli_ingest, cli_embed, cli_store, cli_refresh, cli_serve, cli_demo):
         module.register(app)
 
 

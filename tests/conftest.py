@@ -12,4 +12,6 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
     "tests.fixtures.versions",
+    "tests.fixtures.rag",
+    "tests.fixtures.prefect",
 ]

@@ -1,0 +1,168 @@
+"""The refresh-index parameters, checked in full before any work starts.
+
+A flow parameter left empty takes its `RAGINDEX_*` setting; anything out of range (a negative
+memory budget, an unknown index spec, a store URL with an unsupported scheme) fails here with one
+readable line, so a bad nightly run costs nothing and leaves CURRENT untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from flows.settings import Settings, parse_size
+from storage.fs import is_local, resolve
+from storage.names import check_dump_date, check_wiki
+from storage.store import IndexStore
+
+NAMED_SPECS = {"auto", "flat", "hnsw", "ivfpq", "ivfsq"}
+_FACTORY_RE = re.compile(r"^[A-Za-z0-9_,.+=x]+$")
+
+
+def check_index_spec(spec: str) -> str:
+    """A named spec, or a faiss factory string that faiss itself accepts."""
+    if spec in NAMED_SPECS:
+        return spec
+    if not _FACTORY_RE.match(spec):
+        raise ValueError(f"unknown index spec {spec!r}: use auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string")
+    import faiss
+
+    try:  # 768 = DPR's dimension; every common factory component divides it
+        faiss.index_factory(768, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown index spec {spec!r}: not auto/flat/hnsw/ivfpq/ivfsq and faiss cannot parse it as a factory string"
+        ) from None
+    return spec
+
+
+class RefreshParams(BaseModel):
+    wiki: str
+    dump_date: str
+    source: str | None = None
+    store_url: str
+    s3_endpoint_url: str | None = None
+    mirror: str
+    user_agent: str
+    encoder: str
+    encoder_kind: Literal["dpr", "mean"]
+    normalize: bool = False
+    question_encoder: str | None = None
+    index_spec: str
+    memory_budget: str
+    min_recall: float = Field(0.90, ge=0, le=1)
+    min_self_retrieval: float = Field(0.98, ge=0, le=1)
+    count_tolerance: float = Field(0.20, ge=0)
+    allow_count_change: bool = False
+    canaries: str | None = None
+    promote: bool = True
+    force: bool = False
+    task_runner: Literal["threads", "ray"] = "threads"
+    ray_address: str | None = None
+    shard_rows: int = Field(100_000, ge=1)
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_workers: int | None = Field(None, ge=1)
+
+    @classmethod
+    def from_flow(cls, settings: Settings, **given: Any) -> RefreshParams:
+        """Flow parameters over settings: None means "use the setting"."""
+        defaults = {
+            "wiki": settings.wiki,
+            "dump_date": settings.dump_date,
+            "store_url": settings.store_url,
+            "mirror": settings.mirror,
+            "encoder": settings.encoder,
+            "encoder_kind": settings.encoder_kind,
+            "question_encoder": settings.question_encoder,
+            "index_spec": settings.index_spec,
+            "memory_budget": settings.memory_budget,
+        }
+        values = {k: v for k, v in given.items() if v is not None}
+        return cls(
+            **{**defaults, **values},
+            s3_endpoint_url=settings.s3_endpoint_url,
+            user_agent=settings.user_agent,
+        )
+
+    @field_validator("wiki")
+    @classmethod
+    def _wiki(cls, v: str) -> str:
+        return check_wiki(v)
+
+    @field_validator("dump_date")
+    @classmethod
+    def _date(cls, v: str) -> str:
+        return v if v == "latest" else check_dump_date(v)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @field_validator("index_spec")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        return check_index_spec(v)
+
+    @model_validator(mode="after")
+    def _locations(self) -> RefreshParams:
+        resolve(self.store_url, self.s3_endpoint_url)  # raises on an unsupported scheme
+        if self.source:
+            resolve(self.source, self.s3_endpoint_url)
+        if self.canaries and not os.path.isfile(self.canaries):
+            raise ValueError(f"canaries file {self.canaries!r} does not exist")
+        if self.task_runner == "ray" and not self.ray_address:
+            self.ray_address = "local"
+        return self
+
+    # -- what the flow builds from them ------------------------------------------------------------
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return parse_size(self.memory_budget)
+
+    def store(self) -> IndexStore:
+        return IndexStore(self.store_url, s3_endpoint_url=self.s3_endpoint_url)
+
+    def encoder_spec(self) -> Any:
+        from rag_model.encoders import EncoderSpec
+
+        return EncoderSpec(model=self.encoder, kind=self.encoder_kind, normalize=self.normalize)
+
+    def floors(self) -> Any:
+        from tasks.validate import ValidationFloors
+
+        return ValidationFloors(
+            count_tolerance=self.count_tolerance,
+            allow_count_change=self.allow_count_change,
+            self_retrieval=self.min_self_retrieval,
+            recall_at_10=self.min_recall,
+        )
+
+    def parse_workers(self) -> int:
+        return self.max_workers or os.cpu_count() or 1
+
+    def result_storage(self) -> Any:
+        """Where shard task results persist: inside the store, so a re-run anywhere finds them."""
+        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+        store = self.store()
+        base = store.path("prefect-results")
+        if is_local(store.fs):
+            return LocalFileSystem(basepath=base)
+        settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
+        return RemoteFileSystem(basepath=f"s3://{base}", settings=settings)
+
+    def task_runner_instance(self) -> Any:
+        if self.task_runner == "ray":
+            from prefect_ray import RayTaskRunner
+
+            address = None if self.ray_address in (None, "local") else self.ray_address
+            return RayTaskRunner(address=address)
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=self.parse_workers())

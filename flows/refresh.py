@@ -1,0 +1,388 @@
+"""The `refresh-index` flow: dump -> passages -> embeddings -> index -> validate -> promote.
+
+The flow only composes the plain functions in `tasks/`; every task hands the next one a location or
+a small record. Shard tasks (one per parse unit, one per embedding shard) are cached on their inputs
+(the input's checksum, the parameters and the code version) with results persisted in the store,
+and a re-run of a crashed build resumes into the same staging version, so nothing finished is
+computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.events import emit_event
+
+from flows.params import RefreshParams
+from flows.settings import load_settings
+from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
+from storage.errors import Rejected
+from storage.manifest import Manifest
+from storage.store import IndexStore
+from tasks import build_index, download, embed, passages, promote, validate
+
+CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
+SHARD_CACHE = INPUTS + TASK_SOURCE
+
+
+@dataclass
+class RefreshOutcome:
+    """What a run did, returned by the flow and written into its report artifact."""
+
+    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected"
+    version: str | None
+    reason: str
+    current: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None
+    dump: dict[str, Any] | None = None
+
+
+# -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
+
+
+@task(name="resolve-dump", retries=3, retry_delay_seconds=[5, 30, 120])
+def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
+    if p.source:
+        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url)
+    return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
+
+
+@task(name="download", retries=3, retry_delay_seconds=[10, 60, 300])
+def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
+    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False)
+
+
+@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+def parse_unit_task(
+    unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
+) -> dict:
+    # input_id and code_version are not used in the body: they are part of the cache key.
+    return passages.run_unit(unit, work_dir, s3_endpoint_url=s3_endpoint_url)
+
+
+@task(name="assemble-passages")
+def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: RefreshParams) -> dict:
+    return passages.assemble(
+        results, out_url, ref.source(), shard_rows=p.shard_rows, s3_endpoint_url=p.s3_endpoint_url
+    )
+
+
+@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+def embed_shard_task(
+    shard_url: str,
+    shard_sha256: str,
+    out_dir: str,
+    spec: EncoderSpec,
+    fingerprint_key: str,
+    reuse_from: list[str],
+    batch_size: int,
+    code_version: str,
+    s3_endpoint_url: str | None,
+) -> dict:
+    return embed.embed_shard(
+        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size,
+        s3_endpoint_url=s3_endpoint_url, progress=False,
+    )
+
+
+@task(name="build-index")
+def build_index_task(embeddings_url: str, index_url: str, p: RefreshParams) -> Any:
+    return build_index.build_index(
+        embeddings_url, index_url, spec=p.index_spec, memory_budget=p.memory_budget_bytes,
+        s3_endpoint_url=p.s3_endpoint_url, progress=False,
+    )
+
+
+@task(name="passage-table")
+def passage_table_task(passages_url: str, table_url: str, p: RefreshParams) -> int:
+    return build_index.write_passage_table(passages_url, table_url, s3_endpoint_url=p.s3_endpoint_url)
+
+
+@task(name="validate")
+def validate_task(draft: Manifest, p: RefreshParams) -> Manifest:
+    question_encoder = None
+    if p.canaries:
+        from rag_model.encoders import load_question_encoder
+
+        question_encoder = load_question_encoder(
+            draft.question_encoder or paired_question_encoder(draft.encoder.model_id, draft.encoder.kind),
+            kind=draft.encoder.kind,
+            normalize=draft.encoder.normalize,
+        )
+    return validate.finalize_version(
+        p.store(), draft, p.floors(), canaries=p.canaries, question_encoder=question_encoder
+    )
+
+
+@task(name="promote")
+def promote_task(version_id: str, p: RefreshParams, reason: str) -> str:
+    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason)
+    emit_event(
+        "ragindex.index.promoted",
+        resource={"prefect.resource.id": f"ragindex.version.{version_id}"},
+        payload={"version": version_id, "generation": pointer.generation, "store": p.store_url,
+                 "previous": pointer.previous},
+    )
+    return version_id
+
+
+# -- the flow ------------------------------------------------------------------------------------
+
+
+@flow(name="refresh-index", log_prints=True, validate_parameters=True)
+def refresh_index(
+    wiki: str | None = None,
+    dump_date: str | None = None,
+    source: str | None = None,
+    store_url: str | None = None,
+    mirror: str | None = None,
+    encoder: str | None = None,
+    encoder_kind: str | None = None,
+    normalize: bool = False,
+    question_encoder: str | None = None,
+    index_spec: str | None = None,
+    memory_budget: str | None = None,
+    min_recall: float = 0.90,
+    min_self_retrieval: float = 0.98,
+    count_tolerance: float = 0.20,
+    allow_count_change: bool = False,
+    canaries: str | None = None,
+    promote: bool = True,
+    force: bool = False,
+    task_runner: str = "threads",
+    ray_address: str | None = None,
+    shard_rows: int = 100_000,
+    batch_size: int = 64,
+    max_workers: int | None = None,
+) -> dict:
+    """Refresh the index from a Wikipedia dump; promote the new version if it validates.
+
+    Every parameter left empty takes its value from the `RAGINDEX_*` settings. Bad parameters
+    fail here, before any work starts, with one readable line.
+    """
+    settings = load_settings()
+    p = RefreshParams.from_flow(settings, **{k: v for k, v in locals().items() if k != "settings"})
+    runner = p.task_runner_instance()
+    return build_version_flow.with_options(task_runner=runner)(p)
+
+
+@flow(name="build-version", log_prints=True)
+def build_version_flow(p: RefreshParams) -> dict:
+    logger = get_run_logger()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    store = p.store()
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = round(time.monotonic() - t0, 3)
+
+    t0 = time.monotonic()
+    ref = resolve_dump_task(p)
+    spec = p.encoder_spec()
+    fingerprint = fingerprint_of(spec)
+    # The nightly run must be cheap when nothing changed: decide before downloading anything.
+    dump_sha1 = dump_identity(ref, p.s3_endpoint_url)
+    build_key = _build_key(dump_sha1, fingerprint.key, p)
+    existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
+    if existing and not p.force:
+        outcome = RefreshOutcome(
+            status="up-to-date", version=existing, current=_current(store),
+            reason=f"version {existing} already holds this dump, encoder and index spec",
+            dump=ref.source().model_dump(), timings=timings,
+        )
+        _report(outcome)
+        return asdict(outcome)
+    files = download_task(ref, p)
+    step("download", t0)
+
+    with store.build_lock(owner=f"refresh-index:{build_key[:12]}"):
+        version_id = _resume_or_begin(store, ref, build_key)
+        logger.info("building version %s (build key %s)", version_id, build_key[:12])
+
+        # parse + chunk: one cached task per unit, in parallel
+        t0 = time.monotonic()
+        units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
+        work_dir = store.version_url(version_id, "_work")
+        progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
+        futures = [
+            parse_unit_task.with_options(result_storage=p.result_storage()).submit(
+                unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION, p.s3_endpoint_url
+            )
+            for unit in units
+        ]
+        unit_results = _gather(futures, progress)
+        passages_url = store.version_url(version_id, "passages")
+        summary = assemble_task(unit_results, passages_url, ref, p)
+        step("passages", t0)
+
+        # embed: one cached task per shard, reusing vectors of unchanged passages
+        t0 = time.monotonic()
+        reuse_from = embed.find_reuse_sources(store, fingerprint)
+        embeddings_url = store.version_url(version_id, "embeddings")
+        progress = create_progress_artifact(0.0, description=f"embedding {len(summary['shards'])} shards")
+        embed_one = embed_shard_task.with_options(result_storage=p.result_storage())
+        futures = []
+        for shard in summary["shards"]:
+            fut = embed_one.submit(
+                f"{passages_url}/{shard['name']}", shard["sha256"], embeddings_url, spec, fingerprint.key,
+                reuse_from, p.batch_size, CODE_VERSION, p.s3_endpoint_url,
+            )
+            if p.task_runner == "threads":
+                # torch already uses every core for one shard; shards side by side only thrash.
+                fut.wait()
+            futures.append(fut)
+        shard_records = _gather(futures, progress)
+        resumed = sum(1 for f in futures if f.state.name == "Cached")
+        question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
+        emb_summary = embed.write_embeddings_summary(
+            embeddings_url, spec, shard_records, question, time.monotonic() - t0,
+            s3_endpoint_url=p.s3_endpoint_url,
+        )
+        step("embed", t0)
+
+        t0 = time.monotonic()
+        index_future = build_index_task.submit(embeddings_url, store.version_url(version_id, "index.faiss"), p)
+        table_future = passage_table_task.submit(passages_url, store.version_url(version_id, "passages.arrow"), p)
+        index_info = index_future.result()
+        table_future.result()
+        step("build", t0)
+
+        t0 = time.monotonic()
+        _remove_work_dir(store, version_id)
+        parent = store.latest_ready()
+        draft = validate.draft_manifest(
+            store, version_id, passages_summary=summary, embeddings_summary=emb_summary,
+            index=index_info, timings=timings, parent=parent.version if parent else None,
+        )
+        manifest = validate_task(draft, p)
+        step("validate", t0)
+
+    counts = {
+        **manifest.counts,
+        "shards": len(shard_records),
+        "shards_resumed": resumed,
+        "encoded_this_run": sum(r["encoded"] for r, f in zip(shard_records, futures, strict=True)
+                                if f.state.name != "Cached" and not r.get("skipped")),
+    }
+    outcome = RefreshOutcome(
+        status="built", version=version_id, reason="", counts=counts, skipped=manifest.skipped,
+        validation=manifest.validation.model_dump() if manifest.validation else None,
+        index=manifest.index.model_dump(), dump=ref.source().model_dump(), timings=timings,
+    )
+    if manifest.status != "ready":
+        outcome.status, outcome.reason = "rejected", manifest.validation.reason if manifest.validation else ""
+    elif p.promote:
+        t0 = time.monotonic()
+        promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
+        step("promote", t0)
+        outcome.status, outcome.reason = "promoted", "validation passed"
+    else:
+        outcome.reason = "validation passed; not promoted (promote=false)"
+    outcome.current = _current(store)
+    outcome.timings["total"] = round(time.monotonic() - started, 3)
+    _report(outcome)
+    if outcome.status == "rejected":
+        raise Rejected(f"version {version_id} rejected: {outcome.reason}")
+    return asdict(outcome)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def dump_identity(ref: download.DumpRef, s3_endpoint_url: str | None) -> list[str]:
+    """The sha1 of each dump file, in order: the mirror's where it published one, else computed
+    (a local or S3 source). Keys the up-to-date check and the shard caches."""
+    return [f.sha1 or download.sha1_of(f.url, s3_endpoint_url=s3_endpoint_url) for f in ref.files]
+
+
+def _unit_input_id(url: str, files: list[str], dump_sha1: list[str]) -> str:
+    return dump_sha1[files.index(url)] if url in files else url
+
+
+def _build_key(dump_sha1: list[str], fingerprint_key: str, p: RefreshParams) -> str:
+    blob = json.dumps(
+        {"dump": sorted(dump_sha1), "encoder": fingerprint_key, "spec": p.index_spec,
+         "shard_rows": p.shard_rows, "code": CODE_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _up_to_date(store: IndexStore, dump_sha1: list[str], fingerprint_key: str, spec: str) -> str | None:
+    wanted = sorted(dump_sha1)
+    for m in reversed(store.list_versions()):
+        have = sorted(f.sha1 or "" for f in m.source.files)
+        if m.status == "ready" and have == wanted and m.encoder.key == fingerprint_key and m.index.spec == spec:
+            return m.version
+    return None
+
+
+def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -> str:
+    """The staging version a crashed run of the same build left behind, else a new one."""
+    staged = store.find_staging(build_key)
+    if staged:
+        get_run_logger().info("resuming staging version %s left by an earlier run", staged)
+        return staged
+    return store.begin_version(ref.wiki, ref.dump_date, build_key=build_key)
+
+
+def _remove_work_dir(store: IndexStore, version_id: str) -> None:
+    path = store.version_path(version_id, "_work")
+    if store.fs.exists(path):
+        store.fs.rm(path, recursive=True)
+
+
+def _gather(futures: list, progress_id: Any) -> list[dict]:
+    results = []
+    for i, fut in enumerate(futures, 1):
+        results.append(fut.result())
+        update_progress_artifact(progress_id, progress=100.0 * i / len(futures))
+    return results
+
+
+def _current(store: IndexStore) -> str | None:
+    pointer = store.current()
+    return pointer.version if pointer else None
+
+
+def _report(o: RefreshOutcome) -> None:
+    lines = [
+        f"# refresh-index: {o.status}",
+        "",
+        f"- **version**: `{o.version}`",
+        f"- **CURRENT**: `{o.current}`",
+        f"- **why**: {o.reason}",
+    ]
+    if o.dump:
+        files = ", ".join(f"`{f['name']}`" for f in o.dump.get("files", []))
+        lines.append(f"- **dump**: {o.dump.get('wiki')} {o.dump.get('dump_date')} ({files})")
+    if o.counts:
+        lines += ["", "## Counts", "", "| what | n |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.counts.items())]
+    if o.skipped:
+        lines += ["", "## Articles skipped", "", "| reason | n |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.skipped.items())]
+    if o.index:
+        lines += ["", "## Index", "", f"- spec `{o.index.get('spec')}`, factory `{o.index.get('factory')}`,"
+                  f" {o.index.get('bytes', 0):,} bytes, search params `{o.index.get('search_params')}`"]
+    if o.validation:
+        lines += ["", f"## Validation: {'passed' if o.validation.get('passed') else 'FAILED'}", ""]
+        if o.validation.get("reason"):
+            lines.append(f"- reason: {o.validation['reason']}")
+        lines += [f"- {k}: `{v}`" for k, v in sorted(o.validation.get("checks", {}).items())]
+    if o.timings:
+        lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in o.timings.items()]
+    create_markdown_artifact("\n".join(lines), key="refresh-index-report", description=f"refresh-index {o.status}")
+    print(f"refresh-index: {o.status} {o.version or ''} {o.reason}".strip())

@@ -1,0 +1,41 @@
+"""The `rollback-index` flow: point CURRENT back at an earlier ready version."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from flows.settings import load_settings, open_store
+from tasks.promote import rollback_version
+
+
+@flow(name="rollback-index", log_prints=True, validate_parameters=True)
+def rollback_index(version: str | None = None, store_url: str | None = None, reason: str | None = None) -> dict:
+    """Roll serving back to `version` (default: the version before CURRENT).
+
+    A missing or rejected version is refused and CURRENT stays as it was.
+    """
+    store = open_store(store_url, load_settings())
+    before = store.current()
+    pointer = rollback_version(store, version, actor="rollback-index", reason=reason or "rollback-index flow")
+    emit_event(
+        "ragindex.index.promoted",
+        resource={"prefect.resource.id": f"ragindex.version.{pointer.version}"},
+        payload={"version": pointer.version, "generation": pointer.generation, "store": store.url,
+                 "previous": pointer.previous, "rollback": True},
+    )
+    create_markdown_artifact(
+        "\n".join([
+            "# rollback-index",
+            "",
+            f"- **from**: `{before.version if before else None}`",
+            f"- **to**: `{pointer.version}`",
+            f"- **generation**: {pointer.generation}",
+            f"- **store**: `{store.url}`",
+        ]),
+        key="rollback-index-report",
+        description=f"rolled back to {pointer.version}",
+    )
+    print(f"rollback-index: CURRENT is now {pointer.version} (generation {pointer.generation})")
+    return pointer.model_dump(mode="json")
