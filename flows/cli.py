@@ -12,6 +12,7 @@ import sys
 import click
 import typer
 from pydantic import ValidationError
+from typer.exceptions import TyperException
 
 from storage.errors import RagindexError
 
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
         rv = app(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
+    except (click.ClickException, TyperException) as exc:
+        # typer >= 0.29 raises from its own vendored click, whose exceptions are TyperExceptions.
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except (RagindexError, ValidationError, OSError, ValueError) as exc:
         if os.environ.get("RAGINDEX_DEBUG"):
             raise

@@ -121,12 +121,12 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
 def _answer(store, question: str) -> None:
     from rag_model.query import query_store
 
-    result = query_store(store, question, k=1)
-    hit = result.hits[0]
+    answer = query_store(store, question, k=1)
+    hit = answer.hits[0]
     _say(f"\n   Q: {question}")
     _say(f"   A: [{hit.title}] {_clip(hit.text, 220)}")
     _say(f"      page {hit.page_id} rev {hit.rev_id} passage {hit.passage_id} score {hit.score:.3f} "
-         f"version {result.version}")
+         f"version {answer.version}")
     _say(f"      {hit.url}")
 
 

@@ -1,0 +1,82 @@
+"""Follow the store's CURRENT pointer and swap the retriever whenever it names another version.
+
+Promotes and rollbacks are the same thing here: CURRENT names a version that is not serving.
+A version that fails to load is not retried on every poll (that would reload a broken multi-GB
+index every few seconds); it is retried when CURRENT moves again or on an explicit `check(retry=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from rag_model.retriever import HotSwapRetriever, SwapResult
+from storage.store import IndexStore
+
+log = logging.getLogger(__name__)
+
+
+class CurrentWatcher:
+    def __init__(self, store: IndexStore, retriever: HotSwapRetriever, poll_seconds: float = 10.0) -> None:
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be positive, got {poll_seconds}")
+        self.store = store
+        self.retriever = retriever
+        self.poll_seconds = poll_seconds
+        self.last_error: str | None = None  # reading CURRENT failed (store unreachable): keep serving
+        self.generation: int | None = None
+        self._failed: tuple[int, str] | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._check_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def check(self, retry: bool = False) -> SwapResult | None:
+        """Read CURRENT once and swap if it names another version. Returns the swap's result, if any.
+
+        `retry` also retries a version that failed to load at this generation."""
+        with self._check_lock:
+            try:
+                pointer = self.store.current()
+            except Exception as exc:  # a flaky store must not stop serving what is loaded
+                self.last_error = f"cannot read CURRENT from {self.store.url}: {exc}"
+                log.warning(self.last_error)
+                return None
+            self.last_error = None
+            if pointer is None:
+                return None
+            self.generation = pointer.generation
+            if pointer.version == self.retriever.version:
+                self._failed = None
+                return None
+            if not retry and self._failed == (pointer.generation, pointer.version):
+                return None
+            result = self.retriever.swap_to(self.store, pointer.version)
+            self._failed = None if result.ok else (pointer.generation, pointer.version)
+            return result
+
+    def start(self) -> CurrentWatcher:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ragindex-current-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Check now instead of at the next poll (e.g. on a `ragindex.index.promoted` event)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:
+                log.exception("watcher check failed; will retry")
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
