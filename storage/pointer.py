@@ -8,6 +8,7 @@ underlying aiobotocore client. Either way a lost race raises `Conflict` and the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -73,7 +74,11 @@ def swap_json(
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
     except Exception as exc:  # botocore raises ClientError; s3fs may translate it
         if _is_precondition_failure(exc):
-            raise Conflict(f"{path} changed while we were writing it (lost a compare-and-swap race)") from None
+            # A retried PUT whose first attempt landed fails its own precondition: that is a win.
+            if _current_bytes(fs, bucket, key) == body:
+                return
+            raise Conflict(f"{path} changed while we were writing it (lost a compare-and-swap race)") \
+                from None
         raise
 
 
@@ -99,10 +104,8 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, new: dict[str, Any]) -
 
 
 def delete_json(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _parse(data: bytes, path: str) -> dict[str, Any]:
@@ -138,6 +141,18 @@ async def _s3_get(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
     return data, resp["ETag"]
 
 
+def _current_bytes(fs: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        data, _ = sync(fs.loop, _s3_get, fs, bucket, key)
+    except FileNotFoundError:
+        return None
+    return data
+
+
 def _is_precondition_failure(exc: Exception) -> bool:
-    text = repr(exc)
-    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
+    # s3fs translates HTTP 412 into FileExistsError("At least one of the pre-conditions ...");
+    # 409 ConditionalRequestConflict is what S3 answers to a concurrent conditional write.
+    if isinstance(exc, FileExistsError):
+        return True
+    text = f"{exc!r} {exc.__cause__!r}"
+    return any(s in text for s in ("PreconditionFailed", "412", "ConditionalRequestConflict", "pre-conditions"))

@@ -77,21 +77,56 @@ class IndexStore:
 
     # -- versions ------------------------------------------------------------------------------
 
-    def begin_version(self, wiki: str, dump_date: str, now: datetime | None = None) -> str:
-        """Reserve a new version id and mark it as staging (invisible until `commit_version`)."""
-        version_id = names.new_version_id(wiki, dump_date, now)
+    def begin_version(
+        self, wiki: str, dump_date: str, now: datetime | None = None, build_key: str | None = None
+    ) -> str:
+        """Reserve a new version id and mark it as staging (invisible until `commit_version`).
+
+        Ids have one-second resolution; when two builds start in the same second the later one
+        takes the next free second, so ids stay unique and ordered. `build_key` (what the build is
+        made from) lets a re-run of a crashed build find this staging area with `find_staging`.
+        """
+        names.check_wiki(wiki)
+        names.check_dump_date(dump_date)
+        start = now or _now()
+        record = {
+            "created_at": _now().isoformat(), "owner": default_actor(), "wiki": wiki, "dump_date": dump_date,
+            "build_key": build_key,
+        }
+        for step in range(120):
+            version_id = names.new_version_id(wiki, dump_date, start + timedelta(seconds=step))
+            if self.fs.exists(self.version_path(version_id)):
+                continue  # a committed (or crashed) version already owns this id
+            try:
+                create_json(self.fs, self.version_path(version_id, STAGING_MARKER), record)
+            except Conflict:
+                continue
+            return version_id
+        raise Conflict(f"could not reserve a version id for {wiki}/{dump_date}: too many builds at once")
+
+    def find_staging(self, build_key: str) -> str | None:
+        """The newest staging version begun with `build_key` (a crashed build to resume), if any."""
+        found = []
+        for version_id in self._version_dirs():
+            if self.has_version(version_id):
+                continue
+            marker, _ = read_json(self.fs, self.version_path(version_id, STAGING_MARKER))
+            if marker and marker.get("build_key") == build_key:
+                found.append(version_id)
+        return max(found) if found else None
+
+    def is_staging(self, version_id: str) -> bool:
         marker = self.version_path(version_id, STAGING_MARKER)
-        try:
-            create_json(self.fs, marker, {"created_at": _now().isoformat(), "owner": default_actor()})
-        except Conflict:
-            raise Conflict(f"version {version_id} is already being written; retry in a second") from None
-        return version_id
+        return self.fs.exists(marker) and not self.has_version(version_id)
 
     def commit_version(self, manifest: Manifest) -> None:
         """Write the manifest, last: from this moment the version exists. Never overwrites one."""
         path = self.version_path(manifest.version, MANIFEST)
         if self.fs.exists(path):
             raise Conflict(f"version {manifest.version} already has a manifest; versions are immutable")
+        if not self.fs.exists(self.version_path(manifest.version, STAGING_MARKER)):
+            # gc removed a staging area it thought abandoned: its files are gone, do not publish it.
+            raise NotFound(f"version {manifest.version} is not being staged (begin_version it first)")
         with atomic_write(self.fs, path) as f:
             f.write(manifest.to_json().encode())
         delete_json(self.fs, self.version_path(manifest.version, STAGING_MARKER))
@@ -210,7 +245,8 @@ class IndexStore:
             reason=reason,
             at=new.updated_at,
         )
-        create_json(self.fs, self.path("history", f"{new.generation:08d}.json"), entry.model_dump(mode="json"))
+        history_path = self.path("history", f"{new.generation:08d}.json")
+        create_json(self.fs, history_path, entry.model_dump(mode="json"))
         return new
 
     def rollback(
@@ -259,13 +295,16 @@ class IndexStore:
 
     def pinned(self) -> set[str]:
         try:
-            return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path("pins"), detail=False)}
+            entries = self.fs.ls(self.path("pins"), detail=False)
         except FileNotFoundError:
             return set()
+        found = {p.rstrip("/").rsplit("/", 1)[-1] for p in entries}
+        return {n for n in found if not n.startswith(".")}  # skip atomic_write temp files
 
     def gc(self, keep: int, stale_after: timedelta = timedelta(hours=6), dry_run: bool = False) -> GcReport:
         """Delete versions beyond the newest `keep` that are not CURRENT, previous or pinned,
-        staging left by crashed builds, and downloads no kept version uses."""
+        staging areas with no activity for `stale_after` (left by crashed builds), and downloads
+        that no kept or in-progress version uses and that nobody touched for `stale_after`."""
         if keep < 1:
             raise Rejected("gc --keep must be at least 1")
         report = GcReport()
@@ -277,7 +316,6 @@ class IndexStore:
         newest = {m.version for m in versions[-keep:]}
         kept = [m for m in versions if m.version in newest or m.version in protected]
         report.kept = [m.version for m in kept]
-        building = self._build_lock_held()
         for m in versions:
             if m.version not in report.kept:
                 report.deleted_versions.append(m.version)
@@ -285,31 +323,44 @@ class IndexStore:
                     # The manifest goes first so that a crash half-way leaves staging, not a broken version.
                     self.fs.rm_file(self.version_path(m.version, MANIFEST))
                     self.fs.rm(self.version_path(m.version), recursive=True)
+        used = {(m.source.wiki, m.source.dump_date) for m in kept}
         visible = {m.version for m in versions}
         for version_id in self._version_dirs():
-            if version_id in visible or (building and not self._staging_is_stale(version_id, stale_after)):
+            if version_id in visible:
                 continue
-            if self._staging_is_stale(version_id, stale_after):
-                report.deleted_staging.append(version_id)
-                if not dry_run:
-                    self.fs.rm(self.version_path(version_id), recursive=True)
-        used = {(m.source.wiki, m.source.dump_date) for m in kept}
+            marker, _ = read_json(self.fs, self.version_path(version_id, STAGING_MARKER))
+            if _now() - self._last_activity(self.version_path(version_id), marker) < stale_after:
+                if marker:
+                    used.add((marker.get("wiki"), marker.get("dump_date")))
+                continue
+            report.deleted_staging.append(version_id)
+            if not dry_run:
+                self.fs.rm(self.version_path(version_id), recursive=True)
         for wiki_dir in self._ls_dirs(self.path("downloads")):
             for date_dir in self._ls_dirs(wiki_dir):
                 wiki, date = wiki_dir.rsplit("/", 1)[-1], date_dir.rsplit("/", 1)[-1]
-                if (wiki, date) in used or building:
+                if (wiki, date) in used or _now() - self._last_activity(date_dir, None) < stale_after:
                     continue
                 report.deleted_downloads.append(f"{wiki}/{date}")
                 if not dry_run:
                     self.fs.rm(date_dir, recursive=True)
         return report
 
-    def _staging_is_stale(self, version_id: str, stale_after: timedelta) -> bool:
-        data, _ = read_json(self.fs, self.version_path(version_id, STAGING_MARKER))
-        if not data:
-            return True  # neither manifest nor marker: debris of a crash
-        created = datetime.fromisoformat(data["created_at"])
-        return _now() - created >= stale_after
+    def _last_activity(self, directory: str, marker: dict[str, Any] | None) -> datetime:
+        """The newest of the staging marker's time and any file's modification time under `directory`:
+        a build that keeps writing shards is alive however long it runs."""
+        times = [datetime.fromisoformat(marker["created_at"])] if marker and "created_at" in marker else []
+        try:
+            infos = self.fs.find(directory, detail=True).values()
+        except FileNotFoundError:
+            infos = []
+        for info in infos:
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            if isinstance(stamp, int | float):
+                times.append(datetime.fromtimestamp(stamp, UTC))
+            elif isinstance(stamp, datetime):
+                times.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+        return max(times) if times else datetime.fromtimestamp(0, UTC)
 
     def _ls_dirs(self, path: str) -> list[str]:
         try:
@@ -323,13 +374,16 @@ class IndexStore:
     def build_lock(self, owner: str, stale_after: timedelta = timedelta(hours=12)) -> Iterator[None]:
         """Hold the store's build lock, or raise `Conflict` naming who holds it.
 
-        A lock older than `stale_after` belongs to a build that died and is broken.
+        A lock older than `stale_after`, or taken by a process on this host that no longer
+        exists, belongs to a build that died and is broken.
         """
         path = self.path("locks", "build.json")
         held, _ = read_json(self.fs, path)
-        if held and _now() - datetime.fromisoformat(held["since"]) >= stale_after:
+        if held and (_now() - datetime.fromisoformat(held["since"]) >= stale_after or _owner_is_dead(held)):
             delete_json(self.fs, path)
-        record = {"owner": owner, "since": _now().isoformat(), "pid": os.getpid(), "host": socket.gethostname()}
+        record = {
+            "owner": owner, "since": _now().isoformat(), "pid": os.getpid(), "host": socket.gethostname()
+        }
         try:
             create_json(self.fs, path, record)
         except Conflict:
@@ -348,3 +402,16 @@ class IndexStore:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _owner_is_dead(lock: dict[str, Any]) -> bool:
+    """True only when the lock names a process on this host that is gone (a crashed build)."""
+    if lock.get("host") != socket.gethostname() or not isinstance(lock.get("pid"), int):
+        return False
+    try:
+        os.kill(lock["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

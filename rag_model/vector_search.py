@@ -1,0 +1,127 @@
+"""Read a version's FAISS index (memory-mapped where faiss can) and search it the way it was built.
+
+Serving and validation both go through `search`, so every index convention lives here once: tuned
+search parameters (nprobe / efSearch) and DPR's inner-product-as-L2 trick for HNSW indexes (an extra
+dimension sqrt(phi - ||d||^2) on the stored vectors, 0 on the query). Knows nothing of Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import uuid
+
+import faiss
+import numpy as np
+
+from storage.fs import is_local, resolve
+from storage.manifest import IndexInfo
+
+log = logging.getLogger(__name__)
+
+# Index types whose searches ignore some parameter names; ParameterSpace raises on unknown ones.
+_PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "ht", "k_factor")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "ragindex-index-cache")
+
+
+def read_index(
+    url: str, *, mmap: bool = True, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+) -> faiss.Index:
+    """Open an index file, memory-mapped so that a swap does not double resident memory.
+
+    Flat codes (IndexFlat*, the storage of IndexHNSWFlat) map with IO_FLAG_MMAP_IFC, inverted lists
+    with IO_FLAG_MMAP; anything else is read normally. An S3 index is first copied into a local
+    cache (versions are immutable, so the URL and size identify the content).
+    """
+    fs, path = resolve(url, s3_endpoint_url)
+    if not fs.exists(path):
+        from storage.errors import NotFound
+
+        raise NotFound(f"no index file at {url}")
+    local = path if is_local(fs) else _cached_copy(fs, path, url, cache_dir or default_cache_dir())
+    if not mmap:
+        return faiss.read_index(local)
+    for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
+        flag = getattr(faiss, name, None)
+        if flag is None:
+            continue
+        try:
+            index = faiss.read_index(local, flag | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            continue
+        log.info("read %s memory-mapped (%s): %s, %d vectors", url, name, type(index).__name__, index.ntotal)
+        return index
+    index = faiss.read_index(local)
+    log.info("read %s into memory (no mmap support for %s)", url, type(index).__name__)
+    return index
+
+
+def _cached_copy(fs, path: str, url: str, cache_dir: str) -> str:
+    size = fs.size(path)
+    key = hashlib.sha256(f"{url}\0{size}".encode()).hexdigest()[:24]
+    target = os.path.join(cache_dir, key, os.path.basename(path))
+    if os.path.exists(target) and os.path.getsize(target) == size:
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("copied %s to local cache %s for memory mapping", url, target)
+    return target
+
+
+def apply_search_params(index: faiss.Index, info: IndexInfo) -> None:
+    """Set the tuned nprobe / efSearch on `index` (idempotent; cheap enough to do per search)."""
+    params = {k: v for k, v in info.search_params.items() if k in _PARAM_NAMES}
+    if not params:
+        return
+    faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
+
+
+def augment_queries(queries: np.ndarray) -> np.ndarray:
+    """The hnsw trick's query side: append a 0 column."""
+    return np.hstack([queries, np.zeros((queries.shape[0], 1), dtype=np.float32)])
+
+
+def augment_vectors(vectors: np.ndarray, phi: float) -> np.ndarray:
+    """The hnsw trick's document side: append sqrt(phi - ||d||^2), so ||d'||^2 == phi for all d."""
+    norms = np.einsum("ij,ij->i", vectors, vectors)
+    extra = np.sqrt(np.maximum(phi - norms, 0.0)).astype(np.float32)
+    return np.hstack([vectors.astype(np.float32, copy=False), extra[:, None]])
+
+
+def search(index: faiss.Index, info: IndexInfo, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: (scores float32 [n, k], row ids int64 [n, k]).
+
+    Missing results (fewer than k vectors reachable) have id -1 and score -inf.
+    """
+    q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    if q.ndim == 1:
+        q = q[None, :]
+    expected = info.dim - 1 if info.phi is not None else info.dim
+    if q.shape[1] != expected:
+        raise ValueError(f"queries have dimension {q.shape[1]}, the index expects {expected}")
+    apply_search_params(index, info)
+    if info.phi is not None:
+        d2, ids = index.search(augment_queries(q), k)
+        # ||q' - d'||^2 = ||q||^2 + phi - 2 q.d  ->  q.d = (||q||^2 + phi - d2) / 2
+        qnorm = np.einsum("ij,ij->i", q, q)[:, None]
+        scores = ((qnorm + info.phi - d2) / 2).astype(np.float32)
+    elif info.metric == "l2":
+        d2, ids = index.search(q, k)
+        scores = (-d2).astype(np.float32)  # higher is better, like inner products
+    else:
+        scores, ids = index.search(q, k)
+        scores = scores.astype(np.float32, copy=False)
+    ids = ids.astype(np.int64, copy=False)
+    scores = np.where(ids < 0, np.float32(-np.inf), scores).astype(np.float32)
+    return scores, ids

@@ -1,0 +1,322 @@
+"""The validation gate: a version is `ready` (promotable) only if every check passes.
+
+Checks, in order: file checksums re-verified from the store (and against the sha256 the writers
+recorded); passages == embeddings == index.ntotal == passages.arrow rows; passage count within a
+tolerance of the previous ready version (unless explicitly allowed); self-retrieval on a sample;
+recall@10 of the index against exact search; optional canary questions through the question encoder.
+Failures become one readable line in `manifest.validation.reason` and status `rejected`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rag_model.vector_search import read_index, search
+from storage.errors import RagindexError
+from storage.fs import resolve
+from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump, Validation
+from tasks.build_index import (
+    EMBEDDINGS_SUMMARY,
+    GT_K,
+    PASSAGES_SUMMARY,
+    exact_search,
+    open_embeddings,
+    passage_shards,
+    recall_at_k,
+    sample_rows,
+)
+
+REQUIRED_FILES = ("index.faiss", "passages.arrow", f"passages/{PASSAGES_SUMMARY}", f"embeddings/{EMBEDDINGS_SUMMARY}")
+
+
+@dataclass(frozen=True)
+class ValidationFloors:
+    count_tolerance: float = 0.20  # passages may change by at most this fraction vs the previous ready version
+    allow_count_change: bool = False  # the explicit override of count_tolerance
+    self_retrieval: float = 0.98
+    recall_at_10: float = 0.90
+    canary_hit: float = 0.8
+    canary_k: int = 10
+    sample: int = 1000
+    seed: int = 0
+
+
+def draft_manifest(store, version_id: str, *, passages_summary: dict, embeddings_summary: dict, index: IndexInfo,
+                   timings: dict[str, float], parent: str | None) -> Manifest:
+    """The manifest of a staged version before validation (status provisionally `rejected`)."""
+    try:
+        source = SourceDump.model_validate(passages_summary["source"])
+        fingerprint = EncoderFingerprint.model_validate(embeddings_summary["fingerprint"])
+        articles = passages_summary.get("articles", {})
+        counts = {
+            "passages": int(passages_summary["passages"]),
+            "embeddings": int(embeddings_summary["rows"]),
+            "articles_seen": int(articles.get("seen", 0)),
+            "articles_kept": int(articles.get("kept", 0)),
+            "words": int(passages_summary.get("words", 0)),
+            "encoded": int(embeddings_summary.get("encoded", 0)),
+            "reused": int(embeddings_summary.get("reused", 0)),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RagindexError(f"version {version_id}: passage or embedding summary lacks a field ({exc})") from None
+    all_timings = {**passages_summary.get("timings", {}), **embeddings_summary.get("timings", {}), **timings}
+    return Manifest(
+        version=store.version_path(version_id).rsplit("/", 1)[-1],
+        status="rejected",
+        parent=parent,
+        source=source,
+        encoder=fingerprint,
+        question_encoder=embeddings_summary.get("question_encoder"),
+        index=index,
+        counts=counts,
+        skipped={k: int(v) for k, v in articles.get("skipped", {}).items()},
+        timings={k: float(v) for k, v in all_timings.items()},
+    )
+
+
+def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
+                     question_encoder=None, verified_files: dict[str, str] | None = None) -> Validation:
+    """Run every check; `verified_files` lets finalize pass checksums it just computed from the store."""
+    t0 = time.perf_counter()
+    checks: dict[str, Any] = {"floors": asdict(floors)}
+    failures: list[str] = []
+    vid = manifest.version
+
+    actual = verified_files if verified_files is not None else store.checksums(vid)
+    file_problems = _file_problems(store, manifest, actual)
+    checks["files"] = {"count": len(actual), "problems": file_problems[:20]}
+    if file_problems:
+        return Validation(passed=False, reason=f"file check failed: {file_problems[0]}"
+                          + (f" (+{len(file_problems) - 1} more)" if len(file_problems) > 1 else ""), checks=checks)
+
+    shards = open_embeddings(store.version_url(vid, "embeddings"), store.s3_endpoint_url)
+    index = read_index(store.version_url(vid, "index.faiss"), s3_endpoint_url=store.s3_endpoint_url)
+    counts = {
+        "manifest_passages": manifest.counts.get("passages"),
+        "passage_rows": _parquet_rows(store, vid),
+        "embeddings": shards.total,
+        "index_ntotal": int(index.ntotal),
+        "table_rows": _table_rows(store, vid),
+    }
+    checks["counts"] = counts
+    if len(set(counts.values())) != 1:
+        failures.append("counts disagree: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    n = counts["passage_rows"]
+    if index.d != manifest.index.dim or shards.dim != manifest.encoder.dim:
+        failures.append(f"dimensions disagree: index {index.d}, info {manifest.index.dim}, "
+                        f"embeddings {shards.dim}, encoder {manifest.encoder.dim}")
+    if shards.fingerprint.key != manifest.encoder.key:
+        failures.append("embeddings were made by a different encoder than the manifest names")
+
+    previous = store.latest_ready(exclude=vid)
+    if previous is not None:
+        prev_n = previous.counts.get("passages", 0)
+        change = (n - prev_n) / prev_n if prev_n else float("inf")
+        checks["count_change"] = {"previous": previous.version, "previous_passages": prev_n,
+                                  "change": round(change, 4), "allowed": floors.allow_count_change}
+        if abs(change) > floors.count_tolerance and not floors.allow_count_change:
+            failures.append(f"passage count changed {change:+.1%} vs {previous.version} ({prev_n} -> {n}), "
+                            f"beyond ±{floors.count_tolerance:.0%} (pass --allow-count-change to accept)")
+
+    if failures or n == 0:
+        if n == 0:
+            failures.append("the version has no passages")
+        return Validation(passed=False, reason="; ".join(failures), checks=checks)
+
+    self_rate, recall = _retrieval_checks(store, manifest, index, shards, floors, checks)
+    if self_rate < floors.self_retrieval:
+        failures.append(f"self-retrieval {self_rate:.3f} < floor {floors.self_retrieval}")
+    if recall < floors.recall_at_10:
+        failures.append(f"recall@10 {recall:.3f} < floor {floors.recall_at_10}")
+    if canaries:
+        hit = _canary_check(store, manifest, index, floors, canaries, question_encoder, checks)
+        if hit < floors.canary_hit:
+            failures.append(f"canary hit@{floors.canary_k} {hit:.3f} < floor {floors.canary_hit}")
+    checks["validate_s"] = round(time.perf_counter() - t0, 3)
+    return Validation(passed=not failures, reason="; ".join(failures) or None, checks=checks)
+
+
+def finalize_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
+                     question_encoder=None) -> Manifest:
+    """Checksum every file, validate, set the status and commit the manifest (last)."""
+    files = store.checksums(manifest.version)
+    index_path = store.version_path(manifest.version, "index.faiss")
+    index_info = manifest.index.model_copy(
+        update={"bytes": store.fs.size(index_path) if store.fs.exists(index_path) else 0}
+    )
+    manifest = manifest.model_copy(update={"files": files, "index": index_info})
+    t = time.perf_counter()
+    validation = validate_version(store, manifest, floors, canaries=canaries, question_encoder=question_encoder,
+                                  verified_files=files)
+    timings = {**manifest.timings, "validate_s": round(time.perf_counter() - t, 3)}
+    manifest = manifest.model_copy(update={
+        "validation": validation, "status": "ready" if validation.passed else "rejected", "timings": timings,
+    })
+    store.commit_version(manifest)
+    return manifest
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def _file_problems(store, manifest: Manifest, actual: dict[str, str]) -> list[str]:
+    problems = []
+    for rel in REQUIRED_FILES:
+        if rel not in actual:
+            problems.append(f"{rel} is missing")
+    for rel, digest in sorted(manifest.files.items()):
+        if rel not in actual:
+            problems.append(f"{rel} is listed in the manifest but missing from the store")
+        elif actual[rel] != digest:
+            problems.append(f"{rel} sha256 {actual[rel][:12]}… does not match the manifest's {digest[:12]}…")
+    for rel in sorted(set(actual) - set(manifest.files)):
+        problems.append(f"{rel} is in the store but not in the manifest")
+    if problems:
+        return problems
+    # The writers recorded sha256s as they wrote; the store must still hold those bytes.
+    vid = manifest.version
+    passages = _read_json(store, vid, f"passages/{PASSAGES_SUMMARY}")
+    embeddings = _read_json(store, vid, f"embeddings/{EMBEDDINGS_SUMMARY}")
+    for sub, summary in (("passages", passages), ("embeddings", embeddings)):
+        for shard in summary.get("shards", []):
+            rel = f"{sub}/{shard['name']}"
+            if actual.get(rel) != shard.get("sha256"):
+                problems.append(f"{rel} does not match the sha256 recorded when it was written")
+    for shard in embeddings.get("shards", []):
+        stem = shard["name"].removesuffix(".npy")
+        sidecar = _read_json(store, vid, f"embeddings/{stem}.json")
+        if actual.get(f"passages/{stem}.parquet") != sidecar.get("passages_sha256"):
+            problems.append(f"embeddings/{stem}.npy was computed from other passages than passages/{stem}.parquet")
+    return problems
+
+
+def _read_json(store, vid: str, rel: str) -> dict[str, Any]:
+    with store.fs.open(store.version_path(vid, *rel.split("/")), "rb") as f:
+        return json.loads(f.read())
+
+
+def _parquet_rows(store, vid: str) -> int:
+    total = 0
+    for shard in passage_shards(store.fs, store.version_path(vid, "passages")):
+        with store.fs.open(shard, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _table_rows(store, vid: str) -> int:
+    with store.fs.open(store.version_path(vid, "passages.arrow"), "rb") as f:
+        reader = pa.ipc.open_file(f)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def _content_hashes(store, vid: str, rows: np.ndarray) -> dict[int, str]:
+    """content_hash of the given global rows, reading only that column of the shards that hold them."""
+    wanted = np.unique(rows[rows >= 0])
+    out: dict[int, str] = {}
+    start = 0
+    for shard in passage_shards(store.fs, store.version_path(vid, "passages")):
+        with store.fs.open(shard, "rb") as f:
+            pf = pq.ParquetFile(f)
+            count = pf.metadata.num_rows
+            here = wanted[(wanted >= start) & (wanted < start + count)]
+            if len(here):
+                column = pf.read(columns=["content_hash"]).column(0)
+                for r in here.tolist():
+                    out[r] = column[r - start].as_py()
+        start += count
+    return out
+
+
+def _retrieval_checks(store, manifest: Manifest, index, shards, floors: ValidationFloors,
+                      checks: dict[str, Any]) -> tuple[float, float]:
+    ids = sample_rows(shards.total, floors.sample, floors.seed)
+    queries = shards.gather(ids)
+    _, found = search(index, manifest.index, queries, 10)
+    gt_s, gt_i = exact_search(shards, queries, GT_K)
+    recall = recall_at_k(found, gt_i, gt_s, 10)
+    top1 = found[:, 0]
+    hashes = _content_hashes(store, manifest.version, np.concatenate([ids, top1]))
+    top1_vectors = shards.gather(np.where(top1 >= 0, top1, 0))
+    self_ip = np.einsum("ij,ij->i", queries, queries)
+    top1_ip = np.einsum("ij,ij->i", queries, top1_vectors)
+    hits = 0
+    for i, (row, got) in enumerate(zip(ids.tolist(), top1.tolist(), strict=True)):
+        if got < 0:
+            continue
+        # A hit: itself, an exact-duplicate passage, or a vector that truly scores at least as high
+        # under inner product (unnormalised DPR vectors need not be their own best match).
+        if got == row or hashes.get(got) == hashes.get(row) or top1_ip[i] >= self_ip[i] - 1e-4 * abs(self_ip[i]):
+            hits += 1
+    self_rate = hits / len(ids)
+    checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
+    checks["recall_at_10"] = {"sample": len(ids), "recall": round(recall, 4),
+                              "search_params": manifest.index.search_params}
+    return self_rate, recall
+
+
+def _canary_check(store, manifest: Manifest, index, floors: ValidationFloors, canaries: str, question_encoder,
+                  checks: dict[str, Any]) -> float:
+    fs, path = resolve(canaries, store.s3_endpoint_url)
+    items = []
+    try:
+        with fs.open(path, "rb") as f:
+            for lineno, line in enumerate(f.read().decode("utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    items.append((str(obj["question"]), str(obj["title"])))
+                except (ValueError, KeyError, TypeError):
+                    raise RagindexError(
+                        f"{canaries}:{lineno}: expected a JSON object with 'question' and 'title'"
+                    ) from None
+    except FileNotFoundError:
+        raise RagindexError(f"canary file {canaries} does not exist") from None
+    if not items:
+        raise RagindexError(f"canary file {canaries} holds no questions")
+    if question_encoder is None:
+        if not manifest.question_encoder:
+            raise RagindexError("canaries need a question encoder, and the manifest names none")
+        from rag_model.encoders import load_question_encoder
+
+        enc = manifest.encoder
+        question_encoder = load_question_encoder(manifest.question_encoder, enc.kind, normalize=enc.normalize,
+                                                 max_length=enc.max_length)
+    vectors = question_encoder.encode([q for q, _ in items])
+    _, found = search(index, manifest.index, vectors, floors.canary_k)
+    titles = _titles(store, manifest.version, found)
+    misses, hits = [], 0
+    for (question, title), row in zip(items, found, strict=True):
+        got = {titles.get(r, "").casefold().strip() for r in row.tolist() if r >= 0}
+        if title.casefold().strip() in got:
+            hits += 1
+        else:
+            misses.append(question)
+    rate = hits / len(items)
+    checks["canaries"] = {"questions": len(items), "k": floors.canary_k, "hit_rate": round(rate, 4),
+                          "misses": misses[:10]}
+    return rate
+
+
+def _titles(store, vid: str, found: np.ndarray) -> dict[int, str]:
+    wanted = set(found[found >= 0].tolist())
+    out: dict[int, str] = {}
+    start = 0
+    with store.fs.open(store.version_path(vid, "passages.arrow"), "rb") as f:
+        reader = pa.ipc.open_file(f)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            here = [r for r in wanted if start <= r < start + batch.num_rows]
+            if here:
+                col = batch.column(batch.schema.get_field_index("title"))
+                for r in here:
+                    out[r] = col[r - start].as_py()
+            start += batch.num_rows
+    return out

@@ -1,0 +1,145 @@
+"""Index building: specs, ids == row ids, the 769-d HNSW trick, memory refusals, passage table, reading back."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rag_model.vector_search import read_index, search
+from storage.errors import RagindexError, Rejected
+from storage.store import IndexStore
+from tasks import build_index as bi
+from tests.fixtures.versions import clustered_vectors, fingerprint_for, random_passages, write_version_inputs
+
+
+def staged(store: IndexStore, vectors: np.ndarray, shard_rows: int = 500) -> str:
+    vid = store.begin_version("enwiki", "20240101")
+    write_version_inputs(store, vid, random_passages(len(vectors)), vectors, fingerprint_for(vectors.shape[1]),
+                         shard_rows=shard_rows)
+    return vid
+
+
+def build(store, vid, spec, **kw):
+    info = bi.build_index(store.version_url(vid, "embeddings"), store.version_url(vid, "index.faiss"), spec=spec,
+                          s3_endpoint_url=store.s3_endpoint_url, progress=False, **kw)
+    return info, read_index(store.version_url(vid, "index.faiss"), s3_endpoint_url=store.s3_endpoint_url)
+
+
+def exact_top(vectors, queries, k):
+    scores = queries @ vectors.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def test_every_spec_maps_faiss_ids_to_row_ids(store):
+    vectors = clustered_vectors(1200, 24, seed=1)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # so every vector is its own best match
+    vid = staged(store, vectors, shard_rows=300)  # 4 shards: ids must run on across shard boundaries
+    probe_rows = np.array([0, 299, 300, 777, 1199])
+    for spec in ("flat", "hnsw", "ivfsq", "IVF4,Flat", "HNSW16"):
+        info, index = build(store, vid, spec)
+        assert index.ntotal == 1200 and info.params["ntotal"] == 1200 and info.bytes > 0
+        scores, ids = search(index, info, vectors[probe_rows], 3)
+        assert ids[:, 0].tolist() == probe_rows.tolist(), spec
+        expected = np.einsum("ij,ij->i", vectors[probe_rows], vectors[probe_rows])
+        np.testing.assert_allclose(scores[:, 0], expected, rtol=2e-2)  # inner products, whatever the index
+        assert info.params["tuned_recall_at_10"] >= 0.95, (spec, info)
+
+
+def test_hnsw_trick_769_dims_returns_exact_inner_product_top10(tmp_path):
+    rng = np.random.default_rng(7)
+    # DPR-like: clustered, unnormalised vectors whose norms vary, so L2 on the raw vectors ranks differently.
+    scale = rng.uniform(0.6, 1.4, size=(1500, 1)).astype(np.float32)
+    vectors = clustered_vectors(1500, 768, seed=7, clusters=30) * scale
+    store = IndexStore(str(tmp_path / "store"))
+    vid = staged(store, vectors, shard_rows=600)
+    info, index = build(store, vid, "hnsw")
+    assert info.dim == 769 and info.metric == "l2" and index.d == 769
+    assert info.phi == pytest.approx(float(np.einsum("ij,ij->i", vectors, vectors).max()), rel=1e-5)
+    queries = vectors[rng.choice(1500, 50, replace=False)] + 0.3 * rng.normal(size=(50, 768)).astype(np.float32)
+    raw_l2 = faiss.IndexFlatL2(768)
+    raw_l2.add(vectors)
+    assert np.mean(raw_l2.search(queries, 10)[1] == exact_top(vectors, queries, 10)) < 0.9  # the trick matters
+    info.search_params = {"efSearch": 512}
+    scores, ids = search(index, info, queries, 10)
+    exact = exact_top(vectors, queries, 10)
+    same = np.mean([set(a) == set(b) for a, b in zip(ids.tolist(), exact.tolist(), strict=True)])
+    assert same >= 0.98
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, ids, 1), rtol=1e-3, atol=1e-2)
+
+
+def test_auto_compresses_large_sets_and_reaches_target_recall(tmp_path, monkeypatch):
+    monkeypatch.setattr(bi, "AUTO_FLAT_MAX", 2_000)  # exercise the IVF path at test scale
+    vectors = clustered_vectors(6000, 32, seed=3, clusters=60)
+    store = IndexStore(str(tmp_path / "store"))
+    vid = staged(store, vectors, shard_rows=2000)
+    info, index = build(store, vid, "auto", target_recall=0.95)
+    assert info.factory.startswith("IVF") and "nprobe" in info.search_params
+    assert info.params["tuned_recall_at_10"] >= 0.95
+    assert info.params["bytes_per_vector"] < 32 * 4  # smaller than flat
+    queries = vectors[::97] + 0.01
+    _, ids = search(index, info, queries, 10)
+    exact = exact_top(vectors, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact.tolist(), strict=True)])
+    assert recall >= 0.9
+    small = staged(store, vectors[:500])
+    assert build(store, small, "auto")[0].factory == "Flat"
+
+
+def test_in_memory_specs_are_refused_up_front_when_over_budget(tmp_path):
+    store = IndexStore(str(tmp_path / "store"))
+    vid = staged(store, clustered_vectors(1000, 64))
+    for spec in ("flat", "hnsw"):
+        with pytest.raises(Rejected, match=r"needs about .* memory budget is"):
+            build(store, vid, spec, memory_budget=100_000)
+    with pytest.raises(Rejected, match="needs about"):
+        build(store, vid, "auto", memory_budget=10_000)
+    assert not store.fs.exists(store.version_path(vid, "index.faiss"))
+
+
+def test_bad_specs_and_mixed_encoders_are_one_line_errors(tmp_path):
+    store = IndexStore(str(tmp_path / "store"))
+    vid = staged(store, clustered_vectors(300, 16))
+    for spec in ("nonsense", "hnsw:M=x", "ivfsq:bits=5", "hnsw:colour=red"):
+        with pytest.raises(Rejected) as err:
+            build(store, vid, spec)
+        assert "\n" not in str(err.value)
+    # A shard encoded by another model must not be mixed in.
+    sidecar = store.version_path(vid, "embeddings", "part-00000.json")
+    text = store.fs.cat_file(sidecar).decode().replace(fingerprint_for(16).key, "0" * 16)
+    store.fs.pipe_file(sidecar, text.encode())
+    with pytest.raises(RagindexError, match="different encoders"):
+        build(store, vid, "flat")
+
+
+def test_passage_table_is_a_mappable_arrow_file_in_row_order(store, tmp_path):
+    passages = random_passages(700)
+    vid = store.begin_version("enwiki", "20240101")
+    write_version_inputs(store, vid, passages, clustered_vectors(700, 8), fingerprint_for(8), shard_rows=256)
+    rows = bi.write_passage_table(store.version_url(vid, "passages"), store.version_url(vid, "passages.arrow"),
+                                  store.s3_endpoint_url)
+    assert rows == 700
+    local = tmp_path / "passages.arrow"
+    store.fs.get_file(store.version_path(vid, "passages.arrow"), str(local))
+    table = pa.ipc.open_file(pa.memory_map(str(local))).read_all()
+    assert table.column_names == list(bi.TABLE_COLUMNS)
+    assert table.column("row_id").to_pylist() == list(range(700))
+    assert table.column("title").to_pylist()[450] == passages[450]["title"]
+    assert table.column("text").to_pylist()[699] == passages[699]["text"]
+
+
+def test_read_index_memory_maps_local_and_caches_s3(store, tmp_path):
+    vectors = clustered_vectors(400, 16)
+    vid = staged(store, vectors)
+    info, _ = build(store, vid, "flat")
+    cache = tmp_path / "cache"
+    a = read_index(store.version_url(vid, "index.faiss"), cache_dir=str(cache), s3_endpoint_url=store.s3_endpoint_url)
+    b = read_index(store.version_url(vid, "index.faiss"), mmap=False, cache_dir=str(cache),
+                   s3_endpoint_url=store.s3_endpoint_url)
+    assert isinstance(a, faiss.IndexFlatIP) and a.ntotal == b.ntotal == 400
+    assert np.array_equal(search(a, info, vectors[:5], 5)[1], search(b, info, vectors[:5], 5)[1])
+    cached = list(cache.rglob("index.faiss"))
+    assert len(cached) == (0 if store.s3_endpoint_url is None else 1)
+    with pytest.raises(RagindexError):
+        read_index(store.version_url(vid, "missing.faiss"), s3_endpoint_url=store.s3_endpoint_url)
