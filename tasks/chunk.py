@@ -1,0 +1,48 @@
+"""DPR chunking: an article's plain text -> disjoint 100-word passages, and the passage schema."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+WORDS_PER_PASSAGE = 100
+
+# The contract in briefs/contracts.md: this column order, these types.
+PASSAGE_SCHEMA = pa.schema([
+    ("row_id", pa.int64()),
+    ("passage_id", pa.string()),
+    ("page_id", pa.int64()),
+    ("rev_id", pa.int64()),
+    ("title", pa.string()),
+    ("text", pa.string()),
+    ("content_hash", pa.string()),
+])
+# What one work unit writes: everything but the global row_id, assigned when units are assembled.
+UNIT_SCHEMA = pa.schema([f for f in PASSAGE_SCHEMA if f.name != "row_id"])
+
+
+def content_hash(title: str, text: str) -> str:
+    """The key for reusing embeddings across versions: what the encoder sees, nothing else."""
+    return hashlib.sha1(f"{title}\n{text}".encode()).hexdigest()
+
+
+def chunk_article(page_id: int, rev_id: int, title: str, text: str,
+                  words_per_passage: int = WORDS_PER_PASSAGE) -> list[dict]:
+    """Split on whitespace into disjoint `words_per_passage`-word passages (the last may be shorter).
+
+    Passages are numbered from 0 in article order, so `passage_id` depends only on the article.
+    """
+    words = text.split()
+    passages = []
+    for n, start in enumerate(range(0, len(words), words_per_passage)):
+        body = " ".join(words[start:start + words_per_passage])
+        passages.append({
+            "passage_id": f"{page_id}_{n}",
+            "page_id": page_id,
+            "rev_id": rev_id,
+            "title": title,
+            "text": body,
+            "content_hash": content_hash(title, body),
+        })
+    return passages

@@ -1,0 +1,442 @@
+"""Find a Wikipedia dump and fetch it into the store, verified.
+
+A dump is located either on a mirror laid out like dumps.wikimedia.org (`<mirror>/<wiki>/<date>/`
+with `dumpstatus.json`) or at a local / `file://` / `s3://` path (`resolve_source`). Either way the
+result is a `DumpRef`: where it came from and which files, with their sha1 and size when known.
+
+Mirror downloads stream to a temp name beside the target, resume with an HTTP Range request,
+retry with backoff, and are renamed into place only once their sha1 matches, so a file under its
+final name in `downloads/<wiki>/<date>/` is always complete and verified.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from tqdm import tqdm
+
+from storage import names
+from storage.errors import InvalidName, NotFound, RagindexError, Rejected
+from storage.fs import is_local, join, resolve, to_url
+from storage.manifest import DumpFile, SourceDump
+from storage.store import IndexStore
+from tasks.parse import index_name_for
+
+JOBS = ("articlesmultistreamdump", "articlesdump")
+DUMPSTATUS = "dumpstatus.json"
+# Dumps whose file name carries no date (e.g. gensim's `enwiki-latest-...` excerpt) get this one:
+# valid for `check_dump_date`, sorts before every real dump, and says plainly "date unknown".
+UNDATED = "00000000"
+_CHUNK = 1 << 20
+_DUMP_NAME = re.compile(r"^([a-z][a-z0-9_]*?wik[a-z]*)-(\d{8}|latest)-")
+_DATA_NAME = re.compile(r"-pages-(?:articles|meta-current|meta-history)[^/]*\.xml(?:[^/]*\.bz2)?$")
+_DIR_LINK = re.compile(r'href="(\d{8})/?"')
+
+
+class DownloadError(RagindexError):
+    """The mirror could not be reached, or refused a file, after all retries."""
+
+
+@dataclass
+class RemoteFile:
+    name: str
+    url: str
+    sha1: str | None = None
+    size: int | None = None
+
+
+@dataclass
+class DumpRef:
+    """A located dump: small and picklable, handed between tasks."""
+
+    wiki: str
+    dump_date: str
+    location: str  # mirror run URL, directory, file:// or s3:// it came from
+    files: list[RemoteFile] = field(default_factory=list)
+
+    def source(self) -> SourceDump:
+        return SourceDump(wiki=self.wiki, dump_date=self.dump_date, location=self.location,
+                          files=[DumpFile(name=f.name, sha1=f.sha1, size=f.size) for f in self.files])
+
+    @property
+    def remote(self) -> bool:
+        return self.location.startswith(("http://", "https://"))
+
+
+def _part_key(name: str) -> tuple:
+    """Order part files naturally (multistream2 before multistream10), index files after data."""
+    return (is_index_name(name), [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+def is_index_name(name: str) -> bool:
+    return "-index" in name and ".txt" in name
+
+
+# --- dumpstatus.json ------------------------------------------------------------------------------
+
+def files_from_status(status: dict, job: str, where: str) -> list[tuple[str, str | None, int | None]]:
+    """[(name, sha1, size)] of a finished job, names checked before they can touch a path."""
+    if job not in JOBS:
+        raise InvalidName(f"unknown dump job {job!r}: expected one of {', '.join(JOBS)}")
+    jobs = status.get("jobs") if isinstance(status, dict) else None
+    if not isinstance(jobs, dict) or job not in jobs:
+        raise NotFound(f"{where}: no job {job!r} in {DUMPSTATUS}")
+    info = jobs[job]
+    if info.get("status") != "done":
+        raise Rejected(f"{where}: job {job} is {info.get('status')!r}, not 'done'")
+    files = info.get("files") or {}
+    if not files:
+        raise NotFound(f"{where}: job {job} lists no files")
+    out = []
+    for name, meta in files.items():
+        names.check_file_name(name)
+        meta = meta or {}
+        size = meta.get("size")
+        out.append((name, meta.get("sha1"), int(size) if size is not None else None))
+    return sorted(out, key=lambda f: _part_key(f[0]))
+
+
+def _job_done(status: dict, job: str) -> bool:
+    try:
+        return status["jobs"][job]["status"] == "done"
+    except (KeyError, TypeError):
+        return False
+
+
+# --- mirror ---------------------------------------------------------------------------------------
+
+class _Http:
+    def __init__(self, user_agent: str, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 30.0):
+        self.client = httpx.Client(headers={"User-Agent": user_agent}, timeout=timeout_s,
+                                   follow_redirects=True)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def close(self) -> None:
+        self.client.close()
+
+    def get(self, url: str) -> httpx.Response | None:
+        """The response, or None on 404. Transient failures are retried with backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.get(url)
+            except httpx.HTTPError as exc:
+                if attempt == self.retries:
+                    raise DownloadError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+            else:
+                if response.status_code == 404:
+                    return None
+                if response.status_code < 400:
+                    return response
+                if response.status_code < 500 and response.status_code != 429 or attempt == self.retries:
+                    raise DownloadError(f"{url}: HTTP {response.status_code}")
+            time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def resolve_dump(wiki: str, date: str, mirror: str, user_agent: str,
+                 job: str = "articlesmultistreamdump", retries: int = 3, backoff_s: float = 1.0) -> DumpRef:
+    """Locate `<mirror>/<wiki>/<date>/`; `latest` = the newest dated run whose `job` is done.
+
+    The `latest/` directory is never used: during a run it can mix files of two dumps.
+    """
+    names.check_wiki(wiki)
+    if job not in JOBS:
+        raise InvalidName(f"unknown dump job {job!r}: expected one of {', '.join(JOBS)}")
+    mirror = mirror.rstrip("/")
+    http = _Http(user_agent, retries, backoff_s)
+    try:
+        if date == "latest":
+            listing = http.get(f"{mirror}/{wiki}/")
+            if listing is None:
+                raise NotFound(f"no wiki {wiki!r} on {mirror}")
+            dates = sorted(set(_DIR_LINK.findall(listing.text)), reverse=True)
+            for candidate in dates:
+                status = _status(http, mirror, wiki, candidate)
+                if status is not None and _job_done(status, job):
+                    return _mirror_ref(mirror, wiki, candidate, status, job)
+            raise NotFound(f"no finished {job} run for {wiki} on {mirror} (looked at {len(dates)} dated runs)")
+        names.check_dump_date(date)
+        status = _status(http, mirror, wiki, date)
+        if status is None:
+            raise NotFound(f"no dump {wiki} {date} on {mirror}")
+        return _mirror_ref(mirror, wiki, date, status, job)
+    finally:
+        http.close()
+
+
+def _status(http: _Http, mirror: str, wiki: str, date: str) -> dict | None:
+    url = f"{mirror}/{wiki}/{date}/{DUMPSTATUS}"
+    response = http.get(url)
+    if response is None:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise Rejected(f"{url} is not valid JSON") from None
+
+
+def _mirror_ref(mirror: str, wiki: str, date: str, status: dict, job: str) -> DumpRef:
+    run = f"{mirror}/{wiki}/{date}"
+    files = files_from_status(status, job, f"{wiki} {date}")
+    # URLs are built from the checked name, not taken from the status file: it cannot point elsewhere.
+    return DumpRef(wiki=wiki, dump_date=date, location=run,
+                   files=[RemoteFile(name, f"{run}/{name}", sha1, size) for name, sha1, size in files])
+
+
+# --- local / s3 sources ---------------------------------------------------------------------------
+
+def resolve_source(source: str, s3_endpoint_url: str | None = None,
+                   job: str = "articlesmultistreamdump") -> DumpRef:
+    """A dump file, a mirror-like run dir (`dumpstatus.json`), or `<dir>/<wiki>/<date>/`; read in place.
+
+    wiki and date come from `dumpstatus.json` or the file names; a file without a date in its name
+    (`enwiki-latest-...`) gets UNDATED, and one without a wiki in its name the `<dbname>` of its
+    siteinfo.
+    """
+    fs, path = resolve(source, s3_endpoint_url)
+    if not fs.exists(path):
+        raise NotFound(f"dump source not found: {source}")
+    if not fs.isdir(path):
+        return _file_ref(fs, path, source)
+    entries = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
+    if DUMPSTATUS in entries:
+        return _run_dir_ref(fs, path, job)
+    runs = _mirror_runs(fs, path, entries, job)
+    if runs:
+        return _run_dir_ref(fs, runs[0], job)
+    data = sorted((n for n in entries if _DATA_NAME.search(n) and not is_index_name(n)), key=_part_key)
+    if not data:
+        raise NotFound(f"no dump files (*-pages-articles*.xml[.bz2]) or {DUMPSTATUS} in {source}")
+    wiki, date = _wiki_date(fs, entries[data[0]], data[0])
+    files = []
+    for name in data:
+        files.append(_local_file(fs, entries[name], name))
+        index = index_name_for(name)
+        if index in entries:
+            files.append(_local_file(fs, entries[index], index))
+    return DumpRef(wiki=wiki, dump_date=date, location=to_url(fs, path), files=files)
+
+
+def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
+    """Dated run dirs under `<dir>/<wiki>/` (or `<dir>/` itself being a wiki dir), newest first."""
+    candidates = []
+    wiki_dirs = [entries[n] for n in entries if re.match(r"^[a-z][a-z0-9_]*wik[a-z]*$", n)]
+    for wiki_dir in wiki_dirs or [path]:
+        if not fs.isdir(wiki_dir):
+            continue
+        for run in fs.ls(wiki_dir, detail=False):
+            name = run.rstrip("/").rsplit("/", 1)[-1]
+            status_path = join(run, DUMPSTATUS)
+            if re.fullmatch(r"\d{8}", name) and fs.exists(status_path) and _job_done(_read_json(fs, status_path),
+                                                                                    job):
+                candidates.append((name, run))
+    if len({run.rstrip("/").rsplit("/", 2)[-2] for _, run in candidates}) > 1:
+        found = sorted({run.rstrip("/").rsplit("/", 2)[-2] for _, run in candidates})
+        raise Rejected(f"{to_url(fs, path)} holds several wikis ({', '.join(found)}): point at one")
+    return [run for _, run in sorted(candidates, reverse=True)]
+
+
+def _read_json(fs, path: str) -> dict:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except ValueError:
+        raise Rejected(f"{to_url(fs, path)} is not valid JSON") from None
+
+
+def _run_dir_ref(fs, run: str, job: str) -> DumpRef:
+    status = _read_json(fs, join(run, DUMPSTATUS))
+    parts = run.rstrip("/").rsplit("/", 2)
+    date = parts[-1]
+    files = files_from_status(status, job, to_url(fs, run))
+    wiki, name_date = _wiki_date(fs, None, files[0][0])
+    if not re.fullmatch(r"\d{8}", date):
+        date = name_date
+    if len(parts) >= 2 and re.match(r"^[a-z][a-z0-9_]*wik[a-z]*$", parts[-2]):
+        wiki = parts[-2]
+    out = []
+    for name, sha1, size in files:
+        fpath = join(run, name)
+        if not fs.exists(fpath):
+            raise NotFound(f"{to_url(fs, run)}: {DUMPSTATUS} lists {name}, which is missing")
+        out.append(RemoteFile(name, to_url(fs, fpath), sha1, size))
+    return DumpRef(wiki=names.check_wiki(wiki), dump_date=names.check_dump_date(date),
+                   location=to_url(fs, run), files=out)
+
+
+def _file_ref(fs, path: str, source: str) -> DumpRef:
+    name = path.rsplit("/", 1)[-1]
+    wiki, date = _wiki_date(fs, path, name)
+    files = [_local_file(fs, path, name)]
+    index_path = join(path.rsplit("/", 1)[0], index_name_for(name))
+    if index_path != path and fs.exists(index_path):
+        files.append(_local_file(fs, index_path, index_path.rsplit("/", 1)[-1]))
+    return DumpRef(wiki=wiki, dump_date=date, location=to_url(fs, path), files=files)
+
+
+def _local_file(fs, path: str, name: str) -> RemoteFile:
+    return RemoteFile(name=name, url=to_url(fs, path), sha1=None, size=fs.size(path))
+
+
+def _wiki_date(fs, path: str | None, name: str) -> tuple[str, str]:
+    m = _DUMP_NAME.match(name)
+    if m:
+        date = m.group(2) if m.group(2) != "latest" else UNDATED
+        return names.check_wiki(m.group(1)), date
+    wiki = _dbname(fs, path) if path else None
+    if not wiki:
+        raise Rejected(f"cannot tell which wiki {name} is from: its name does not start with "
+                       f"'<wiki>-<YYYYMMDD>-' and it has no <dbname> in its siteinfo")
+    return names.check_wiki(wiki), UNDATED
+
+
+def _dbname(fs, path: str) -> str | None:
+    """The `<dbname>` from the first 64 KiB of the dump's siteinfo (None when unreadable)."""
+    try:
+        with fs.open(path, "rb") as raw:
+            if path.endswith(".bz2"):
+                with bz2.open(raw) as stream:
+                    head = stream.read(64 << 10)
+            else:
+                head = raw.read(64 << 10)
+    except (OSError, EOFError):
+        return None
+    m = re.search(rb"<dbname>([a-z][a-z0-9_]*)</dbname>", head)
+    return m.group(1).decode() if m else None
+
+
+# --- download -------------------------------------------------------------------------------------
+
+def download_dump(ref: DumpRef, store: IndexStore, user_agent: str, retries: int = 5, progress: bool = True,
+                  backoff_s: float = 1.0, s3_endpoint_url: str | None = None) -> list[str]:
+    """Fetch a mirror dump into `store.downloads_path(wiki, date)`; URLs of the verified files, in order.
+
+    A `DumpRef` from `resolve_source` is read in place: its files are verified (sha1 when known)
+    and their URLs returned without copying.
+    """
+    if not ref.remote:
+        return [verify_in_place(f, s3_endpoint_url or store.s3_endpoint_url, progress) for f in ref.files]
+    names.check_wiki(ref.wiki)
+    names.check_dump_date(ref.dump_date)
+    http = _Http(user_agent, retries, backoff_s, timeout_s=60.0)
+    try:
+        return [_fetch(http, f, store, ref, progress) for f in ref.files]
+    finally:
+        http.close()
+
+
+def verify_in_place(f: RemoteFile, s3_endpoint_url: str | None, progress: bool) -> str:
+    fs, path = resolve(f.url, s3_endpoint_url)
+    if not fs.exists(path):
+        raise NotFound(f"dump file not found: {f.url}")
+    if f.size is not None and fs.size(path) != f.size:
+        raise Rejected(f"size mismatch for {f.name}: expected {f.size} bytes, found {fs.size(path)}")
+    if f.sha1:
+        digest = hashlib.sha1()
+        with fs.open(path, "rb") as src, _bar(f.name, f.size, progress) as bar:
+            while block := src.read(_CHUNK):
+                digest.update(block)
+                bar.update(len(block))
+        if digest.hexdigest() != f.sha1.lower():
+            raise Rejected(f"sha1 mismatch for {f.name}: expected {f.sha1}, got {digest.hexdigest()}")
+    return f.url
+
+
+def _bar(name: str, total: int | None, progress: bool, initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                disable=None if progress else True, leave=False)
+
+
+def _fetch(http: _Http, f: RemoteFile, store: IndexStore, ref: DumpRef, progress: bool) -> str:
+    names.check_file_name(f.name)
+    final = store.downloads_path(ref.wiki, ref.dump_date, f.name)
+    if store.fs.exists(final) and (f.size is None or store.fs.size(final) == f.size):
+        # Only a verified file is ever renamed to its final name: present means verified.
+        return to_url(store.fs, final)
+    if is_local(store.fs):
+        partial = store.downloads_path(ref.wiki, ref.dump_date, f".{f.name}.part")
+    else:  # S3 cannot append: resume locally, upload once verified
+        cache = os.path.join(tempfile.gettempdir(), "ragindex-downloads", ref.wiki, ref.dump_date)
+        partial = os.path.join(cache, f".{f.name}.part")
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+
+    for fresh_start in (False, True):
+        if fresh_start and os.path.exists(partial):
+            os.remove(partial)
+        resumed = _transfer(http, f, partial, progress)
+        digest = _sha1_file(partial)
+        if not f.sha1 or digest == f.sha1.lower():
+            break
+        if fresh_start or not resumed:
+            os.remove(partial)
+            raise Rejected(f"sha1 mismatch for {f.name} from {f.url}: expected {f.sha1}, got {digest}")
+        # A resumed file can be spoiled by a stale prefix; one clean download decides.
+    if is_local(store.fs):
+        os.replace(partial, final)
+    else:
+        store.fs.put_file(partial, final)
+        os.remove(partial)
+    return to_url(store.fs, final)
+
+
+def _sha1_file(path: str) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as src:
+        while block := src.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _transfer(http: _Http, f: RemoteFile, partial: str, progress: bool) -> bool:
+    """Bring `partial` up to the whole file, resuming with Range requests, retrying with backoff.
+
+    Returns whether any bytes were kept from an earlier attempt (a resumed transfer).
+    """
+    resumed = False
+    last_error = ""
+    for attempt in range(http.retries + 1):
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        if f.size is not None and have == f.size:
+            return resumed or have > 0
+        if f.size is not None and have > f.size:
+            os.remove(partial)
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with http.client.stream("GET", f.url, headers=headers) as response:
+                if response.status_code == 404:
+                    raise NotFound(f"{f.url}: not found on the mirror")
+                if response.status_code == 416 and have:
+                    os.remove(partial)  # our partial is longer than the file: start again
+                    continue
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    raise DownloadError(f"{f.url}: HTTP {response.status_code}")
+                if response.status_code >= 400:
+                    raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request,
+                                                response=response)
+                append = bool(have) and response.status_code == 206
+                resumed = resumed or append
+                with open(partial, "ab" if append else "wb") as out, \
+                        _bar(f.name, f.size, progress, initial=have if append else 0) as bar:
+                    for block in response.iter_raw():  # unbuffered: a cut keeps what arrived
+                        out.write(block)
+                        bar.update(len(block))
+            if f.size is None or os.path.getsize(partial) == f.size:
+                return resumed
+            last_error = f"got {os.path.getsize(partial)} of {f.size} bytes"
+        except httpx.HTTPError as exc:
+            last_error = str(exc) or type(exc).__name__
+        if attempt < http.retries:
+            time.sleep(http.backoff_s * 2**attempt)
+    raise DownloadError(f"download of {f.name} from {f.url} failed after {http.retries + 1} attempts: "
+                        f"{last_error}; rerun to resume")
+

@@ -1,0 +1,518 @@
+"""parse -> clean -> chunk, in parallel work units, assembled into the passage shards of the contract.
+
+A work unit is a whole dump file or a byte range of its bz2 streams. Each unit writes its own
+Parquet file (no row_id); `assemble` then streams the units in dump order and assigns the global
+row_id, so the output is identical whatever the number of workers or units.
+
+Every page is cleaned in a separate cleaner process with a wall-clock budget: a page that is too
+large, takes too long (the cleaner is killed and restarted) or fails is skipped, counted with its
+reason, and the run goes on. Killing a process is the one guard that also stops mwparserfromhell's
+C tokenizer, and it works from any thread (a Prefect task runner thread included), unlike signals.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+import tasks
+from storage.errors import RagindexError
+from storage.fs import atomic_write, is_local, join, resolve, to_url
+from storage.manifest import SourceDump
+from tasks.chunk import PASSAGE_SCHEMA, UNIT_SCHEMA, chunk_article
+from tasks.clean import CleanOptions, is_disambiguation, options_to_json, read_frame, write_frame
+from tasks.parse import (
+    DumpError,
+    Page,
+    file_name,
+    file_size,
+    index_name_for,
+    is_bz2,
+    is_index_file,
+    iter_pages,
+    scan_stream_offsets,
+    starts_with_page,
+    stream_offsets_from_index,
+)
+
+MIN_UNIT_BYTES = 1 << 20  # smaller units cost more in per-unit files than they gain in balance
+PASSAGES_JSON = "passages.json"
+_PART = re.compile(r"^part-(\d{5})\.parquet$")
+_FLUSH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    ordinal: int
+    url: str
+    start: int | None  # byte range of whole bz2 streams; None/None = the whole file
+    end: int | None
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+def plan_units(file_urls: list[str], workers: int, s3_endpoint_url: str | None = None,
+               min_unit_bytes: int = MIN_UNIT_BYTES) -> list[WorkUnit]:
+    """Cut the dump into about `4 * workers` units, by file and by bz2 stream offsets.
+
+    Cut points come from the multistream index when it is among `file_urls`, else (local files
+    only) from scanning for stream headers, each checked to start with a `<page>`.
+    """
+    data = [u for u in file_urls if not is_index_file(u)]
+    if not data:
+        raise DumpError("no dump data files given (only index files)")
+    indexes = {file_name(u): u for u in file_urls if is_index_file(u)}
+    sizes = {u: file_size(u, s3_endpoint_url) for u in data}
+    target = max(min_unit_bytes, sum(sizes.values()) // max(1, 4 * workers), 1)
+    ranges: list[tuple[str, int | None, int | None]] = []
+    for url in data:
+        size = sizes[url]
+        if not is_bz2(url) or size <= target:
+            ranges.append((url, None, None))
+            continue
+        index = indexes.get(index_name_for(file_name(url)))
+        if index:
+            cuts, verify = stream_offsets_from_index(index, s3_endpoint_url), False
+        elif "://" not in url or url.startswith("file://"):
+            cuts, verify = scan_stream_offsets(url, s3_endpoint_url), True
+        else:
+            cuts, verify = [], False  # scanning S3 would read the whole object once more
+        bounds = _choose_bounds(url, [c for c in cuts if 0 < c < size], size, target, verify, s3_endpoint_url)
+        edges = [0, *bounds, None]
+        ranges.extend((url, edges[i] or None, edges[i + 1]) for i in range(len(edges) - 1))
+    return [WorkUnit(i, url, start, end) for i, (url, start, end) in enumerate(ranges)]
+
+
+def _choose_bounds(url: str, cuts: list[int], size: int, target: int, verify: bool,
+                   s3_endpoint_url: str | None) -> list[int]:
+    bounds: list[int] = []
+    want = target
+    for cut in cuts:
+        if cut < want or size - cut < target // 4:
+            continue
+        if verify and not starts_with_page(url, cut, s3_endpoint_url):
+            continue
+        bounds.append(cut)
+        want = cut + target
+    return bounds
+
+
+# --- the guarded cleaner --------------------------------------------------------------------------
+
+class GuardedCleaner:
+    """Cleans pages in a child process; enforces the size cap and the time budget from outside.
+
+    The child is a plain `python -m tasks.clean` subprocess speaking length-prefixed frames on its
+    pipes: no pickling, no re-import of the caller's `__main__`, safe to start from any thread.
+    """
+
+    _all: list[GuardedCleaner] = []
+
+    def __init__(self, options: CleanOptions) -> None:
+        self.options = options
+        self._proc: subprocess.Popen | None = None
+        self._deadline = 0.0
+        self._broken = False  # the last request could not be sent
+        GuardedCleaner._all.append(self)
+
+    def _start(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(tasks.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.clean"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, bufsize=0, env=env, close_fds=True)
+        write_frame(self._proc.stdin, options_to_json(self.options).encode())
+        if read_frame(self._proc.stdout) != b"ready":
+            self.close()
+            raise RagindexError("the page cleaner process failed to start (run `python -m tasks.clean` to see why)")
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def clean(self, text: str) -> tuple[str | None, str | None]:
+        """(plain text, None) or (None, skip reason)."""
+        return self.result() if self.submit(text) else (None, "too_large")
+
+    def submit(self, text: str) -> bool:
+        """Hand one page to the cleaner (False: over the size cap, not sent). Collect it with `result`.
+
+        Between the two calls the caller may parse the next page: XML parsing and cleaning overlap.
+        """
+        if len(text) > self.options.max_page_chars:
+            return False
+        if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._start()
+        try:
+            write_frame(self._proc.stdin, text.encode("utf-8", "replace"))
+        except OSError:
+            self._broken = True
+        self._deadline = time.monotonic() + self.options.page_timeout_s
+        return True
+
+    def result(self) -> tuple[str | None, str | None]:
+        proc, reply = self._proc, None
+        if not self._broken and proc is not None:
+            try:
+                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, self._deadline - time.monotonic()))
+                if not ready:
+                    self.close()  # stuck (maybe inside C): the only sure stop is to kill it
+                    return None, "timeout"
+                reply = read_frame(proc.stdout)
+            except OSError:
+                reply = None
+        self._broken = False
+        if reply is None:
+            self.close()  # the cleaner died on this page (crash, out of memory)
+            return None, "parse_error"
+        return (reply[1:].decode(), None) if reply[:1] == b"o" else (None, "parse_error")
+
+
+_local = threading.local()
+
+
+def _cleaner_for(options: CleanOptions) -> GuardedCleaner:
+    """One cleaner per thread, reused across units (its start-up costs a Python interpreter)."""
+    cleaner = getattr(_local, "cleaner", None)
+    if cleaner is None or cleaner.options != options:
+        if cleaner is not None:
+            cleaner.close()
+        cleaner = _local.cleaner = GuardedCleaner(options)
+    return cleaner
+
+
+@atexit.register
+def _close_cleaners() -> None:
+    for cleaner in GuardedCleaner._all:
+        cleaner.close()
+
+
+# --- one unit -------------------------------------------------------------------------------------
+
+def options_key(options: CleanOptions) -> str:
+    return hashlib.sha1(options_to_json(options).encode()).hexdigest()[:16]
+
+
+def _skip_reason(page: Page, options: CleanOptions) -> str | None:
+    if page.ns != 0:
+        return "namespace"
+    if page.redirect:
+        return "redirect"
+    if page.model != "wikitext":
+        return "not_wikitext"
+    if len(page.text) <= options.max_page_chars and is_disambiguation(page.title, page.text, options):
+        return "disambiguation"
+    return None
+
+
+def _wiki_of(url: str) -> str | None:
+    m = re.match(r"^([a-z][a-z0-9_]+?wiki[a-z]*)-", file_name(url))
+    return m.group(1) if m else None
+
+
+def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = None,
+             s3_endpoint_url: str | None = None) -> dict:
+    """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
+
+    The record is written after the Parquet file, so its presence means the unit is done; a re-run
+    with the same unit and options reuses it.
+    """
+    options = options or CleanOptions.for_wiki(_wiki_of(unit.url))
+    fs, work = resolve(work_dir_url, s3_endpoint_url)
+    stem = f"unit-{unit.ordinal:06d}"
+    record_path, parquet_path = join(work, stem + ".json"), join(work, stem + ".parquet")
+    key = {"unit": asdict(unit), "options": options_key(options)}
+    if fs.exists(record_path):
+        with fs.open(record_path, "rb") as f:
+            record = json.loads(f.read())
+        if {k: record.get(k) for k in key} == key and fs.exists(parquet_path):
+            return record
+
+    started = time.perf_counter()
+    cleaner = _cleaner_for(options)
+    seen = kept = passages = words = 0
+    skipped: Counter[str] = Counter()
+    rows: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
+    with atomic_write(fs, parquet_path) as f:
+        writer = pq.ParquetWriter(f, UNIT_SCHEMA, compression="zstd")
+        try:
+            def finish(page: Page, text: str | None, reason: str | None) -> None:
+                nonlocal kept, passages, words
+                chunks = chunk_article(page.page_id, page.rev_id, page.title, text) if text else []
+                if reason is None and not chunks:
+                    reason = "empty"
+                if reason:
+                    skipped[reason] += 1
+                    return
+                kept += 1
+                passages += len(chunks)
+                words += len(text.split())
+                for chunk in chunks:
+                    for name in UNIT_SCHEMA.names:
+                        rows[name].append(chunk[name])
+                if len(rows["text"]) >= _FLUSH_ROWS:
+                    _flush(writer, rows)
+
+            in_cleaner: Page | None = None  # sent, result not collected yet
+            pages = iter_pages(unit.url, unit.start, unit.end, s3_endpoint_url)
+            for page in _closing_cleaner_on_error(pages, cleaner):
+                seen += 1
+                if in_cleaner is not None:  # this page was parsed while the cleaner worked
+                    finish(in_cleaner, *cleaner.result())
+                    in_cleaner = None
+                reason = _skip_reason(page, options)
+                if reason is None and not cleaner.submit(page.text):
+                    reason = "too_large"
+                if reason:
+                    finish(page, None, reason)
+                else:
+                    in_cleaner = page
+            if in_cleaner is not None:
+                finish(in_cleaner, *cleaner.result())
+            _flush(writer, rows)
+        finally:
+            writer.close()
+    record = {
+        **key,
+        "ordinal": unit.ordinal,
+        "path": to_url(fs, parquet_path),
+        "seen": seen,
+        "kept": kept,
+        "skipped": dict(sorted(skipped.items())),
+        "passages": passages,
+        "words": words,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    with atomic_write(fs, record_path) as f:
+        f.write(json.dumps(record).encode())
+    return record
+
+
+def _closing_cleaner_on_error(pages, cleaner: GuardedCleaner):
+    """Pages, but a failure mid-unit also stops the cleaner: its pending reply must not be read as
+    the answer to the next unit's first page."""
+    try:
+        yield from pages
+    except BaseException:
+        cleaner.close()
+        raise
+
+
+def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
+    if rows["text"]:
+        writer.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA))
+        for column in rows.values():
+            column.clear()
+
+
+# --- assembling the shards ------------------------------------------------------------------------
+
+def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_rows: int = 100_000,
+             s3_endpoint_url: str | None = None, timings: dict[str, float] | None = None) -> dict:
+    """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
+
+    `passages.json` is removed first and written last, so a reader never sees a half-written set.
+    """
+    if shard_rows <= 0:
+        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    started = time.perf_counter()
+    results = sorted(unit_results, key=lambda r: r["ordinal"])
+    skipped: Counter[str] = Counter()
+    for r in results:
+        skipped.update(r["skipped"])
+    seen = sum(r["seen"] for r in results)
+    kept = sum(r["kept"] for r in results)
+    total = sum(r["passages"] for r in results)
+    if not total:
+        names = ", ".join(sorted({file_name(r["unit"]["url"]) for r in results})) or "(no files)"
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+        raise DumpError(f"no articles in {names}: {seen} pages seen, skipped: {reasons}")
+
+    fs, out = resolve(out_url, s3_endpoint_url)
+    summary_path = join(out, PASSAGES_JSON)
+    if fs.exists(summary_path):
+        fs.rm(summary_path)
+    shards: list[dict] = []
+    written: list[str] = []
+    try:
+        for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written):
+            shards.append({"name": name, "rows": rows, "sha256": _sha256(fs, join(out, name))})
+        _remove_stale_parts(fs, out, keep={s["name"] for s in shards})
+        summary = {
+            "source": source.model_dump(mode="json"),
+            "articles": {"seen": seen, "kept": kept, "skipped": dict(sorted(skipped.items()))},
+            "passages": total,
+            "words": sum(r["words"] for r in results),
+            "shards": shards,
+            "timings": {**(timings or {}), "assemble_s": round(time.perf_counter() - started, 3)},
+        }
+        summary["timings"]["total_s"] = round(sum(v for k, v in summary["timings"].items()
+                                                  if k in ("parse_clean_chunk_s", "assemble_s")), 3)
+        with atomic_write(fs, summary_path) as f:
+            f.write(json.dumps(summary, indent=2).encode())
+    except BaseException:
+        for path in written:
+            if fs.exists(path):
+                fs.rm(path)
+        raise
+    return summary
+
+
+def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoint_url: str | None,
+                  written: list[str]):
+    """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order."""
+    next_row = 0
+    shard = 0
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+
+    def batches():
+        for r in results:
+            ufs, upath = resolve(r["path"], s3_endpoint_url)
+            with ufs.open(upath, "rb") as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS)
+
+    def with_row_ids(batch: pa.RecordBatch, first: int) -> pa.RecordBatch:
+        row_ids = pa.array(range(first, first + batch.num_rows), pa.int64())
+        return pa.RecordBatch.from_arrays([row_ids, *batch.columns], schema=PASSAGE_SCHEMA)
+
+    def emit(batches_: list[pa.RecordBatch]) -> tuple[str, int]:
+        name = f"part-{shard:05d}.parquet"
+        path = join(out, name)
+        written.append(path)
+        table = pa.Table.from_batches(batches_, schema=PASSAGE_SCHEMA)
+        with atomic_write(fs, path) as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=_FLUSH_ROWS)
+        return name, table.num_rows
+
+    # A shard is at most `shard_rows` rows, so holding one in memory is bounded by the caller's choice.
+    for batch in batches():
+        offset = 0
+        while offset < batch.num_rows:
+            take = min(batch.num_rows - offset, shard_rows - pending_rows)
+            piece = batch.slice(offset, take)
+            pending.append(with_row_ids(piece, next_row))
+            next_row += take
+            pending_rows += take
+            offset += take
+            if pending_rows == shard_rows:
+                yield emit(pending)
+                shard += 1
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield emit(pending)
+
+
+def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:
+    """Shards left by an earlier, larger run into the same directory would be mistaken for ours."""
+    if not fs.exists(out):
+        return
+    for path in fs.ls(out, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if _PART.match(name) and name not in keep:
+            fs.rm(path)
+
+
+def _sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- everything -----------------------------------------------------------------------------------
+
+def run_units(units: list[WorkUnit], work_dir_url: str, workers: int, options: CleanOptions,
+              s3_endpoint_url: str | None = None, progress: bool = True) -> list[dict]:
+    """Run units on a process pool (or in-process for one worker); results in ordinal order."""
+    bar = tqdm(total=len(units), unit="unit", desc="passages", disable=None if progress else True)
+    results: list[dict] = []
+
+    def done(record: dict) -> None:
+        results.append(record)
+        bar.update(1)
+        bar.set_postfix(articles=sum(r["kept"] for r in results), refresh=False)
+
+    try:
+        if workers <= 1 or len(units) <= 1:
+            for unit in units:
+                done(run_unit(unit, work_dir_url, options, s3_endpoint_url))
+        else:
+            # forkserver: safe in a threaded caller (a Prefect worker), and each worker is a fork of
+            # one server that imported this module once, instead of a fresh interpreter per worker.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["tasks.passages"])
+            with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
+                pending = {pool.submit(run_unit, u, work_dir_url, options, s3_endpoint_url) for u in units}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            done(future.result())
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
+    finally:
+        bar.close()
+    return sorted(results, key=lambda r: r["ordinal"])
+
+
+def write_passages(file_urls: list[str], out_url: str, source: SourceDump, workers: int | None = None,
+                   shard_rows: int = 100_000, s3_endpoint_url: str | None = None, progress: bool = True,
+                   options: CleanOptions | None = None, min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
+    """Dump files -> passage shards + passages.json in `out_url`; returns the passages.json dict."""
+    started = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if shard_rows <= 0:
+        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    options = options or CleanOptions.for_wiki(source.wiki)
+    units = plan_units(file_urls, workers, s3_endpoint_url, min_unit_bytes)
+    fs, out = resolve(out_url, s3_endpoint_url)
+    # Unit outputs live beside the shards locally (a crashed run resumes from them); for S3 output
+    # they stay on local disk, which is cheaper than a round trip per unit.
+    work_url = join(out, "_work") if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
+    try:
+        results = run_units(units, work_url, workers, options, s3_endpoint_url, progress)
+        units_s = time.perf_counter() - started
+        summary = assemble(results, out_url, source, shard_rows, s3_endpoint_url,
+                           timings={"parse_clean_chunk_s": round(units_s, 3),
+                                    "unit_s": round(sum(r["seconds"] for r in results), 3)})
+    except BaseException:
+        if not is_local(fs):  # a random temp dir cannot be resumed from: do not leave it behind
+            shutil.rmtree(work_url, ignore_errors=True)
+        raise
+    wfs, wpath = resolve(work_url, s3_endpoint_url)
+    if wfs.exists(wpath):
+        wfs.rm(wpath, recursive=True)
+    return summary
