@@ -1,0 +1,523 @@
+"""Frozen document and question encoders: DPR (pooler output) and symmetric mean-pooling encoders.
+
+The document encoder is never trained here: RAG keeps it frozen, so the vectors of a passage depend
+only on the passage and the exact weights. That is what the fingerprint records, and what lets a
+new index plug into an already-trained question encoder and generator, and lets later versions reuse
+earlier vectors by content hash.
+
+The kind (`dpr` or `mean`) always comes from configuration; nothing is guessed from a model's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from storage.errors import RagindexError
+from storage.manifest import EncoderFingerprint
+
+log = logging.getLogger(__name__)
+
+PAIR_FILE = "ragindex_pair.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# A reduced precision is used only if its vectors stay this close to fp32 (mean cosine on a probe).
+MIN_PRECISION_COSINE = 0.999
+
+# Short, varied English text: enough to exercise attention over real lengths at load time.
+_PROBE = [
+    ("Paris", "Paris is the capital and most populous city of France, on the river Seine."),
+    ("Photosynthesis", "Plants use light, water and carbon dioxide to make sugars and release oxygen."),
+    ("Jazz", "Jazz is a music genre that originated in New Orleans in the late 19th century."),
+    ("Mount Everest", "Mount Everest is the highest mountain above sea level, in the Himalayas."),
+    ("Python", "Python is a programming language that emphasises readable code and indentation."),
+    ("Rome", "The Roman Empire ruled the Mediterranean for centuries before its western half fell."),
+    ("Moon", "The Moon orbits the Earth about every 27 days and causes the ocean tides."),
+    ("Chess", "Chess is a board game for two players played on a checkered board of 64 squares. " * 3),
+]
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))
+
+
+class EncoderError(RagindexError):
+    """A model that cannot be loaded as the requested kind of encoder."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    model: str  # HF id or local directory
+    kind: Literal["dpr", "mean"] = "dpr"
+    normalize: bool = False  # L2-normalise (mean kind)
+    max_length: int = 256
+    revision: str | None = None
+
+
+# -- locating a model and hashing its weights ---------------------------------------------------
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else that is not a directory is a missing path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def _resolve_dir(model: str, revision: str | None) -> tuple[Path, str | None]:
+    """Local directory holding config, tokenizer and weights, and the revision it stands for.
+
+    A local directory is used as is. An HF id goes through the hub cache (offline here), fetching
+    only what loading needs: no TF/Flax weights.
+    """
+    if not model:
+        raise EncoderError("no encoder model given")
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local.resolve(), revision
+    if local.exists() or _looks_like_path(model):
+        raise EncoderError(f"encoder model not found: {model} (not a directory with a saved model)")
+    return _hub_snapshot(model, revision)
+
+
+@lru_cache(maxsize=16)
+def _hub_snapshot(model: str, revision: str | None) -> tuple[Path, str | None]:
+    """Once per process: every shard asks, and the hub need not be asked every time."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        snap = Path(snapshot_download(model, revision=revision,
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        if not _weight_files(snap):
+            snap = Path(snapshot_download(model, revision=revision,
+                                          allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"]))
+    except HFValidationError:
+        raise EncoderError(f"encoder model not found: {model} (neither a directory nor a model id)") from None
+    except Exception as exc:  # offline, unknown repo, network: all mean "cannot get this model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EncoderError(f"cannot load encoder model {model!r}: {first}") from None
+    return snap, snap.name  # hub snapshots are named by their commit
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = [p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+             and not p.name.startswith(("training_args", "optimizer", "scheduler"))]
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return sorted(safetensors or files)
+
+
+def _stat_signature(directory: Path) -> tuple:
+    """Cheap identity of the weights on disk: a rewrite changes it, so caches reload."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _weight_files(directory))
+
+
+@lru_cache(maxsize=64)
+def _sha256_files(paths: tuple[str, ...], signature: tuple) -> str:
+    if len(paths) == 1:
+        return _sha256_file(paths[0])
+    digest = hashlib.sha256()
+    for p in paths:  # sharded checkpoints: a hash of the per-file hashes, in name order
+        digest.update(f"{os.path.basename(p)}:{_sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_config(directory: Path, model: str) -> Any:
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise EncoderError(f"encoder model {model}: no config.json, not a saved transformers model")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as exc:
+        raise EncoderError(f"encoder model {model}: unreadable config ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_config(config: Any, kind: str, model: str, role: Literal["document", "question"]) -> None:
+    """Refuse anything but the encoder the configuration asked for, before any weights load."""
+    if kind not in ("dpr", "mean"):
+        raise EncoderError(f"unsupported encoder kind {kind!r}: use 'dpr' or 'mean'")
+    model_type = getattr(config, "model_type", "?")
+    archs = list(getattr(config, "architectures", None) or [])
+    if kind == "dpr":
+        if model_type != "dpr":
+            raise EncoderError(f"encoder model {model} is a {model_type!r} model, not a DPR encoder "
+                               "(use --encoder-kind mean for sentence encoders)")
+        want = "DPRContextEncoder" if role == "document" else "DPRQuestionEncoder"
+        if archs and want not in archs:
+            raise EncoderError(f"encoder model {model} is a {'/'.join(archs)}, not a {want}")
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise EncoderError(f"encoder model {model} is an encoder-decoder ({model_type!r}) model, "
+                           "not a supported sentence encoder")
+    decoderish = ("CausalLM", "LMHeadModel", "ForConditionalGeneration", "Seq2Seq")
+    if getattr(config, "is_decoder", False) or any(a.endswith(decoderish) for a in archs):
+        raise EncoderError(f"encoder model {model} is a decoder ({'/'.join(archs) or model_type}), "
+                           "not a supported sentence encoder")
+    if model_type == "dpr":
+        raise EncoderError(f"encoder model {model} is a DPR encoder: use --encoder-kind dpr")
+    if not getattr(config, "hidden_size", None):
+        raise EncoderError(f"encoder model {model} ({model_type!r}) has no hidden_size: not an encoder")
+
+
+def _dim_of(config: Any, kind: str) -> int:
+    if kind == "dpr" and getattr(config, "projection_dim", 0):
+        return int(config.projection_dim)
+    return int(config.hidden_size)
+
+
+def _model_id(spec: EncoderSpec, directory: Path) -> str:
+    return str(directory) if Path(spec.model).expanduser().is_dir() else spec.model
+
+
+def fingerprint_of(spec: EncoderSpec) -> EncoderFingerprint:
+    """The fingerprint of the vectors `spec` would produce, without running (or loading) the model."""
+    directory, revision = _resolve_dir(spec.model, spec.revision)
+    config = _load_config(directory, spec.model)
+    _check_config(config, spec.kind, spec.model, "document")
+    weights = _weight_files(directory)
+    if not weights:
+        raise EncoderError(f"encoder model {spec.model}: no weight files (*.safetensors / *.bin)")
+    return EncoderFingerprint(
+        model_id=_model_id(spec, directory),
+        revision=revision,
+        weights_sha256=_sha256_files(tuple(str(p) for p in weights), _stat_signature(directory)),
+        dim=_dim_of(config, spec.kind),
+        pooling="pooler" if spec.kind == "dpr" else "mean",
+        normalize=spec.normalize,
+        max_length=spec.max_length,
+        kind=spec.kind,
+    )
+
+
+def paired_question_encoder(document_model: str, kind: str) -> str:
+    """The question encoder trained with `document_model`.
+
+    A symmetric (mean) encoder is its own pair. A DPR context encoder's pair is named by a
+    `ragindex_pair.json` ({"question_encoder": id-or-path}) in its directory, or for hub ids by the
+    DPR naming convention (ctx_encoder -> question_encoder).
+    """
+    if kind == "mean":
+        return document_model
+    if kind != "dpr":
+        raise EncoderError(f"unsupported encoder kind {kind!r}: use 'dpr' or 'mean'")
+    local = Path(document_model).expanduser()
+    pair_file = local / PAIR_FILE
+    if pair_file.is_file():
+        try:
+            named = json.loads(pair_file.read_text())["question_encoder"]
+        except (ValueError, KeyError, TypeError):
+            raise EncoderError(f"{pair_file}: expected {{\"question_encoder\": \"<id or path>\"}}") from None
+        if not os.path.isabs(named) and (local / named).exists():
+            return os.path.normpath(os.path.join(document_model, named))
+        return named
+    if "ctx_encoder" in document_model:
+        return document_model.replace("ctx_encoder", "question_encoder")
+    raise EncoderError(f"cannot tell which question encoder pairs with {document_model}: "
+                       f"give --question-encoder, or put a {PAIR_FILE} in the model directory")
+
+
+# -- running a model ---------------------------------------------------------------------------
+
+
+def _load_tokenizer(directory: Path, model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # a missing or broken tokenizer surfaces as many exception types
+        raise EncoderError(f"encoder model {model}: cannot load its tokenizer ({_first_line(exc)})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise EncoderError(f"encoder model {model}: needs a fast tokenizer (tokenizer.json or vocab.txt)")
+    return tokenizer
+
+
+def _load_weights(cls: Any, directory: Path, model: str) -> torch.nn.Module:
+    try:
+        net, info = cls.from_pretrained(directory, output_loading_info=True, dtype=torch.float32)
+    except Exception as exc:
+        raise EncoderError(f"encoder model {model}: cannot load weights ({_first_line(exc)})") from None
+    # Missing weights mean random vectors that look fine; refuse instead (e.g. a question encoder
+    # directory loaded as a context encoder). A pooler the mean kind does not use may be absent.
+    missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+    if missing:
+        raise EncoderError(f"encoder model {model}: {len(missing)} weights missing (e.g. {missing[0]}); "
+                           "not a model of the expected kind")
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def _cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _length_batches(lengths: np.ndarray, batch_size: int, max_waste: float = 0.125) -> list[np.ndarray]:
+    """Row indices in batches of similar token length, longest first (so memory peaks at once).
+
+    A batch closes when full, or when the next row would be padded by more than `max_waste` of the
+    batch's width: on a small shard with a wide spread of lengths, padding stays bounded.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        width = lengths[order[start]]
+        end = start + 1
+        while end < len(order) and end - start < batch_size and width - lengths[order[end]] <= max_waste * width:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+class _Encoder:
+    """Tokenize (fast, batched), length-sort, pad per batch, forward, pool; output in input order."""
+
+    _pairs = True  # documents are (title, text) pairs; questions single sequences
+    dim: int
+
+    def __init__(self, net: torch.nn.Module, tokenizer: Any, kind: str, normalize: bool, max_length: int,
+                 device: str) -> None:
+        self.net = net
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.normalize = normalize
+        self.max_length = max_length
+        self.device = torch.device(device)
+        # fp32 | bf16 (weights and activations cast) | bf16-autocast | fp16-autocast
+        self.precision = "fp32"
+        self._autocast: torch.dtype | None = None
+        self.precision_cosine: float | None = None
+        self.passages_encoded = 0  # how many inputs went through the network: lets callers count work
+        self._lock = threading.Lock()  # the counter is shared by serving threads
+
+    def _tokenize(self, first: Sequence[str], second: Sequence[str] | None) -> dict[str, list[list[int]]]:
+        # truncation=True is longest_first, what DPR itself used: the (longer) text gets cut, the title
+        # kept; unlike only_second it cannot fail on a pathological title longer than max_length.
+        if second is None:
+            return self.tokenizer(list(first), truncation=True, max_length=self.max_length)
+        return self.tokenizer(list(first), list(second), truncation=True, max_length=self.max_length)
+
+    def _forward(self, net: torch.nn.Module, autocast: torch.dtype | None, ids: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        # No token_type_ids: the model's default, all zeros, is what DPR was trained with (its
+        # generate_dense_embeddings passes zero segments) and what single-sequence sentence encoders saw.
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast or torch.float32,
+                                                    enabled=autocast is not None):
+            out = net(input_ids=ids, attention_mask=mask)
+            if self.kind == "dpr":
+                vec = out.pooler_output.float()
+            else:
+                hidden = out.last_hidden_state.float()
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            if self.normalize:
+                vec = torch.nn.functional.normalize(vec, dim=-1)
+        return vec
+
+    def _run(self, first: Sequence[str], second: Sequence[str] | None, batch_size: int,
+             on_batch: Callable[[int], None] | None = None,
+             variant: tuple[torch.nn.Module, torch.dtype | None] | None = None) -> np.ndarray:
+        net, autocast = variant or (self.net, self._autocast)
+        n = len(first)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        if batch_size < 1:
+            raise RagindexError(f"batch size must be at least 1, got {batch_size}")
+        input_ids = self._tokenize(first, second)["input_ids"]
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
+        pad_id = self.tokenizer.pad_token_id or 0
+        for idx in _length_batches(lengths, batch_size):
+            width = int(lengths[idx[0]])
+            ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for r, i in enumerate(idx):
+                ids[r, :lengths[i]] = input_ids[i]
+                mask[r, :lengths[i]] = 1
+            vec = self._forward(net, autocast, torch.from_numpy(ids).to(self.device),
+                                torch.from_numpy(mask).to(self.device))
+            out[idx] = vec.cpu().numpy()
+            with self._lock:
+                self.passages_encoded += len(idx)
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
+
+    def _choose_precision(self, requested: str) -> None:
+        """Use bf16 (CPU) / fp16 (CUDA) only where supported and measured close enough to fp32.
+
+        On CPU the fastest variant is tried first: the whole network cast to bf16; then bf16
+        autocast (matmuls in bf16, the rest fp32). The first within tolerance wins, else fp32.
+        """
+        if requested not in PRECISIONS:
+            raise RagindexError(f"unsupported precision {requested!r}: use one of {', '.join(PRECISIONS)}")
+        if requested == "fp32":
+            return
+        cuda = self.device.type == "cuda"
+        wanted = ("fp16" if cuda else "bf16") if requested == "auto" else requested
+        if not cuda and (wanted != "bf16" or not _cpu_supports_bf16()):
+            if requested != "auto":
+                log.warning("precision %s not supported on this CPU; using fp32", requested)
+            return
+        dtype = torch.float16 if wanted == "fp16" else torch.bfloat16
+        candidates: list[tuple[str, Callable[[], torch.nn.Module], torch.dtype | None]] = []
+        if not cuda:
+            candidates.append(("bf16", lambda: copy.deepcopy(self.net).to(torch.bfloat16), None))
+        candidates.append((f"{wanted}-autocast", lambda: self.net, dtype))
+        reference = self._probe((self.net, None))
+        for name, make_net, autocast in candidates:
+            net = make_net()
+            cosine = _mean_cosine(reference, self._probe((net, autocast)))
+            if cosine >= MIN_PRECISION_COSINE:
+                self.net, self._autocast, self.precision, self.precision_cosine = net, autocast, name, cosine
+                return
+            log.warning("%s vectors too far from fp32 (mean cosine %.5f < %s)", name, cosine, MIN_PRECISION_COSINE)
+        log.warning("using fp32")
+
+    def _probe(self, variant: tuple[torch.nn.Module, torch.dtype | None]) -> np.ndarray:
+        """Vectors of a fixed probe batch under one precision variant (not counted as work)."""
+        titles = [t for t, _ in _PROBE]
+        texts = [x for _, x in _PROBE]
+        first, second = (titles, texts) if self._pairs else ([f"{t}. {x}" for t, x in _PROBE], None)
+        vectors = self._run(first, second, batch_size=len(_PROBE), variant=variant)
+        with self._lock:
+            self.passages_encoded -= len(_PROBE)
+        return vectors
+
+
+class DocumentEncoder(_Encoder):
+    """The frozen passage encoder: (title, text) pairs -> float32 vectors, in input order."""
+
+    def __init__(self, spec: EncoderSpec, fingerprint: EncoderFingerprint, net: torch.nn.Module, tokenizer: Any,
+                 device: str) -> None:
+        super().__init__(net, tokenizer, spec.kind, spec.normalize, spec.max_length, device)
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.dim = fingerprint.dim
+
+    def encode(self, titles: Sequence[str], texts: Sequence[str], batch_size: int = 64,
+               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """float32 [n, dim]: row i is passage i, whatever order the batches ran in.
+
+        Both kinds see the tokenizer's pair encoding, `[CLS] title [SEP] text [SEP]` for BERT.
+        """
+        if len(titles) != len(texts):
+            raise RagindexError(f"{len(titles)} titles but {len(texts)} texts")
+        return self._run(titles, texts, batch_size, on_batch)
+
+
+class QuestionEncoder(_Encoder):
+    """The question side: questions -> float32 vectors comparable with the document vectors."""
+
+    _pairs = False
+
+    def __init__(self, model_id: str, kind: str, net: torch.nn.Module, tokenizer: Any, dim: int,
+                 normalize: bool, max_length: int, device: str) -> None:
+        super().__init__(net, tokenizer, kind, normalize, max_length, device)
+        self.model_id = model_id
+        self.dim = dim
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """For dpr, the DPRQuestionEncoder itself (what RAG uses as its question_encoder)."""
+        return self.net
+
+    def encode(self, questions: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return self._run(list(questions), None, batch_size)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise RagindexError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RagindexError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RagindexError(f"device {device!r} asked for, but no CUDA GPU is available")
+
+
+def load_document_encoder(spec: EncoderSpec, device: str = "cpu", precision: str = "auto",
+                          threads: int | None = None) -> DocumentEncoder:
+    """Load (once per process and weights on disk) the frozen document encoder for `spec`."""
+    _set_threads(threads)
+    _check_device(device)
+    if precision not in PRECISIONS:
+        raise RagindexError(f"unsupported precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    fingerprint = fingerprint_of(spec)  # validates the model first; cheap after the first call
+    return _cached_document_encoder(spec, device, precision, fingerprint)
+
+
+@lru_cache(maxsize=4)
+def _cached_document_encoder(spec: EncoderSpec, device: str, precision: str,
+                             fingerprint: EncoderFingerprint) -> DocumentEncoder:
+    directory, _ = _resolve_dir(spec.model, spec.revision)
+    tokenizer = _load_tokenizer(directory, spec.model)
+    if spec.kind == "dpr":
+        from transformers import DPRContextEncoder as cls
+    else:
+        from transformers import AutoModel as cls
+    net = _load_weights(cls, directory, spec.model).to(device)
+    encoder = DocumentEncoder(spec, fingerprint, net, tokenizer, device)
+    encoder._choose_precision(precision)
+    log.info("document encoder %s: dim %d, %s on %s", fingerprint.model_id, encoder.dim, encoder.precision,
+             device)
+    return encoder
+
+
+def load_question_encoder(model: str, kind: str = "dpr", normalize: bool = False, max_length: int = 256,
+                          device: str = "cpu") -> QuestionEncoder:
+    """Load (once per process and weights on disk) the question encoder; fp32, questions are few."""
+    _check_device(device)
+    directory, _ = _resolve_dir(model, None)
+    return _cached_question_encoder(model, kind, normalize, max_length, device, _stat_signature(directory))
+
+
+@lru_cache(maxsize=4)
+def _cached_question_encoder(model: str, kind: str, normalize: bool, max_length: int, device: str,
+                             signature: tuple) -> QuestionEncoder:
+    directory, _ = _resolve_dir(model, None)
+    config = _load_config(directory, model)
+    _check_config(config, kind, model, "question")
+    tokenizer = _load_tokenizer(directory, model)
+    if kind == "dpr":
+        from transformers import DPRQuestionEncoder as cls
+    else:
+        from transformers import AutoModel as cls
+    net = _load_weights(cls, directory, model).to(device)
+    model_id = str(directory) if Path(model).expanduser().is_dir() else model
+    return QuestionEncoder(model_id, kind, net, tokenizer, _dim_of(config, kind), normalize, max_length, device)

@@ -1,0 +1,345 @@
+"""Embedding shards: layout, resume, reuse by content hash, Ray, bad input, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder
+from storage.errors import RagindexError
+from storage.manifest import IndexInfo, Manifest, SourceDump
+from storage.store import IndexStore
+from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
+from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder
+
+SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("passage_id", pa.string()), ("page_id", pa.int64()), ("rev_id", pa.int64()),
+    ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string()),
+])
+
+
+def make_articles(n: int, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"page_id": 100 + i, "rev_id": 1000 + i, "title": f"{rng.choice(COMMON_WORDS)} {i}",
+             "text": " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(20, 260)))} for i in range(n)]
+
+
+def write_passages(directory: Path, articles: list[dict], shard_rows: int = 8) -> list[dict]:
+    """Passage shards with the contract schema (100-word DPR passages), plus passages.json."""
+    rows = []
+    for art in articles:
+        words = art["text"].split()
+        for n, start in enumerate(range(0, len(words), 100)):
+            text = " ".join(words[start:start + 100])
+            rows.append({"row_id": len(rows), "passage_id": f"{art['page_id']}_{n}", "page_id": art["page_id"],
+                         "rev_id": art["rev_id"], "title": art["title"], "text": text,
+                         "content_hash": hashlib.sha1(f"{art['title']}\n{text}".encode()).hexdigest()})
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, len(rows), shard_rows)):
+        name = f"part-{k:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[start:start + shard_rows], schema=SCHEMA), directory / name,
+                       compression="zstd")
+        sha = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        shards.append({"name": name, "rows": min(shard_rows, len(rows) - start), "sha256": sha})
+    (directory / "passages.json").write_text(json.dumps({"passages": len(rows), "shards": shards}))
+    return rows
+
+
+def load_vectors(directory: Path) -> np.ndarray:
+    names = sorted(p for p in os.listdir(directory) if p.endswith(".npy"))
+    return np.concatenate([np.load(directory / n) for n in names])
+
+
+class Counter:
+    """The encoder_calls hook: counts passages that really went through the network."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.passages = 0
+        self.fail_after = fail_after
+
+    def __call__(self, n: int) -> None:
+        self.passages += n
+        if self.fail_after is not None and self.passages >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+@pytest.fixture
+def spec(tiny_dpr) -> EncoderSpec:
+    return EncoderSpec(str(tiny_dpr.ctx_dir))
+
+
+def test_shards_match_passages_row_for_row(tmp_path, spec):
+    rows = write_passages(tmp_path / "passages", make_articles(12))
+    counter = Counter()
+    summary = embed_passages(str(tmp_path / "passages"), str(tmp_path / "emb"), spec, progress=False,
+                             precision="fp32", encoder_calls=counter, batch_size=4)
+    shard_names = sorted(p.name for p in (tmp_path / "passages").glob("part-*.parquet"))
+    assert len(shard_names) >= 3
+    vectors = load_vectors(tmp_path / "emb")
+    assert vectors.shape == (len(rows), 32) and vectors.dtype == np.float32
+    # Row i of the output is passage i, whatever order batches ran in.
+    encoder = load_document_encoder(spec, precision="fp32")
+    expected = encoder.encode([r["title"] for r in rows], [r["text"] for r in rows], batch_size=len(rows))
+    np.testing.assert_allclose(vectors, expected, atol=2e-5)
+    assert counter.passages == len(rows)
+    assert summary["rows"] == summary["encoded"] == len(rows) and summary["reused"] == 0
+    assert summary["fingerprint"] == fingerprint_of(spec).model_dump(mode="json")
+    assert summary["question_encoder"] == str(Path(spec.model).parent / "question")
+    assert [s["name"] for s in summary["shards"]] == [n.replace(".parquet", ".npy") for n in shard_names]
+    sidecar = json.loads((tmp_path / "emb" / "part-00000.json").read_text())
+    npy = tmp_path / "emb" / "part-00000.npy"
+    assert sidecar["sha256"] == hashlib.sha256(npy.read_bytes()).hexdigest() == summary["shards"][0]["sha256"]
+    shard_bytes = (tmp_path / "passages" / shard_names[0]).read_bytes()
+    assert sidecar["passages_sha256"] == hashlib.sha256(shard_bytes).hexdigest()
+    assert sidecar["fingerprint_key"] == fingerprint_of(spec).key and sidecar["dim"] == 32
+    assert not [p for p in os.listdir(tmp_path / "emb") if p.endswith(".tmp")]
+
+
+def test_resume_skips_finished_shards_and_redoes_damaged_ones(tmp_path, spec):
+    rows = write_passages(tmp_path / "passages", make_articles(10))
+    out = tmp_path / "emb"
+    # An interruption in the middle of the run: earlier shards are complete, the current one absent.
+    with pytest.raises(KeyboardInterrupt):
+        embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, batch_size=4,
+                       encoder_calls=Counter(fail_after=12))
+    done = sorted(p.name for p in out.glob("*.npy"))
+    assert done and len(done) < len(list((tmp_path / "passages").glob("*.parquet")))
+    assert not (out / "embeddings.json").exists()
+    before = {n: (out / n).stat().st_mtime_ns for n in done}
+
+    counter = Counter()
+    summary = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, batch_size=4,
+                             encoder_calls=counter)
+    assert summary["skipped_shards"] == len(done)
+    assert counter.passages == summary["encoded"] == len(rows) - sum(8 for _ in done)
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == before
+
+    # Everything done: nothing is encoded. A damaged .npy is redone, and only that one.
+    counter = Counter()
+    again = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, encoder_calls=counter)
+    assert counter.passages == 0 and again["skipped_shards"] == len(again["shards"])
+    good = np.load(out / "part-00001.npy")
+    damaged = bytearray((out / "part-00001.npy").read_bytes())
+    damaged[-1] ^= 0xFF
+    (out / "part-00001.npy").write_bytes(bytes(damaged))
+    counter = Counter()
+    again = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, encoder_calls=counter)
+    assert counter.passages == 8 and again["skipped_shards"] == len(again["shards"]) - 1
+    np.testing.assert_allclose(np.load(out / "part-00001.npy"), good, atol=1e-6)
+
+    # Another encoder (same architecture, other weights) never counts as done.
+    other = save_tiny_dpr_encoder(tmp_path / "other", "ctx", seed=99)
+    counter = Counter()
+    embed_passages(str(tmp_path / "passages"), str(out), EncoderSpec(str(other)), progress=False,
+                   encoder_calls=counter)
+    assert counter.passages == len(rows)
+
+
+def _version_root(root: Path, articles: list[dict], spec: EncoderSpec, **kw) -> tuple[Path, list[dict]]:
+    rows = write_passages(root / "passages", articles)
+    embed_passages(str(root / "passages"), str(root / "embeddings"), spec, progress=False, **kw)
+    return root, rows
+
+
+def test_reuse_encodes_only_changed_passages(tmp_path, spec):
+    articles = make_articles(30, seed=3)
+    v1, rows1 = _version_root(tmp_path / "v1", articles, spec, precision="fp32")
+    # 2 of 30 articles change (one edit at the end of the text, one new title), one new article arrives.
+    changed = [dict(a) for a in articles]
+    changed[4]["text"] += " fishing boat"
+    changed[17]["title"] = "renamed article"
+    changed.append({"page_id": 999, "rev_id": 5, "title": "new page", "text": "a brand new page about chess"})
+    rows2 = write_passages(tmp_path / "v2" / "passages", changed)
+    old = {r["content_hash"] for r in rows1}
+    fresh = [r for r in rows2 if r["content_hash"] not in old]
+    assert 0 < len(fresh) < len(rows2) // 5
+
+    counter = Counter()
+    summary = embed_passages(str(tmp_path / "v2" / "passages"), str(tmp_path / "v2" / "embeddings"), spec,
+                             reuse_from=[str(v1)], progress=False, encoder_calls=counter, precision="fp32")
+    assert counter.passages == summary["encoded"] == len(fresh)
+    assert summary["reused"] == len(rows2) - len(fresh)
+    vectors2 = load_vectors(tmp_path / "v2" / "embeddings")
+    vectors1 = load_vectors(v1 / "embeddings")
+    where1 = {r["content_hash"]: r["row_id"] for r in rows1}
+    for r in rows2:
+        if r["content_hash"] in where1:
+            np.testing.assert_array_equal(vectors2[r["row_id"]], vectors1[where1[r["content_hash"]]])
+    encoder = load_document_encoder(spec, precision="fp32")
+    np.testing.assert_allclose(vectors2[[r["row_id"] for r in fresh]],
+                               encoder.encode([r["title"] for r in fresh], [r["text"] for r in fresh]), atol=2e-5)
+
+    # Vectors made by another encoder are never reused.
+    other = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "other", "ctx", seed=5)))
+    counter = Counter()
+    summary = embed_passages(str(tmp_path / "v2" / "passages"), str(tmp_path / "v3"), other,
+                             reuse_from=[str(v1)], progress=False, encoder_calls=counter)
+    assert counter.passages == len(rows2) and summary["reused"] == 0
+
+
+def test_reuse_reads_rows_from_s3(tmp_path, spec, moto_server, s3_bucket):
+    import s3fs
+
+    articles = make_articles(8, seed=11)
+    v1, rows1 = _version_root(tmp_path / "v1", articles, spec)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    fs.put(str(v1) + "/", f"{s3_bucket}/v1/", recursive=True)
+    changed = [dict(a) for a in articles]
+    changed[2]["text"] = "completely different words about music"
+    rows2 = write_passages(tmp_path / "v2" / "passages", changed)
+    counter = Counter()
+    out = f"s3://{s3_bucket}/v2/embeddings"
+    summary = embed_passages(str(tmp_path / "v2" / "passages"), out, spec, reuse_from=[f"s3://{s3_bucket}/v1"],
+                             s3_endpoint_url=moto_server, progress=False, encoder_calls=counter)
+    assert counter.passages == 1 and summary["reused"] == len(rows2) - 1
+    got = []
+    for shard in summary["shards"]:
+        with fs.open(f"{s3_bucket}/v2/embeddings/{shard['name']}", "rb") as f:
+            got.append(np.load(f))
+    vectors2, vectors1 = np.concatenate(got), load_vectors(v1 / "embeddings")
+    where1 = {r["content_hash"]: r["row_id"] for r in rows1}
+    reused = [(r["row_id"], where1[r["content_hash"]]) for r in rows2 if r["content_hash"] in where1]
+    assert len(reused) == len(rows2) - 1
+    np.testing.assert_array_equal(vectors2[[a for a, _ in reused]], vectors1[[b for _, b in reused]])
+
+
+def test_find_reuse_sources_picks_newest_ready_versions_with_the_same_fingerprint(tmp_path, spec):
+    store = IndexStore(str(tmp_path / "store"))
+    fp = fingerprint_of(spec)
+    other = fp.model_copy(update={"weights_sha256": "0" * 64})
+    made = []
+    for fingerprint, status in [(fp, "ready"), (fp, "rejected"), (other, "ready"), (fp, "ready"), (fp, "ready")]:
+        vid = store.begin_version("enwiki", "20240101")
+        source = SourceDump(wiki="enwiki", dump_date="20240101")
+        store.commit_version(Manifest(version=vid, status=status, source=source, encoder=fingerprint,
+                                      index=IndexInfo(spec="flat", factory="Flat", dim=32)))
+        made.append(vid)
+    assert find_reuse_sources(store, fp, limit=2) == [store.version_url(made[4]), store.version_url(made[3])]
+    assert find_reuse_sources(store, fp) == [store.version_url(v) for v in (made[4], made[3], made[0])]
+    assert find_reuse_sources(store, other.model_copy(update={"weights_sha256": "1" * 64})) == []
+
+
+def test_ray_shards_give_the_same_vectors_as_the_local_path(tmp_path, spec):
+    ray = pytest.importorskip("ray")
+    articles = make_articles(6, seed=21)
+    n = len(write_passages(tmp_path / "count", articles, shard_rows=1000))
+    write_passages(tmp_path / "passages", articles, shard_rows=(n + 1) // 2)
+    assert len(list((tmp_path / "passages").glob("*.parquet"))) == 2
+    local = embed_passages(str(tmp_path / "passages"), str(tmp_path / "local"), spec, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = embed_passages(str(tmp_path / "passages"), str(tmp_path / "ray"), spec, ray_address="local")
+        # A failure inside a Ray task still reaches the caller as one clear line.
+        (tmp_path / "bad").mkdir()
+        pq.write_table(SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
+        with pytest.raises(RagindexError, match=r"^passage shard .*part-00000.parquet is empty$"):
+            embed_passages(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
+    finally:
+        ray.shutdown()
+    assert remote["rows"] == local["rows"] and remote["encoded"] == local["encoded"]
+    np.testing.assert_allclose(load_vectors(tmp_path / "ray"), load_vectors(tmp_path / "local"), atol=1e-4)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+def _no_output(directory: Path) -> bool:
+    """Nothing a later step could read, and no temp file left behind either."""
+    return not directory.exists() or not os.listdir(directory)
+
+
+def test_empty_shard_is_refused(tmp_path, spec):
+    (tmp_path / "p").mkdir()
+    pq.write_table(SCHEMA.empty_table(), tmp_path / "p" / "part-00000.parquet")
+    with pytest.raises(RagindexError, match=r"part-00000.parquet is empty"):
+        embed_shard(str(tmp_path / "p" / "part-00000.parquet"), str(tmp_path / "out"), spec)
+    assert _no_output(tmp_path / "out")
+
+
+def test_wrong_schema_is_refused(tmp_path, spec):
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"row_id": [0], "title": ["a"], "body": ["b"]}), tmp_path / "p" / "part-00000.parquet")
+    with pytest.raises(RagindexError, match=r"wrong schema: no column 'text'"):
+        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+    pq.write_table(pa.table({"row_id": ["0"], "title": ["a"], "text": ["b"], "content_hash": ["c"]}),
+                   tmp_path / "p" / "part-00000.parquet")
+    with pytest.raises(RagindexError, match=r"column 'row_id' is string, expected int64"):
+        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+    (tmp_path / "p" / "part-00000.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(RagindexError, match=r"not a readable Parquet file"):
+        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+    assert _no_output(tmp_path / "out")
+
+
+def test_missing_or_unsupported_model_is_refused_before_any_output(tmp_path, tiny_dpr):
+    write_passages(tmp_path / "p", make_articles(3))
+    with pytest.raises(RagindexError, match=r"encoder model not found: .*nope"):
+        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), EncoderSpec(str(tmp_path / "nope")))
+    with pytest.raises(RagindexError, match=r"not a DPRContextEncoder"):
+        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.question_dir)))
+    with pytest.raises(RagindexError, match=r"passages directory not found: .*nothing"):
+        embed_passages(str(tmp_path / "nothing"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(RagindexError, match=r"no passage shards"):
+        embed_passages(str(tmp_path / "nothing"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
+    assert _no_output(tmp_path / "out")
+
+
+def test_dimension_disagreeing_with_earlier_shards_is_refused(tmp_path, spec):
+    write_passages(tmp_path / "p", make_articles(6), shard_rows=4)
+    projected = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "proj", "ctx", seed=3, projection_dim=16)))
+    first = embed_shard(str(tmp_path / "p" / "part-00000.parquet"), str(tmp_path / "out"), spec, progress=False)
+    second = embed_shard(str(tmp_path / "p" / "part-00001.parquet"), str(tmp_path / "out"), projected,
+                         progress=False)
+    assert (first["dim"], second["dim"]) == (32, 16)
+    with pytest.raises(RagindexError, match=r"part-00001.npy has dim 16, but part-00000.npy has 32"):
+        write_embeddings_summary(str(tmp_path / "out"), spec, [first, second], None, 1.0)
+    assert not (tmp_path / "out" / "embeddings.json").exists()
+
+
+def test_cli_embeds_and_reports_bad_input_as_one_line(tmp_path, tiny_dpr, capsys):
+    from flows.cli import main
+
+    write_passages(tmp_path / "p", make_articles(4))
+    main(["embed", "--passages", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--encoder",
+          str(tiny_dpr.ctx_dir), "--encoder-kind", "dpr", "--batch-size", "3", "--threads", "1",
+          "--precision", "fp32", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["encoded"] == summary["rows"] > 0 and summary["dim"] == 32
+
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", "--passages", str(tmp_path / "p"), "--out", str(tmp_path / "out"),
+              "--encoder", str(tmp_path / "missing-model")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: encoder model not found")
+    assert _no_output(tmp_path / "out")
+
+
+def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
+    from flows.cli import main
+
+    store = IndexStore(str(tmp_path / "store"))
+    vid = store.begin_version("enwiki", "20240101")
+    root = Path(store.version_path(vid))
+    articles = make_articles(6, seed=5)
+    _version_root(root, articles, spec)
+    store.commit_version(Manifest(version=vid, status="ready", source=SourceDump(wiki="enwiki", dump_date="20240101"),
+                                  encoder=fingerprint_of(spec), index=IndexInfo(spec="flat", factory="Flat", dim=32)))
+    articles[0]["text"] = "the only article that changed"
+    rows = write_passages(tmp_path / "p2", articles)
+    main(["embed", "--passages", str(tmp_path / "p2"), "--out", str(tmp_path / "out"), "--encoder", spec.model,
+          "--reuse-store", str(tmp_path / "store"), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["encoded"], summary["reused"]) == (1, len(rows) - 1)

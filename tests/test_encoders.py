@@ -1,0 +1,256 @@
+"""Encoders: DPR input format and pooling, mean pooling, fingerprints, precision, bad models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rag_model.encoders import (
+    MIN_PRECISION_COSINE,
+    EncoderSpec,
+    _cpu_supports_bf16,
+    fingerprint_of,
+    load_document_encoder,
+    load_question_encoder,
+    paired_question_encoder,
+)
+from storage.errors import RagindexError
+from tests.fixtures.models import save_tiny_dpr_encoder
+
+TITLES = ["Paris", "Jazz", "Chess", "Moon", "Python"]
+TEXTS = [
+    "paris is the capital of france",
+    "jazz is a music genre that originated in new orleans and became popular during the early years "
+    "of the century in america with many players and bands",
+    "chess",
+    "the moon orbits the earth and makes the ocean tides rise and fall each day",
+    "python is a programming language",
+]
+
+
+@pytest.fixture
+def dpr(tiny_dpr):
+    return load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="fp32")
+
+
+def _ids(tokenizer, words: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(words))
+
+
+def test_shapes_and_dtypes(dpr, tiny_dpr):
+    vectors = dpr.encode(TITLES, TEXTS, batch_size=2)
+    assert vectors.shape == (5, 32) and vectors.dtype == np.float32
+    assert dpr.encode([], []).shape == (0, 32)
+    question = load_question_encoder(str(tiny_dpr.question_dir))
+    assert question.encode(["what is the capital of france"]).shape == (1, 32) == (1, question.dim)
+    assert type(question.model).__name__ == "DPRQuestionEncoder"
+
+
+def test_order_survives_length_sorting(dpr):
+    together = dpr.encode(TITLES, TEXTS, batch_size=2)  # lengths differ: batches run longest first
+    for i in range(len(TITLES)):
+        alone = dpr.encode([TITLES[i]], [TEXTS[i]], batch_size=1)
+        np.testing.assert_allclose(together[i], alone[0], atol=2e-5)
+    # Different inputs really give different vectors, so the check above could fail.
+    assert np.linalg.norm(together[0] - together[1]) > 1e-3
+
+
+def test_dpr_input_is_cls_title_sep_text_sep_with_pooler_output(dpr):
+    tok = dpr.tokenizer
+    enc = dpr._tokenize(["Paris"], ["the capital of france"])
+    cls_, sep = tok.cls_token_id, tok.sep_token_id
+    title_ids, text_ids = _ids(tok, "paris"), _ids(tok, "the capital of france")
+    assert enc["input_ids"][0] == [cls_, *title_ids, sep, *text_ids, sep]
+
+    # The vector is DPR's pooler output for exactly those ids with all-zero segment ids (as DPR's
+    # own generate_dense_embeddings and HF's RAG example feed it): the [CLS] state of the last layer.
+    ids = torch.tensor([[cls_, *title_ids, sep, *text_ids, sep]])
+    with torch.inference_mode():
+        out = dpr.net(input_ids=ids)
+        cls_state = dpr.net.ctx_encoder.bert_model(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        cls_state = cls_state.last_hidden_state[:, 0]
+        with_segments = dpr.net(input_ids=ids, token_type_ids=torch.tensor([enc["token_type_ids"][0]]))
+    np.testing.assert_allclose(out.pooler_output.numpy(), cls_state.numpy(), atol=1e-6)
+    np.testing.assert_allclose(dpr.encode(["Paris"], ["the capital of france"]), out.pooler_output.numpy(), atol=2e-5)
+    assert not np.allclose(with_segments.pooler_output.numpy(), out.pooler_output.numpy(), atol=1e-3)
+
+
+def test_long_text_is_truncated_to_max_length_keeping_the_title(dpr):
+    long_text = " ".join(["river"] * 600)
+    ids = dpr._tokenize(["Seine"], [long_text])["input_ids"][0]
+    assert len(ids) == 256 and ids[-1] == dpr.tokenizer.sep_token_id
+    title = _ids(dpr.tokenizer, "seine")
+    assert ids[1:1 + len(title)] == title and ids[1 + len(title)] == dpr.tokenizer.sep_token_id
+    assert dpr.encode(["Seine"], [long_text]).shape == (1, 32)
+
+
+def test_mean_pooling_over_the_attention_mask(minilm_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = load_document_encoder(EncoderSpec(str(minilm_dir), kind="mean"), precision="fp32")
+    assert encoder.dim == 384 and encoder.fingerprint.pooling == "mean"
+    got = encoder.encode(TITLES[:2], TEXTS[:2], batch_size=2)  # padded: the short one has masked positions
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    net = AutoModel.from_pretrained(minilm_dir).eval()
+    for i in range(2):
+        enc = tok(TITLES[i], TEXTS[i], return_tensors="pt", truncation=True, max_length=256)
+        with torch.inference_mode():
+            hidden = net(input_ids=enc["input_ids"]).last_hidden_state[0]
+        np.testing.assert_allclose(got[i], hidden.mean(0).numpy(), atol=1e-4)
+    normalized = load_document_encoder(EncoderSpec(str(minilm_dir), kind="mean", normalize=True), precision="fp32")
+    unit = normalized.encode(TITLES, TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert normalized.fingerprint.key != encoder.fingerprint.key
+
+
+def test_minilm_passage_is_nearer_its_own_question(minilm_dir):
+    spec = EncoderSpec(str(minilm_dir), kind="mean", normalize=True)
+    docs = load_document_encoder(spec)
+    assert paired_question_encoder(spec.model, "mean") == spec.model
+    questions = load_question_encoder(spec.model, kind="mean", normalize=True)
+    passages = docs.encode(
+        ["Photosynthesis", "Mount Everest", "Jazz"],
+        ["Plants use sunlight, water and carbon dioxide to produce glucose and release oxygen.",
+         "Mount Everest is Earth's highest mountain above sea level, located in the Himalayas.",
+         "Jazz is a music genre that originated in the African-American communities of New Orleans."],
+    )
+    q = questions.encode(["How do plants make their food from light?", "What is the tallest mountain in the world?",
+                          "Where did jazz music come from?"])
+    scores = q @ passages.T
+    assert list(scores.argmax(axis=1)) == [0, 1, 2]
+
+
+def test_fingerprint_tracks_the_weights_not_the_location(tiny_dpr, tmp_path):
+    from transformers import DPRContextEncoder
+
+    original = fingerprint_of(EncoderSpec(str(tiny_dpr.ctx_dir)))
+    assert (original.dim, original.pooling, original.kind, original.max_length) == (32, "pooler", "dpr", 256)
+    assert len(original.weights_sha256) == 64
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dpr.ctx_dir, copy)
+    moved = fingerprint_of(EncoderSpec(str(copy)))
+    assert moved.key == original.key and moved.model_id != original.model_id
+
+    before = load_document_encoder(EncoderSpec(str(copy)), precision="fp32").encode(TITLES, TEXTS)
+    net = DPRContextEncoder.from_pretrained(copy)
+    with torch.no_grad():
+        net.ctx_encoder.bert_model.encoder.layer[0].output.dense.weight.mul_(1.5)
+    net.save_pretrained(copy)
+    changed = fingerprint_of(EncoderSpec(str(copy)))
+    assert changed.weights_sha256 != original.weights_sha256 and changed.key != original.key
+    # The per-process cache notices the new weights too.
+    after = load_document_encoder(EncoderSpec(str(copy)), precision="fp32")
+    assert after.fingerprint == changed
+    assert not np.allclose(after.encode(TITLES, TEXTS), before)
+    assert fingerprint_of(EncoderSpec(str(copy), max_length=128)).key != changed.key
+
+
+def test_encoders_are_loaded_once_per_process(tiny_dpr):
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir))
+    assert load_document_encoder(spec, precision="fp32") is load_document_encoder(spec, precision="fp32")
+    assert load_question_encoder(str(tiny_dpr.question_dir)) is load_question_encoder(str(tiny_dpr.question_dir))
+
+
+@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 support")
+def test_bf16_stays_within_tolerance_of_fp32(tiny_dpr, minilm_dir):
+    for spec in (EncoderSpec(str(tiny_dpr.ctx_dir)), EncoderSpec(str(minilm_dir), kind="mean")):
+        auto = load_document_encoder(spec, precision="auto")
+        assert auto.precision.startswith("bf16") and auto.precision_cosine >= MIN_PRECISION_COSINE
+        exact = load_document_encoder(spec, precision="fp32")
+        assert exact.precision == "fp32"
+        low, ref = auto.encode(TITLES, TEXTS), exact.encode(TITLES, TEXTS)
+        cosine = (low * ref).sum(1) / (np.linalg.norm(low, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cosine.mean() >= MIN_PRECISION_COSINE
+        assert not np.array_equal(low, ref)  # bf16 really ran: close, not identical
+
+
+def test_pairing(tiny_dpr):
+    assert paired_question_encoder(str(tiny_dpr.ctx_dir), "dpr") == str(tiny_dpr.question_dir)
+    assert (paired_question_encoder("facebook/dpr-ctx_encoder-multiset-base", "dpr")
+            == "facebook/dpr-question_encoder-multiset-base")
+    with pytest.raises(RagindexError, match="cannot tell which question encoder"):
+        paired_question_encoder(str(tiny_dpr.question_dir), "dpr")
+
+
+def _save_bart(directory):
+    from transformers import BartConfig, BartModel
+
+    config = BartConfig(vocab_size=120, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    BartModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_unsupported_models_are_refused_with_one_line(tiny_dpr, minilm_dir, tmp_path):
+    bart = str(_save_bart(tmp_path / "bart"))
+    cases = [
+        (EncoderSpec(str(tmp_path / "missing")), "encoder model not found"),
+        (EncoderSpec(bart), "is a 'bart' model, not a DPR encoder"),
+        (EncoderSpec(bart, kind="mean"), "encoder-decoder"),
+        (EncoderSpec(str(minilm_dir)), "is a 'bert' model, not a DPR encoder"),
+        (EncoderSpec(str(tiny_dpr.ctx_dir), kind="mean"), "use --encoder-kind dpr"),
+        (EncoderSpec(str(tiny_dpr.question_dir)), "not a DPRContextEncoder"),
+        (EncoderSpec(str(tmp_path)), "no config.json"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(RagindexError, match=message) as exc:
+            load_document_encoder(spec)
+        assert "\n" not in str(exc.value)
+    (tmp_path / "gpt").mkdir()
+    gpt = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps(gpt))
+    with pytest.raises(RagindexError, match="is a decoder"):
+        fingerprint_of(EncoderSpec(str(tmp_path / "gpt"), kind="mean"))
+    with pytest.raises(RagindexError, match="not a DPRQuestionEncoder"):
+        load_question_encoder(str(tiny_dpr.ctx_dir))
+
+
+def test_a_question_encoder_renamed_as_a_context_encoder_is_refused(tiny_dpr, tmp_path):
+    # Same config class, wrong weights: loading would silently give random vectors.
+    fake = tmp_path / "fake"
+    shutil.copytree(tiny_dpr.question_dir, fake)
+    config = json.loads((fake / "config.json").read_text())
+    config["architectures"] = ["DPRContextEncoder"]
+    (fake / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RagindexError, match="weights missing"):
+        load_document_encoder(EncoderSpec(str(fake)))
+
+
+def test_bad_runtime_options(tiny_dpr):
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir))
+    with pytest.raises(RagindexError, match="unsupported precision"):
+        load_document_encoder(spec, precision="int3")
+    with pytest.raises(RagindexError, match="unknown device"):
+        load_document_encoder(spec, device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(RagindexError, match="no CUDA GPU"):
+            load_document_encoder(spec, device="cuda")
+    with pytest.raises(RagindexError, match="titles but"):
+        load_document_encoder(spec).encode(["a"], [])
+
+
+def test_save_helper_builds_projected_dpr(tmp_path):
+    path = save_tiny_dpr_encoder(tmp_path / "p", "ctx", seed=1, projection_dim=8)
+    encoder = load_document_encoder(EncoderSpec(str(path)), precision="fp32")
+    assert encoder.dim == 8 and encoder.encode(["a"], ["b"]).shape == (1, 8)
+
+
+def test_length_batches_cover_every_row_once_with_bounded_padding():
+    from rag_model.encoders import _length_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 257, size=500)
+    batches = _length_batches(lengths, batch_size=64)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(500))
+    assert max(len(b) for b in batches) == 64
+    for b in batches:
+        width = lengths[b[0]]
+        assert width == lengths[b].max() and (width - lengths[b]).max() <= 0.125 * width
+    # Longest first: the first batch holds the longest rows.
+    assert lengths[batches[0][0]] == lengths.max()
