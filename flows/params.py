@@ -7,6 +7,7 @@ readable line, so a bad nightly run costs nothing and leaves CURRENT untouched.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any, Literal
@@ -147,15 +148,24 @@ class RefreshParams(BaseModel):
         return self.max_workers or os.cpu_count() or 1
 
     def result_storage(self) -> Any:
-        """Where shard task results persist: inside the store, so a re-run anywhere finds them."""
-        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+        """Where shard task results persist: inside the store, so a re-run anywhere finds them.
+
+        Prefect takes a local directory as a Path; remote storage must be a saved block, named
+        after the store so every run against that store shares it.
+        """
+        from pathlib import Path
 
         store = self.store()
         base = store.path("prefect-results")
         if is_local(store.fs):
-            return LocalFileSystem(basepath=base)
+            return Path(base)
+        from prefect.filesystems import RemoteFileSystem
+
         settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
-        return RemoteFileSystem(basepath=f"s3://{base}", settings=settings)
+        block = RemoteFileSystem(basepath=f"s3://{base}", settings=settings)
+        name = "ragindex-results-" + hashlib.sha256(base.encode()).hexdigest()[:12]
+        block.save(name, overwrite=True)
+        return block
 
     def task_runner_instance(self) -> Any:
         if self.task_runner == "ray":

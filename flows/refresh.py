@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -23,7 +23,7 @@ from prefect.events import emit_event
 from flows.params import RefreshParams
 from flows.settings import load_settings
 from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
-from storage.errors import Rejected
+from storage.errors import RagindexError, Rejected
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from tasks import build_index, download, embed, passages, promote, validate
@@ -51,14 +51,27 @@ class RefreshOutcome:
 # -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
 
 
-@task(name="resolve-dump", retries=3, retry_delay_seconds=[5, 30, 120])
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network trouble; a bad name, a missing dump or a sha1 mismatch will not heal by waiting."""
+    try:
+        state.result()
+    except download.DownloadError:
+        return True
+    except RagindexError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="resolve-dump", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient)
 def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
     if p.source:
         return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url)
     return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
 
 
-@task(name="download", retries=3, retry_delay_seconds=[10, 60, 300])
+@task(name="download", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=_transient)
 def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
     return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False)
 
@@ -193,6 +206,8 @@ def build_version_flow(p: RefreshParams) -> dict:
     fingerprint = fingerprint_of(spec)
     # The nightly run must be cheap when nothing changed: decide before downloading anything.
     dump_sha1 = dump_identity(ref, p.s3_endpoint_url)
+    # Record the identity in the manifest too, so that the next run can recognise this dump.
+    ref = replace(ref, files=[replace(f, sha1=sha1) for f, sha1 in zip(ref.files, dump_sha1, strict=True)])
     build_key = _build_key(dump_sha1, fingerprint.key, p)
     existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
     if existing and not p.force:
@@ -214,9 +229,10 @@ def build_version_flow(p: RefreshParams) -> dict:
         t0 = time.monotonic()
         units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
         work_dir = store.version_url(version_id, "_work")
+        results_at = p.result_storage()
         progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
         futures = [
-            parse_unit_task.with_options(result_storage=p.result_storage()).submit(
+            parse_unit_task.with_options(result_storage=results_at).submit(
                 unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION, p.s3_endpoint_url
             )
             for unit in units
@@ -231,7 +247,7 @@ def build_version_flow(p: RefreshParams) -> dict:
         reuse_from = embed.find_reuse_sources(store, fingerprint)
         embeddings_url = store.version_url(version_id, "embeddings")
         progress = create_progress_artifact(0.0, description=f"embedding {len(summary['shards'])} shards")
-        embed_one = embed_shard_task.with_options(result_storage=p.result_storage())
+        embed_one = embed_shard_task.with_options(result_storage=results_at)
         futures = []
         for shard in summary["shards"]:
             fut = embed_one.submit(
@@ -240,7 +256,7 @@ def build_version_flow(p: RefreshParams) -> dict:
             )
             if p.task_runner == "threads":
                 # torch already uses every core for one shard; shards side by side only thrash.
-                fut.wait()
+                fut.result()  # stop at the first failed shard: a re-run resumes from there
             futures.append(fut)
         shard_records = _gather(futures, progress)
         resumed = sum(1 for f in futures if f.state.name == "Cached")

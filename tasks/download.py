@@ -341,14 +341,21 @@ def verify_in_place(f: RemoteFile, s3_endpoint_url: str | None, progress: bool) 
     if f.size is not None and fs.size(path) != f.size:
         raise Rejected(f"size mismatch for {f.name}: expected {f.size} bytes, found {fs.size(path)}")
     if f.sha1:
-        digest = hashlib.sha1()
-        with fs.open(path, "rb") as src, _bar(f.name, f.size, progress) as bar:
-            while block := src.read(_CHUNK):
-                digest.update(block)
-                bar.update(len(block))
-        if digest.hexdigest() != f.sha1.lower():
-            raise Rejected(f"sha1 mismatch for {f.name}: expected {f.sha1}, got {digest.hexdigest()}")
+        digest = sha1_of(f.url, s3_endpoint_url, progress=progress)
+        if digest != f.sha1.lower():
+            raise Rejected(f"sha1 mismatch for {f.name}: expected {f.sha1}, got {digest}")
     return f.url
+
+
+def sha1_of(url: str, s3_endpoint_url: str | None = None, progress: bool = False) -> str:
+    """sha1 of a local or S3 file, streamed: the identity of a dump file the mirror did not hash."""
+    fs, path = resolve(url, s3_endpoint_url)
+    digest = hashlib.sha1()
+    with fs.open(path, "rb") as src, _bar(path.rsplit("/", 1)[-1], fs.size(path), progress) as bar:
+        while block := src.read(_CHUNK):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
 
 
 def _bar(name: str, total: int | None, progress: bool, initial: int = 0) -> tqdm:
@@ -373,7 +380,7 @@ def _fetch(http: _Http, f: RemoteFile, store: IndexStore, ref: DumpRef, progress
         if fresh_start and os.path.exists(partial):
             os.remove(partial)
         resumed = _transfer(http, f, partial, progress)
-        digest = _sha1_file(partial)
+        digest = sha1_of(partial)
         if not f.sha1 or digest == f.sha1.lower():
             break
         if fresh_start or not resumed:
@@ -388,12 +395,6 @@ def _fetch(http: _Http, f: RemoteFile, store: IndexStore, ref: DumpRef, progress
     return to_url(store.fs, final)
 
 
-def _sha1_file(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as src:
-        while block := src.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _transfer(http: _Http, f: RemoteFile, partial: str, progress: bool) -> bool:

@@ -1,0 +1,69 @@
+"""The deployments in prefect.yaml, as an operator uses them: `prefect deploy --all`, a real
+process worker, `prefect deployment run refresh-index/nightly`, then `rollback-index/manual`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.store import IndexStore
+from tests.fixtures.mirror import sample_pages
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _run(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_nightly_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_dpr, tmp_path):
+    store_url = str(tmp_path / "store")
+    mirror.add_run("enwiki", "20240101", sample_pages(6))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "RAGINDEX_PROJECT_DIR": str(ROOT),
+        "RAGINDEX_STORE_URL": store_url,
+        "RAGINDEX_ENCODER": str(tiny_dpr.ctx_dir),
+        "RAGINDEX_ENCODER_KIND": "dpr",
+        "RAGINDEX_INDEX_SPEC": "flat",
+        "RAGINDEX_MIRROR": mirror.url,
+    }
+    _run(["work-pool", "create", "ragindex", "--type", "process", "--overwrite"], env)
+    deployed = _run(["--no-prompt", "deploy", "--all"], env)
+    assert "refresh-index/nightly" in deployed.stdout and "rollback-index/manual" in deployed.stdout
+
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ragindex", "--limit", "1"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # The nightly deployment resolves `latest` against the mirror from the worker's settings.
+        _run(["deployment", "run", "refresh-index/nightly", "-p", "shard_rows=40", "-p", "allow_count_change=true",
+              "--watch", "--watch-timeout", "300"], env, timeout=330)
+        store = IndexStore(store_url)
+        first = store.current()
+        assert first is not None and store.manifest(first.version).source.dump_date == "20240101"
+
+        mirror.add_run("enwiki", "20240201", sample_pages(7))
+        _run(["deployment", "run", "refresh-index/nightly", "-p", "allow_count_change=true",
+              "--watch", "--watch-timeout", "300"], env, timeout=330)
+        second = store.current()
+        assert second.version != first.version and second.previous == first.version
+
+        _run(["deployment", "run", "rollback-index/manual", "--watch", "--watch-timeout", "120"], env, timeout=150)
+        assert store.current().version == first.version
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
