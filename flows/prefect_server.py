@@ -48,6 +48,10 @@ def temporary_prefect_server(home: Path, port: int | None = None, timeout: float
             try:
                 yield api_url
             finally:
+                # Send the runs' queued log lines while the server can still take them.
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler().flush()
                 os.environ.pop("PREFECT_API_URL", None)
     finally:
         proc.terminate()
