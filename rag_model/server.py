@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from rag_model.index import Hit
 from rag_model.metrics import ServerMetrics
 from rag_model.retriever import (
     HotSwapRetriever,
@@ -79,18 +80,6 @@ class RollbackRequest(BaseModel):
     version: str | None = Field(None, max_length=200, description="Version to go back to; default: the previous one.")
 
 
-class HitModel(BaseModel):
-    row_id: int
-    score: float
-    passage_id: str
-    page_id: int
-    rev_id: int
-    title: str
-    text: str
-    url: str
-    version: str
-
-
 class RetrieveResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "version": "enwiki-20240601-20240603t020000z", "query": "who wrote hamlet", "took_ms": 3.1,
@@ -102,7 +91,7 @@ class RetrieveResponse(BaseModel):
     version: str
     query: str
     took_ms: float
-    hits: list[HitModel]
+    hits: list[Hit]
 
 
 class GenerateResponse(BaseModel):
@@ -111,7 +100,7 @@ class GenerateResponse(BaseModel):
     mode: str
     answer: str
     took_ms: float
-    docs: list[HitModel]
+    docs: list[Hit]
 
 
 # -- batched searching ---------------------------------------------------------------------------

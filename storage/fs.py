@@ -7,6 +7,7 @@ code path. The S3 endpoint is passed in (from settings), never read from the env
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,3 +77,24 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A local temp path for writers that need a real file (faiss, Arrow IPC); on success its
+    content becomes `path` whole (`os.replace` locally, one upload on S3); on failure it is removed."""
+    local = is_local(fs)
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    directory = os.path.dirname(path) if local else tempfile.gettempdir()
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+

@@ -21,9 +21,7 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +34,7 @@ from tqdm import tqdm
 
 from rag_model.vector_search import apply_search_params, augment_vectors, search
 from storage.errors import RagindexError, Rejected
-from storage.fs import is_local, join, resolve
+from storage.fs import is_local, join, resolve, staged_local_file
 from storage.manifest import EncoderFingerprint, IndexInfo
 
 log = logging.getLogger(__name__)
@@ -558,21 +556,9 @@ def build_index(
 def write_faiss_index(index: faiss.Index, url: str, s3_endpoint_url: str | None = None) -> int:
     """Write an index whole or not at all (local temp + rename, or upload of a finished file)."""
     fs, path = resolve(url, s3_endpoint_url)
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    else:
-        tmp = os.path.join(tempfile.gettempdir(), f"ragindex-{uuid.uuid4().hex}.faiss")
-    try:
+    with staged_local_file(fs, path) as tmp:
         faiss.write_index(index, tmp)
         size = os.path.getsize(tmp)
-        if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return size
 
 
@@ -593,33 +579,24 @@ def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str 
     """Write passages.arrow (Arrow IPC file, uncompressed, row i == row_id i) and return its row count."""
     src_fs, src_dir = resolve(passages_url, s3_endpoint_url)
     fs, path = resolve(table_url, s3_endpoint_url)
-    tmp_dir = os.path.dirname(path) if is_local(fs) else tempfile.gettempdir()
-    os.makedirs(tmp_dir, exist_ok=True)
-    tmp = os.path.join(tmp_dir, f".passages.{uuid.uuid4().hex}.tmp")
     rows = 0
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, TABLE_SCHEMA) as writer:
-            for shard in passage_shards(src_fs, src_dir):
-                with src_fs.open(shard, "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    missing = set(TABLE_COLUMNS) - set(pf.schema_arrow.names)
-                    if missing:
-                        raise RagindexError(f"{shard} lacks column(s) {', '.join(sorted(missing))}")
-                    for batch in pf.iter_batches(batch_size=8192, columns=list(TABLE_COLUMNS)):
-                        table = pa.Table.from_batches([batch]).cast(TABLE_SCHEMA)
-                        ids = table.column("row_id").to_numpy()
-                        if len(ids) and (ids[0] != rows or not np.array_equal(ids, np.arange(rows, rows + len(ids)))):
-                            raise RagindexError(f"{shard}: row_id not contiguous at row {rows} (got {ids[0]})")
-                        for b in table.to_batches():
-                            writer.write_batch(b)
-                        rows += len(ids)
-        if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Exits run inside out: the IPC writer finishes the file before it is published.
+    with staged_local_file(fs, path) as tmp, pa.OSFile(tmp, "wb") as sink, \
+            pa.ipc.new_file(sink, TABLE_SCHEMA) as writer:
+        for shard in passage_shards(src_fs, src_dir):
+            with src_fs.open(shard, "rb") as f:
+                pf = pq.ParquetFile(f)
+                missing = set(TABLE_COLUMNS) - set(pf.schema_arrow.names)
+                if missing:
+                    raise RagindexError(f"{shard} lacks column(s) {', '.join(sorted(missing))}")
+                for batch in pf.iter_batches(batch_size=8192, columns=list(TABLE_COLUMNS)):
+                    table = pa.Table.from_batches([batch]).cast(TABLE_SCHEMA)
+                    ids = table.column("row_id").to_numpy()
+                    if len(ids) and (ids[0] != rows or not np.array_equal(ids, np.arange(rows, rows + len(ids)))):
+                        raise RagindexError(f"{shard}: row_id not contiguous at row {rows} (got {ids[0]})")
+                    for b in table.to_batches():
+                        writer.write_batch(b)
+                    rows += len(ids)
     return rows
 
 
