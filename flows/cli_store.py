@@ -112,7 +112,9 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"versions in {report['store']}")
         for col in ("", "version", "status", "passages", "index", "size", "created"):
-            table.add_column(col, justify="right" if col in ("passages", "size") else "left")
+            # The version id is what an operator copies into promote / rollback: never cut it.
+            table.add_column(col, justify="right" if col in ("passages", "size") else "left",
+                             no_wrap=col == "version", overflow="fold")
         for row in report["versions"]:
             marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
                                                 ("pinned", row["pinned"])) if on)
