@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_model.encoders import EncoderSpec, load_document_encoder  # noqa: E402
+from tasks.chunk import chunk_article
 from tasks.embed import embed_passages  # noqa: E402
 
 SCHEMA = pa.schema([
@@ -77,12 +78,8 @@ def load_articles(n_passages: int, per_article: int) -> list[dict]:
 def write_passages(directory: Path, articles: list[dict], limit: int, shard_rows: int) -> list[dict]:
     rows: list[dict] = []
     for art in articles:
-        words = art["text"].split()
-        for n, start in enumerate(range(0, len(words), 100)):
-            text = " ".join(words[start:start + 100])
-            rows.append({"row_id": len(rows), "passage_id": f"{art['page_id']}_{n}", "page_id": art["page_id"],
-                         "rev_id": art["rev_id"], "title": art["title"], "text": text,
-                         "content_hash": hashlib.sha1(f"{art['title']}\n{text}".encode()).hexdigest()})
+        for passage in chunk_article(art["page_id"], art["rev_id"], art["title"], art["text"]):
+            rows.append({"row_id": len(rows), **passage})
     rows = rows[:limit]
     directory.mkdir(parents=True, exist_ok=True)
     shards = []

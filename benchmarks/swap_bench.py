@@ -196,7 +196,7 @@ def main() -> int:
     if args.swaps < 20:
         print("note: the floor asks for at least 20 promotes/rollbacks", file=sys.stderr)
 
-    from tests.fixtures.s3 import free_port
+    from flows.prefect_server import free_port
 
     tmp = tempfile.TemporaryDirectory(prefix="swap_bench_")
     store, ids = build_store(args.store or os.path.join(tmp.name, "store"), args.versions, args.passages,

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from flows.cli import main
+from flows.prefect_server import free_port
 from storage.store import IndexStore
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
-from tests.fixtures.s3 import free_port
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.prefect_server import stop_process
 from storage.store import IndexStore
 from tests.fixtures.mirror import sample_pages
 
@@ -64,9 +65,5 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_d
         _run(["deployment", "run", "rollback-index/manual", "--watch", "--watch-timeout", "120"], env, timeout=150)
         assert store.current().version == first.version
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, timeout=30)
         log.close()

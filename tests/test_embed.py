@@ -18,6 +18,7 @@ from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encode
 from storage.errors import RagindexError
 from storage.manifest import IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
+from tasks.chunk import chunk_article
 from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
 from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder
 
@@ -37,12 +38,8 @@ def write_passages(directory: Path, articles: list[dict], shard_rows: int = 8) -
     """Passage shards with the contract schema (100-word DPR passages), plus passages.json."""
     rows = []
     for art in articles:
-        words = art["text"].split()
-        for n, start in enumerate(range(0, len(words), 100)):
-            text = " ".join(words[start:start + 100])
-            rows.append({"row_id": len(rows), "passage_id": f"{art['page_id']}_{n}", "page_id": art["page_id"],
-                         "rev_id": art["rev_id"], "title": art["title"], "text": text,
-                         "content_hash": hashlib.sha1(f"{art['title']}\n{text}".encode()).hexdigest()})
+        for passage in chunk_article(art["page_id"], art["rev_id"], art["title"], art["text"]):
+            rows.append({"row_id": len(rows), **passage})
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for k, start in enumerate(range(0, len(rows), shard_rows)):

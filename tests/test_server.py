@@ -11,10 +11,10 @@ import httpx
 import pytest
 import uvicorn
 
+from flows.prefect_server import free_port
 from rag_model.server import create_app
 from storage.store import IndexStore
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
-from tests.fixtures.s3 import free_port
 
 TOKEN = "let-me-in"
 
