@@ -112,9 +112,10 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"versions in {report['store']}")
         for col in ("", "version", "status", "passages", "index", "size", "created"):
-            # The version id is what an operator copies into promote / rollback: never cut it.
+            # The id is what an operator copies into promote / rollback, the mark what they look for:
+            # neither is ever cut or wrapped; narrow terminals fold the other columns instead.
             table.add_column(col, justify="right" if col in ("passages", "size") else "left",
-                             no_wrap=col == "version", overflow="fold")
+                             no_wrap=col in ("", "version"), overflow="fold")
         for row in report["versions"]:
             marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
                                                 ("pinned", row["pinned"])) if on)

@@ -190,17 +190,37 @@ def refresh_index(
     return build_version_flow.with_options(task_runner=runner)(p)
 
 
+class StepFailed(RagindexError):
+    """A refresh failed; the message names the step, and CURRENT was left as it was."""
+
+
 @flow(name="build-version", log_prints=True)
 def build_version_flow(p: RefreshParams) -> dict:
+    stage = ["resolve"]
+    try:
+        outcome = _build_version(p, stage)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StepFailed(f"refresh-index failed in step '{stage[0]}': {first}") from exc
+    if outcome["status"] == "rejected":
+        raise Rejected(f"version {outcome['version']} rejected: {outcome['reason']}")
+    return outcome
+
+
+def _build_version(p: RefreshParams, stage: list[str]) -> dict:
     logger = get_run_logger()
     started = time.monotonic()
     timings: dict[str, float] = {}
     store = p.store()
 
+    def begin(name: str) -> float:
+        stage[0] = name
+        return time.monotonic()
+
     def step(name: str, t0: float) -> None:
         timings[name] = round(time.monotonic() - t0, 3)
 
-    t0 = time.monotonic()
+    t0 = begin("resolve")
     ref = resolve_dump_task(p)
     spec = p.encoder_spec()
     fingerprint = fingerprint_of(spec)
@@ -218,15 +238,17 @@ def build_version_flow(p: RefreshParams) -> dict:
         )
         _report(outcome)
         return asdict(outcome)
+    stage[0] = "download"
     files = download_task(ref, p)
     step("download", t0)
 
+    stage[0] = "lock"
     with store.build_lock(owner=f"refresh-index:{build_key[:12]}"):
         version_id = _resume_or_begin(store, ref, build_key)
         logger.info("building version %s (build key %s)", version_id, build_key[:12])
 
         # parse + chunk: one cached task per unit, in parallel
-        t0 = time.monotonic()
+        t0 = begin("passages")
         units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
         work_dir = store.version_url(version_id, "_work")
         results_at = p.result_storage()
@@ -243,7 +265,7 @@ def build_version_flow(p: RefreshParams) -> dict:
         step("passages", t0)
 
         # embed: one cached task per shard, reusing vectors of unchanged passages
-        t0 = time.monotonic()
+        t0 = begin("embed")
         reuse_from = embed.find_reuse_sources(store, fingerprint)
         embeddings_url = store.version_url(version_id, "embeddings")
         progress = create_progress_artifact(0.0, description=f"embedding {len(summary['shards'])} shards")
@@ -267,14 +289,14 @@ def build_version_flow(p: RefreshParams) -> dict:
         )
         step("embed", t0)
 
-        t0 = time.monotonic()
+        t0 = begin("build")
         index_future = build_index_task.submit(embeddings_url, store.version_url(version_id, "index.faiss"), p)
         table_future = passage_table_task.submit(passages_url, store.version_url(version_id, "passages.arrow"), p)
         index_info = index_future.result()
         table_future.result()
         step("build", t0)
 
-        t0 = time.monotonic()
+        t0 = begin("validate")
         _remove_work_dir(store, version_id)
         parent = store.latest_ready()
         draft = validate.draft_manifest(
@@ -299,7 +321,7 @@ def build_version_flow(p: RefreshParams) -> dict:
     if manifest.status != "ready":
         outcome.status, outcome.reason = "rejected", manifest.validation.reason if manifest.validation else ""
     elif p.promote:
-        t0 = time.monotonic()
+        t0 = begin("promote")
         promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
         step("promote", t0)
         outcome.status, outcome.reason = "promoted", "validation passed"
@@ -308,8 +330,6 @@ def build_version_flow(p: RefreshParams) -> dict:
     outcome.current = _current(store)
     outcome.timings["total"] = round(time.monotonic() - started, 3)
     _report(outcome)
-    if outcome.status == "rejected":
-        raise Rejected(f"version {version_id} rejected: {outcome.reason}")
     return asdict(outcome)
 
 

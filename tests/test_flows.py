@@ -11,7 +11,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from flows.refresh import refresh_index
+from flows.refresh import StepFailed, refresh_index
 from flows.rollback import rollback_index
 from storage.errors import NotFound, Rejected
 from storage.store import IndexStore
@@ -125,9 +125,9 @@ def test_failed_step_leaves_current_untouched(prefect_api, mirror, tiny_dpr, tmp
     run = mirror.add_run("frwiki", "20240301", sample_pages(7))
     data = next(run.glob("*multistream.xml.bz2"))
     data.write_bytes(data.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(StepFailed) as info:
         refresh_index(wiki="frwiki", dump_date="latest", mirror=mirror.url, **common)
-    assert "sha1 mismatch" in str(info.value)
+    assert "failed in step 'download'" in str(info.value) and "sha1 mismatch" in str(info.value)
     assert store.current().version == first["version"] and store.current().generation == 1
     assert [m.version for m in store.list_versions()] == [first["version"]]
 
@@ -173,7 +173,7 @@ def test_crashed_run_resumes_only_unfinished_shards(prefect_api, mirror, tiny_dp
         return real_embed_shard(shard_url, *args, **kwargs)
 
     monkeypatch.setattr(tasks.embed, "embed_shard", dies_in_third_shard)
-    with pytest.raises(RuntimeError, match="third shard"):
+    with pytest.raises(StepFailed, match="failed in step 'embed': worker lost in the third shard"):
         refresh_index(wiki="eswiki", dump_date="latest", mirror=mirror.url, **crash)
     monkeypatch.setattr(tasks.embed, "embed_shard", real_embed_shard)
     store = IndexStore(crash["store_url"])
@@ -207,7 +207,7 @@ def test_second_build_on_the_same_store_is_refused_while_one_runs(prefect_api, m
     store = IndexStore(common["store_url"])
     mirror.add_run("itwiki", "20240101", sample_pages(4))
     with store.build_lock(owner="another refresh-index run"), pytest.raises(
-        Exception, match="another build holds the lock"
+        StepFailed, match="failed in step 'lock': another build holds the lock"
     ):
             refresh_index(wiki="itwiki", dump_date="latest", mirror=mirror.url, **common)
     assert store.current() is None and store.list_versions() == []
