@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import hashlib
-import json
 import random
 import shutil
 import sys
@@ -32,20 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_model.encoders import EncoderSpec, load_document_encoder  # noqa: E402
-from tasks.chunk import chunk_article
 from tasks.embed import embed_passages  # noqa: E402
+from tests.fixtures.models import write_passages  # noqa: E402
 
-SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("passage_id", pa.string()), ("page_id", pa.int64()), ("rev_id", pa.int64()),
-    ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string()),
-])
 RATIO_FLOOR = 2.5
 REUSE_CEILING = 0.10
 INSERTED = "this sentence was added by a later revision ."
@@ -73,24 +65,6 @@ def load_articles(n_passages: int, per_article: int) -> list[dict]:
     if total < n_passages:
         print(f"note: the excerpt yields {total} passages at --per-article {per_article}; using all of them")
     return articles
-
-
-def write_passages(directory: Path, articles: list[dict], limit: int, shard_rows: int) -> list[dict]:
-    rows: list[dict] = []
-    for art in articles:
-        for passage in chunk_article(art["page_id"], art["rev_id"], art["title"], art["text"]):
-            rows.append({"row_id": len(rows), **passage})
-    rows = rows[:limit]
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k, start in enumerate(range(0, len(rows), shard_rows)):
-        name = f"part-{k:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[start:start + shard_rows], schema=SCHEMA), directory / name,
-                       compression="zstd")
-        shards.append({"name": name, "rows": len(rows[start:start + shard_rows]),
-                       "sha256": hashlib.sha256((directory / name).read_bytes()).hexdigest()})
-    (directory / "passages.json").write_text(json.dumps({"passages": len(rows), "shards": shards}))
-    return rows
 
 
 def build_dpr_base(directory: Path) -> Path:
@@ -159,7 +133,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed_bench_"))
     try:
         articles = load_articles(args.passages, args.per_article)
-        rows = write_passages(work / "v1" / "passages", articles, args.passages, args.shard_rows)
+        rows = write_passages(work / "v1" / "passages", articles, args.shard_rows, limit=args.passages)
         model_dir = build_dpr_base(work / "dpr-base")
         spec = EncoderSpec(str(model_dir))
         print(f"{len(rows)} passages from {len(articles)} articles; DPR-base (768-d, 12 layers, random weights); "
@@ -188,7 +162,7 @@ def main() -> None:
               f"over {int(unpadded.sum())} passages")
 
         changed, n_changed = change_articles(articles, args.changed)
-        rows2 = write_passages(work / "v2" / "passages", changed, args.passages, args.shard_rows)
+        rows2 = write_passages(work / "v2" / "passages", changed, args.shard_rows, limit=args.passages)
         started = time.perf_counter()
         rebuild = embed_passages(str(work / "v2" / "passages"), str(work / "v2" / "embeddings"), spec,
                                  reuse_from=[str(work / "v1")], batch_size=args.batch_size, progress=False)

@@ -18,38 +18,15 @@ from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encode
 from storage.errors import RagindexError
 from storage.manifest import IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
-from tasks.chunk import chunk_article
+from tasks.chunk import PASSAGE_SCHEMA
 from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
-from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder
-
-SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("passage_id", pa.string()), ("page_id", pa.int64()), ("rev_id", pa.int64()),
-    ("title", pa.string()), ("text", pa.string()), ("content_hash", pa.string()),
-])
+from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder, write_passages
 
 
 def make_articles(n: int, seed: int = 7) -> list[dict]:
     rng = random.Random(seed)
     return [{"page_id": 100 + i, "rev_id": 1000 + i, "title": f"{rng.choice(COMMON_WORDS)} {i}",
              "text": " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(20, 260)))} for i in range(n)]
-
-
-def write_passages(directory: Path, articles: list[dict], shard_rows: int = 8) -> list[dict]:
-    """Passage shards with the contract schema (100-word DPR passages), plus passages.json."""
-    rows = []
-    for art in articles:
-        for passage in chunk_article(art["page_id"], art["rev_id"], art["title"], art["text"]):
-            rows.append({"row_id": len(rows), **passage})
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k, start in enumerate(range(0, len(rows), shard_rows)):
-        name = f"part-{k:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[start:start + shard_rows], schema=SCHEMA), directory / name,
-                       compression="zstd")
-        sha = hashlib.sha256((directory / name).read_bytes()).hexdigest()
-        shards.append({"name": name, "rows": min(shard_rows, len(rows) - start), "sha256": sha})
-    (directory / "passages.json").write_text(json.dumps({"passages": len(rows), "shards": shards}))
-    return rows
 
 
 def load_vectors(directory: Path) -> np.ndarray:
@@ -238,7 +215,7 @@ def test_ray_shards_give_the_same_vectors_as_the_local_path(tmp_path, spec):
         remote = embed_passages(str(tmp_path / "passages"), str(tmp_path / "ray"), spec, ray_address="local")
         # A failure inside a Ray task still reaches the caller as one clear line.
         (tmp_path / "bad").mkdir()
-        pq.write_table(SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
+        pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
         with pytest.raises(RagindexError, match=r"^passage shard .*part-00000.parquet is empty$"):
             embed_passages(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
     finally:
@@ -257,7 +234,7 @@ def _no_output(directory: Path) -> bool:
 
 def test_empty_shard_is_refused(tmp_path, spec):
     (tmp_path / "p").mkdir()
-    pq.write_table(SCHEMA.empty_table(), tmp_path / "p" / "part-00000.parquet")
+    pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "p" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"part-00000.parquet is empty"):
         embed_shard(str(tmp_path / "p" / "part-00000.parquet"), str(tmp_path / "out"), spec)
     assert _no_output(tmp_path / "out")
