@@ -74,6 +74,12 @@ def measure(store: IndexStore, vid: str, spec: str, queries: np.ndarray, exact: 
             "add_s": info.params.get("add_s", 0.0)}
 
 
+def noisy_queries(vectors: np.ndarray, n: int) -> np.ndarray:
+    """Database vectors moved off by noise, so that none is trivially its own neighbour."""
+    picked = vectors[np.random.default_rng(5).choice(len(vectors), n, replace=False)]
+    return picked + 0.05 * np.random.default_rng(6).normal(size=picked.shape).astype(np.float32)
+
+
 def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
@@ -153,9 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="index-bench-") as tmp:
         print(f"synthetic: {args.n:,} x {args.dim} (64-d Gaussian mixture, 1000 clusters, projected + noise)")
         vectors = clustered(args.n, args.dim, seed=0)
-        # queries: database vectors moved off by noise, so none is trivially its own neighbour
-        queries = vectors[np.random.default_rng(5).choice(args.n, args.queries, replace=False)] + 0.05 * \
-            np.random.default_rng(6).normal(size=(args.queries, args.dim)).astype(np.float32)
+        queries = noisy_queries(vectors, args.queries)
         exact = exact_top10(vectors, queries)
         store, vid = stage(os.path.join(tmp, "synthetic"), vectors)
         del vectors
@@ -180,8 +184,7 @@ def main() -> None:
         if args.big_n:
             print(f"\nauto alone at {args.big_n:,} x {args.dim} ...", flush=True)
             big = clustered(args.big_n, args.dim, seed=0)
-            bq = big[np.random.default_rng(5).choice(args.big_n, args.queries, replace=False)] + 0.05 * \
-                np.random.default_rng(6).normal(size=(args.queries, args.dim)).astype(np.float32)
+            bq = noisy_queries(big, args.queries)
             bexact = exact_top10(big, bq)
             bstore, bvid = stage(os.path.join(tmp, "big"), big)
             del big

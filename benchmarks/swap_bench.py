@@ -106,20 +106,6 @@ def start_server(store: IndexStore, port: int, poll: float) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server not ready in time")
-
-
 def client_loop(url: str, k: int, stop: threading.Event, run: Run, pages: dict[str, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     with httpx.Client(base_url=url, timeout=30) as c:
@@ -196,7 +182,7 @@ def main() -> int:
     if args.swaps < 20:
         print("note: the floor asks for at least 20 promotes/rollbacks", file=sys.stderr)
 
-    from flows.prefect_server import free_port
+    from flows.prefect_server import free_port, wait_until_answering
 
     tmp = tempfile.TemporaryDirectory(prefix="swap_bench_")
     store, ids = build_store(args.store or os.path.join(tmp.name, "store"), args.versions, args.passages,
@@ -208,7 +194,7 @@ def main() -> int:
     run = Run()
     stop_clients, stop_rss = threading.Event(), threading.Event()
     try:
-        wait_ready(url, proc)
+        wait_until_answering(url + "/readyz", proc, 180, "ragindex serve")
         threading.Thread(target=rss_monitor, args=(proc.pid, stop_rss, run), daemon=True).start()
         clients = [threading.Thread(target=client_loop, args=(url, args.k, stop_clients, run, pages, i))
                    for i in range(args.clients)]

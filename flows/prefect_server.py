@@ -52,7 +52,7 @@ def temporary_prefect_server(home: Path, port: int | None = None, timeout: float
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        _wait_healthy(api_url, proc, timeout, home / "server.log")
+        wait_until_answering(f"{api_url}/health", proc, timeout, f"the Prefect server (log: {home / 'server.log'})")
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             os.environ["PREFECT_API_URL"] = api_url  # for child processes (process workers, Ray)
             try:
@@ -68,15 +68,16 @@ def temporary_prefect_server(home: Path, port: int | None = None, timeout: float
         log.close()
 
 
-def _wait_healthy(api_url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_until_answering(url: str, proc: subprocess.Popen, timeout: float, what: str = "the server") -> None:
+    """Poll `url` until it answers 200; fail at once if `proc` exits first, or after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RagindexError(f"the Prefect server exited with code {proc.returncode}; see {log}")
+            raise RagindexError(f"{what} exited with code {proc.returncode} before answering")
         try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise RagindexError(f"the Prefect server did not answer within {timeout:.0f}s; see {log}")
+        time.sleep(0.2)
+    raise RagindexError(f"{what} did not answer at {url} within {timeout:.0f}s")
