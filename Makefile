@@ -1,21 +1,24 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# torch goes in first and pinned: 2.13.0 is the CPU build on this machine's disk, while an
-# unpinned torch (or one pulled in by another package) would download a multi-GB CUDA build.
+# torch stays the CPU build through every install step: constraints.txt pins it and PIP_CONSTRAINT
+# applies that pin to each pip call (a pin in the first call alone was undone by the resolver of the
+# second, which pulled a CUDA torch and fifteen nvidia-* packages). After installing, tests/test_install.py
+# fails the install if a CUDA torch or an nvidia-* package got in anyway.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH := torch==2.13.0
+PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q torch
+	$(PIP) install -q -e '.[dev]'
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_install.py
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,3 +19,9 @@ class Conflict(RagindexError):
 
 class Rejected(RagindexError):
     """A version that failed validation, or another refusal of bad input."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): what edges print."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

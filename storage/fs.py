@@ -6,10 +6,11 @@ code path. The S3 endpoint is passed in (from settings), never read from the env
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO
 
@@ -98,3 +99,19 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+
+def file_digest(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    algorithm: str = "sha256",
+    on_block: Callable[[int], None] | None = None,
+) -> str:
+    """Hex digest of a file streamed in 4 MiB blocks; `on_block(n)` is told each block's size (progress)."""
+    digest = hashlib.new(algorithm)
+    with fs.open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+            if on_block:
+                on_block(len(block))
+    return digest.hexdigest()
