@@ -99,9 +99,8 @@ def build_store(root: str, versions: int, passages: int, encode: bool, spec: str
 
 
 def start_server(store: IndexStore, port: int, poll: float) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("ragindex")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
-    cmd += ["serve", "--store", store.url, "--host", "127.0.0.1", "--port", str(port), "--poll-seconds", str(poll)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--store", store.url, "--host", "127.0.0.1", "--port", str(port),
+           "--poll-seconds", str(poll)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
 

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 
 from tests.fixtures.mirror import sample_pages
 
-RAGINDEX = str(Path(sys.executable).with_name("ragindex"))
+RAGINDEX = [sys.executable, "-m", "cli"]  # the same main() as the console script, without reinstalling
 
 
 def _run(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAGINDEX_")}
     environ.update({"RAGINDEX_STORE_URL": str(tmp_path / "default-store"), **env})
-    return subprocess.run([RAGINDEX, *args], capture_output=True, text=True, env=environ, timeout=120)
+    return subprocess.run([*RAGINDEX, *args], capture_output=True, text=True, env=environ, timeout=120)
 
 
 def test_download_then_passages(mirror, tmp_path):

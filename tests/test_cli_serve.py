@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from flows.prefect_server import free_port
 from storage.store import IndexStore
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
@@ -84,10 +83,9 @@ def test_query_without_current(tmp_path, capsys):
 def test_serve_subprocess(cli_store, tmp_path):
     store, a, b = cli_store
     port = free_port()
-    ragindex = Path(sys.executable).with_name("ragindex")
     env = {**os.environ, "RAGINDEX_ADMIN_TOKEN": "cli-token", "RAGINDEX_STORE_URL": str(tmp_path / "unused")}
     proc = subprocess.Popen(
-        [str(ragindex), "serve", "--store", store.url, "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "cli", "serve", "--store", store.url, "--host", "127.0.0.1", "--port", str(port),
          "--poll-seconds", "0.2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from flows.settings import load_settings
 from storage.store import IndexStore
 from tests.fixtures.versions import clustered_vectors, fingerprint_for, random_passages, write_version_inputs

@@ -282,7 +282,7 @@ def test_dimension_disagreeing_with_earlier_shards_is_refused(tmp_path, spec):
 
 
 def test_cli_embeds_and_reports_bad_input_as_one_line(tmp_path, tiny_dpr, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     write_passages(tmp_path / "p", make_articles(4))
     main(["embed", "--passages", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--encoder",
@@ -302,7 +302,7 @@ def test_cli_embeds_and_reports_bad_input_as_one_line(tmp_path, tiny_dpr, capsys
 
 
 def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     store = IndexStore(str(tmp_path / "store"))
     vid = store.begin_version("enwiki", "20240101")

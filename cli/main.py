@@ -26,9 +26,9 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from flows import cli_demo, cli_embed, cli_ingest, cli_refresh, cli_serve, cli_store
+    from cli import demo, embed, ingest, refresh, serve, store
 
-    for module in (cli_ingest, cli_embed, cli_store, cli_refresh, cli_serve, cli_demo):
+    for module in (ingest, embed, store, refresh, serve, demo):
         module.register(app)
 
 
@@ -41,7 +41,7 @@ def fail(message: str, code: int = 2) -> None:
 def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="ragindex", standalone_mode=False)
     except (click.exceptions.Abort, typer.Abort):
         fail("aborted", 130)
     except (click.ClickException, TyperException) as exc:

@@ -1,0 +1,1 @@
+"""The `ragindex` command line: an edge beside the flows that parses options and calls flows and steps."""
