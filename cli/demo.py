@@ -6,14 +6,15 @@ from pathlib import Path
 
 import typer
 
+app = typer.Typer()
 
-def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo(
-        workdir: Path = typer.Option(Path("var/demo"), help="Where the demo's store and Prefect database go."),
-        keep: bool = typer.Option(False, help="Keep the store of an earlier demo run instead of starting fresh."),
-    ) -> None:
-        """Build, query, rebuild after an edit, and roll back: offline, in a few minutes."""
-        from flows.demo import run_demo
 
-        run_demo(workdir, fresh=not keep)
+@app.command("demo")
+def demo(
+    workdir: Path = typer.Option(Path("var/demo"), help="Where the demo's store and Prefect database go."),
+    keep: bool = typer.Option(False, help="Keep the store of an earlier demo run instead of starting fresh."),
+) -> None:
+    """Build, query, rebuild after an edit, and roll back: offline, in a few minutes."""
+    from flows.demo import run_demo
+
+    run_demo(workdir, fresh=not keep)

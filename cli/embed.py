@@ -9,58 +9,57 @@ import typer
 
 from flows.settings import load_settings, open_store
 
+app = typer.Typer()
 
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
 
-    @app.command("embed")
-    def embed(
-        passages: Annotated[str, typer.Option("--passages", help="Passage shards directory (path, file:// or s3://).")],
-        out: Annotated[str, typer.Option("--out", help="Output directory for the embedding shards.")],
-        encoder: Annotated[str | None, typer.Option("--encoder", help="Document encoder: HF id or local directory.",
-                                                    show_default="settings: RAGINDEX_ENCODER")] = None,
-        encoder_kind: Annotated[Literal["dpr", "mean"] | None, typer.Option(
-            "--encoder-kind", help="dpr (pooler output) or mean (mean pooling).",
-            show_default="settings: RAGINDEX_ENCODER_KIND")] = None,
-        normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise vectors (mean kind).")] = False,
-        max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per passage.")] = 256,
-        question_encoder: Annotated[str | None, typer.Option(
-            "--question-encoder", help="Question encoder to record (default: the document encoder's pair).")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Passages per forward pass.")] = 64,
-        device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
-        threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
-        precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
-            "--precision", help="auto: bf16 (CPU) / fp16 (CUDA) when measured within tolerance of fp32.")] = "auto",
-        ray_address: Annotated[str | None, typer.Option(
-            "--ray-address", help="Run shards as Ray tasks: auto, ray://host:port, or local.")] = None,
-        reuse_store: Annotated[str | None, typer.Option(
-            "--reuse-store", help="Reuse vectors of unchanged passages from this store's versions.")] = None,
-        reuse_from: Annotated[list[str] | None, typer.Option(
-            "--reuse-from", help="Reuse vectors from this version root (repeatable).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    ) -> None:
-        """Embed every passage shard; finished shards are skipped, unchanged passages reused."""
-        from rag_model.encoders import EncoderSpec, fingerprint_of
-        from tasks.embed import embed_passages, find_reuse_sources
+@app.command("embed")
+def embed(
+    passages: Annotated[str, typer.Option("--passages", help="Passage shards directory (path, file:// or s3://).")],
+    out: Annotated[str, typer.Option("--out", help="Output directory for the embedding shards.")],
+    encoder: Annotated[str | None, typer.Option("--encoder", help="Document encoder: HF id or local directory.",
+                                                show_default="settings: RAGINDEX_ENCODER")] = None,
+    encoder_kind: Annotated[Literal["dpr", "mean"] | None, typer.Option(
+        "--encoder-kind", help="dpr (pooler output) or mean (mean pooling).",
+        show_default="settings: RAGINDEX_ENCODER_KIND")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise vectors (mean kind).")] = False,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per passage.")] = 256,
+    question_encoder: Annotated[str | None, typer.Option(
+        "--question-encoder", help="Question encoder to record (default: the document encoder's pair).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Passages per forward pass.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
+        "--precision", help="auto: bf16 (CPU) / fp16 (CUDA) when measured within tolerance of fp32.")] = "auto",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run shards as Ray tasks: auto, ray://host:port, or local.")] = None,
+    reuse_store: Annotated[str | None, typer.Option(
+        "--reuse-store", help="Reuse vectors of unchanged passages from this store's versions.")] = None,
+    reuse_from: Annotated[list[str] | None, typer.Option(
+        "--reuse-from", help="Reuse vectors from this version root (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Embed every passage shard; finished shards are skipped, unchanged passages reused."""
+    from rag_model.encoders import EncoderSpec, fingerprint_of
+    from tasks.embed import embed_passages, find_reuse_sources
 
-        settings = load_settings()
-        spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
-                           normalize=normalize, max_length=max_length)
-        sources = list(reuse_from or [])
-        if reuse_store:
-            store = open_store(reuse_store, settings)
-            sources += find_reuse_sources(store, fingerprint_of(spec))
-        summary = embed_passages(
-            passages, out, spec, reuse_from=sources, ray_address=ray_address,
-            question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,
-            device=device, precision=precision, threads=threads, s3_endpoint_url=settings.s3_endpoint_url,
-            progress=True,
-        )
-        if as_json:
-            print(json.dumps(summary))
-            return
-        typer.echo(
-            f"embedded {summary['rows']} passages into {len(summary['shards'])} shards at {out}: "
-            f"{summary['encoded']} encoded, {summary['reused']} reused, {summary['skipped_shards']} shards "
-            f"already done; dim {summary['dim']}, {summary['timings']['embed_s']:.1f}s"
-        )
+    settings = load_settings()
+    spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
+                       normalize=normalize, max_length=max_length)
+    sources = list(reuse_from or [])
+    if reuse_store:
+        store = open_store(reuse_store, settings)
+        sources += find_reuse_sources(store, fingerprint_of(spec))
+    summary = embed_passages(
+        passages, out, spec, reuse_from=sources, ray_address=ray_address,
+        question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,
+        device=device, precision=precision, threads=threads, s3_endpoint_url=settings.s3_endpoint_url,
+        progress=True,
+    )
+    if as_json:
+        print(json.dumps(summary))
+        return
+    typer.echo(
+        f"embedded {summary['rows']} passages into {len(summary['shards'])} shards at {out}: "
+        f"{summary['encoded']} encoded, {summary['reused']} reused, {summary['skipped_shards']} shards "
+        f"already done; dim {summary['dim']}, {summary['timings']['embed_s']:.1f}s"
+    )

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.options import StoreOption
 from flows.settings import load_settings, open_store
 
 
@@ -25,54 +26,53 @@ def _summary_table(summary: dict, out: str) -> Table:
         table.add_row(step, f"{seconds:.2f}")
     return table
 
+app = typer.Typer()
 
-def register(app: typer.Typer) -> None:
-    """Add the ingest commands to the app."""
 
-    @app.command("download")
-    def download(
-        wiki: str = typer.Option(None, "--wiki", help="Dump database name, e.g. enwiki (default: settings)."),
-        date: str = typer.Option(None, "--date", help="YYYYMMDD or 'latest' (newest finished run)."),
-        mirror: str = typer.Option(None, "--mirror", help="Mirror base URL (default: settings)."),
-        store: str = typer.Option(None, "--store", help="Store URL: path, file:// or s3:// (default: settings)."),
-        job: str = typer.Option("articlesmultistreamdump", "--job",
-                                help="Dump job: articlesmultistreamdump or articlesdump."),
-        retries: int = typer.Option(5, "--retries", min=0, help="Retries per request, with backoff."),
-    ) -> None:
-        """Download a verified Wikipedia dump into the store's downloads/<wiki>/<date>/."""
-        from tasks.download import download_dump, resolve_dump
+@app.command("download")
+def download(
+    wiki: str = typer.Option(None, "--wiki", help="Dump database name, e.g. enwiki (default: settings)."),
+    date: str = typer.Option(None, "--date", help="YYYYMMDD or 'latest' (newest finished run)."),
+    mirror: str = typer.Option(None, "--mirror", help="Mirror base URL (default: settings)."),
+    store: StoreOption = None,
+    job: str = typer.Option("articlesmultistreamdump", "--job",
+                            help="Dump job: articlesmultistreamdump or articlesdump."),
+    retries: int = typer.Option(5, "--retries", min=0, help="Retries per request, with backoff."),
+) -> None:
+    """Download a verified Wikipedia dump into the store's downloads/<wiki>/<date>/."""
+    from tasks.download import download_dump, resolve_dump
 
-        settings = load_settings()
-        started = time.perf_counter()
-        ref = resolve_dump(wiki or settings.wiki, date or settings.dump_date, mirror or settings.mirror,
-                           settings.user_agent, job=job)
-        index_store = open_store(store, settings)
-        urls = download_dump(ref, index_store, settings.user_agent, retries=retries)
-        total = sum(f.size or 0 for f in ref.files)
-        print(f"{ref.wiki} {ref.dump_date}: {len(urls)} files, {total / 2**20:.1f} MiB verified "
-              f"in {time.perf_counter() - started:.1f}s")
-        for url in urls:
-            print(f"  {url}")
+    settings = load_settings()
+    started = time.perf_counter()
+    ref = resolve_dump(wiki or settings.wiki, date or settings.dump_date, mirror or settings.mirror,
+                       settings.user_agent, job=job)
+    index_store = open_store(store, settings)
+    urls = download_dump(ref, index_store, settings.user_agent, retries=retries)
+    total = sum(f.size or 0 for f in ref.files)
+    print(f"{ref.wiki} {ref.dump_date}: {len(urls)} files, {total / 2**20:.1f} MiB verified "
+          f"in {time.perf_counter() - started:.1f}s")
+    for url in urls:
+        print(f"  {url}")
 
-    @app.command("passages")
-    def passages(
-        source: str = typer.Option(..., "--source",
-                                   help="Dump file, mirror-like dump dir, file:// or s3:// URL of either."),
-        out: str = typer.Option(..., "--out", help="Output directory for part-*.parquet + passages.json."),
-        workers: int = typer.Option(None, "--workers", min=1, help="Worker processes (default: all cores)."),
-        shard_rows: int = typer.Option(100_000, "--shard-rows", min=1, help="Rows per Parquet shard."),
-        job: str = typer.Option("articlesmultistreamdump", "--job",
-                                help="Dump job to read from a dumpstatus.json directory."),
-    ) -> None:
-        """Parse, clean and cut a dump into 100-word passage shards."""
-        from tasks.download import resolve_source, verify_in_place
-        from tasks.passages import write_passages
 
-        settings = load_settings()
-        endpoint = settings.s3_endpoint_url
-        ref = resolve_source(source, endpoint, job=job)
-        urls = [verify_in_place(f, endpoint, progress=True) for f in ref.files]
-        summary = write_passages(urls, out, ref.source(), workers=workers, shard_rows=shard_rows,
-                                 s3_endpoint_url=endpoint)
-        Console().print(_summary_table(summary, out))
+@app.command("passages")
+def passages(
+    source: str = typer.Option(..., "--source",
+                               help="Dump file, mirror-like dump dir, file:// or s3:// URL of either."),
+    out: str = typer.Option(..., "--out", help="Output directory for part-*.parquet + passages.json."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Worker processes (default: all cores)."),
+    shard_rows: int = typer.Option(100_000, "--shard-rows", min=1, help="Rows per Parquet shard."),
+    job: str = typer.Option("articlesmultistreamdump", "--job",
+                            help="Dump job to read from a dumpstatus.json directory."),
+) -> None:
+    """Parse, clean and cut a dump into 100-word passage shards."""
+    from tasks.download import resolve_source, verify_in_place
+    from tasks.passages import write_passages
 
+    settings = load_settings()
+    endpoint = settings.s3_endpoint_url
+    ref = resolve_source(source, endpoint, job=job)
+    urls = [verify_in_place(f, endpoint, progress=True) for f in ref.files]
+    summary = write_passages(urls, out, ref.source(), workers=workers, shard_rows=shard_rows,
+                             s3_endpoint_url=endpoint)
+    Console().print(_summary_table(summary, out))

@@ -1,4 +1,4 @@
-"""The `ragindex` command line: one typer app, commands grouped by the part they drive.
+"""The `ragindex` command line: one typer app made of one module-level app per part it drives.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback
 (set RAGINDEX_DEBUG=1 to see one).
@@ -14,7 +14,8 @@ import typer
 from pydantic import ValidationError
 from typer.exceptions import TyperException
 
-from storage.errors import RagindexError
+from cli import demo, embed, ingest, refresh, serve, store
+from storage.errors import RagindexError, first_line
 
 app = typer.Typer(
     name="ragindex",
@@ -23,13 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def _register_commands() -> None:
-    from cli import demo, embed, ingest, refresh, serve, store
-
-    for module in (ingest, embed, store, refresh, serve, demo):
-        module.register(app)
+for _part in (ingest, embed, store, refresh, serve, demo):
+    app.add_typer(_part.app)  # no name: the part's commands join the top level
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -39,7 +35,6 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_commands()
     try:
         rv = app(args=argv, prog_name="ragindex", standalone_mode=False)
     except (click.exceptions.Abort, typer.Abort):
@@ -70,8 +65,7 @@ def _one_line(exc: BaseException) -> str:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ())) or "input"
         return f"invalid {where}: {err.get('msg')}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 if __name__ == "__main__":

@@ -6,38 +6,41 @@ import json
 
 import typer
 
+from cli.options import StoreOption
 
-def register(app: typer.Typer) -> None:
-    @app.command("refresh")
-    def refresh(
-        source: str = typer.Option(None, help="Dump file or mirror-like directory (path, file://, s3://)."),
-        wiki: str = typer.Option(None, help="Dump database, e.g. enwiki (with --date, from the mirror)."),
-        date: str = typer.Option(None, help="YYYYMMDD or latest."),
-        store: str = typer.Option(None, help="Store URL (default RAGINDEX_STORE_URL)."),
-        encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
-        encoder_kind: str = typer.Option(None, help="dpr or mean."),
-        normalize: bool = typer.Option(False, help="L2-normalise vectors (mean encoders)."),
-        question_encoder: str = typer.Option(None, help="Question encoder paired with the document encoder."),
-        index_spec: str = typer.Option(None, help="auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string."),
-        memory_budget: str = typer.Option(None, help="Memory budget for the index, e.g. 16GiB."),
-        shard_rows: int = typer.Option(100_000, help="Passages per shard."),
-        canaries: str = typer.Option(None, help="JSONL of {question, title} that must be found."),
-        allow_count_change: bool = typer.Option(False, help="Accept a passage count outside +-20% of the last."),
-        force: bool = typer.Option(False, help="Build even if a version of this dump already exists."),
-        no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
-        task_runner: str = typer.Option("threads", help="threads or ray."),
-        ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
-    ) -> None:
-        """Download, parse, embed, build, validate and promote a new index version."""
-        from flows.refresh import refresh_index
+app = typer.Typer()
 
-        if source and (wiki or date):
-            raise typer.BadParameter("give either --source or --wiki/--date, not both")
-        outcome = refresh_index(
-            wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
-            encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
-            index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
-            allow_count_change=allow_count_change, force=force, promote=not no_promote,
-            task_runner=task_runner, ray_address=ray_address,
-        )
-        typer.echo(json.dumps({k: outcome[k] for k in ("status", "version", "current", "reason", "counts")}, indent=2))
+
+@app.command("refresh")
+def refresh(
+    source: str = typer.Option(None, help="Dump file or mirror-like directory (path, file://, s3://)."),
+    wiki: str = typer.Option(None, help="Dump database, e.g. enwiki (with --date, from the mirror)."),
+    date: str = typer.Option(None, help="YYYYMMDD or latest."),
+    store: StoreOption = None,
+    encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
+    encoder_kind: str = typer.Option(None, help="dpr or mean."),
+    normalize: bool = typer.Option(False, help="L2-normalise vectors (mean encoders)."),
+    question_encoder: str = typer.Option(None, help="Question encoder paired with the document encoder."),
+    index_spec: str = typer.Option(None, help="auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string."),
+    memory_budget: str = typer.Option(None, help="Memory budget for the index, e.g. 16GiB."),
+    shard_rows: int = typer.Option(100_000, help="Passages per shard."),
+    canaries: str = typer.Option(None, help="JSONL of {question, title} that must be found."),
+    allow_count_change: bool = typer.Option(False, help="Accept a passage count outside +-20% of the last."),
+    force: bool = typer.Option(False, help="Build even if a version of this dump already exists."),
+    no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
+    task_runner: str = typer.Option("threads", help="threads or ray."),
+    ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
+) -> None:
+    """Download, parse, embed, build, validate and promote a new index version."""
+    from flows.refresh import refresh_index
+
+    if source and (wiki or date):
+        raise typer.BadParameter("give either --source or --wiki/--date, not both")
+    outcome = refresh_index(
+        wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
+        encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
+        index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
+        allow_count_change=allow_count_change, force=force, promote=not no_promote,
+        task_runner=task_runner, ray_address=ray_address,
+    )
+    typer.echo(json.dumps({k: outcome[k] for k in ("status", "version", "current", "reason", "counts")}, indent=2))

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.options import StoreOption
 from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
 from storage.store import IndexStore
@@ -50,149 +51,153 @@ def versions_report(store: IndexStore) -> dict[str, Any]:
         "versions": rows,
     }
 
+app = typer.Typer()
 
-def register(app: typer.Typer) -> None:
-    """Add the store commands to the app."""
 
-    @app.command("build")
-    def build(
-        passages: str = typer.Option(..., "--passages", help="Passage shard directory (local, file:// or s3://)."),
-        embeddings: str = typer.Option(..., "--embeddings", help="Embedding shard directory."),
-        index_spec: str | None = typer.Option(
-            None, "--index-spec",
-            help="auto | flat | hnsw[:M=32] | ivfpq[:nlist=..,m=..,opq=1] | ivfsq[:bits=8] | a faiss factory string.",
-        ),
-        memory_budget: str | None = typer.Option(None, "--memory-budget", help="e.g. 16GiB (default from settings)."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-        canaries: str | None = typer.Option(None, "--canaries", help="JSONL of {question, title} canaries."),
-        question_encoder: str | None = typer.Option(
-            None, "--question-encoder", help="Question encoder for canaries (default: the embeddings' pair)."
-        ),
-        allow_count_change: bool = typer.Option(
-            False, "--allow-count-change", help="Accept a passage count beyond ±20% of the previous ready version."
-        ),
-        min_recall: float = typer.Option(0.90, "--min-recall", help="recall@10 floor of the validation gate."),
-        target_recall: float = typer.Option(0.95, "--target-recall", help="Recall nprobe/efSearch are tuned for."),
-        as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-    ) -> None:
-        """Build, validate and commit a new version from passage and embedding shards (never promotes)."""
-        from tasks.build_index import build_version
-        from tasks.validate import ValidationFloors
+@app.command("build")
+def build(
+    passages: str = typer.Option(..., "--passages", help="Passage shard directory (local, file:// or s3://)."),
+    embeddings: str = typer.Option(..., "--embeddings", help="Embedding shard directory."),
+    index_spec: str | None = typer.Option(
+        None, "--index-spec",
+        help="auto | flat | hnsw[:M=32] | ivfpq[:nlist=..,m=..,opq=1] | ivfsq[:bits=8] | a faiss factory string.",
+    ),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help="e.g. 16GiB (default from settings)."),
+    store_url: StoreOption = None,
+    canaries: str | None = typer.Option(None, "--canaries", help="JSONL of {question, title} canaries."),
+    question_encoder: str | None = typer.Option(
+        None, "--question-encoder", help="Question encoder for canaries (default: the embeddings' pair)."
+    ),
+    allow_count_change: bool = typer.Option(
+        False, "--allow-count-change", help="Accept a passage count beyond ±20% of the previous ready version."
+    ),
+    min_recall: float = typer.Option(0.90, "--min-recall", help="recall@10 floor of the validation gate."),
+    target_recall: float = typer.Option(0.95, "--target-recall", help="Recall nprobe/efSearch are tuned for."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Build, validate and commit a new version from passage and embedding shards (never promotes)."""
+    from tasks.build_index import build_version
+    from tasks.validate import ValidationFloors
 
-        settings = load_settings()
-        store = open_store(store_url, settings)
-        if not 0 < min_recall <= 1:
-            raise Rejected(f"--min-recall must be in (0, 1], got {min_recall}")
-        floors = ValidationFloors(allow_count_change=allow_count_change, recall_at_10=min_recall)
-        manifest = build_version(
-            store, passages, embeddings, spec=index_spec or settings.index_spec,
-            memory_budget=parse_size(memory_budget or settings.memory_budget), floors=floors, canaries=canaries,
-            question_encoder=question_encoder or settings.question_encoder, progress=not as_json,
-            target_recall=target_recall,
-        )
-        if as_json:
-            print(manifest.to_json())
-        if manifest.status != "ready":
-            reason = manifest.validation.reason if manifest.validation else "validation failed"
-            raise Rejected(f"version {manifest.version} was rejected: {reason}")
-        if not as_json:
-            print(f"built {manifest.version}: ready, {manifest.counts.get('passages')} passages, "
-                  f"index {manifest.index.factory} {manifest.index.search_params or ''}".rstrip())
-            print(f"promote it with: ragindex promote {manifest.version}")
+    settings = load_settings()
+    store = open_store(store_url, settings)
+    if not 0 < min_recall <= 1:
+        raise Rejected(f"--min-recall must be in (0, 1], got {min_recall}")
+    floors = ValidationFloors(allow_count_change=allow_count_change, recall_at_10=min_recall)
+    manifest = build_version(
+        store, passages, embeddings, spec=index_spec or settings.index_spec,
+        memory_budget=parse_size(memory_budget or settings.memory_budget), floors=floors, canaries=canaries,
+        question_encoder=question_encoder or settings.question_encoder, progress=not as_json,
+        target_recall=target_recall,
+    )
+    if as_json:
+        print(manifest.to_json())
+    if manifest.status != "ready":
+        reason = manifest.validation.reason if manifest.validation else "validation failed"
+        raise Rejected(f"version {manifest.version} was rejected: {reason}")
+    if not as_json:
+        print(f"built {manifest.version}: ready, {manifest.counts.get('passages')} passages, "
+              f"index {manifest.index.factory} {manifest.index.search_params or ''}".rstrip())
+        print(f"promote it with: ragindex promote {manifest.version}")
 
-    @app.command("versions")
-    def versions(
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
-    ) -> None:
-        """List versions, newest first, with CURRENT / previous / pinned marks."""
-        report = versions_report(open_store(store_url))
-        if as_json:
-            print(json.dumps(report, indent=2))
-            return
-        table = Table(title=f"versions in {report['store']}")
-        for col in ("", "version", "status", "passages", "index", "size", "created"):
-            # The id is what an operator copies into promote / rollback, the mark what they look for:
-            # neither is ever cut or wrapped; narrow terminals fold the other columns instead.
-            table.add_column(col, justify="right" if col in ("passages", "size") else "left",
-                             no_wrap=col in ("", "version"), overflow="fold")
-        for row in report["versions"]:
-            marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
-                                                ("pinned", row["pinned"])) if on)
-            status = row["status"] if row["status"] == "ready" else f"[red]{row['status']}[/red]"
-            table.add_row(marks, row["version"], status, str(row["passages"]),
-                          f"{row['index_spec']} ({row['factory']})", _fmt_size(row["bytes"]),
-                          row["created_at"][:19].replace("T", " "))
-        Console().print(table)
-        if not report["versions"]:
-            print("no versions yet: run `ragindex build` or `ragindex refresh`")
 
-    @app.command("promote")
-    def promote(
-        version: str = typer.Argument(..., help="Version id to make CURRENT (must be ready)."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-        reason: str | None = typer.Option(None, "--reason", help="Why, for the history."),
-        expected_generation: int | None = typer.Option(
-            None, "--expected-generation", help="Fail unless CURRENT is still at this generation."
-        ),
-    ) -> None:
-        """Point CURRENT at a validated version (compare-and-swap)."""
-        from tasks.promote import promote_version
+@app.command("versions")
+def versions(
+    store_url: StoreOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """List versions, newest first, with CURRENT / previous / pinned marks."""
+    report = versions_report(open_store(store_url))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"versions in {report['store']}")
+    for col in ("", "version", "status", "passages", "index", "size", "created"):
+        # The id is what an operator copies into promote / rollback, the mark what they look for:
+        # neither is ever cut or wrapped; narrow terminals fold the other columns instead.
+        table.add_column(col, justify="right" if col in ("passages", "size") else "left",
+                         no_wrap=col in ("", "version"), overflow="fold")
+    for row in report["versions"]:
+        marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
+                                            ("pinned", row["pinned"])) if on)
+        status = row["status"] if row["status"] == "ready" else f"[red]{row['status']}[/red]"
+        table.add_row(marks, row["version"], status, str(row["passages"]),
+                      f"{row['index_spec']} ({row['factory']})", _fmt_size(row["bytes"]),
+                      row["created_at"][:19].replace("T", " "))
+    Console().print(table)
+    if not report["versions"]:
+        print("no versions yet: run `ragindex build` or `ragindex refresh`")
 
-        pointer = promote_version(open_store(store_url), version, reason=reason,
-                                  expected_generation=expected_generation)
-        print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, previous {pointer.previous})")
 
-    @app.command("rollback")
-    def rollback(
-        version: str | None = typer.Argument(None, help="Version to go back to (default: the previous one)."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-        reason: str | None = typer.Option(None, "--reason", help="Why, for the history."),
-    ) -> None:
-        """Point CURRENT back at an earlier ready version."""
-        from tasks.promote import rollback_version
+@app.command("promote")
+def promote(
+    version: str = typer.Argument(..., help="Version id to make CURRENT (must be ready)."),
+    store_url: StoreOption = None,
+    reason: str | None = typer.Option(None, "--reason", help="Why, for the history."),
+    expected_generation: int | None = typer.Option(
+        None, "--expected-generation", help="Fail unless CURRENT is still at this generation."
+    ),
+) -> None:
+    """Point CURRENT at a validated version (compare-and-swap)."""
+    from tasks.promote import promote_version
 
-        pointer = rollback_version(open_store(store_url), version, reason=reason)
-        print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
+    pointer = promote_version(open_store(store_url), version, reason=reason,
+                              expected_generation=expected_generation)
+    print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, previous {pointer.previous})")
 
-    @app.command("gc")
-    def gc(
-        keep: int = typer.Option(..., "--keep", help="Keep the newest N versions (plus CURRENT, previous, pinned)."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
-        stale_hours: float = typer.Option(6.0, "--stale-hours", help="Staging idle this long counts as abandoned."),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    ) -> None:
-        """Delete old versions, abandoned staging and unused downloads."""
-        if stale_hours < 0:
-            raise Rejected(f"--stale-hours must be >= 0, got {stale_hours}")
-        report = open_store(store_url).gc(keep, stale_after=timedelta(hours=stale_hours), dry_run=dry_run)
-        data = {"dry_run": dry_run, **report.__dict__}
-        if as_json:
-            print(json.dumps(data, indent=2))
-            return
-        verb = "would delete" if dry_run else "deleted"
-        for key, label in (("deleted_versions", "version"), ("deleted_staging", "staging"),
-                           ("deleted_downloads", "download")):
-            for item in data[key]:
-                print(f"{verb} {label} {item}")
-        print(f"kept {len(report.kept)} version(s)", file=sys.stdout)
 
-    @app.command("pin")
-    def pin(
-        version: str = typer.Argument(..., help="Version to protect from gc."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-    ) -> None:
-        """Protect a version from gc."""
-        open_store(store_url).pin(version)
-        print(f"pinned {version}")
+@app.command("rollback")
+def rollback(
+    version: str | None = typer.Argument(None, help="Version to go back to (default: the previous one)."),
+    store_url: StoreOption = None,
+    reason: str | None = typer.Option(None, "--reason", help="Why, for the history."),
+) -> None:
+    """Point CURRENT back at an earlier ready version."""
+    from tasks.promote import rollback_version
 
-    @app.command("unpin")
-    def unpin(
-        version: str = typer.Argument(..., help="Version to release."),
-        store_url: str | None = typer.Option(None, "--store", help="Store URL (default RAGINDEX_STORE_URL)."),
-    ) -> None:
-        """Let gc delete a version again."""
-        open_store(store_url).unpin(version)
-        print(f"unpinned {version}")
+    pointer = rollback_version(open_store(store_url), version, reason=reason)
+    print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
 
+
+@app.command("gc")
+def gc(
+    keep: int = typer.Option(..., "--keep", help="Keep the newest N versions (plus CURRENT, previous, pinned)."),
+    store_url: StoreOption = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
+    stale_hours: float = typer.Option(6.0, "--stale-hours", help="Staging idle this long counts as abandoned."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Delete old versions, abandoned staging and unused downloads."""
+    if stale_hours < 0:
+        raise Rejected(f"--stale-hours must be >= 0, got {stale_hours}")
+    report = open_store(store_url).gc(keep, stale_after=timedelta(hours=stale_hours), dry_run=dry_run)
+    data = {"dry_run": dry_run, **report.__dict__}
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for key, label in (("deleted_versions", "version"), ("deleted_staging", "staging"),
+                       ("deleted_downloads", "download")):
+        for item in data[key]:
+            print(f"{verb} {label} {item}")
+    print(f"kept {len(report.kept)} version(s)", file=sys.stdout)
+
+
+@app.command("pin")
+def pin(
+    version: str = typer.Argument(..., help="Version to protect from gc."),
+    store_url: StoreOption = None,
+) -> None:
+    """Protect a version from gc."""
+    open_store(store_url).pin(version)
+    print(f"pinned {version}")
+
+
+@app.command("unpin")
+def unpin(
+    version: str = typer.Argument(..., help="Version to release."),
+    store_url: StoreOption = None,
+) -> None:
+    """Let gc delete a version again."""
+    open_store(store_url).unpin(version)
+    print(f"unpinned {version}")
