@@ -181,7 +181,7 @@ def main() -> int:
     if args.swaps < 20:
         print("note: the floor asks for at least 20 promotes/rollbacks", file=sys.stderr)
 
-    from flows.prefect_server import free_port, wait_until_answering
+    from tests.fixtures.processes import free_port, wait_until_answering
 
     tmp = tempfile.TemporaryDirectory(prefix="swap_bench_")
     store, ids = build_store(args.store or os.path.join(tmp.name, "store"), args.versions, args.passages,

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from cli.main import main
-from flows.prefect_server import free_port
 from storage.store import IndexStore
+from tests.fixtures.processes import free_port
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.prefect_server import stop_process
 from storage.store import IndexStore
 from tests.fixtures.mirror import sample_pages
+from tests.fixtures.processes import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")

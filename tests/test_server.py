@@ -11,9 +11,9 @@ import httpx
 import pytest
 import uvicorn
 
-from flows.prefect_server import free_port
 from rag_model.server import create_app
 from storage.store import IndexStore
+from tests.fixtures.processes import free_port
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
 
 TOKEN = "let-me-in"
