@@ -68,11 +68,24 @@ def serve(
         None, "--rag-model", help="RAG checkpoint ID|PATH; without it /v1/generate answers 503."
     ),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local copies of S3 index files."),
+    header_timeout: float | None = typer.Option(
+        None, "--header-timeout", help="Seconds a client has to send a request's head (default: 10)."
+    ),
+    body_timeout: float | None = typer.Option(
+        None, "--body-timeout", help="Seconds a client has to send a request's body after its head (default: 30)."
+    ),
+    keep_alive: int | None = typer.Option(
+        None, "--keep-alive", help="Seconds an idle connection stays open between requests (default: 5)."
+    ),
+    max_connections: int | None = typer.Option(
+        None, "--max-connections", help="Connections (and requests in flight) before answering 503 (default: 256)."
+    ),
 ) -> None:
     """Serve /v1/retrieve and /v1/generate over the CURRENT version, hot-swapping on every promote."""
     import uvicorn
 
     from flows.settings import load_settings, open_store
+    from rag_model.http_limits import ConnectionLimits, server_config
     from rag_model.server import create_app
 
     if question_encoder_kind not in (None, "dpr", "mean"):
@@ -81,7 +94,17 @@ def serve(
         raise RagindexError(f"--port must be between 0 and 65535, got {port}")
     if poll_seconds is not None and poll_seconds <= 0:
         raise RagindexError(f"--poll-seconds must be positive, got {poll_seconds}")
+    for flag, value in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout),
+                        ("--keep-alive", keep_alive), ("--max-connections", max_connections)):
+        if value is not None and value <= 0:
+            raise RagindexError(f"{flag} must be positive, got {value}")
     settings = load_settings()
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout if header_timeout is None else header_timeout,
+        body_timeout_s=settings.body_timeout if body_timeout is None else body_timeout,
+        keep_alive_s=settings.keep_alive if keep_alive is None else keep_alive,
+        max_connections=settings.max_connections if max_connections is None else max_connections,
+    )
     st = open_store(store, settings)
     # The settings default names a hub checkpoint; only an explicit choice turns generation on.
     chosen_rag = rag_model or (settings.rag_model if "rag_model" in settings.model_fields_set else None)
@@ -99,4 +122,4 @@ def serve(
     print(f"ragindex serving {st.url} on http://{bind_host}:{bind_port} "
           f"(generation {'on: ' + chosen_rag if chosen_rag else 'off'}; "
           f"admin {'on' if settings.admin_token else 'off'})", file=sys.stderr)
-    uvicorn.run(app_, host=bind_host, port=bind_port, log_level="warning")
+    uvicorn.Server(server_config(app_, bind_host, bind_port, limits)).run()

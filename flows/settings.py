@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(10.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # What one client may hold on the server: slow request heads and bodies are cut off, connections capped.
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(30.0, gt=0)
+    keep_alive: int = Field(5, gt=0)
+    max_connections: int = Field(256, gt=0)
     debug: bool = False
 
     @field_validator("memory_budget")

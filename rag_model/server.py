@@ -13,19 +13,20 @@ import concurrent.futures
 import json
 import logging
 import queue
+import re
 import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from rag_model.index import Hit
 from rag_model.metrics import ServerMetrics
@@ -52,10 +53,20 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 # -- request / response models -------------------------------------------------------------------
 
 
+def _has_words(query: str) -> str:
+    if not query.strip():
+        raise ValueError("query is only whitespace")
+    return query
+
+
+Query = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The question."),
+                  AfterValidator(_has_words)]
+
+
 class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "who wrote hamlet", "k": 5}]})
 
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The question.")
+    query: Query
     k: int = Field(5, ge=1, le=MAX_K, description="How many passages to return.")
 
 
@@ -66,7 +77,7 @@ class GenerateRequest(BaseModel):
                                          "max_new_tokens": 32}]},
     )
 
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    query: Query
     n_docs: int = Field(5, ge=1, le=MAX_N_DOCS, description="Passages the generator conditions on.")
     mode: Literal["sequence", "token"] = Field("sequence", description="RAG-Sequence or RAG-Token decoding.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
@@ -250,13 +261,12 @@ def create_app(
     bearer = HTTPBearer(auto_error=False, description="RAGINDEX_ADMIN_TOKEN")
 
     def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        token = serving.admin_token
-        if not token:
+        if not serving.admin_token:
             raise HTTPException(403, "admin endpoints are disabled: no RAGINDEX_ADMIN_TOKEN is configured")
         if credentials is None or not credentials.credentials:
             raise HTTPException(401, "admin endpoint: send Authorization: Bearer <token>",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        if not _is_admin(serving, credentials):
             raise HTTPException(403, "wrong admin token")
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse, tags=["serving"],
@@ -280,9 +290,11 @@ def create_app(
         return {"version": result.version, "query": body.query, "mode": body.mode, "answer": result.answer,
                 "took_ms": _ms(start), "docs": [h.to_dict() for h in result.docs]}
 
-    @app.get("/v1/index", tags=["index"], summary="The serving version, the last swap and any failed one")
-    async def index_status() -> dict:
-        return await run_in_threadpool(_index_status, serving)
+    @app.get("/v1/index", tags=["index"], summary="The serving version, the last swap and any failed one "
+                                                  "(filesystem paths only with the admin token)")
+    async def index_status(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        status = await run_in_threadpool(_index_status, serving)
+        return status if _is_admin(serving, credentials) else _without_paths(status, serving.store.url)
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin)],
               summary="Read CURRENT now and swap to it (retrying a version that failed before)")
@@ -340,6 +352,27 @@ def _index_status(serving: Serving) -> dict:
         "watcher": {"poll_seconds": serving.watcher.poll_seconds, "last_error": serving.watcher.last_error},
         "generation_enabled": serving.service is not None,
     }
+
+
+def _is_admin(serving: Serving, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    token = serving.admin_token
+    return bool(token and credentials and credentials.credentials
+                and secrets.compare_digest(credentials.credentials.encode(), token.encode()))
+
+
+# An absolute or ./ ~/ path, not the tail of a URL or of a hub id like "facebook/dpr-...".
+_PATH = re.compile(r"(?<![\w:/.~-])(?:file://)?(?:~|\.{1,2})?/[^\s'\"(),;]+")
+
+
+def _without_paths(value: Any, store_url: str) -> Any:
+    """The status as anyone may see it: where the store and the models live on disk is the operator's."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v, store_url) for k, v in value.items() if k != "url"}
+    if isinstance(value, list):
+        return [_without_paths(v, store_url) for v in value]
+    if isinstance(value, str):
+        return _PATH.sub("<path>", value.replace(store_url, "<store>"))
+    return value
 
 
 def _ms(start: float) -> float:

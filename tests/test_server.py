@@ -11,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
+from rag_model.http_limits import ConnectionLimits, server_config
 from rag_model.server import create_app
 from storage.store import IndexStore
 from tests.fixtures.processes import free_port
@@ -20,12 +21,14 @@ TOKEN = "let-me-in"
 
 
 class ServerThread:
-    """uvicorn serving an app on a free 127.0.0.1 port in a thread."""
+    """uvicorn serving an app on a free 127.0.0.1 port in a thread (with `ragindex serve`'s limits, if given)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits: ConnectionLimits | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = (server_config(app, "127.0.0.1", self.port, limits) if limits
+                  else uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -162,6 +165,28 @@ def test_oversized_chunked_body_is_refused(client):
 
     r = client.post("/v1/retrieve", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
+
+
+@pytest.mark.parametrize("path", ["/v1/retrieve", "/v1/generate"])
+@pytest.mark.parametrize("query", [" ", "  \t\n  ", "\u00a0\u2003"])
+def test_whitespace_only_query_is_422(client, path, query):
+    r = client.post(path, json={"query": query})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "invalid query: Value error, query is only whitespace"
+
+
+def test_index_status_shows_paths_only_to_the_admin(client, served, tmp_path_factory):
+    store, a, _ = served
+    root = str(tmp_path_factory.getbasetemp())  # the store and the tiny encoders all live below it
+    assert store.url.startswith(("file://" + root, root))
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}):
+        r = client.get("/v1/index", headers=headers)
+        assert r.status_code == 200
+        assert root not in r.text and store.url not in r.text
+        status = r.json()
+        assert status["serving"]["version"] == a.version and status["store"]["current"]["version"] == a.version
+    admin = client.get("/v1/index", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert admin["store"]["url"] == store.url
 
 
 def test_generate_without_a_rag_model_is_503(client):
