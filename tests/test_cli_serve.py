@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ import pytest
 
 from cli.main import main
 from storage.store import IndexStore
-from tests.fixtures.processes import free_port
+from tests.fixtures.processes import free_port, stop_process, wait_until_answering
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
+from tests.test_server_limits import HEAD, seconds_until_closed
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,32 @@ def test_serve_subprocess(cli_store, tmp_path):
         proc.terminate()
         proc.wait(20)
         store.promote(b.version)  # leave the module's store as the other tests expect
+
+
+def test_serve_cuts_off_slow_clients_with_its_options(cli_store, tmp_path):
+    store, _, b = cli_store
+    port = free_port()
+    env = {**os.environ, "RAGINDEX_STORE_URL": str(tmp_path / "unused")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", "--store", store.url, "--host", "127.0.0.1", "--port", str(port),
+         "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "8"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_answering(url + "/readyz", proc, 60, "ragindex serve")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            seconds = seconds_until_closed(sock, HEAD, b"X-Slow: " + b"a" * 100, give_up_s=8)
+        assert seconds is not None and seconds < 3.0, f"slow head held the connection for {seconds}s"
+        r = httpx.post(url + "/v1/retrieve", json={"query": "capital city", "k": 1})
+        assert r.status_code == 200 and r.json()["version"] == b.version
+    finally:
+        stop_process(proc, timeout=20)
+
+
+@pytest.mark.parametrize("option", ["--header-timeout", "--body-timeout", "--keep-alive", "--max-connections"])
+def test_serve_refuses_a_limit_that_is_not_positive(cli_store, capsys, option):
+    store, _, _ = cli_store
+    assert run(["serve", "--store", store.url, option, "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be positive" in err and "Traceback" not in err
