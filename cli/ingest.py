@@ -11,6 +11,8 @@ from rich.table import Table
 from cli.options import StoreOption
 from flows.settings import load_settings, open_store
 
+app = typer.Typer()
+
 
 def _summary_table(summary: dict, out: str) -> Table:
     articles = summary["articles"]
@@ -25,8 +27,6 @@ def _summary_table(summary: dict, out: str) -> Table:
     for step, seconds in summary["timings"].items():
         table.add_row(step, f"{seconds:.2f}")
     return table
-
-app = typer.Typer()
 
 
 @app.command("download")

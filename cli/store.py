@@ -16,6 +16,8 @@ from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
 from storage.store import IndexStore
 
+app = typer.Typer()
+
 
 def _fmt_size(n: int) -> str:
     size = float(n)
@@ -50,8 +52,6 @@ def versions_report(store: IndexStore) -> dict[str, Any]:
         "current": current.model_dump(mode="json") if current else None,
         "versions": rows,
     }
-
-app = typer.Typer()
 
 
 @app.command("build")
