@@ -27,7 +27,9 @@ def temporary_prefect_server(home: Path, timeout: float = 90.0) -> Iterator[str]
     )
 
     home.mkdir(parents=True, exist_ok=True)
-    server = SubprocessASGIServer()
+    server = SubprocessASGIServer()  # one per process: stopping a shared one would stop someone else's
+    if server.running:
+        raise RagindexError("a temporary Prefect server is already running in this process")
     # The child inherits the settings in force when it starts: this home, no analytics.
     with temporary_settings(updates={PREFECT_HOME: home.resolve(), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         try:

@@ -59,14 +59,14 @@ def _has_words(query: str) -> str:
     return query
 
 
-Query = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The question."),
-                  AfterValidator(_has_words)]
+QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The question."),
+                      AfterValidator(_has_words)]
 
 
 class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "who wrote hamlet", "k": 5}]})
 
-    query: Query
+    query: QueryText
     k: int = Field(5, ge=1, le=MAX_K, description="How many passages to return.")
 
 
@@ -77,7 +77,7 @@ class GenerateRequest(BaseModel):
                                          "max_new_tokens": 32}]},
     )
 
-    query: Query
+    query: QueryText
     n_docs: int = Field(5, ge=1, le=MAX_N_DOCS, description="Passages the generator conditions on.")
     mode: Literal["sequence", "token"] = Field("sequence", description="RAG-Sequence or RAG-Token decoding.")
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
