@@ -6,18 +6,21 @@ holds a connection for ever, and ASGI middleware cannot help because it runs aft
 `DeadlineH11Protocol` closes a connection whose request head is not complete `header_timeout_s` after
 the connection opened (or after the first byte of a kept-alive request), or whose body is not complete
 `body_timeout_s` after the head. `limit_concurrency` then bounds what the remaining clients can hold:
-past it, uvicorn answers 503 at once instead of queueing.
+past it, uvicorn answers 503 at once instead of queueing. `BodyLimitMiddleware` bounds what a request
+that does arrive in time may send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 import uvicorn
+from fastapi import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,41 @@ class DeadlineH11Protocol(H11Protocol):
             log.warning("closing a connection from %s: request %s not received within %gs",
                         self.client and self.client[0], what, seconds)
             self.transport.close()
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit, whether announced by Content-Length or streamed in chunks."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI re-raises HTTPException from body reading as is
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def protocol_for(limits: ConnectionLimits) -> type[DeadlineH11Protocol]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import queue
 import re
@@ -28,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from rag_model.http_limits import BodyLimitMiddleware
 from rag_model.index import Hit
 from rag_model.metrics import ServerMetrics
 from rag_model.retriever import (
@@ -256,7 +256,7 @@ def create_app(
     )
     app.state.serving = serving
     _install_error_handlers(app)
-    app.add_middleware(_BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # added last = outermost: counts 413s too
     bearer = HTTPBearer(auto_error=False, description="RAGINDEX_ADMIN_TOKEN")
 
@@ -401,41 +401,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = simple[0]
         where = ".".join(p for p in first["loc"] if p != "body") or "body"
         return JSONResponse({"detail": f"invalid {where}: {first['msg']}", "errors": simple}, status_code=422)
-
-
-class _BodyLimitMiddleware:
-    """413 for a body over the limit, whether announced by Content-Length or streamed in chunks."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:  # FastAPI re-raises HTTPException from body reading as is
-                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited, send)
-
-    async def _reject(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 class _MetricsMiddleware:
