@@ -35,10 +35,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import tasks
+from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, is_local, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
+from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.manifest import SourceDump
-from tasks.chunk import PASSAGE_SCHEMA, UNIT_SCHEMA, chunk_article
+from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
+from tasks.chunk import chunk_article
 from tasks.clean import CleanOptions, is_disambiguation, options_to_json, read_frame, write_frame
 from tasks.parse import (
     DumpError,
@@ -55,8 +58,6 @@ from tasks.parse import (
 )
 
 MIN_UNIT_BYTES = 1 << 20  # smaller units cost more in per-unit files than they gain in balance
-PASSAGES_JSON = "passages.json"
-_PART = re.compile(r"^part-(\d{5})\.parquet$")
 _FLUSH_ROWS = 8192
 
 
@@ -241,8 +242,8 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
              s3_endpoint_url: str | None = None) -> dict:
     """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
 
-    The record is written after the Parquet file, so its presence means the unit is done; a re-run
-    with the same unit and options reuses it.
+    The record (`storage.records.UnitRecord`, as a dict) is written after the Parquet file, so its
+    presence means the unit is done; a re-run with the same unit and options reuses it.
     """
     options = options or CleanOptions.for_wiki(_wiki_of(unit.url))
     fs, work = resolve(work_dir_url, s3_endpoint_url)
@@ -250,10 +251,12 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     record_path, parquet_path = join(work, stem + ".json"), join(work, stem + ".parquet")
     key = {"unit": asdict(unit), "options": options_key(options)}
     if fs.exists(record_path):
-        with fs.open(record_path, "rb") as f:
-            record = json.loads(f.read())
-        if {k: record.get(k) for k in key} == key and fs.exists(parquet_path):
-            return record
+        try:
+            done = UnitRecord.read(fs, record_path).dump()
+        except RagindexError:
+            done = None  # a torn or foreign record: redo the unit
+        if done and {k: done.get(k) for k in key} == key and fs.exists(parquet_path):
+            return done
 
     started = time.perf_counter()
     cleaner = _cleaner_for(options)
@@ -299,17 +302,11 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
             _flush(writer, rows)
         finally:
             writer.close()
-    record = {
-        **key,
-        "ordinal": unit.ordinal,
-        "path": to_url(fs, parquet_path),
-        "seen": seen,
-        "kept": kept,
-        "skipped": dict(sorted(skipped.items())),
-        "passages": passages,
-        "words": words,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    record = UnitRecord(
+        **key, ordinal=unit.ordinal, path=to_url(fs, parquet_path), seen=seen, kept=kept,
+        skipped=dict(sorted(skipped.items())), passages=passages, words=words,
+        seconds=round(time.perf_counter() - started, 3),
+    ).dump()
     with atomic_write(fs, record_path) as f:
         f.write(json.dumps(record).encode())
     return record
@@ -339,42 +336,41 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
     `passages.json` is removed first and written last, so a reader never sees a half-written set.
+    `timings` may carry `parse_clean_chunk_s` (the units' wall time); then `total_s` is the whole
+    passages step, units and assembly.
     """
     if shard_rows <= 0:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
     started = time.perf_counter()
-    results = sorted(unit_results, key=lambda r: r["ordinal"])
+    results = sorted((UnitRecord.load(r, "a work unit's record") for r in unit_results), key=lambda r: r.ordinal)
     skipped: Counter[str] = Counter()
     for r in results:
-        skipped.update(r["skipped"])
-    seen = sum(r["seen"] for r in results)
-    kept = sum(r["kept"] for r in results)
-    total = sum(r["passages"] for r in results)
+        skipped.update(r.skipped)
+    seen = sum(r.seen for r in results)
+    total = sum(r.passages for r in results)
     if not total:
-        names = ", ".join(sorted({file_name(r["unit"]["url"]) for r in results})) or "(no files)"
+        names = ", ".join(sorted({file_name(r.unit["url"]) for r in results})) or "(no files)"
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
         raise DumpError(f"no articles in {names}: {seen} pages seen, skipped: {reasons}")
 
     fs, out = resolve(out_url, s3_endpoint_url)
-    summary_path = join(out, PASSAGES_JSON)
+    summary_path = join(out, layout.PASSAGES_SUMMARY)
     if fs.exists(summary_path):
         fs.rm(summary_path)
-    shards: list[dict] = []
+    shards: list[ShardEntry] = []
     written: list[str] = []
     try:
         for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written):
-            shards.append({"name": name, "rows": rows, "sha256": _sha256(fs, join(out, name))})
-        _remove_stale_parts(fs, out, keep={s["name"] for s in shards})
-        summary = {
-            "source": source.model_dump(mode="json"),
-            "articles": {"seen": seen, "kept": kept, "skipped": dict(sorted(skipped.items()))},
-            "passages": total,
-            "words": sum(r["words"] for r in results),
-            "shards": shards,
-            "timings": {**(timings or {}), "assemble_s": round(time.perf_counter() - started, 3)},
-        }
-        summary["timings"]["total_s"] = round(sum(v for k, v in summary["timings"].items()
-                                                  if k in ("parse_clean_chunk_s", "assemble_s")), 3)
+            shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out, name))))
+        _remove_stale_parts(fs, out, keep={s.name for s in shards})
+        step_timings = {**(timings or {}), "assemble_s": round(time.perf_counter() - started, 3)}
+        if "parse_clean_chunk_s" in step_timings:
+            step_timings["total_s"] = round(step_timings["parse_clean_chunk_s"] + step_timings["assemble_s"], 3)
+        summary = PassagesSummary(
+            source=source,
+            articles=ArticleCounts(seen=seen, kept=sum(r.kept for r in results), skipped=dict(sorted(skipped.items()))),
+            passages=total, words=sum(r.words for r in results), shards=shards, timings=step_timings,
+        ).dump()
         with atomic_write(fs, summary_path) as f:
             f.write(json.dumps(summary, indent=2).encode())
     except BaseException:
@@ -385,7 +381,7 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     return summary
 
 
-def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoint_url: str | None,
+def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_endpoint_url: str | None,
                   written: list[str]):
     """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order."""
     next_row = 0
@@ -395,7 +391,7 @@ def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoin
 
     def batches():
         for r in results:
-            ufs, upath = resolve(r["path"], s3_endpoint_url)
+            ufs, upath = resolve(r.path, s3_endpoint_url)
             with ufs.open(upath, "rb") as f:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS)
 
@@ -404,7 +400,7 @@ def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoin
         return pa.RecordBatch.from_arrays([row_ids, *batch.columns], schema=PASSAGE_SCHEMA)
 
     def emit(batches_: list[pa.RecordBatch]) -> tuple[str, int]:
-        name = f"part-{shard:05d}.parquet"
+        name = layout.passage_part(shard)
         path = join(out, name)
         written.append(path)
         table = pa.Table.from_batches(batches_, schema=PASSAGE_SCHEMA)
@@ -436,16 +432,8 @@ def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:
         return
     for path in fs.ls(out, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if _PART.match(name) and name not in keep:
+        if layout.is_passage_part(name) and name not in keep:
             fs.rm(path)
-
-
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- everything -----------------------------------------------------------------------------------
@@ -501,7 +489,7 @@ def write_passages(file_urls: list[str], out_url: str, source: SourceDump, worke
     fs, out = resolve(out_url, s3_endpoint_url)
     # Unit outputs live beside the shards locally (a crashed run resumes from them); for S3 output
     # they stay on local disk, which is cheaper than a round trip per unit.
-    work_url = join(out, "_work") if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
+    work_url = join(out, layout.WORK_DIR) if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
     try:
         results = run_units(units, work_url, workers, options, s3_endpoint_url, progress)
         units_s = time.perf_counter() - started
