@@ -40,7 +40,7 @@ from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
 from storage.names import check_file_name
 from storage.records import PassagesSummary
 from storage.timing import timed
-from tasks.index_spec import Plan, default_nlist, parse_spec, plan_index, refuse_if_over
+from tasks.index_spec import Plan, default_nlist, plan_index, refuse_if_over
 from tasks.index_tuning import tune
 from tasks.passage_table import write_passage_table
 from tasks.validate import ValidationFloors, draft_manifest, finalize_version
@@ -209,8 +209,7 @@ def build_index(
     with timed(overall, "build_s"):
         shards = open_embeddings(embeddings_url, s3_endpoint_url)
         n, dim = shards.total, shards.dim
-        name, _ = parse_spec(spec)
-        plan = None if name == "auto" else plan_index(spec, n, dim)
+        plan = plan_index(spec, n, dim)
         if plan is not None and plan.in_memory_bytes is not None:
             refuse_if_over(spec, plan.in_memory_bytes, memory_budget, n, dim)  # before reading any vector
         queries = shards.gather(sample_rows(shards.total, 500 if n <= 1_000_000 else 200, seed=3))

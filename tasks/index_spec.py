@@ -47,11 +47,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def check_index_spec(spec: str) -> str:
     """`spec` if a build could accept it (planned for DPR-sized data), else `Rejected` with one line."""
-    name, opts = parse_spec(spec)
-    if name == "auto":
-        _no_more(opts, spec)
-    else:
-        plan_index(spec, CHECK_ROWS, CHECK_DIM)
+    plan_index(spec, CHECK_ROWS, CHECK_DIM)
     return spec
 
 
@@ -84,9 +80,15 @@ def hnsw_bytes(n: int, dim: int, m: int) -> int:
     return int(n * ((dim + 1) * 4 + 2 * m * 4 * 1.1 + 16))
 
 
-def plan_index(spec: str, n: int, dim: int) -> Plan:
-    """Turn a spec into a concrete factory string and parameters for n vectors of dimension dim."""
+def plan_index(spec: str, n: int, dim: int) -> Plan | None:
+    """Turn a spec into a concrete factory string and parameters for n vectors of dimension dim.
+
+    None for `auto`, which tasks.build_index plans while building (it measures candidates).
+    """
     name, opts = parse_spec(spec)
+    if name == "auto":
+        _no_more(opts, spec)
+        return None
     if name == "flat" and not opts:
         return Plan(spec, "Flat", "ip", dim, {}, in_memory_bytes=n * dim * 4)
     if name == "hnsw":
@@ -116,8 +118,6 @@ def plan_index(spec: str, n: int, dim: int) -> Plan:
             raise Rejected(f"index spec {spec!r}: bits must be 4, 6, 8 or 16")
         code = "SQfp16" if bits == 16 else f"SQ{bits}"
         return Plan(spec, f"IVF{nlist},{code}", "ip", dim, {"nlist": nlist, "code": code})
-    if name == "auto":
-        raise AssertionError("auto is planned by tasks.build_index")
     try:
         probe = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

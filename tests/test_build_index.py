@@ -9,8 +9,8 @@ import pytest
 
 from rag_model.vector_search import read_index, search
 from storage.errors import RagindexError, Rejected
-from storage.store import IndexStore
 from storage.layout import TABLE_COLUMNS
+from storage.store import IndexStore
 from tasks import build_index as bi
 from tasks.passage_table import write_passage_table
 from tests.fixtures.versions import clustered_vectors, fingerprint_for, random_passages, write_version_inputs
