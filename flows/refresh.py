@@ -282,7 +282,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
                                        timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
 
         with _step(stage, timings, "build"):
-            index_info = build_index_task(version_id, p)
+            index_info = build_index_task.submit(version_id, p).result()
         with _step(stage, timings, "validate"):
             _remove_work_dir(store, version_id)
             manifest = validate_task(version_id, index_info, dict(timings), p)

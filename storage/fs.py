@@ -101,8 +101,11 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
             os.remove(tmp)
 
 
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    """A small JSON file, parsed: `NotFound` when it is missing, `RagindexError` when it is not JSON."""
+def load_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """A small JSON file, parsed: `NotFound` when it is missing, `RagindexError` when it is not JSON.
+
+    (storage.pointer.read_json is the other reader: it also returns the token a compare-and-swap needs.)
+    """
     try:
         with fs.open(path, "rb") as f:
             return json.loads(f.read())

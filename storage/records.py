@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from storage.errors import RagindexError
-from storage.fs import read_json, to_url
+from storage.fs import load_json, to_url
 from storage.manifest import EncoderFingerprint, SourceDump
 
 R = TypeVar("R", bound="Record")
@@ -38,7 +38,7 @@ class Record(BaseModel):
     @classmethod
     def read(cls: type[R], fs: Any, path: str) -> R:
         """Read and validate a record file (`NotFound` when it is missing)."""
-        return cls.load(read_json(fs, path), to_url(fs, path))
+        return cls.load(load_json(fs, path), to_url(fs, path))
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -6,7 +6,11 @@ result is a `DumpRef`: where it came from and which files, with their sha1 and s
 
 Mirror downloads stream to a temp name beside the target, resume with an HTTP Range request,
 retry with backoff, and are renamed into place only once their sha1 matches, so a file under its
-final name in `downloads/<wiki>/<date>/` is always complete and verified.
+final name in `downloads/<wiki>/<date>/` is always complete and verified. Network trouble is retried
+here (backoff, resumed transfers) and only here: the flow's Prefect tasks do not retry on top.
+
+A little over ~400 lines: locating a dump (mirror or local/S3 layout) and fetching it share the
+mirror's layout, `DumpRef` and the HTTP client.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tqdm import tqdm
 
 from storage import names
 from storage.errors import InvalidName, NotFound, RagindexError, Rejected
-from storage.fs import file_digest, is_local, join, read_json, resolve, to_url
+from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
 from tasks.parse import index_name_for
@@ -233,7 +237,7 @@ def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
         for run in fs.ls(wiki_dir, detail=False):
             name = run.rstrip("/").rsplit("/", 1)[-1]
             status_path = join(run, DUMPSTATUS)
-            if re.fullmatch(r"\d{8}", name) and fs.exists(status_path) and _job_done(read_json(fs, status_path),
+            if re.fullmatch(r"\d{8}", name) and fs.exists(status_path) and _job_done(load_json(fs, status_path),
                                                                                     job):
                 candidates.append((name, run))
     if len({run.rstrip("/").rsplit("/", 2)[-2] for _, run in candidates}) > 1:
@@ -243,7 +247,7 @@ def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
 
 
 def _run_dir_ref(fs, run: str, job: str) -> DumpRef:
-    status = read_json(fs, join(run, DUMPSTATUS))
+    status = load_json(fs, join(run, DUMPSTATUS))
     parts = run.rstrip("/").rsplit("/", 2)
     date = parts[-1]
     files = files_from_status(status, job, to_url(fs, run))
