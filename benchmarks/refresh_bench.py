@@ -48,7 +48,7 @@ def main() -> None:
         full_s = time.monotonic() - t0
         print(f"\nfull build: {full_s:.1f}s wall, {full['counts'].get('passages', 0)} passages, "
               f"encoded {full['counts'].get('encoded', 0)}")
-        steps = {k: v for k, v in full["timings"].items() if k != "total"}
+        steps = {k: v for k, v in full["timings"].items() if k != "total_s"}
         for name, secs in steps.items():
             print(f"  {name:<10} {secs:8.2f}s  {100 * secs / full_s:5.1f}%")
 

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.settings import Settings, parse_size
+from storage.errors import Rejected
 from storage.fs import is_local, resolve
 from storage.names import check_dump_date, check_wiki
 from storage.store import IndexStore
-
-NAMED_SPECS = {"auto", "flat", "hnsw", "ivfpq", "ivfsq"}
-_FACTORY_RE = re.compile(r"^[A-Za-z0-9_,.+=x]+$")
-
-
-def check_index_spec(spec: str) -> str:
-    """A named spec, or a faiss factory string that faiss itself accepts."""
-    if spec in NAMED_SPECS:
-        return spec
-    if not _FACTORY_RE.match(spec):
-        raise ValueError(f"unknown index spec {spec!r}: use auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string")
-    import faiss
-
-    try:  # 768 = DPR's dimension; every common factory component divides it
-        faiss.index_factory(768, spec, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise ValueError(
-            f"unknown index spec {spec!r}: not auto/flat/hnsw/ivfpq/ivfsq and faiss cannot parse it as a factory string"
-        ) from None
-    return spec
+from tasks.index_spec import check_index_spec
 
 
 class RefreshParams(BaseModel):
@@ -107,7 +88,10 @@ class RefreshParams(BaseModel):
     @field_validator("index_spec")
     @classmethod
     def _spec(cls, v: str) -> str:
-        return check_index_spec(v)
+        try:
+            return check_index_spec(v)  # the grammar `ragindex build` uses, so both accept the same specs
+        except Rejected as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _locations(self) -> RefreshParams:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,9 +24,12 @@ from prefect.events import emit_event
 from flows.params import RefreshParams
 from flows.settings import load_settings
 from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
-from storage.errors import RagindexError, Rejected
-from storage.manifest import Manifest
+from storage import layout
+from storage.errors import RagindexError, Rejected, first_line
+from storage.manifest import IndexInfo, Manifest
+from storage.records import EmbeddedShard, PassagesSummary
 from storage.store import IndexStore
+from storage.timing import timed
 from tasks import build_index, download, embed, passages, promote, validate
 
 CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
@@ -49,29 +53,18 @@ class RefreshOutcome:
 
 
 # -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
+# Network trouble is retried once, inside tasks.download (backoff, and Range requests that resume a
+# transfer); the Prefect tasks do not retry on top of that.
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry network trouble; a bad name, a missing dump or a sha1 mismatch will not heal by waiting."""
-    try:
-        state.result()
-    except download.DownloadError:
-        return True
-    except RagindexError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(name="resolve-dump", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient)
+@task(name="resolve-dump")
 def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
     if p.source:
         return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url)
     return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
 
 
-@task(name="download", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=_transient)
+@task(name="download")
 def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
     return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False)
 
@@ -110,32 +103,29 @@ def embed_shard_task(
 
 
 @task(name="build-index")
-def build_index_task(embeddings_url: str, index_url: str, p: RefreshParams) -> Any:
-    return build_index.build_index(
-        embeddings_url, index_url, spec=p.index_spec, memory_budget=p.memory_budget_bytes,
-        s3_endpoint_url=p.s3_endpoint_url, progress=False,
+def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
+    """index.faiss and passages.arrow, by the same function `ragindex build` uses."""
+    return build_index.build_version_files(
+        p.store(), version_id, spec=p.index_spec, memory_budget=p.memory_budget_bytes, progress=False,
     )
 
 
-@task(name="passage-table")
-def passage_table_task(passages_url: str, table_url: str, p: RefreshParams) -> int:
-    return build_index.write_passage_table(passages_url, table_url, s3_endpoint_url=p.s3_endpoint_url)
-
-
 @task(name="validate")
-def validate_task(draft: Manifest, p: RefreshParams) -> Manifest:
+def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, float], p: RefreshParams) -> Manifest:
+    store = p.store()
     question_encoder = None
     if p.canaries:
         from rag_model.encoders import load_question_encoder
 
+        _, embeddings = validate.read_summaries(store, version_id)
+        fp = embeddings.fingerprint
         question_encoder = load_question_encoder(
-            draft.question_encoder or paired_question_encoder(draft.encoder.model_id, draft.encoder.kind),
-            kind=draft.encoder.kind,
-            normalize=draft.encoder.normalize,
+            embeddings.question_encoder or paired_question_encoder(fp.model_id, fp.kind),
+            kind=fp.kind,
+            normalize=fp.normalize,
         )
-    return validate.finalize_version(
-        p.store(), draft, p.floors(), canaries=p.canaries, question_encoder=question_encoder
-    )
+    return build_index.finish_version(store, version_id, index_info, p.floors(), timings=timings,
+                                      canaries=p.canaries, question_encoder=question_encoder)
 
 
 @task(name="promote")
@@ -200,137 +190,125 @@ def build_version_flow(p: RefreshParams) -> dict:
     try:
         outcome = _build_version(p, stage)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StepFailed(f"refresh-index failed in step '{stage[0]}': {first}") from exc
+        raise StepFailed(f"refresh-index failed in step '{stage[0]}': {first_line(exc)}") from exc
     if outcome["status"] == "rejected":
         raise Rejected(f"version {outcome['version']} rejected: {outcome['reason']}")
     return outcome
 
 
 def _build_version(p: RefreshParams, stage: list[str]) -> dict:
-    logger = get_run_logger()
-    started = time.monotonic()
     timings: dict[str, float] = {}
     store = p.store()
+    with timed(timings, "total_s"):
+        with _step(stage, timings, "resolve"):
+            published = resolve_dump_task(p)
+            fingerprint = fingerprint_of(p.encoder_spec())
+            # The nightly run must be cheap when nothing changed: decide before downloading anything.
+            dump_sha1 = dump_identity(published, p.s3_endpoint_url)
+            # Record the identity in the manifest too, so that the next run can recognise this dump.
+            ref = replace(published, files=[replace(f, sha1=sha1)
+                                            for f, sha1 in zip(published.files, dump_sha1, strict=True)])
+            existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
+        if existing and not p.force:
+            outcome = RefreshOutcome(
+                status="up-to-date", version=existing, current=_current(store),
+                reason=f"version {existing} already holds this dump, encoder and index spec",
+                dump=ref.source().model_dump(),
+            )
+        else:
+            with _step(stage, timings, "download"):
+                # Verified against what the source published: a sha1 computed above needs no second pass.
+                files = download_task(published, p)
+            outcome = _build(p, stage, timings, store, ref, files, dump_sha1)
+    outcome.timings = timings
+    _report(outcome)
+    return asdict(outcome)
 
-    def begin(name: str) -> float:
-        stage[0] = name
-        return time.monotonic()
 
-    def step(name: str, t0: float) -> None:
-        timings[name] = round(time.monotonic() - t0, 3)
+@contextmanager
+def _step(stage: list[str], timings: dict[str, float], name: str) -> Iterator[None]:
+    """A step of the run: named in a failure, timed as `<name>_s`."""
+    stage[0] = name
+    with timed(timings, f"{name}_s"):
+        yield
 
-    t0 = begin("resolve")
-    ref = resolve_dump_task(p)
+
+def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store: IndexStore,
+           ref: download.DumpRef, files: list[str], dump_sha1: list[str]) -> RefreshOutcome:
+    logger = get_run_logger()
     spec = p.encoder_spec()
     fingerprint = fingerprint_of(spec)
-    # The nightly run must be cheap when nothing changed: decide before downloading anything.
-    dump_sha1 = dump_identity(ref, p.s3_endpoint_url)
-    # Record the identity in the manifest too, so that the next run can recognise this dump.
-    ref = replace(ref, files=[replace(f, sha1=sha1) for f, sha1 in zip(ref.files, dump_sha1, strict=True)])
     build_key = _build_key(dump_sha1, fingerprint.key, p)
-    existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
-    if existing and not p.force:
-        outcome = RefreshOutcome(
-            status="up-to-date", version=existing, current=_current(store),
-            reason=f"version {existing} already holds this dump, encoder and index spec",
-            dump=ref.source().model_dump(), timings=timings,
-        )
-        _report(outcome)
-        return asdict(outcome)
-    stage[0] = "download"
-    files = download_task(ref, p)
-    step("download", t0)
-
     stage[0] = "lock"
     with store.build_lock(owner=f"refresh-index:{build_key[:12]}"):
         version_id = _resume_or_begin(store, ref, build_key)
         logger.info("building version %s (build key %s)", version_id, build_key[:12])
+        results_at = p.result_storage()
 
         # parse + chunk: one cached task per unit, in parallel
-        t0 = begin("passages")
-        units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
-        work_dir = store.version_url(version_id, "_work")
-        results_at = p.result_storage()
-        progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
-        futures = [
-            parse_unit_task.with_options(result_storage=results_at).submit(
-                unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION, p.s3_endpoint_url
-            )
-            for unit in units
-        ]
-        unit_results = _gather(futures, progress)
-        passages_url = store.version_url(version_id, "passages")
-        summary = assemble_task(unit_results, passages_url, ref, p)
-        step("passages", t0)
+        with _step(stage, timings, "passages"):
+            units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
+            work_dir = store.version_url(version_id, layout.WORK_DIR)
+            progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
+            futures = [
+                parse_unit_task.with_options(result_storage=results_at).submit(
+                    unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION, p.s3_endpoint_url
+                )
+                for unit in units
+            ]
+            unit_results = _gather(futures, progress)
+            passages_url = store.version_url(version_id, layout.PASSAGES_DIR)
+            summary = PassagesSummary.load(assemble_task(unit_results, passages_url, ref, p), "passages summary")
 
         # embed: one cached task per shard, reusing vectors of unchanged passages
-        t0 = begin("embed")
-        reuse_from = embed.find_reuse_sources(store, fingerprint)
-        embeddings_url = store.version_url(version_id, "embeddings")
-        progress = create_progress_artifact(0.0, description=f"embedding {len(summary['shards'])} shards")
-        embed_one = embed_shard_task.with_options(result_storage=results_at)
-        futures = []
-        for shard in summary["shards"]:
-            fut = embed_one.submit(
-                f"{passages_url}/{shard['name']}", shard["sha256"], embeddings_url, spec, fingerprint.key,
-                reuse_from, p.batch_size, CODE_VERSION, p.s3_endpoint_url,
-            )
-            if p.task_runner == "threads":
-                # torch already uses every core for one shard; shards side by side only thrash.
-                fut.result()  # stop at the first failed shard: a re-run resumes from there
-            futures.append(fut)
-        shard_records = _gather(futures, progress)
-        resumed = sum(1 for f in futures if f.state.name == "Cached")
+        with _step(stage, timings, "embed"):
+            reuse_from = embed.find_reuse_sources(store, fingerprint)
+            embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
+            progress = create_progress_artifact(0.0, description=f"embedding {len(summary.shards)} shards")
+            embed_one = embed_shard_task.with_options(result_storage=results_at)
+            futures = []
+            for shard in summary.shards:
+                fut = embed_one.submit(
+                    f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
+                    reuse_from, p.batch_size, CODE_VERSION, p.s3_endpoint_url,
+                )
+                if p.task_runner == "threads":
+                    # torch already uses every core for one shard; shards side by side only thrash.
+                    fut.result()  # stop at the first failed shard: a re-run resumes from there
+                futures.append(fut)
+            shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in _gather(futures, progress)]
         question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
-        emb_summary = embed.write_embeddings_summary(
-            embeddings_url, spec, shard_records, question, time.monotonic() - t0,
-            s3_endpoint_url=p.s3_endpoint_url,
-        )
-        step("embed", t0)
+        embed.write_embeddings_summary(embeddings_url, spec, [r.dump() for r in shard_records], question,
+                                       timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
 
-        t0 = begin("build")
-        index_future = build_index_task.submit(embeddings_url, store.version_url(version_id, "index.faiss"), p)
-        table_future = passage_table_task.submit(passages_url, store.version_url(version_id, "passages.arrow"), p)
-        index_info = index_future.result()
-        table_future.result()
-        step("build", t0)
+        with _step(stage, timings, "build"):
+            index_info = build_index_task.submit(version_id, p).result()
+        with _step(stage, timings, "validate"):
+            _remove_work_dir(store, version_id)
+            manifest = validate_task(version_id, index_info, dict(timings), p)
 
-        t0 = begin("validate")
-        _remove_work_dir(store, version_id)
-        parent = store.latest_ready()
-        draft = validate.draft_manifest(
-            store, version_id, passages_summary=summary, embeddings_summary=emb_summary,
-            index=index_info, timings=timings, parent=parent.version if parent else None,
-        )
-        manifest = validate_task(draft, p)
-        step("validate", t0)
-
+    fresh = [r for r, f in zip(shard_records, futures, strict=True) if f.state.name != "Cached"]
     counts = {
         **manifest.counts,
         "shards": len(shard_records),
-        "shards_resumed": resumed,
-        "encoded_this_run": sum(r["encoded"] for r, f in zip(shard_records, futures, strict=True)
-                                if f.state.name != "Cached" and not r.get("skipped")),
+        "shards_resumed": len(shard_records) - len(fresh),
+        "encoded_this_run": sum(r.encoded for r in fresh if not r.skipped),
     }
     outcome = RefreshOutcome(
         status="built", version=version_id, reason="", counts=counts, skipped=manifest.skipped,
         validation=manifest.validation.model_dump() if manifest.validation else None,
-        index=manifest.index.model_dump(), dump=ref.source().model_dump(), timings=timings,
+        index=manifest.index.model_dump(), dump=ref.source().model_dump(),
     )
     if manifest.status != "ready":
         outcome.status, outcome.reason = "rejected", manifest.validation.reason if manifest.validation else ""
     elif p.promote:
-        t0 = begin("promote")
-        promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
-        step("promote", t0)
+        with _step(stage, timings, "promote"):
+            promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
         outcome.status, outcome.reason = "promoted", "validation passed"
     else:
         outcome.reason = "validation passed; not promoted (promote=false)"
     outcome.current = _current(store)
-    outcome.timings["total"] = round(time.monotonic() - started, 3)
-    _report(outcome)
-    return asdict(outcome)
+    return outcome
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -374,7 +352,7 @@ def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -
 
 
 def _remove_work_dir(store: IndexStore, version_id: str) -> None:
-    path = store.version_path(version_id, "_work")
+    path = store.version_path(version_id, layout.WORK_DIR)
     if store.fs.exists(path):
         store.fs.rm(path, recursive=True)
 

@@ -5,37 +5,18 @@ Everything below the edge receives plain arguments; no other module reads the en
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from storage.sizes import parse_size
 from storage.store import IndexStore
 
 DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-multiset-base"
 DEFAULT_DPR_QUESTION = "facebook/dpr-question_encoder-multiset-base"
 USER_AGENT = "ragindex/0.1 (https://github.com/ragindex/ragindex; index refresh bot)"
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """'16GiB' / '512M' / 1234 -> bytes; a clear ValueError for anything else, negatives included."""
-    if isinstance(text, int):
-        if text <= 0:
-            raise ValueError(f"size must be positive, got {text}")
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 16GiB, 512MiB, 2000000000)")
-    unit = (m.group(2) or "").upper().removesuffix("B")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return value
 
 
 class Settings(BaseSettings):

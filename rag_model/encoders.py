@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import RagindexError
+from storage.errors import RagindexError, first_line
+from storage.fs import file_digest
 from storage.manifest import EncoderFingerprint
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,7 @@ def _sha256_files(paths: tuple[str, ...], signature: tuple) -> str:
 
 
 def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(LocalFileSystem(), path)
 
 
 def _load_config(directory: Path, model: str) -> Any:
@@ -150,12 +148,7 @@ def _load_config(directory: Path, model: str) -> Any:
     try:
         return AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as exc:
-        raise EncoderError(f"encoder model {model}: unreadable config ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise EncoderError(f"encoder model {model}: unreadable config ({first_line(exc)})") from None
 
 
 def _check_config(config: Any, kind: str, model: str, role: Literal["document", "question"]) -> None:
@@ -251,7 +244,7 @@ def _load_tokenizer(directory: Path, model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # a missing or broken tokenizer surfaces as many exception types
-        raise EncoderError(f"encoder model {model}: cannot load its tokenizer ({_first_line(exc)})") from None
+        raise EncoderError(f"encoder model {model}: cannot load its tokenizer ({first_line(exc)})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise EncoderError(f"encoder model {model}: needs a fast tokenizer (tokenizer.json or vocab.txt)")
     return tokenizer
@@ -261,7 +254,7 @@ def _load_weights(cls: Any, directory: Path, model: str) -> torch.nn.Module:
     try:
         net, info = cls.from_pretrained(directory, output_loading_info=True, dtype=torch.float32)
     except Exception as exc:
-        raise EncoderError(f"encoder model {model}: cannot load weights ({_first_line(exc)})") from None
+        raise EncoderError(f"encoder model {model}: cannot load weights ({first_line(exc)})") from None
     # Missing weights mean random vectors that look fine; refuse instead (e.g. a question encoder
     # directory loaded as a context encoder). A pooler the mean kind does not use may be absent.
     missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]

@@ -14,31 +14,27 @@ from the version's own `embeddings/part-*.npy`, memory-mapped on first use.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
-import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from transformers.models.rag.retrieval_rag import Index
 
+from rag_model.vectors import load_shard
+from storage import layout
+from storage.cache import local_copy
 from storage.errors import NotFound, RagindexError, Rejected
-from storage.fs import is_local
+from storage.layout import INDEX_FILE, PASSAGE_TABLE, TABLE_COLUMNS
 from storage.manifest import Manifest
+from storage.records import EmbeddingsSummary
 from storage.store import IndexStore
+from storage.timing import timed
 
 log = logging.getLogger(__name__)
-
-PASSAGES_ARROW = "passages.arrow"
-INDEX_FAISS = "index.faiss"
-PASSAGE_COLUMNS = ("row_id", "passage_id", "page_id", "rev_id", "title", "text")
 
 
 @dataclass(frozen=True)
@@ -66,10 +62,6 @@ def wiki_language(wiki: str) -> str:
 
 def revision_url(lang: str, page_id: int, rev_id: int) -> str:
     return f"https://{lang}.wikipedia.org/w/index.php?curid={page_id}&oldid={rev_id}"
-
-
-def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "ragindex-cache")
 
 
 class VersionIndex(Index):
@@ -107,22 +99,21 @@ class VersionIndex(Index):
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        cache = cache_dir or default_cache_dir()
-        index_url = store.version_url(version_id, INDEX_FAISS)
+        index_url = store.version_url(version_id, INDEX_FILE)
         try:
             faiss_index = vector_search.read_index(
-                index_url, mmap=True, cache_dir=cache, s3_endpoint_url=store.s3_endpoint_url
+                index_url, mmap=True, cache_dir=cache_dir, s3_endpoint_url=store.s3_endpoint_url
             )
         except FileNotFoundError:
-            raise NotFound(f"version {version_id} has no {INDEX_FAISS} in {store.url}") from None
-        passages = _map_passages(store, version_id, cache)
+            raise NotFound(f"version {version_id} has no {INDEX_FILE} in {store.url}") from None
+        passages = _map_passages(store, version_id, cache_dir)
         rows = manifest.counts.get("passages", passages.num_rows)
         if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
             raise Rejected(
                 f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
-                f"{passages.num_rows} rows in {PASSAGES_ARROW}, manifest counts {rows}"
+                f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
             )
-        embeddings = _embedding_files(store, version_id, cache) if with_embeddings else None
+        embeddings = _embedding_files(store, version_id, cache_dir) if with_embeddings else None
         return cls(version_id, manifest, faiss_index, passages, embeddings)
 
     # -- searching -----------------------------------------------------------------------------
@@ -169,17 +160,18 @@ class VersionIndex(Index):
         taken = self.passages.take(pa.array(row_ids, type=pa.int64())).to_pylist()
         for want, row in zip(row_ids, taken, strict=True):
             if row["row_id"] != want:  # the contract says row i has row_id i; never serve a wrong passage
-                raise RagindexError(f"version {self.version}: {PASSAGES_ARROW} row {want} has row_id {row['row_id']}")
+                raise RagindexError(f"version {self.version}: {PASSAGE_TABLE} row {want} has row_id {row['row_id']}")
         return taken
 
     def warm_up(self, rounds: int = 3, k: int = 5) -> float:
         """A few real searches and look-ups, so the first request after a swap does not pay for page faults."""
-        start = time.perf_counter()
-        rng = np.random.default_rng(0)
-        for _ in range(rounds):
-            queries = rng.standard_normal((2, self.dim)).astype(np.float32)
-            self.search(queries, min(k, self.size))
-        return time.perf_counter() - start
+        timing: dict[str, float] = {}
+        with timed(timing, "warm_up_s"):
+            rng = np.random.default_rng(0)
+            for _ in range(rounds):
+                queries = rng.standard_normal((2, self.dim)).astype(np.float32)
+                self.search(queries, min(k, self.size))
+        return timing["warm_up_s"]
 
     def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
         """Document vectors [.., dim] for row ids (from the version's embedding shards)."""
@@ -200,9 +192,8 @@ class VersionIndex(Index):
             if self._embedding_shards is None:
                 if self._embedding_files is None:
                     raise RagindexError(f"version {self.version} was opened without its embeddings")
-                self._embedding_shards = [
-                    (first, np.load(path, mmap_mode="r")) for first, path in self._embedding_files
-                ]
+                local = LocalFileSystem()
+                self._embedding_shards = [(first, load_shard(local, path)) for first, path in self._embedding_files]
             return self._embedding_shards
 
     def summary(self) -> dict[str, Any]:
@@ -247,52 +238,31 @@ class VersionIndex(Index):
         return f"VersionIndex({self.version!r}, rows={self.size})"
 
 
-def _local_file(store: IndexStore, version_id: str, relpath: str, cache_dir: str) -> str:
-    """A local path to a version file: in place for a local store, else a copy in the cache.
-
-    Versions are immutable, so a cached copy keyed by version id is valid forever; the copy is
-    written to a temp name and renamed so a crash never leaves a half file that looks complete.
-    """
-    remote = store.version_path(version_id, relpath)
-    if is_local(store.fs):
-        if not os.path.exists(remote):
-            raise NotFound(f"version {version_id} has no {relpath} in {store.url}")
-        return remote
-    local = os.path.join(cache_dir, version_id, relpath)
-    if os.path.exists(local):
-        return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.{uuid.uuid4().hex}.tmp"
+def _local_file(store: IndexStore, version_id: str, relpath: str, cache_dir: str | None) -> str:
+    """A local path to a version file: in place for a local store, else a copy in the shared cache."""
     try:
-        with store.fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(tmp, local)
+        return local_copy(store.fs, store.version_path(version_id, *relpath.split("/")), cache_dir)
     except FileNotFoundError:
         raise NotFound(f"version {version_id} has no {relpath} in {store.url}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return local
 
 
-def _map_passages(store: IndexStore, version_id: str, cache_dir: str) -> pa.Table:
-    path = _local_file(store, version_id, PASSAGES_ARROW, cache_dir)
+def _map_passages(store: IndexStore, version_id: str, cache_dir: str | None) -> pa.Table:
+    path = _local_file(store, version_id, PASSAGE_TABLE, cache_dir)
     try:
         table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     except pa.ArrowInvalid as exc:
-        raise Rejected(f"version {version_id}: {PASSAGES_ARROW} is not an Arrow IPC file: {exc}") from None
-    missing = [c for c in PASSAGE_COLUMNS if c not in table.column_names]
+        raise Rejected(f"version {version_id}: {PASSAGE_TABLE} is not an Arrow IPC file: {exc}") from None
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
     if missing:
-        raise Rejected(f"version {version_id}: {PASSAGES_ARROW} lacks columns {missing}")
-    return table.select(list(PASSAGE_COLUMNS))
+        raise Rejected(f"version {version_id}: {PASSAGE_TABLE} lacks columns {missing}")
+    return table.select(list(TABLE_COLUMNS))
 
 
-def _embedding_files(store: IndexStore, version_id: str, cache_dir: str) -> list[tuple[int, str]]:
-    summary_path = _local_file(store, version_id, "embeddings/embeddings.json", cache_dir)
-    with open(summary_path) as f:
-        summary = json.load(f)
+def _embedding_files(store: IndexStore, version_id: str, cache_dir: str | None) -> list[tuple[int, str]]:
+    path = store.version_path(version_id, layout.EMBEDDINGS_DIR, layout.EMBEDDINGS_SUMMARY)
+    summary = EmbeddingsSummary.read(store.fs, path)
     files, first = [], 0
-    for shard in summary["shards"]:
-        files.append((first, _local_file(store, version_id, f"embeddings/{shard['name']}", cache_dir)))
-        first += int(shard["rows"])
+    for shard in summary.shards:
+        files.append((first, _local_file(store, version_id, f"{layout.EMBEDDINGS_DIR}/{shard.name}", cache_dir)))
+        first += shard.rows
     return files

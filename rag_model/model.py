@@ -15,8 +15,6 @@ from typing import Any, Literal
 
 import torch
 from transformers import (
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     RagConfig,
     RagSequenceForGeneration,
     RagTokenForGeneration,
@@ -90,25 +88,6 @@ class RagService:
         except OSError as exc:
             raise RagindexError(f"cannot load RAG model {rag_model!r}: {str(exc).splitlines()[0]}") from None
         return cls(model, tokenizer.question_encoder, tokenizer.generator, model_id=rag_model, **kwargs)
-
-    @classmethod
-    def from_parts(cls, question_encoder: str, generator: str, n_docs: int = 5,
-                   max_combined_length: int = 300, **kwargs: Any) -> RagService:
-        """Assemble a RAG model from a DPR question encoder and a seq2seq generator (ids or paths)."""
-        from rag_model.encoders import load_question_encoder
-
-        qe = load_question_encoder(question_encoder, "dpr")
-        try:
-            gen = AutoModelForSeq2SeqLM.from_pretrained(generator)
-            gen_tokenizer = AutoTokenizer.from_pretrained(generator)
-        except OSError as exc:
-            raise RagindexError(f"cannot load generator {generator!r}: {str(exc).splitlines()[0]}") from None
-        config = RagConfig.from_question_encoder_generator_configs(
-            qe.model.config, gen.config, n_docs=n_docs, max_combined_length=max_combined_length,
-            retrieval_vector_size=qe.dim, index_name="ragindex",
-        )
-        model = RagSequenceForGeneration(config, question_encoder=qe.model, generator=gen)
-        return cls(model, qe.tokenizer, gen_tokenizer, model_id=f"{question_encoder}+{generator}", **kwargs)
 
     @property
     def sequence_model(self) -> RagSequenceForGeneration:

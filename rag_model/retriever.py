@@ -32,7 +32,7 @@ import numpy as np
 from transformers import RagConfig, RagRetriever
 
 from rag_model.index import Hit, VersionIndex
-from storage.errors import RagindexError, Rejected
+from storage.errors import RagindexError, Rejected, first_line
 from storage.manifest import Manifest
 from storage.store import IndexStore
 
@@ -131,10 +131,6 @@ class HotSwapRetriever(RagRetriever):
             raise NotReady("no index version is loaded yet")
         return current
 
-    @index.setter
-    def index(self, value: VersionIndex) -> None:
-        self._current = value
-
     @property
     def version(self) -> str | None:
         current = self._current
@@ -191,7 +187,7 @@ class HotSwapRetriever(RagRetriever):
             except Exception as exc:  # any failure keeps the old version serving; it is reported, not raised
                 result = SwapResult(
                     ok=False, version=version_id, previous=previous, seconds=time.perf_counter() - start,
-                    error=_one_line(exc),
+                    error=_swap_error(exc),
                 )
                 self.last_failure = result
                 log.error("swap to %s refused, still serving %s: %s", version_id, previous, result.error)
@@ -253,10 +249,6 @@ class HotSwapRetriever(RagRetriever):
         index = self.index  # taken once: the whole batch comes from this version
         return RetrievalResult(index.version, index.search(self.encode(questions), k))
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> RetrievalResult:
-        index = self.index
-        return RetrievalResult(index.version, index.search(vectors, k))
-
     def retrieve(self, question_hidden_states: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """RagRetriever.retrieve, reading the index reference once (the base class reads it twice)."""
         index = self.index
@@ -300,10 +292,9 @@ def _check_dim(dim: int, loaded: VersionIndex) -> None:
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if isinstance(exc, RagindexError) else f"{type(exc).__name__}: {text}"
+def _swap_error(exc: BaseException) -> str:
+    """An expected failure as its message; anything else also names its type (it is a bug to report)."""
+    return first_line(exc) if isinstance(exc, RagindexError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def paired_question_encoder_factory(

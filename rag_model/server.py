@@ -4,6 +4,9 @@ Concurrency: `/v1/retrieve` requests are queued to one micro-batching thread tha
 questions together and searches the index once per batch (off the event loop; one version per
 batch); `/v1/generate` runs in a worker thread and `RagService` serializes model calls. The
 watcher thread follows CURRENT and swaps versions without stopping either.
+
+Longer than ~400 lines because it is one FastAPI app: the eight endpoints, their request models and
+the batcher share the app's state, and splitting them would only pass that state around.
 """
 
 from __future__ import annotations

@@ -7,26 +7,20 @@ dimension sqrt(phi - ||d||^2) on the stored vectors, 0 on the query). Knows noth
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-import uuid
 
 import faiss
 import numpy as np
 
-from storage.fs import is_local, resolve
+from storage.cache import local_copy
+from storage.errors import NotFound
+from storage.fs import resolve
 from storage.manifest import IndexInfo
 
 log = logging.getLogger(__name__)
 
 # Index types whose searches ignore some parameter names; ParameterSpace raises on unknown ones.
 _PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "ht", "k_factor")
-
-
-def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "ragindex-index-cache")
 
 
 def read_index(
@@ -36,14 +30,12 @@ def read_index(
 
     Flat codes (IndexFlat*, the storage of IndexHNSWFlat) map with IO_FLAG_MMAP_IFC, inverted lists
     with IO_FLAG_MMAP; anything else is read normally. An S3 index is first copied into a local
-    cache (versions are immutable, so the URL and size identify the content).
+    cache (storage.cache: versions are immutable, so the URL and size identify the content).
     """
     fs, path = resolve(url, s3_endpoint_url)
     if not fs.exists(path):
-        from storage.errors import NotFound
-
         raise NotFound(f"no index file at {url}")
-    local = path if is_local(fs) else _cached_copy(fs, path, url, cache_dir or default_cache_dir())
+    local = local_copy(fs, path, cache_dir)
     if not mmap:
         return faiss.read_index(local)
     for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
@@ -59,24 +51,6 @@ def read_index(
     index = faiss.read_index(local)
     log.info("read %s into memory (no mmap support for %s)", url, type(index).__name__)
     return index
-
-
-def _cached_copy(fs, path: str, url: str, cache_dir: str) -> str:
-    size = fs.size(path)
-    key = hashlib.sha256(f"{url}\0{size}".encode()).hexdigest()[:24]
-    target = os.path.join(cache_dir, key, os.path.basename(path))
-    if os.path.exists(target) and os.path.getsize(target) == size:
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log.info("copied %s to local cache %s for memory mapping", url, target)
-    return target
 
 
 def apply_search_params(index: faiss.Index, info: IndexInfo) -> None:

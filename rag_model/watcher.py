@@ -61,10 +61,6 @@ class CurrentWatcher:
             self._thread.start()
         return self
 
-    def wake(self) -> None:
-        """Check now instead of at the next poll (e.g. on a `ragindex.index.promoted` event)."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()

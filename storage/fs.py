@@ -7,17 +7,18 @@ code path. The S3 endpoint is passed in (from settings), never read from the env
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import RagindexError
+from storage.errors import NotFound, RagindexError
 
 SUPPORTED_SCHEMES = ("file", "s3")
 
@@ -99,6 +100,19 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+def load_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """A small JSON file, parsed: `NotFound` when it is missing, `RagindexError` when it is not JSON.
+
+    (storage.pointer.read_json is the other reader: it also returns the token a compare-and-swap needs.)
+    """
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise NotFound(f"{to_url(fs, path)} is missing") from None
+    except ValueError:
+        raise RagindexError(f"{to_url(fs, path)} is not valid JSON") from None
 
 
 def file_digest(

@@ -5,6 +5,7 @@ Layout under one root URL (local path or s3://bucket/prefix):
     downloads/<wiki>/<dump_date>/...   raw dump files
     versions/<id>/_staging.json        present while a version is being written
     versions/<id>/manifest.json        written LAST: a version exists only if its manifest does
+    versions/<id>/...                  what a version holds: storage.layout
     CURRENT                            {"version", "previous", "generation", "updated_at"}
     history/<generation>.json          one per promote / rollback, never rewritten
     pins/<id>                          pinned versions survive gc
@@ -14,7 +15,6 @@ Layout under one root URL (local path or s3://bucket/prefix):
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 import socket
 from collections.abc import Iterator
@@ -25,12 +25,10 @@ from typing import Any
 
 from storage import names
 from storage.errors import Conflict, NotFound, Rejected
-from storage.fs import atomic_write, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, join, resolve, to_url
+from storage.layout import MANIFEST, STAGING_MARKER
 from storage.manifest import HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, read_json, swap_json
-
-MANIFEST = "manifest.json"
-STAGING_MARKER = "_staging.json"
 
 
 def default_actor() -> str:
@@ -157,11 +155,7 @@ class IndexStore:
         return ready[-1] if ready else None
 
     def file_sha256(self, version_id: str, relpath: str) -> str:
-        digest = hashlib.sha256()
-        with self.fs.open(self.version_path(version_id, relpath), "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_digest(self.fs, self.version_path(version_id, relpath))
 
     def version_files(self, version_id: str) -> list[str]:
         """Relative paths of a version's data files (not the manifest or the staging marker)."""

@@ -1,25 +1,10 @@
-"""DPR chunking: an article's plain text -> disjoint 100-word passages, and the passage schema."""
+"""DPR chunking: an article's plain text -> disjoint 100-word passages (columns: storage.layout)."""
 
 from __future__ import annotations
 
 import hashlib
 
-import pyarrow as pa
-
 WORDS_PER_PASSAGE = 100
-
-# The contract in briefs/contracts.md: this column order, these types.
-PASSAGE_SCHEMA = pa.schema([
-    ("row_id", pa.int64()),
-    ("passage_id", pa.string()),
-    ("page_id", pa.int64()),
-    ("rev_id", pa.int64()),
-    ("title", pa.string()),
-    ("text", pa.string()),
-    ("content_hash", pa.string()),
-])
-# What one work unit writes: everything but the global row_id, assigned when units are assembled.
-UNIT_SCHEMA = pa.schema([f for f in PASSAGE_SCHEMA if f.name != "row_id"])
 
 
 def content_hash(title: str, text: str) -> str:

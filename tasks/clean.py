@@ -5,8 +5,10 @@ Cheap regex/scanner passes first remove what is never prose and is costly to par
 (links, remaining tags, entities). Removing those before parsing roughly doubles the speed and
 shrinks the input on which mwparserfromhell can misbehave.
 
-This module is pure: no processes, no time limits. The guard against pathological pages (size cap
-and time budget enforced from outside the parsing call) lives in `tasks.passages`.
+The cleaning functions are pure: no time limits of their own. The guard against pathological pages
+(size cap and time budget, enforced from outside the parsing call) lives in `tasks.passages`, which
+runs them in a child process (`python -m tasks.clean`) speaking the frame protocol at the bottom
+of this module.
 """
 
 from __future__ import annotations

@@ -6,14 +6,16 @@ result is a `DumpRef`: where it came from and which files, with their sha1 and s
 
 Mirror downloads stream to a temp name beside the target, resume with an HTTP Range request,
 retry with backoff, and are renamed into place only once their sha1 matches, so a file under its
-final name in `downloads/<wiki>/<date>/` is always complete and verified.
+final name in `downloads/<wiki>/<date>/` is always complete and verified. Network trouble is retried
+here (backoff, resumed transfers) and only here: the flow's Prefect tasks do not retry on top.
+
+A little over ~400 lines: locating a dump (mirror or local/S3 layout) and fetching it share the
+mirror's layout, `DumpRef` and the HTTP client.
 """
 
 from __future__ import annotations
 
 import bz2
-import hashlib
-import json
 import os
 import re
 import tempfile
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from storage import names
 from storage.errors import InvalidName, NotFound, RagindexError, Rejected
-from storage.fs import is_local, join, resolve, to_url
+from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
 from tasks.parse import index_name_for
@@ -35,7 +37,6 @@ DUMPSTATUS = "dumpstatus.json"
 # Dumps whose file name carries no date (e.g. gensim's `enwiki-latest-...` excerpt) get this one:
 # valid for `check_dump_date`, sorts before every real dump, and says plainly "date unknown".
 UNDATED = "00000000"
-_CHUNK = 1 << 20
 _DUMP_NAME = re.compile(r"^([a-z][a-z0-9_]*?wik[a-z]*)-(\d{8}|latest)-")
 _DATA_NAME = re.compile(r"-pages-(?:articles|meta-current|meta-history)[^/]*\.xml(?:[^/]*\.bz2)?$")
 _DIR_LINK = re.compile(r'href="(\d{8})/?"')
@@ -236,7 +237,7 @@ def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
         for run in fs.ls(wiki_dir, detail=False):
             name = run.rstrip("/").rsplit("/", 1)[-1]
             status_path = join(run, DUMPSTATUS)
-            if re.fullmatch(r"\d{8}", name) and fs.exists(status_path) and _job_done(_read_json(fs, status_path),
+            if re.fullmatch(r"\d{8}", name) and fs.exists(status_path) and _job_done(load_json(fs, status_path),
                                                                                     job):
                 candidates.append((name, run))
     if len({run.rstrip("/").rsplit("/", 2)[-2] for _, run in candidates}) > 1:
@@ -245,16 +246,8 @@ def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
     return [run for _, run in sorted(candidates, reverse=True)]
 
 
-def _read_json(fs, path: str) -> dict:
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except ValueError:
-        raise Rejected(f"{to_url(fs, path)} is not valid JSON") from None
-
-
 def _run_dir_ref(fs, run: str, job: str) -> DumpRef:
-    status = _read_json(fs, join(run, DUMPSTATUS))
+    status = load_json(fs, join(run, DUMPSTATUS))
     parts = run.rstrip("/").rsplit("/", 2)
     date = parts[-1]
     files = files_from_status(status, job, to_url(fs, run))
@@ -350,12 +343,8 @@ def verify_in_place(f: RemoteFile, s3_endpoint_url: str | None, progress: bool) 
 def sha1_of(url: str, s3_endpoint_url: str | None = None, progress: bool = False) -> str:
     """sha1 of a local or S3 file, streamed: the identity of a dump file the mirror did not hash."""
     fs, path = resolve(url, s3_endpoint_url)
-    digest = hashlib.sha1()
-    with fs.open(path, "rb") as src, _bar(path.rsplit("/", 1)[-1], fs.size(path), progress) as bar:
-        while block := src.read(_CHUNK):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
+    with _bar(path.rsplit("/", 1)[-1], fs.size(path), progress) as bar:
+        return file_digest(fs, path, "sha1", on_block=bar.update)
 
 
 def _bar(name: str, total: int | None, progress: bool, initial: int = 0) -> tqdm:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -22,18 +21,19 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder, paired_question_encoder
-from storage.errors import RagindexError
-from storage.fs import atomic_write, is_local, join, resolve, to_url
+from rag_model.vectors import read_rows
+from storage import layout
+from storage.errors import RagindexError, first_line
+from storage.fs import atomic_write, file_digest, join, resolve, to_url
+from storage.layout import EMBED_COLUMNS
 from storage.manifest import EncoderFingerprint
 from storage.names import check_file_name
+from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
+from storage.timing import timed
+from tasks.passage_table import passage_shard_paths
 
 log = logging.getLogger(__name__)
-
-SUMMARY = "embeddings.json"
-PASSAGES_SUMMARY = "passages.json"
-# The columns embedding reads, with the types the passage-shard contract fixes.
-REQUIRED_COLUMNS = {"row_id": pa.int64(), "title": pa.string(), "text": pa.string(), "content_hash": pa.string()}
 
 
 class EmbedError(RagindexError):
@@ -56,31 +56,17 @@ class _HashingWriter:
         return self._f.write(mv)
 
 
-def _sha256_of(fs: Any, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_json(fs: Any, path: str) -> dict | None:
+def _read_if_valid(cls: type[Record], fs: Any, path: str) -> Any:
+    """A record file, or None when it is missing, torn or foreign (as good as absent: the work is redone)."""
     try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
+        return cls.read(fs, path)
+    except RagindexError:
         return None
-    except ValueError:
-        return None  # a torn or foreign file is as good as absent: the shard gets redone
 
 
 def _write_json(fs: Any, path: str, obj: dict) -> None:
     with atomic_write(fs, path) as f:
         f.write(json.dumps(obj, indent=2).encode())
-
-
-def _stem(name: str) -> str:
-    return name.rsplit(".", 1)[0]
 
 
 # -- reading a passage shard -----------------------------------------------------------------------
@@ -98,7 +84,7 @@ def _read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as exc:
         raise EmbedError(f"passage shard {path} is not a readable Parquet file ({exc})") from None
-    for column, typ in REQUIRED_COLUMNS.items():
+    for column, typ in EMBED_COLUMNS.items():
         if column not in table.column_names:
             raise EmbedError(f"passage shard {path} has the wrong schema: no column {column!r} "
                              f"(has {', '.join(table.column_names)})")
@@ -110,7 +96,7 @@ def _read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
     for column in ("title", "text", "content_hash"):
         if table.column(column).null_count:
             raise EmbedError(f"passage shard {path}: column {column!r} has null values")
-    return table.select(list(REQUIRED_COLUMNS)), sha
+    return table.select(list(EMBED_COLUMNS)), sha
 
 
 # -- reuse -----------------------------------------------------------------------------------------
@@ -119,54 +105,19 @@ def _read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
 def _source_shards(fs: Any, root: str, key: str) -> list[tuple[str, str]] | None:
     """(passage shard path, embedding .npy path) pairs of an earlier version root, if its vectors
     were made under fingerprint `key`; None when they were not (or it has no embeddings)."""
-    summary = _read_json(fs, join(root, "embeddings", SUMMARY))
-    if not summary:
-        log.info("reuse: %s has no %s; not reusing from it", root, SUMMARY)
+    summary = _read_if_valid(EmbeddingsSummary, fs, join(root, layout.EMBEDDINGS_DIR, layout.EMBEDDINGS_SUMMARY))
+    if summary is None:
+        log.info("reuse: %s has no valid %s; not reusing from it", root, layout.EMBEDDINGS_SUMMARY)
         return None
-    try:
-        their_key = EncoderFingerprint.model_validate(summary["fingerprint"]).key
-    except (KeyError, ValueError):
-        return None
-    if their_key != key:
+    if summary.fingerprint.key != key:
         log.info("reuse: %s was embedded under another encoder fingerprint; not reusing from it", root)
         return None
     pairs = []
-    for shard in summary.get("shards", []):
-        name = check_file_name(shard["name"])
-        pairs.append((join(root, "passages", _stem(name) + ".parquet"), join(root, "embeddings", name)))
+    for shard in summary.shards:
+        name = check_file_name(shard.name)
+        pairs.append((join(root, layout.PASSAGES_DIR, layout.passage_shard(name)),
+                      join(root, layout.EMBEDDINGS_DIR, name)))
     return pairs
-
-
-def _read_rows(fs: Any, path: str, rows: np.ndarray, dim: int) -> np.ndarray:
-    """Rows `rows` (sorted) of a float32 .npy: memory-mapped locally, ranged reads elsewhere."""
-    if is_local(fs):
-        arr = np.load(path, mmap_mode="r")
-        _check_npy(arr.shape, arr.dtype, dim, path)
-        return np.asarray(arr[rows], dtype=np.float32)
-    with fs.open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        _check_npy(shape, dtype, dim, path)
-        if fortran:
-            raise EmbedError(f"{path}: Fortran-ordered arrays are not embedding shards")
-        offset = f.tell()
-        row_bytes = dim * 4
-        out = np.empty((len(rows), dim), dtype=np.float32)
-        # Coalesce runs of consecutive rows into one ranged read each.
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        start = 0
-        for end in [*breaks.tolist(), len(rows)]:
-            first, count = int(rows[start]), end - start
-            f.seek(offset + first * row_bytes)
-            out[start:end] = np.frombuffer(f.read(count * row_bytes), dtype=dtype).reshape(count, dim)
-            start = end
-        return out
-
-
-def _check_npy(shape: tuple, dtype: np.dtype, dim: int, path: str) -> None:
-    if len(shape) != 2 or shape[1] != dim or np.dtype(dtype) != np.float32:
-        raise EmbedError(f"{path}: expected float32 [rows, {dim}], found {np.dtype(dtype)} {list(shape)}")
 
 
 def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
@@ -219,7 +170,10 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         which = np.flatnonzero(src_shard == i)
         order = np.argsort(src_row[which])
         which = which[order]
-        vectors[which] = _read_rows(fs, npy_path, src_row[which], dim)
+        try:
+            vectors[which] = read_rows(fs, npy_path, src_row[which], dim)
+        except RagindexError as exc:
+            raise EmbedError(str(exc)) from None
     found_unique = src_shard >= 0
     return found_unique[row_to_unique], vectors[row_to_unique]
 
@@ -227,12 +181,13 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
 # -- one shard ---------------------------------------------------------------------------------------
 
 
-def _existing_matches(fs: Any, npy_path: str, sidecar_path: str, passages_sha: str, key: str) -> dict | None:
-    sidecar = _read_json(fs, sidecar_path)
-    if not sidecar or sidecar.get("passages_sha256") != passages_sha or sidecar.get("fingerprint_key") != key:
+def _existing_matches(fs: Any, npy_path: str, sidecar_path: str, passages_sha: str,
+                      key: str) -> EmbeddingSidecar | None:
+    sidecar = _read_if_valid(EmbeddingSidecar, fs, sidecar_path)
+    if sidecar is None or sidecar.passages_sha256 != passages_sha or sidecar.fingerprint_key != key:
         return None
     try:
-        if _sha256_of(fs, npy_path) != sidecar.get("sha256"):
+        if file_digest(fs, npy_path) != sidecar.sha256:
             return None
     except FileNotFoundError:
         return None
@@ -243,20 +198,30 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
                 batch_size: int = 64, device: str = "cpu", precision: str = "auto", threads: int | None = None,
                 s3_endpoint_url: str | None = None, progress: bool = True,
                 encoder_calls: Callable[[int], None] | None = None) -> dict:
-    """Embed one passage shard into `<out_dir>/<stem>.npy` + `<stem>.json`; returns a small record.
+    """Embed one passage shard into `<out_dir>/<stem>.npy` + `<stem>.json`; returns an `EmbeddedShard` dict.
 
     `encoder_calls(n)` is called with the size of every batch that actually goes through the
     network, so callers can count encoded passages.
     """
-    started = time.perf_counter()
+    timing: dict[str, float] = {}
+    with timed(timing, "seconds"):
+        record = _embed_shard(passages_shard_url, out_dir_url, spec, reuse_from=reuse_from, batch_size=batch_size,
+                              device=device, precision=precision, threads=threads, s3_endpoint_url=s3_endpoint_url,
+                              progress=progress, encoder_calls=encoder_calls)
+    return EmbeddedShard(**record, seconds=timing["seconds"]).dump()
+
+
+def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str],
+                 batch_size: int, device: str, precision: str, threads: int | None, s3_endpoint_url: str | None,
+                 progress: bool, encoder_calls: Callable[[int], None] | None) -> dict:
     in_fs, in_path = resolve(passages_shard_url, s3_endpoint_url)
     name = check_file_name(in_path.rstrip("/").rsplit("/", 1)[-1])
     if not name.endswith(".parquet"):
         raise EmbedError(f"not a passage shard (expected a .parquet file): {passages_shard_url}")
-    stem = _stem(name)
+    stem = layout.stem(name)
     out_fs, out_root = resolve(out_dir_url, s3_endpoint_url)
-    npy_path = join(out_root, stem + ".npy")
-    sidecar_path = join(out_root, stem + ".json")
+    npy_path = join(out_root, layout.embedding_shard(name))
+    sidecar_path = join(out_root, layout.sidecar(name))
 
     table, passages_sha = _read_passage_shard(in_fs, in_path)
     fingerprint = fingerprint_of(spec)
@@ -264,8 +229,8 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
 
     done = _existing_matches(out_fs, npy_path, sidecar_path, passages_sha, key)
     if done is not None:
-        return {"name": stem + ".npy", "rows": done["rows"], "dim": done["dim"], "encoded": 0, "reused": 0,
-                "skipped": True, "sha256": done["sha256"], "seconds": time.perf_counter() - started}
+        return {"name": layout.embedding_shard(name), "rows": done.rows, "dim": done.dim, "encoded": 0, "reused": 0,
+                "skipped": True, "sha256": done.sha256}
 
     vectors = np.empty((rows, dim), dtype=np.float32)
     todo = np.ones(rows, dtype=bool)
@@ -298,11 +263,11 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
         writer = _HashingWriter(f)
         np.save(writer, vectors, allow_pickle=False)
     npy_sha = writer.digest.hexdigest()
-    record = {"passages_sha256": passages_sha, "fingerprint_key": key, "rows": rows, "dim": dim,
-              "encoded": n_todo, "reused": rows - n_todo, "sha256": npy_sha}
-    _write_json(out_fs, sidecar_path, record)
-    return {"name": stem + ".npy", "rows": rows, "dim": dim, "encoded": n_todo, "reused": rows - n_todo,
-            "skipped": False, "sha256": npy_sha, "seconds": time.perf_counter() - started}
+    sidecar = EmbeddingSidecar(passages_sha256=passages_sha, fingerprint_key=key, rows=rows, dim=dim,
+                               encoded=n_todo, reused=rows - n_todo, sha256=npy_sha)
+    _write_json(out_fs, sidecar_path, sidecar.dump())
+    return {"name": layout.embedding_shard(name), "rows": rows, "dim": dim, "encoded": n_todo,
+            "reused": rows - n_todo, "skipped": False, "sha256": npy_sha}
 
 
 # -- all shards ---------------------------------------------------------------------------------------
@@ -311,18 +276,13 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
 def list_passage_shards(passages_url: str, s3_endpoint_url: str | None = None) -> list[str]:
     """URLs of a passages directory's shards, in order (from passages.json when present)."""
     fs, root = resolve(passages_url, s3_endpoint_url)
-    summary = _read_json(fs, join(root, PASSAGES_SUMMARY))
-    if summary and summary.get("shards"):
-        names = [check_file_name(s["name"]) for s in summary["shards"]]
-    else:
-        try:
-            names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-        except FileNotFoundError:
-            raise EmbedError(f"passages directory not found: {passages_url}") from None
-        names = [n for n in names if n.startswith("part-") and n.endswith(".parquet")]
-    if not names:
-        raise EmbedError(f"no passage shards (part-*.parquet) in {passages_url}")
-    return [to_url(fs, join(root, n)) for n in names]
+    summary = _read_if_valid(PassagesSummary, fs, join(root, layout.PASSAGES_SUMMARY))
+    if summary is not None and summary.shards:
+        return [to_url(fs, join(root, check_file_name(s.name))) for s in summary.shards]
+    try:
+        return [to_url(fs, p) for p in passage_shard_paths(fs, root)]
+    except RagindexError as exc:
+        raise EmbedError(str(exc)) from None
 
 
 def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: list[dict], question_encoder: str | None,
@@ -336,34 +296,35 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
         raise EmbedError("no embedding shards to summarise")
     fingerprint = fingerprint_of(spec)
     fs, root = resolve(out_url, s3_endpoint_url)
+    records = [EmbeddedShard.load(r, "an embedding shard's record") for r in shard_records]
     first: tuple[str, int] | None = None
-    for record in shard_records:
-        name = check_file_name(record["name"])
-        sidecar = _read_json(fs, join(root, _stem(name) + ".json"))
+    for record in records:
+        name = check_file_name(record.name)
+        sidecar = _read_if_valid(EmbeddingSidecar, fs, join(root, layout.sidecar(name)))
         if sidecar is None:
             raise EmbedError(f"embedding shard {name} has no sidecar in {out_url}: embed it again")
-        dim = sidecar.get("dim")
+        dim = sidecar.dim
         if first is None:
             first = (name, dim)
         if dim != first[1]:
             raise EmbedError(f"embedding shard {name} has dim {dim}, but {first[0]} has {first[1]}")
-        if dim != fingerprint.dim or sidecar.get("fingerprint_key") != fingerprint.key:
+        if dim != fingerprint.dim or sidecar.fingerprint_key != fingerprint.key:
             raise EmbedError(f"embedding shard {name} (dim {dim}) was made by another encoder than "
                              f"{spec.model} (dim {fingerprint.dim})")
-        if sidecar.get("sha256") != record["sha256"] or sidecar.get("rows") != record["rows"]:
+        if sidecar.sha256 != record.sha256 or sidecar.rows != record.rows:
             raise EmbedError(f"embedding shard {name} changed on disk since it was embedded")
-    summary = {
-        "fingerprint": fingerprint.model_dump(mode="json"),
-        "question_encoder": question_encoder,
-        "dim": fingerprint.dim,
-        "rows": sum(r["rows"] for r in shard_records),
-        "encoded": sum(r["encoded"] for r in shard_records),
-        "reused": sum(r["reused"] for r in shard_records),
-        "skipped_shards": sum(1 for r in shard_records if r.get("skipped")),
-        "shards": [{"name": r["name"], "rows": r["rows"], "sha256": r["sha256"]} for r in shard_records],
-        "timings": {"embed_s": round(seconds, 3)},
-    }
-    _write_json(fs, join(root, SUMMARY), summary)
+    summary = EmbeddingsSummary(
+        fingerprint=fingerprint,
+        question_encoder=question_encoder,
+        dim=fingerprint.dim,
+        rows=sum(r.rows for r in records),
+        encoded=sum(r.encoded for r in records),
+        reused=sum(r.reused for r in records),
+        skipped_shards=sum(1 for r in records if r.skipped),
+        shards=[ShardEntry(name=r.name, rows=r.rows, sha256=r.sha256) for r in records],
+        timings={"embed_s": round(seconds, 3)},
+    ).dump()
+    _write_json(fs, join(root, layout.EMBEDDINGS_SUMMARY), summary)
     return summary
 
 
@@ -392,26 +353,32 @@ def _ray_embed(shards: list[str], out_url: str, spec: EncoderSpec, ray_address: 
         cause = exc.cause if isinstance(exc.cause, BaseException) else None
         if isinstance(cause, RagindexError):
             raise type(cause)(str(cause)) from None
-        raise EmbedError(f"a Ray embedding task failed: {_first_line(cause or exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise EmbedError(f"a Ray embedding task failed: {first_line(cause or exc)}") from None
 
 
 def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
                    ray_address: str | None = None, question_encoder: str | None = None, **shard_kwargs: Any) -> dict:
     """Embed every passage shard (locally in order, or as Ray tasks), then write embeddings.json."""
-    started = time.perf_counter()
+    timing: dict[str, float] = {}
+    with timed(timing, "embed_s"):
+        records = _embed_all(passages_url, out_url, spec, reuse_from, ray_address, shard_kwargs)
+        question_encoder = question_encoder or _paired_or_none(spec)
+    return write_embeddings_summary(out_url, spec, records, question_encoder, timing["embed_s"],
+                                    shard_kwargs.get("s3_endpoint_url"))
+
+
+def _paired_or_none(spec: EncoderSpec) -> str | None:
+    try:
+        return paired_question_encoder(spec.model, spec.kind)
+    except RagindexError:
+        return None  # recorded as unknown; serving then needs one given explicitly
+
+
+def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
+               ray_address: str | None, shard_kwargs: dict[str, Any]) -> list[dict]:
     s3 = shard_kwargs.get("s3_endpoint_url")
     shards = list_passage_shards(passages_url, s3)
     fingerprint = fingerprint_of(spec)  # fail on a bad model before any work
-    if question_encoder is None:
-        try:
-            question_encoder = paired_question_encoder(spec.model, spec.kind)
-        except RagindexError:
-            question_encoder = None  # recorded as unknown; serving then needs one given explicitly
     kwargs = dict(shard_kwargs, reuse_from=tuple(reuse_from))
     if ray_address:
         records = _ray_embed(shards, out_url, spec, ray_address, kwargs)
@@ -422,7 +389,7 @@ def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_
             records.append(embed_shard(shard, out_url, spec, **kwargs))
     log.info("embedded %d shards with %s: %d encoded, %d reused", len(records), fingerprint.model_id,
              sum(r["encoded"] for r in records), sum(r["reused"] for r in records))
-    return write_embeddings_summary(out_url, spec, records, question_encoder, time.perf_counter() - started, s3)
+    return records
 
 
 def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit: int = 3) -> list[str]:

@@ -6,26 +6,18 @@ row_id, so the output is identical whatever the number of workers or units.
 
 Every page is cleaned in a separate cleaner process with a wall-clock budget: a page that is too
 large, takes too long (the cleaner is killed and restarted) or fails is skipped, counted with its
-reason, and the run goes on. Killing a process is the one guard that also stops mwparserfromhell's
-C tokenizer, and it works from any thread (a Prefect task runner thread included), unlike signals.
+reason, and the run goes on (`tasks.cleaner`).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -34,12 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import tasks
+from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, is_local, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
+from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.manifest import SourceDump
-from tasks.chunk import PASSAGE_SCHEMA, UNIT_SCHEMA, chunk_article
-from tasks.clean import CleanOptions, is_disambiguation, options_to_json, read_frame, write_frame
+from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
+from storage.timing import timed
+from tasks.chunk import chunk_article
+from tasks.clean import CleanOptions, is_disambiguation, options_to_json
+from tasks.cleaner import GuardedCleaner, cleaner_for
 from tasks.parse import (
     DumpError,
     Page,
@@ -55,8 +51,6 @@ from tasks.parse import (
 )
 
 MIN_UNIT_BYTES = 1 << 20  # smaller units cost more in per-unit files than they gain in balance
-PASSAGES_JSON = "passages.json"
-_PART = re.compile(r"^part-(\d{5})\.parquet$")
 _FLUSH_ROWS = 8192
 
 
@@ -116,104 +110,6 @@ def _choose_bounds(url: str, cuts: list[int], size: int, target: int, verify: bo
     return bounds
 
 
-# --- the guarded cleaner --------------------------------------------------------------------------
-
-class GuardedCleaner:
-    """Cleans pages in a child process; enforces the size cap and the time budget from outside.
-
-    The child is a plain `python -m tasks.clean` subprocess speaking length-prefixed frames on its
-    pipes: no pickling, no re-import of the caller's `__main__`, safe to start from any thread.
-    """
-
-    _all: list[GuardedCleaner] = []
-
-    def __init__(self, options: CleanOptions) -> None:
-        self.options = options
-        self._proc: subprocess.Popen | None = None
-        self._deadline = 0.0
-        self._broken = False  # the last request could not be sent
-        GuardedCleaner._all.append(self)
-
-    def _start(self) -> None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(tasks.__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.clean"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, bufsize=0, env=env, close_fds=True)
-        write_frame(self._proc.stdin, options_to_json(self.options).encode())
-        if read_frame(self._proc.stdout) != b"ready":
-            self.close()
-            raise RagindexError("the page cleaner process failed to start (run `python -m tasks.clean` to see why)")
-
-    def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError):
-                pipe.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-    def clean(self, text: str) -> tuple[str | None, str | None]:
-        """(plain text, None) or (None, skip reason)."""
-        return self.result() if self.submit(text) else (None, "too_large")
-
-    def submit(self, text: str) -> bool:
-        """Hand one page to the cleaner (False: over the size cap, not sent). Collect it with `result`.
-
-        Between the two calls the caller may parse the next page: XML parsing and cleaning overlap.
-        """
-        if len(text) > self.options.max_page_chars:
-            return False
-        if self._proc is None or self._proc.poll() is not None:
-            self.close()
-            self._start()
-        try:
-            write_frame(self._proc.stdin, text.encode("utf-8", "replace"))
-        except OSError:
-            self._broken = True
-        self._deadline = time.monotonic() + self.options.page_timeout_s
-        return True
-
-    def result(self) -> tuple[str | None, str | None]:
-        proc, reply = self._proc, None
-        if not self._broken and proc is not None:
-            try:
-                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, self._deadline - time.monotonic()))
-                if not ready:
-                    self.close()  # stuck (maybe inside C): the only sure stop is to kill it
-                    return None, "timeout"
-                reply = read_frame(proc.stdout)
-            except OSError:
-                reply = None
-        self._broken = False
-        if reply is None:
-            self.close()  # the cleaner died on this page (crash, out of memory)
-            return None, "parse_error"
-        return (reply[1:].decode(), None) if reply[:1] == b"o" else (None, "parse_error")
-
-
-_local = threading.local()
-
-
-def _cleaner_for(options: CleanOptions) -> GuardedCleaner:
-    """One cleaner per thread, reused across units (its start-up costs a Python interpreter)."""
-    cleaner = getattr(_local, "cleaner", None)
-    if cleaner is None or cleaner.options != options:
-        if cleaner is not None:
-            cleaner.close()
-        cleaner = _local.cleaner = GuardedCleaner(options)
-    return cleaner
-
-
-@atexit.register
-def _close_cleaners() -> None:
-    for cleaner in GuardedCleaner._all:
-        cleaner.close()
-
-
 # --- one unit -------------------------------------------------------------------------------------
 
 def options_key(options: CleanOptions) -> str:
@@ -241,8 +137,8 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
              s3_endpoint_url: str | None = None) -> dict:
     """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
 
-    The record is written after the Parquet file, so its presence means the unit is done; a re-run
-    with the same unit and options reuses it.
+    The record (`storage.records.UnitRecord`, as a dict) is written after the Parquet file, so its
+    presence means the unit is done; a re-run with the same unit and options reuses it.
     """
     options = options or CleanOptions.for_wiki(_wiki_of(unit.url))
     fs, work = resolve(work_dir_url, s3_endpoint_url)
@@ -250,17 +146,19 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     record_path, parquet_path = join(work, stem + ".json"), join(work, stem + ".parquet")
     key = {"unit": asdict(unit), "options": options_key(options)}
     if fs.exists(record_path):
-        with fs.open(record_path, "rb") as f:
-            record = json.loads(f.read())
-        if {k: record.get(k) for k in key} == key and fs.exists(parquet_path):
-            return record
+        try:
+            done = UnitRecord.read(fs, record_path).dump()
+        except RagindexError:
+            done = None  # a torn or foreign record: redo the unit
+        if done and {k: done.get(k) for k in key} == key and fs.exists(parquet_path):
+            return done
 
-    started = time.perf_counter()
-    cleaner = _cleaner_for(options)
+    timing: dict[str, float] = {}
+    cleaner = cleaner_for(options)
     seen = kept = passages = words = 0
     skipped: Counter[str] = Counter()
     rows: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
-    with atomic_write(fs, parquet_path) as f:
+    with timed(timing, "seconds"), atomic_write(fs, parquet_path) as f:
         writer = pq.ParquetWriter(f, UNIT_SCHEMA, compression="zstd")
         try:
             def finish(page: Page, text: str | None, reason: str | None) -> None:
@@ -299,17 +197,11 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
             _flush(writer, rows)
         finally:
             writer.close()
-    record = {
-        **key,
-        "ordinal": unit.ordinal,
-        "path": to_url(fs, parquet_path),
-        "seen": seen,
-        "kept": kept,
-        "skipped": dict(sorted(skipped.items())),
-        "passages": passages,
-        "words": words,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    record = UnitRecord(
+        **key, ordinal=unit.ordinal, path=to_url(fs, parquet_path), seen=seen, kept=kept,
+        skipped=dict(sorted(skipped.items())), passages=passages, words=words,
+        seconds=timing["seconds"],
+    ).dump()
     with atomic_write(fs, record_path) as f:
         f.write(json.dumps(record).encode())
     return record
@@ -339,42 +231,41 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
     `passages.json` is removed first and written last, so a reader never sees a half-written set.
+    `timings` may carry `parse_clean_chunk_s` (the units' wall time); then `total_s` is the whole
+    passages step, units and assembly.
     """
     if shard_rows <= 0:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-    started = time.perf_counter()
-    results = sorted(unit_results, key=lambda r: r["ordinal"])
+    step_timings = dict(timings or {})
+    results = sorted((UnitRecord.load(r, "a work unit's record") for r in unit_results), key=lambda r: r.ordinal)
     skipped: Counter[str] = Counter()
     for r in results:
-        skipped.update(r["skipped"])
-    seen = sum(r["seen"] for r in results)
-    kept = sum(r["kept"] for r in results)
-    total = sum(r["passages"] for r in results)
+        skipped.update(r.skipped)
+    seen = sum(r.seen for r in results)
+    total = sum(r.passages for r in results)
     if not total:
-        names = ", ".join(sorted({file_name(r["unit"]["url"]) for r in results})) or "(no files)"
+        names = ", ".join(sorted({file_name(r.unit["url"]) for r in results})) or "(no files)"
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
         raise DumpError(f"no articles in {names}: {seen} pages seen, skipped: {reasons}")
 
     fs, out = resolve(out_url, s3_endpoint_url)
-    summary_path = join(out, PASSAGES_JSON)
+    summary_path = join(out, layout.PASSAGES_SUMMARY)
     if fs.exists(summary_path):
         fs.rm(summary_path)
-    shards: list[dict] = []
+    shards: list[ShardEntry] = []
     written: list[str] = []
     try:
-        for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written):
-            shards.append({"name": name, "rows": rows, "sha256": _sha256(fs, join(out, name))})
-        _remove_stale_parts(fs, out, keep={s["name"] for s in shards})
-        summary = {
-            "source": source.model_dump(mode="json"),
-            "articles": {"seen": seen, "kept": kept, "skipped": dict(sorted(skipped.items()))},
-            "passages": total,
-            "words": sum(r["words"] for r in results),
-            "shards": shards,
-            "timings": {**(timings or {}), "assemble_s": round(time.perf_counter() - started, 3)},
-        }
-        summary["timings"]["total_s"] = round(sum(v for k, v in summary["timings"].items()
-                                                  if k in ("parse_clean_chunk_s", "assemble_s")), 3)
+        with timed(step_timings, "assemble_s"):
+            for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written):
+                shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out, name))))
+            _remove_stale_parts(fs, out, keep={s.name for s in shards})
+        if "parse_clean_chunk_s" in step_timings:
+            step_timings["total_s"] = round(step_timings["parse_clean_chunk_s"] + step_timings["assemble_s"], 3)
+        summary = PassagesSummary(
+            source=source,
+            articles=ArticleCounts(seen=seen, kept=sum(r.kept for r in results), skipped=dict(sorted(skipped.items()))),
+            passages=total, words=sum(r.words for r in results), shards=shards, timings=step_timings,
+        ).dump()
         with atomic_write(fs, summary_path) as f:
             f.write(json.dumps(summary, indent=2).encode())
     except BaseException:
@@ -385,7 +276,7 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     return summary
 
 
-def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoint_url: str | None,
+def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_endpoint_url: str | None,
                   written: list[str]):
     """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order."""
     next_row = 0
@@ -395,7 +286,7 @@ def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoin
 
     def batches():
         for r in results:
-            ufs, upath = resolve(r["path"], s3_endpoint_url)
+            ufs, upath = resolve(r.path, s3_endpoint_url)
             with ufs.open(upath, "rb") as f:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS)
 
@@ -404,7 +295,7 @@ def _write_shards(fs, out: str, results: list[dict], shard_rows: int, s3_endpoin
         return pa.RecordBatch.from_arrays([row_ids, *batch.columns], schema=PASSAGE_SCHEMA)
 
     def emit(batches_: list[pa.RecordBatch]) -> tuple[str, int]:
-        name = f"part-{shard:05d}.parquet"
+        name = layout.passage_part(shard)
         path = join(out, name)
         written.append(path)
         table = pa.Table.from_batches(batches_, schema=PASSAGE_SCHEMA)
@@ -436,16 +327,8 @@ def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:
         return
     for path in fs.ls(out, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if _PART.match(name) and name not in keep:
+        if layout.is_passage_part(name) and name not in keep:
             fs.rm(path)
-
-
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- everything -----------------------------------------------------------------------------------
@@ -490,24 +373,24 @@ def write_passages(file_urls: list[str], out_url: str, source: SourceDump, worke
                    shard_rows: int = 100_000, s3_endpoint_url: str | None = None, progress: bool = True,
                    options: CleanOptions | None = None, min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
     """Dump files -> passage shards + passages.json in `out_url`; returns the passages.json dict."""
-    started = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if shard_rows <= 0:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
     options = options or CleanOptions.for_wiki(source.wiki)
-    units = plan_units(file_urls, workers, s3_endpoint_url, min_unit_bytes)
+    timings: dict[str, float] = {}
+    with timed(timings, "parse_clean_chunk_s"):
+        units = plan_units(file_urls, workers, s3_endpoint_url, min_unit_bytes)
     fs, out = resolve(out_url, s3_endpoint_url)
     # Unit outputs live beside the shards locally (a crashed run resumes from them); for S3 output
     # they stay on local disk, which is cheaper than a round trip per unit.
-    work_url = join(out, "_work") if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
+    work_url = join(out, layout.WORK_DIR) if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
     try:
-        results = run_units(units, work_url, workers, options, s3_endpoint_url, progress)
-        units_s = time.perf_counter() - started
-        summary = assemble(results, out_url, source, shard_rows, s3_endpoint_url,
-                           timings={"parse_clean_chunk_s": round(units_s, 3),
-                                    "unit_s": round(sum(r["seconds"] for r in results), 3)})
+        with timed(timings, "parse_clean_chunk_s"):
+            results = run_units(units, work_url, workers, options, s3_endpoint_url, progress)
+        timings["unit_s"] = round(sum(r["seconds"] for r in results), 3)  # summed over units: CPU, not wall
+        summary = assemble(results, out_url, source, shard_rows, s3_endpoint_url, timings=timings)
     except BaseException:
         if not is_local(fs):  # a random temp dir cannot be resumed from: do not leave it behind
             shutil.rmtree(work_url, ignore_errors=True)

@@ -10,7 +10,6 @@ Failures become one readable line in `manifest.validation.reason` and status `re
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,21 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_model.vector_search import read_index, search
+from rag_model.vectors import GT_K, exact_search, open_embeddings, recall_at_k, sample_rows
+from storage import layout
 from storage.errors import RagindexError
 from storage.fs import resolve
-from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump, Validation
-from tasks.build_index import (
-    EMBEDDINGS_SUMMARY,
-    GT_K,
-    PASSAGES_SUMMARY,
-    exact_search,
-    open_embeddings,
-    passage_shards,
-    recall_at_k,
-    sample_rows,
-)
-
-REQUIRED_FILES = ("index.faiss", "passages.arrow", f"passages/{PASSAGES_SUMMARY}", f"embeddings/{EMBEDDINGS_SUMMARY}")
+from storage.manifest import IndexInfo, Manifest, Validation
+from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary
+from storage.timing import timed
+from tasks.passage_table import passage_shard_paths
 
 
 @dataclass(frozen=True)
@@ -48,44 +40,57 @@ class ValidationFloors:
     seed: int = 0
 
 
-def draft_manifest(store, version_id: str, *, passages_summary: dict, embeddings_summary: dict, index: IndexInfo,
-                   timings: dict[str, float], parent: str | None) -> Manifest:
-    """The manifest of a staged version before validation (status provisionally `rejected`)."""
-    try:
-        source = SourceDump.model_validate(passages_summary["source"])
-        fingerprint = EncoderFingerprint.model_validate(embeddings_summary["fingerprint"])
-        articles = passages_summary.get("articles", {})
-        counts = {
-            "passages": int(passages_summary["passages"]),
-            "embeddings": int(embeddings_summary["rows"]),
-            "articles_seen": int(articles.get("seen", 0)),
-            "articles_kept": int(articles.get("kept", 0)),
-            "words": int(passages_summary.get("words", 0)),
-            "encoded": int(embeddings_summary.get("encoded", 0)),
-            "reused": int(embeddings_summary.get("reused", 0)),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RagindexError(f"version {version_id}: passage or embedding summary lacks a field ({exc})") from None
-    all_timings = {**passages_summary.get("timings", {}), **embeddings_summary.get("timings", {}), **timings}
+def read_summaries(store, version_id: str) -> tuple[PassagesSummary, EmbeddingsSummary]:
+    """The passages and embeddings summaries of a (staged) version, validated."""
+    path = store.version_path
+    return (PassagesSummary.read(store.fs, path(version_id, layout.PASSAGES_DIR, layout.PASSAGES_SUMMARY)),
+            EmbeddingsSummary.read(store.fs, path(version_id, layout.EMBEDDINGS_DIR, layout.EMBEDDINGS_SUMMARY)))
+
+
+def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[str, float],
+                   parent: str | None) -> Manifest:
+    """The manifest of a staged version before validation (status provisionally `rejected`).
+
+    Timings are `<step>_s`: the summaries' own (the passages summary's `total_s`, its whole step,
+    becomes `passages_s`), overridden by the caller's for the same step.
+    """
+    passages, embeddings = read_summaries(store, version_id)
+    counts = {
+        "passages": passages.passages,
+        "embeddings": embeddings.rows,
+        "articles_seen": passages.articles.seen,
+        "articles_kept": passages.articles.kept,
+        "words": passages.words,
+        "encoded": embeddings.encoded,
+        "reused": embeddings.reused,
+    }
+    passage_timings = {("passages_s" if k == "total_s" else k): v for k, v in passages.timings.items()}
     return Manifest(
         version=store.version_path(version_id).rsplit("/", 1)[-1],
         status="rejected",
         parent=parent,
-        source=source,
-        encoder=fingerprint,
-        question_encoder=embeddings_summary.get("question_encoder"),
+        source=passages.source,
+        encoder=embeddings.fingerprint,
+        question_encoder=embeddings.question_encoder,
         index=index,
         counts=counts,
-        skipped={k: int(v) for k, v in articles.get("skipped", {}).items()},
-        timings={k: float(v) for k, v in all_timings.items()},
+        skipped=dict(passages.articles.skipped),
+        timings={**passage_timings, **embeddings.timings, **timings},
     )
 
 
 def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
                      question_encoder=None, verified_files: dict[str, str] | None = None) -> Validation:
     """Run every check; `verified_files` lets finalize pass checksums it just computed from the store."""
-    t0 = time.perf_counter()
     checks: dict[str, Any] = {"floors": asdict(floors)}
+    with timed(checks, "validate_s"):
+        reason = _failure(store, manifest, floors, checks, canaries, question_encoder, verified_files)
+    return Validation(passed=reason is None, reason=reason, checks=checks)
+
+
+def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[str, Any], canaries: str | None,
+             question_encoder, verified_files: dict[str, str] | None) -> str | None:
+    """Why the version fails validation (one line), or None when it passes; fills `checks`."""
     failures: list[str] = []
     vid = manifest.version
 
@@ -93,11 +98,11 @@ def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, can
     file_problems = _file_problems(store, manifest, actual)
     checks["files"] = {"count": len(actual), "problems": file_problems[:20]}
     if file_problems:
-        return Validation(passed=False, reason=f"file check failed: {file_problems[0]}"
-                          + (f" (+{len(file_problems) - 1} more)" if len(file_problems) > 1 else ""), checks=checks)
+        return (f"file check failed: {file_problems[0]}"
+                + (f" (+{len(file_problems) - 1} more)" if len(file_problems) > 1 else ""))
 
-    shards = open_embeddings(store.version_url(vid, "embeddings"), store.s3_endpoint_url)
-    index = read_index(store.version_url(vid, "index.faiss"), s3_endpoint_url=store.s3_endpoint_url)
+    shards = open_embeddings(store.version_url(vid, layout.EMBEDDINGS_DIR), store.s3_endpoint_url)
+    index = read_index(store.version_url(vid, layout.INDEX_FILE), s3_endpoint_url=store.s3_endpoint_url)
     counts = {
         "manifest_passages": manifest.counts.get("passages"),
         "passage_rows": _parquet_rows(store, vid),
@@ -128,7 +133,7 @@ def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, can
     if failures or n == 0:
         if n == 0:
             failures.append("the version has no passages")
-        return Validation(passed=False, reason="; ".join(failures), checks=checks)
+        return "; ".join(failures)
 
     self_rate, recall = _retrieval_checks(store, manifest, index, shards, floors, checks)
     if self_rate < floors.self_retrieval:
@@ -139,23 +144,22 @@ def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, can
         hit = _canary_check(store, manifest, index, floors, canaries, question_encoder, checks)
         if hit < floors.canary_hit:
             failures.append(f"canary hit@{floors.canary_k} {hit:.3f} < floor {floors.canary_hit}")
-    checks["validate_s"] = round(time.perf_counter() - t0, 3)
-    return Validation(passed=not failures, reason="; ".join(failures) or None, checks=checks)
+    return "; ".join(failures) or None
 
 
 def finalize_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
                      question_encoder=None) -> Manifest:
     """Checksum every file, validate, set the status and commit the manifest (last)."""
     files = store.checksums(manifest.version)
-    index_path = store.version_path(manifest.version, "index.faiss")
+    index_path = store.version_path(manifest.version, layout.INDEX_FILE)
     index_info = manifest.index.model_copy(
         update={"bytes": store.fs.size(index_path) if store.fs.exists(index_path) else 0}
     )
     manifest = manifest.model_copy(update={"files": files, "index": index_info})
-    t = time.perf_counter()
-    validation = validate_version(store, manifest, floors, canaries=canaries, question_encoder=question_encoder,
-                                  verified_files=files)
-    timings = {**manifest.timings, "validate_s": round(time.perf_counter() - t, 3)}
+    timings = dict(manifest.timings)
+    with timed(timings, "validate_s"):
+        validation = validate_version(store, manifest, floors, canaries=canaries,
+                                      question_encoder=question_encoder, verified_files=files)
     manifest = manifest.model_copy(update={
         "validation": validation, "status": "ready" if validation.passed else "rejected", "timings": timings,
     })
@@ -168,7 +172,7 @@ def finalize_version(store, manifest: Manifest, floors: ValidationFloors, *, can
 
 def _file_problems(store, manifest: Manifest, actual: dict[str, str]) -> list[str]:
     problems = []
-    for rel in REQUIRED_FILES:
+    for rel in layout.REQUIRED_FILES:
         if rel not in actual:
             problems.append(f"{rel} is missing")
     for rel, digest in sorted(manifest.files.items()):
@@ -182,36 +186,32 @@ def _file_problems(store, manifest: Manifest, actual: dict[str, str]) -> list[st
         return problems
     # The writers recorded sha256s as they wrote; the store must still hold those bytes.
     vid = manifest.version
-    passages = _read_json(store, vid, f"passages/{PASSAGES_SUMMARY}")
-    embeddings = _read_json(store, vid, f"embeddings/{EMBEDDINGS_SUMMARY}")
-    for sub, summary in (("passages", passages), ("embeddings", embeddings)):
-        for shard in summary.get("shards", []):
-            rel = f"{sub}/{shard['name']}"
-            if actual.get(rel) != shard.get("sha256"):
+    passages, embeddings = read_summaries(store, vid)
+    for sub, summary in ((layout.PASSAGES_DIR, passages), (layout.EMBEDDINGS_DIR, embeddings)):
+        for shard in summary.shards:
+            rel = f"{sub}/{shard.name}"
+            if actual.get(rel) != shard.sha256:
                 problems.append(f"{rel} does not match the sha256 recorded when it was written")
-    for shard in embeddings.get("shards", []):
-        stem = shard["name"].removesuffix(".npy")
-        sidecar = _read_json(store, vid, f"embeddings/{stem}.json")
-        if actual.get(f"passages/{stem}.parquet") != sidecar.get("passages_sha256"):
-            problems.append(f"embeddings/{stem}.npy was computed from other passages than passages/{stem}.parquet")
+    for shard in embeddings.shards:
+        sidecar = EmbeddingSidecar.read(store.fs, store.version_path(vid, layout.EMBEDDINGS_DIR,
+                                                                     layout.sidecar(shard.name)))
+        passages_rel = f"{layout.PASSAGES_DIR}/{layout.passage_shard(shard.name)}"
+        if actual.get(passages_rel) != sidecar.passages_sha256:
+            problems.append(f"{layout.EMBEDDINGS_DIR}/{shard.name} was computed from other passages than "
+                            f"{passages_rel}")
     return problems
-
-
-def _read_json(store, vid: str, rel: str) -> dict[str, Any]:
-    with store.fs.open(store.version_path(vid, *rel.split("/")), "rb") as f:
-        return json.loads(f.read())
 
 
 def _parquet_rows(store, vid: str) -> int:
     total = 0
-    for shard in passage_shards(store.fs, store.version_path(vid, "passages")):
+    for shard in passage_shard_paths(store.fs, store.version_path(vid, layout.PASSAGES_DIR)):
         with store.fs.open(shard, "rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
 
 
 def _table_rows(store, vid: str) -> int:
-    with store.fs.open(store.version_path(vid, "passages.arrow"), "rb") as f:
+    with store.fs.open(store.version_path(vid, layout.PASSAGE_TABLE), "rb") as f:
         reader = pa.ipc.open_file(f)
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
@@ -221,7 +221,7 @@ def _content_hashes(store, vid: str, rows: np.ndarray) -> dict[int, str]:
     wanted = np.unique(rows[rows >= 0])
     out: dict[int, str] = {}
     start = 0
-    for shard in passage_shards(store.fs, store.version_path(vid, "passages")):
+    for shard in passage_shard_paths(store.fs, store.version_path(vid, layout.PASSAGES_DIR)):
         with store.fs.open(shard, "rb") as f:
             pf = pq.ParquetFile(f)
             count = pf.metadata.num_rows
@@ -309,7 +309,7 @@ def _titles(store, vid: str, found: np.ndarray) -> dict[int, str]:
     wanted = set(found[found >= 0].tolist())
     out: dict[int, str] = {}
     start = 0
-    with store.fs.open(store.version_path(vid, "passages.arrow"), "rb") as f:
+    with store.fs.open(store.version_path(vid, layout.PASSAGE_TABLE), "rb") as f:
         reader = pa.ipc.open_file(f)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)

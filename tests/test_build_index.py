@@ -9,8 +9,10 @@ import pytest
 
 from rag_model.vector_search import read_index, search
 from storage.errors import RagindexError, Rejected
+from storage.layout import TABLE_COLUMNS
 from storage.store import IndexStore
 from tasks import build_index as bi
+from tasks.passage_table import write_passage_table
 from tests.fixtures.versions import clustered_vectors, fingerprint_for, random_passages, write_version_inputs
 
 
@@ -117,13 +119,13 @@ def test_passage_table_is_a_mappable_arrow_file_in_row_order(store, tmp_path):
     passages = random_passages(700)
     vid = store.begin_version("enwiki", "20240101")
     write_version_inputs(store, vid, passages, clustered_vectors(700, 8), fingerprint_for(8), shard_rows=256)
-    rows = bi.write_passage_table(store.version_url(vid, "passages"), store.version_url(vid, "passages.arrow"),
-                                  store.s3_endpoint_url)
+    rows = write_passage_table(store.version_url(vid, "passages"), store.version_url(vid, "passages.arrow"),
+                               store.s3_endpoint_url)
     assert rows == 700
     local = tmp_path / "passages.arrow"
     store.fs.get_file(store.version_path(vid, "passages.arrow"), str(local))
     table = pa.ipc.open_file(pa.memory_map(str(local))).read_all()
-    assert table.column_names == list(bi.TABLE_COLUMNS)
+    assert table.column_names == list(TABLE_COLUMNS)
     assert table.column("row_id").to_pylist() == list(range(700))
     assert table.column("title").to_pylist()[450] == passages[450]["title"]
     assert table.column("text").to_pylist()[699] == passages[699]["text"]

@@ -7,7 +7,8 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.chunk import PASSAGE_SCHEMA, UNIT_SCHEMA, chunk_article
+from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
+from tasks.chunk import chunk_article
 
 words = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")), min_size=1,
                 max_size=8)

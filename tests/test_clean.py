@@ -7,8 +7,8 @@ import re
 import pytest
 
 from tasks.clean import CleanOptions, clean_article, clean_wikitext, is_disambiguation
+from tasks.cleaner import GuardedCleaner
 from tasks.parse import iter_pages
-from tasks.passages import GuardedCleaner
 
 ARTICLE = """{{Short description|A test article}}
 {{Infobox city

@@ -16,9 +16,9 @@ import pytest
 
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder
 from storage.errors import RagindexError
+from storage.layout import PASSAGE_SCHEMA
 from storage.manifest import IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
-from tasks.chunk import PASSAGE_SCHEMA
 from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
 from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder, write_passages
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from storage.layout import PASSAGE_SCHEMA
 from storage.manifest import SourceDump
-from tasks.chunk import PASSAGE_SCHEMA
 from tasks.clean import CleanOptions
 from tasks.download import resolve_source
 from tasks.parse import DumpError

@@ -1,0 +1,87 @@
+"""The version layout: every file and directory name inside `versions/<id>/`, and the passage columns.
+
+Every other module asks this one for a name instead of spelling it, so the layout (which delta
+versions will change) is written down in one place:
+
+    versions/<id>/
+      _staging.json                     present while the version is being written
+      manifest.json                     written LAST: a version exists only if its manifest does
+      passages/part-NNNNN.parquet       PASSAGE_SCHEMA, row i has row_id i across shards
+      passages/passages.json            the passages summary (storage.records.PassagesSummary)
+      embeddings/part-NNNNN.npy         float32 [rows, dim], row i <-> passages row i
+      embeddings/part-NNNNN.json        its sidecar (storage.records.EmbeddingSidecar)
+      embeddings/embeddings.json        the embeddings summary (storage.records.EmbeddingsSummary)
+      index.faiss                       faiss ids == global row_id
+      passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
+      _work/                            unit outputs of an unfinished build (removed before validation)
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+MANIFEST = "manifest.json"
+STAGING_MARKER = "_staging.json"
+PASSAGES_DIR = "passages"
+EMBEDDINGS_DIR = "embeddings"
+WORK_DIR = "_work"
+PASSAGES_SUMMARY = "passages.json"
+EMBEDDINGS_SUMMARY = "embeddings.json"
+INDEX_FILE = "index.faiss"
+PASSAGE_TABLE = "passages.arrow"
+
+PASSAGES_SUMMARY_PATH = f"{PASSAGES_DIR}/{PASSAGES_SUMMARY}"
+EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"
+# What validation requires besides the shards the summaries list.
+REQUIRED_FILES = (INDEX_FILE, PASSAGE_TABLE, PASSAGES_SUMMARY_PATH, EMBEDDINGS_SUMMARY_PATH)
+
+_PASSAGE_PART = re.compile(r"^part-(\d{5})\.parquet$")
+
+# The passage-shard contract: this column order, these types.
+PASSAGE_SCHEMA = pa.schema([
+    ("row_id", pa.int64()),
+    ("passage_id", pa.string()),
+    ("page_id", pa.int64()),
+    ("rev_id", pa.int64()),
+    ("title", pa.string()),
+    ("text", pa.string()),
+    ("content_hash", pa.string()),
+])
+# What one work unit writes: everything but the global row_id, assigned when units are assembled.
+UNIT_SCHEMA = pa.schema([f for f in PASSAGE_SCHEMA if f.name != "row_id"])
+# passages.arrow: what serving shows and cites (content_hash only matters for reusing embeddings).
+TABLE_SCHEMA = pa.schema([f for f in PASSAGE_SCHEMA if f.name != "content_hash"])
+TABLE_COLUMNS = tuple(TABLE_SCHEMA.names)
+# The columns embedding reads, with their contract types.
+EMBED_COLUMNS = {name: PASSAGE_SCHEMA.field(name).type for name in ("row_id", "title", "text", "content_hash")}
+
+
+def passage_part(n: int) -> str:
+    """The name of the n-th passage shard."""
+    return f"part-{n:05d}.parquet"
+
+
+def is_passage_part(name: str) -> bool:
+    return bool(_PASSAGE_PART.match(name))
+
+
+def stem(name: str) -> str:
+    """`part-00003.parquet` -> `part-00003`: the key a passage shard, its vectors and sidecar share."""
+    return name.rsplit(".", 1)[0]
+
+
+def embedding_shard(passage_shard: str) -> str:
+    """The .npy holding the vectors of a passage shard."""
+    return stem(passage_shard) + ".npy"
+
+
+def sidecar(embedding_shard_name: str) -> str:
+    """The sidecar JSON beside an embedding shard."""
+    return stem(embedding_shard_name) + ".json"
+
+
+def passage_shard(embedding_shard_name: str) -> str:
+    """The passage shard an embedding shard was computed from."""
+    return stem(embedding_shard_name) + ".parquet"

@@ -1,0 +1,52 @@
+"""The passage shards of a directory, and `passages.arrow`: the memory-mappable table serving reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import layout
+from storage.errors import RagindexError
+from storage.fs import resolve, staged_local_file, to_url
+
+
+def passage_shard_paths(fs: Any, directory: str) -> list[str]:
+    """Paths of the `part-NNNNN.parquet` shards in `directory`, in row order."""
+    try:
+        found = sorted(p.rstrip("/") for p in fs.ls(directory, detail=False))
+    except FileNotFoundError:
+        raise RagindexError(f"passages directory not found: {to_url(fs, directory)}") from None
+    shards = [p for p in found if layout.is_passage_part(p.rsplit("/", 1)[-1])]
+    if not shards:
+        raise RagindexError(f"no passage shards (part-*.parquet) in {to_url(fs, directory)}")
+    return shards
+
+
+def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str | None = None) -> int:
+    """Write passages.arrow (Arrow IPC file, uncompressed, row i == row_id i) and return its row count."""
+    src_fs, src_dir = resolve(passages_url, s3_endpoint_url)
+    fs, path = resolve(table_url, s3_endpoint_url)
+    rows = 0
+    columns = list(layout.TABLE_COLUMNS)
+    # Exits run inside out: the IPC writer finishes the file before it is published.
+    with staged_local_file(fs, path) as tmp, pa.OSFile(tmp, "wb") as sink, \
+            pa.ipc.new_file(sink, layout.TABLE_SCHEMA) as writer:
+        for shard in passage_shard_paths(src_fs, src_dir):
+            with src_fs.open(shard, "rb") as f:
+                pf = pq.ParquetFile(f)
+                missing = set(columns) - set(pf.schema_arrow.names)
+                if missing:
+                    raise RagindexError(f"{shard} lacks column(s) {', '.join(sorted(missing))}")
+                for batch in pf.iter_batches(batch_size=8192, columns=columns):
+                    table = pa.Table.from_batches([batch]).cast(layout.TABLE_SCHEMA)
+                    ids = table.column("row_id").to_numpy()
+                    if len(ids) and (ids[0] != rows or not np.array_equal(ids, np.arange(rows, rows + len(ids)))):
+                        raise RagindexError(f"{shard}: row_id not contiguous at row {rows} (got {ids[0]})")
+                    for b in table.to_batches():
+                        writer.write_batch(b)
+                    rows += len(ids)
+    return rows
+
