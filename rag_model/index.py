@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
-import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 from transformers.models.rag.retrieval_rag import Index
 
+from storage.cache import FileCache, Lease
 from storage.errors import NotFound, RagindexError, Rejected
-from storage.fs import is_local
 from storage.manifest import Manifest
 from storage.store import IndexStore
+from storage.verify import expected_sha256
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +66,6 @@ def revision_url(lang: str, page_id: int, rev_id: int) -> str:
     return f"https://{lang}.wikipedia.org/w/index.php?curid={page_id}&oldid={rev_id}"
 
 
-def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "ragindex-cache")
-
-
 class VersionIndex(Index):
     """A version opened read-only for searching. Immutable once opened; safe to share between threads."""
 
@@ -98,32 +92,42 @@ class VersionIndex(Index):
 
     @classmethod
     def open(
-        cls, store: IndexStore, version_id: str, cache_dir: str | None = None, with_embeddings: bool = False
+        cls,
+        store: IndexStore,
+        version_id: str,
+        cache_dir: str | None = None,
+        with_embeddings: bool = False,
+        cache: FileCache | None = None,
     ) -> VersionIndex:
-        """Open a ready version of `store`. A remote store's files are copied once into `cache_dir`
-        (they must be local files to be memory-mapped); a local store's are mapped in place."""
+        """Open a ready version of `store`, every file it maps verified against the manifest first.
+
+        Files reach local disk through the one cache (`storage.cache`): a remote store's are copied
+        there (they must be local files to be memory-mapped), a local store's are mapped in place; each
+        is hashed once and re-hashed only when it changed. `Corrupt` names the first file that does
+        not match. `cache_dir` is the cache's base directory when no `cache` is given."""
         from rag_model import vector_search
 
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        cache = cache_dir or default_cache_dir()
-        index_url = store.version_url(version_id, INDEX_FAISS)
+        lease = (cache or FileCache.for_store(store.url, base=cache_dir)).lease()
         try:
-            faiss_index = vector_search.read_index(
-                index_url, mmap=True, cache_dir=cache, s3_endpoint_url=store.s3_endpoint_url
-            )
-        except FileNotFoundError:
-            raise NotFound(f"version {version_id} has no {INDEX_FAISS} in {store.url}") from None
-        passages = _map_passages(store, version_id, cache)
-        rows = manifest.counts.get("passages", passages.num_rows)
-        if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
-            raise Rejected(
-                f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
-                f"{passages.num_rows} rows in {PASSAGES_ARROW}, manifest counts {rows}"
-            )
-        embeddings = _embedding_files(store, version_id, cache) if with_embeddings else None
-        return cls(version_id, manifest, faiss_index, passages, embeddings)
+            faiss_index = vector_search.read_index(_local_file(lease, store, manifest, INDEX_FAISS), mmap=True)
+            passages = _map_passages(version_id, _local_file(lease, store, manifest, PASSAGES_ARROW))
+            rows = manifest.counts.get("passages", passages.num_rows)
+            if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
+                raise Rejected(
+                    f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
+                    f"{passages.num_rows} rows in {PASSAGES_ARROW}, manifest counts {rows}"
+                )
+            embeddings = _embedding_files(lease, store, manifest) if with_embeddings else None
+        except BaseException:
+            lease.release()
+            raise
+        opened = cls(version_id, manifest, faiss_index, passages, embeddings)
+        # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
+        weakref.finalize(opened, lease.release)
+        return opened
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -247,36 +251,17 @@ class VersionIndex(Index):
         return f"VersionIndex({self.version!r}, rows={self.size})"
 
 
-def _local_file(store: IndexStore, version_id: str, relpath: str, cache_dir: str) -> str:
-    """A local path to a version file: in place for a local store, else a copy in the cache.
-
-    Versions are immutable, so a cached copy keyed by version id is valid forever; the copy is
-    written to a temp name and renamed so a crash never leaves a half file that looks complete.
-    """
+def _local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: str) -> str:
+    """A verified local path to a version file (in place for a local store, else a cached copy)."""
+    version_id = manifest.version
+    expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
     remote = store.version_path(version_id, relpath)
-    if is_local(store.fs):
-        if not os.path.exists(remote):
-            raise NotFound(f"version {version_id} has no {relpath} in {store.url}")
-        return remote
-    local = os.path.join(cache_dir, version_id, relpath)
-    if os.path.exists(local):
-        return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.{uuid.uuid4().hex}.tmp"
-    try:
-        with store.fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(tmp, local)
-    except FileNotFoundError:
-        raise NotFound(f"version {version_id} has no {relpath} in {store.url}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return local
+    if not store.fs.exists(remote):
+        raise NotFound(f"version {version_id} has no {relpath} in {store.url}")
+    return lease.path(store.fs, remote, expected, f"version {version_id}: {relpath}")
 
 
-def _map_passages(store: IndexStore, version_id: str, cache_dir: str) -> pa.Table:
-    path = _local_file(store, version_id, PASSAGES_ARROW, cache_dir)
+def _map_passages(version_id: str, path: str) -> pa.Table:
     try:
         table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     except pa.ArrowInvalid as exc:
@@ -287,12 +272,12 @@ def _map_passages(store: IndexStore, version_id: str, cache_dir: str) -> pa.Tabl
     return table.select(list(PASSAGE_COLUMNS))
 
 
-def _embedding_files(store: IndexStore, version_id: str, cache_dir: str) -> list[tuple[int, str]]:
-    summary_path = _local_file(store, version_id, "embeddings/embeddings.json", cache_dir)
+def _embedding_files(lease: Lease, store: IndexStore, manifest: Manifest) -> list[tuple[int, str]]:
+    summary_path = _local_file(lease, store, manifest, "embeddings/embeddings.json")
     with open(summary_path) as f:
         summary = json.load(f)
     files, first = [], 0
     for shard in summary["shards"]:
-        files.append((first, _local_file(store, version_id, f"embeddings/{shard['name']}", cache_dir)))
+        files.append((first, _local_file(lease, store, manifest, f"embeddings/{shard['name']}")))
         first += int(shard["rows"])
     return files

@@ -7,15 +7,12 @@ dimension sqrt(phi - ||d||^2) on the stored vectors, 0 on the query). Knows noth
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-import uuid
 
 import faiss
 import numpy as np
 
+from storage.cache import FileCache
 from storage.fs import is_local, resolve
 from storage.manifest import IndexInfo
 
@@ -25,25 +22,33 @@ log = logging.getLogger(__name__)
 _PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "ht", "k_factor")
 
 
-def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "ragindex-index-cache")
-
-
 def read_index(
-    url: str, *, mmap: bool = True, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+    url: str,
+    *,
+    mmap: bool = True,
+    cache_dir: str | None = None,
+    s3_endpoint_url: str | None = None,
+    sha256: str | None = None,
+    cache: FileCache | None = None,
 ) -> faiss.Index:
     """Open an index file, memory-mapped so that a swap does not double resident memory.
 
     Flat codes (IndexFlat*, the storage of IndexHNSWFlat) map with IO_FLAG_MMAP_IFC, inverted lists
-    with IO_FLAG_MMAP; anything else is read normally. An S3 index is first copied into a local
-    cache (versions are immutable, so the URL and size identify the content).
+    with IO_FLAG_MMAP; anything else is read normally. The file is reached through the one local
+    cache (`storage.cache`): an S3 index is copied there first; with `sha256` (the manifest's) the
+    bytes are verified against it, once per unchanged file. `cache_dir` is the cache's base directory
+    when no `cache` is given.
     """
     fs, path = resolve(url, s3_endpoint_url)
     if not fs.exists(path):
         from storage.errors import NotFound
 
         raise NotFound(f"no index file at {url}")
-    local = path if is_local(fs) else _cached_copy(fs, path, url, cache_dir or default_cache_dir())
+    if is_local(fs) and sha256 is None:
+        local = path  # nothing to verify against: map it in place
+    else:
+        cache = cache or FileCache.for_store(_store_root_url(url), base=cache_dir)
+        local = cache.verified_path(fs, path, sha256, url)
     if not mmap:
         return faiss.read_index(local)
     for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
@@ -61,22 +66,10 @@ def read_index(
     return index
 
 
-def _cached_copy(fs, path: str, url: str, cache_dir: str) -> str:
-    size = fs.size(path)
-    key = hashlib.sha256(f"{url}\0{size}".encode()).hexdigest()[:24]
-    target = os.path.join(cache_dir, key, os.path.basename(path))
-    if os.path.exists(target) and os.path.getsize(target) == size:
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log.info("copied %s to local cache %s for memory mapping", url, target)
-    return target
+def _store_root_url(url: str) -> str:
+    """The store a version file's URL belongs to (what the cache is kept per), else its directory."""
+    head, sep, _ = url.rpartition("/versions/")
+    return head if sep else url.rsplit("/", 1)[0]
 
 
 def apply_search_params(index: faiss.Index, info: IndexInfo) -> None:
