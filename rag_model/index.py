@@ -27,7 +27,7 @@ import pyarrow as pa
 from transformers.models.rag.retrieval_rag import Index
 
 from storage.cache import FileCache, Lease
-from storage.errors import NotFound, RagindexError, Rejected
+from storage.errors import RagindexError, Rejected
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from storage.verify import expected_sha256
@@ -256,8 +256,6 @@ def _local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: st
     version_id = manifest.version
     expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
     remote = store.version_path(version_id, relpath)
-    if not store.fs.exists(remote):
-        raise NotFound(f"version {version_id} has no {relpath} in {store.url}")
     return lease.path(store.fs, remote, expected, f"version {version_id}: {relpath}")
 
 

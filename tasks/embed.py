@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder, paired_question_encoder
-from storage.errors import RagindexError
+from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, is_local, join, resolve, to_url
 from storage.manifest import EncoderFingerprint
 from storage.names import check_file_name
 from storage.store import IndexStore
+from storage.verify import verify_file
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,42 @@ def _check_npy(shape: tuple, dtype: np.dtype, dim: int, path: str) -> None:
         raise EmbedError(f"{path}: expected float32 [rows, {dim}], found {np.dtype(dtype)} {list(shape)}")
 
 
+# (path, sha256) of source shards already verified by this process: each is hashed once per build,
+# not once per new shard that reuses rows from it.
+_VERIFIED_SOURCES: set[tuple[str, str]] = set()
+
+
+def _root_digests(fs: Any, root: str) -> dict[str, str]:
+    """relative path -> sha256 of an earlier version root: its manifest's, else (a plain embed output
+    with no manifest) the sha256s its passages.json and embeddings.json record for their shards."""
+    manifest = _read_json(fs, join(root, "manifest.json"))
+    if manifest is not None:
+        return dict(manifest.get("files") or {})
+    digests = {}
+    for folder, summary_name in (("passages", PASSAGES_SUMMARY), ("embeddings", SUMMARY)):
+        for shard in (_read_json(fs, join(root, folder, summary_name)) or {}).get("shards", []):
+            if shard.get("name") and shard.get("sha256"):
+                digests[f"{folder}/{shard['name']}"] = shard["sha256"]
+    return digests
+
+
+def _verified_source(fs: Any, root: str, paths: Sequence[str], digests: dict[str, str]) -> bool:
+    """Vectors are copied only from shards whose bytes are the ones their version names; a corrupt or
+    unrecorded source shard is skipped (its passages are encoded again), with one warning line."""
+    for path in paths:
+        rel = path[len(root) + 1:]
+        try:
+            if rel not in digests:
+                raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
+            if (path, digests[rel]) not in _VERIFIED_SOURCES:
+                verify_file(fs, path, digests[rel], path)
+                _VERIFIED_SOURCES.add((path, digests[rel]))
+        except Corrupt as exc:
+            log.warning("reuse: %s; encoding its passages again", first_line(exc))
+            return False
+    return True
+
+
 def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
                    s3_endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(mask of rows found, their vectors) for a shard's content hashes, from earlier version roots.
@@ -187,6 +224,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
     for url in reuse_from:
         fs, root = resolve(url, s3_endpoint_url)
         pairs = _source_shards(fs, root, key)
+        digests = _root_digests(fs, root) if pairs else {}
         for passages_path, npy_path in pairs or ():
             try:
                 column = pq.read_table(passages_path, columns=["content_hash"], filesystem=fs).column(0)
@@ -203,7 +241,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
             # The same hash twice in one source shard: keep its first row.
             targets, first = np.unique(targets, return_index=True)
             found_rows = found_rows[first]
-            if len(targets) == 0:
+            if len(targets) == 0 or not _verified_source(fs, root, (passages_path, npy_path), digests):
                 continue
             src_shard[targets] = len(sources)
             src_row[targets] = found_rows
