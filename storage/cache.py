@@ -14,11 +14,12 @@ when another user owns it, so nobody can plant files in it):
     local/<sha256(path)[:32]>.json    the same record for a file of a local store, verified in place
 
 Copies are bounded by `max_bytes`: least recently used first, never a file a `Lease` holds (an open
-`VersionIndex` holds one for every file it maps).
+`VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Hasher = Callable[[str], str]
 SIDECAR = ".verified"
+DEFAULT_MAX_BYTES = 20 * 2**30  # what a cache holds when nobody says (settings: RAGINDEX_CACHE_MAX_SIZE)
 
 
 def sha256_of_path(path: str) -> str:
@@ -85,7 +87,7 @@ class FileCache:
 
     def __init__(self, root: str, max_bytes: int | None = None, hasher: Hasher | None = None) -> None:
         self.root = root
-        self.max_bytes = max_bytes
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.hasher = hasher or sha256_of_path  # the seam tests count hashes through
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -179,18 +181,38 @@ class FileCache:
     def _pin(self, sha256: str) -> None:
         with self._lock:
             self._pins[sha256] = self._pins.get(sha256, 0) + 1
+            if self._pins[sha256] == 1:  # other processes sharing this cache see it too
+                os.makedirs(os.path.join(self.root, "pins"), mode=0o700, exist_ok=True)
+                open(self._pin_file(sha256, os.getpid()), "w").close()
 
     def _unpin(self, sha256: str) -> None:
         with self._lock:
             left = self._pins.get(sha256, 0) - 1
             if left > 0:
                 self._pins[sha256] = left
-            else:
-                self._pins.pop(sha256, None)
+                return
+            self._pins.pop(sha256, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._pin_file(sha256, os.getpid()))
+
+    def _pin_file(self, sha256: str, pid: int) -> str:
+        return os.path.join(self.root, "pins", f"{sha256}.{pid}")
 
     def pinned(self) -> set[str]:
+        """sha256s in use by this process or by another live process sharing the cache."""
         with self._lock:
-            return {k for k, v in self._pins.items() if v > 0}
+            held = {k for k, v in self._pins.items() if v > 0}
+        pins = os.path.join(self.root, "pins")
+        for name in os.listdir(pins) if os.path.isdir(pins) else ():
+            sha, _, pid = name.rpartition(".")
+            if sha in held or not pid.isdigit():
+                continue
+            if _alive(int(pid)):
+                held.add(sha)
+            else:  # left by a process that died while serving
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(pins, name))
+        return held
 
     def blobs(self) -> list[tuple[float, str, int]]:
         """(last use, sha256 dir, bytes) of every cached copy, least recently used first."""
@@ -206,8 +228,6 @@ class FileCache:
     def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Remove least recently used copies until the cache fits `max_bytes`; never a leased one
         (nor `keep`: the copy just placed). Returns the sha256s removed."""
-        if self.max_bytes is None:
-            return []
         blobs = self.blobs()
         total = sum(size for _, _, size in blobs)
         removed = []
@@ -253,6 +273,16 @@ class Lease:
         for sha in self.digests:
             self.cache._unpin(sha)
         self.digests = []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_record(path: str) -> dict[str, Any] | None:

@@ -176,16 +176,14 @@ _VERIFIED_SOURCES: set[tuple[str, str]] = set()
 
 
 def _root_digests(fs: Any, root: str) -> dict[str, str]:
-    """relative path -> sha256 of an earlier version root: its manifest's, else (a plain embed output
-    with no manifest) the sha256s its passages.json and embeddings.json record for their shards."""
-    manifest = _read_json(fs, join(root, "manifest.json"))
-    if manifest is not None:
-        return dict(manifest.get("files") or {})
+    """relative path -> sha256 of an earlier version root: its manifest's, and for what no manifest
+    covers (a plain embed output) the sha256s its passages.json and embeddings.json record for their shards."""
     digests = {}
     for folder, summary_name in (("passages", PASSAGES_SUMMARY), ("embeddings", SUMMARY)):
         for shard in (_read_json(fs, join(root, folder, summary_name)) or {}).get("shards", []):
             if shard.get("name") and shard.get("sha256"):
                 digests[f"{folder}/{shard['name']}"] = shard["sha256"]
+    digests.update((_read_json(fs, join(root, "manifest.json")) or {}).get("files") or {})
     return digests
 
 

@@ -100,6 +100,23 @@ def test_lru_eviction_beyond_the_bound_spares_served_files(tmp_path, moto_server
     cached = {name for _, name, _ in roomy.blobs()}
     assert digests(a.version) <= cached and not digests(c.version) & cached
 
+    # Another live process serving a's files pins them for this one too; a dead one's pin is cleared.
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    index_sha = store.manifest(a.version).files["index.faiss"]
+    arrow_sha = store.manifest(a.version).files["passages.arrow"]
+    (tmp_path / "cache" / os.path.basename(cache.root) / "pins").mkdir(exist_ok=True)
+    pins = os.path.join(cache.root, "pins")
+    open(os.path.join(pins, f"{index_sha}.1"), "w").close()  # pid 1 is alive in any container
+    open(os.path.join(pins, f"{arrow_sha}.{dead.pid}"), "w").close()
+    tight = FileCache(cache.root, max_bytes=1)
+    assert tight.evict() == [arrow_sha]
+    assert {name for _, name, _ in tight.blobs()} == {index_sha}
+    assert os.listdir(pins) == [f"{index_sha}.1"]
+
 
 def test_cache_dirs_are_private_and_another_users_is_refused(tmp_path):
     cache = FileCache.for_store("s3://bucket/store", base=str(tmp_path / "base"))
