@@ -35,6 +35,7 @@ def query(
     answer = query_store(
         open_store(store, settings), text, k, version,
         question_encoder or settings.question_encoder, question_encoder_kind,
+        cache_dir=settings.cache_base, cache_max_bytes=settings.cache_max_bytes,
     )
     hits = answer.hits
     if as_json:
@@ -67,7 +68,9 @@ def serve(
     rag_model: str | None = typer.Option(
         None, "--rag-model", help="RAG checkpoint ID|PATH; without it /v1/generate answers 503."
     ),
-    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local copies of S3 index files."),
+    cache_dir: str | None = typer.Option(
+        None, "--cache-dir", help="Base of the verified local file cache (default: RAGINDEX_CACHE_DIR, "
+                                  "$XDG_CACHE_HOME/ragindex or ~/.cache/ragindex)."),
     header_timeout: float | None = typer.Option(
         None, "--header-timeout", help="Seconds a client has to send a request's head (default: 10)."
     ),
@@ -115,7 +118,9 @@ def serve(
         rag_model=chosen_rag,
         admin_token=settings.admin_token,
         poll_seconds=poll_seconds or settings.poll_seconds,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir or settings.cache_base,
+        cache_max_bytes=settings.cache_max_bytes,
+        ready_grace_seconds=settings.ready_grace_seconds,
     )
     bind_host = host or settings.host
     bind_port = settings.port if port is None else port

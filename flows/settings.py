@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     keep_alive: int = Field(5, gt=0)
     max_connections: int = Field(256, gt=0)
     debug: bool = False
+    # The local cache of verified store files (see storage.cache): base directory and size bound.
+    cache_dir: str | None = None
+    xdg_cache_home: str | None = Field(None, validation_alias="XDG_CACHE_HOME")
+    cache_max_size: str = "20GiB"
+    ready_grace_seconds: float = Field(60.0, ge=0)  # /readyz fails after CURRENT is unservable this long
 
     @field_validator("memory_budget")
     @classmethod
@@ -54,6 +59,23 @@ class Settings(BaseSettings):
     @property
     def memory_budget_bytes(self) -> int:
         return parse_size(self.memory_budget)
+
+    @field_validator("cache_max_size")
+    @classmethod
+    def _cache_max_is_a_size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return parse_size(self.cache_max_size)
+
+    @property
+    def cache_base(self) -> str | None:
+        """RAGINDEX_CACHE_DIR, else $XDG_CACHE_HOME/ragindex, else None (storage.cache's ~/.cache/ragindex)."""
+        if self.cache_dir:
+            return self.cache_dir
+        return f"{self.xdg_cache_home.rstrip('/')}/ragindex" if self.xdg_cache_home else None
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,13 +27,14 @@ from transformers.models.rag.retrieval_rag import Index
 
 from rag_model.vectors import load_shard
 from storage import layout
-from storage.cache import local_copy
-from storage.errors import NotFound, RagindexError, Rejected
+from storage.cache import FileCache, Lease
+from storage.errors import RagindexError, Rejected
 from storage.layout import INDEX_FILE, PASSAGE_TABLE, TABLE_COLUMNS
 from storage.manifest import Manifest
 from storage.records import EmbeddingsSummary
 from storage.store import IndexStore
 from storage.timing import timed
+from storage.verify import expected_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,31 +92,42 @@ class VersionIndex(Index):
 
     @classmethod
     def open(
-        cls, store: IndexStore, version_id: str, cache_dir: str | None = None, with_embeddings: bool = False
+        cls,
+        store: IndexStore,
+        version_id: str,
+        cache_dir: str | None = None,
+        with_embeddings: bool = False,
+        cache: FileCache | None = None,
     ) -> VersionIndex:
-        """Open a ready version of `store`. A remote store's files are copied once into `cache_dir`
-        (they must be local files to be memory-mapped); a local store's are mapped in place."""
+        """Open a ready version of `store`, every file it maps verified against the manifest first.
+
+        Files reach local disk through the one cache (`storage.cache`): a remote store's are copied
+        there (they must be local files to be memory-mapped), a local store's are mapped in place; each
+        is hashed once and re-hashed only when it changed. `Corrupt` names the first file that does
+        not match. `cache_dir` is the cache's base directory when no `cache` is given."""
         from rag_model import vector_search
 
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        index_url = store.version_url(version_id, INDEX_FILE)
+        lease = (cache or FileCache.for_store(store.url, base=cache_dir)).lease()
         try:
-            faiss_index = vector_search.read_index(
-                index_url, mmap=True, cache_dir=cache_dir, s3_endpoint_url=store.s3_endpoint_url
-            )
-        except FileNotFoundError:
-            raise NotFound(f"version {version_id} has no {INDEX_FILE} in {store.url}") from None
-        passages = _map_passages(store, version_id, cache_dir)
-        rows = manifest.counts.get("passages", passages.num_rows)
-        if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
-            raise Rejected(
-                f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
-                f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
-            )
-        embeddings = _embedding_files(store, version_id, cache_dir) if with_embeddings else None
-        return cls(version_id, manifest, faiss_index, passages, embeddings)
+            faiss_index = vector_search.read_index(_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
+            passages = _map_passages(version_id, _local_file(lease, store, manifest, PASSAGE_TABLE))
+            rows = manifest.counts.get("passages", passages.num_rows)
+            if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
+                raise Rejected(
+                    f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
+                    f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
+                )
+            embeddings = _embedding_files(lease, store, manifest) if with_embeddings else None
+        except BaseException:
+            lease.release()
+            raise
+        opened = cls(version_id, manifest, faiss_index, passages, embeddings)
+        # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
+        weakref.finalize(opened, lease.release)
+        return opened
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -238,16 +251,15 @@ class VersionIndex(Index):
         return f"VersionIndex({self.version!r}, rows={self.size})"
 
 
-def _local_file(store: IndexStore, version_id: str, relpath: str, cache_dir: str | None) -> str:
-    """A local path to a version file: in place for a local store, else a copy in the shared cache."""
-    try:
-        return local_copy(store.fs, store.version_path(version_id, *relpath.split("/")), cache_dir)
-    except FileNotFoundError:
-        raise NotFound(f"version {version_id} has no {relpath} in {store.url}") from None
+def _local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: str) -> str:
+    """A verified local path to a version file (in place for a local store, else a cached copy)."""
+    version_id = manifest.version
+    expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
+    remote = store.version_path(version_id, relpath)
+    return lease.path(store.fs, remote, expected, f"version {version_id}: {relpath}")
 
 
-def _map_passages(store: IndexStore, version_id: str, cache_dir: str | None) -> pa.Table:
-    path = _local_file(store, version_id, PASSAGE_TABLE, cache_dir)
+def _map_passages(version_id: str, path: str) -> pa.Table:
     try:
         table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     except pa.ArrowInvalid as exc:
@@ -258,11 +270,11 @@ def _map_passages(store: IndexStore, version_id: str, cache_dir: str | None) -> 
     return table.select(list(TABLE_COLUMNS))
 
 
-def _embedding_files(store: IndexStore, version_id: str, cache_dir: str | None) -> list[tuple[int, str]]:
-    path = store.version_path(version_id, layout.EMBEDDINGS_DIR, layout.EMBEDDINGS_SUMMARY)
-    summary = EmbeddingsSummary.read(store.fs, path)
+def _embedding_files(lease: Lease, store: IndexStore, manifest: Manifest) -> list[tuple[int, str]]:
+    summary_path = _local_file(lease, store, manifest, layout.EMBEDDINGS_SUMMARY_PATH)
+    summary = EmbeddingsSummary.read(LocalFileSystem(), summary_path)
     files, first = [], 0
     for shard in summary.shards:
-        files.append((first, _local_file(store, version_id, f"{layout.EMBEDDINGS_DIR}/{shard.name}", cache_dir)))
+        files.append((first, _local_file(lease, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")))
         first += shard.rows
     return files

@@ -24,6 +24,11 @@ class ServerMetrics:
         self.swap_failures = Counter(
             "ragindex_index_swap_failures", "Index versions refused or failed to load", registry=r
         )
+        self.verification_failures = Counter(
+            "ragindex_index_verification_failures",
+            "Index versions refused because a file did not match its manifest sha256 (altered, truncated, missing)",
+            registry=r,
+        )
         self.swap_seconds = Histogram(
             "ragindex_index_swap_seconds", "Time to load, check and warm up a version", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
@@ -40,6 +45,8 @@ class ServerMetrics:
     def on_swap(self, result: SwapResult) -> None:
         if not result.ok:
             self.swap_failures.inc()
+            if result.error_kind == "Corrupt":
+                self.verification_failures.inc()
             return
         if not result.changed:
             return

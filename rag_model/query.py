@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rag_model.index import Hit
 from rag_model.retriever import HotSwapRetriever, paired_question_encoder_factory
-from storage.errors import NotFound, RagindexError
+from storage.errors import Corrupt, NotFound, RagindexError
 from storage.store import IndexStore
 
 
@@ -27,8 +27,13 @@ def query_store(
     version: str | None = None,
     question_encoder: str | None = None,
     question_encoder_kind: str | None = None,
+    cache_dir: str | None = None,
+    cache_max_bytes: int | None = None,
 ) -> QueryAnswer:
-    """Top-k passages for `text` from `version` (default CURRENT), with provenance."""
+    """Top-k passages for `text` from `version` (default CURRENT), with provenance.
+
+    The version is opened like a server opens it: every file it maps is verified against its manifest
+    (through the local cache, so an unchanged file is hashed once); `Corrupt` names the file that is not."""
     if question_encoder_kind not in (None, "dpr", "mean"):
         raise RagindexError(f"question encoder kind must be dpr or mean, not {question_encoder_kind!r}")
     if not text.strip():
@@ -43,9 +48,13 @@ def query_store(
     retriever = HotSwapRetriever(
         question_encoder_factory=paired_question_encoder_factory(question_encoder, question_encoder_kind),
         warmup_rounds=0,
+        cache_dir=cache_dir,
+        cache_max_bytes=cache_max_bytes,
     )
     swap = retriever.swap_to(store, version)
     if not swap.ok:
+        if swap.error_kind == "Corrupt":
+            raise Corrupt(swap.error or f"version {version} does not match its manifest")
         raise RagindexError(swap.error or f"cannot open version {version}")
     result = retriever.retrieve_with_provenance([text], k)
     return QueryAnswer(result.version, text, result.hits[0])

@@ -32,6 +32,7 @@ import numpy as np
 from transformers import RagConfig, RagRetriever
 
 from rag_model.index import Hit, VersionIndex
+from storage.cache import FileCache
 from storage.errors import RagindexError, Rejected, first_line
 from storage.manifest import Manifest
 from storage.store import IndexStore
@@ -60,6 +61,7 @@ class SwapResult:
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
     error: str | None = None
+    error_kind: str | None = None  # the exception's class name: "Corrupt" for a verification refusal
     changed: bool = True  # False when the version was already serving
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class HotSwapRetriever(RagRetriever):
         question_encoder_factory: Callable[[Manifest], QuestionEncoderLike] | None = None,
         expected_fingerprint_key: str | None = None,
         cache_dir: str | None = None,
+        cache_max_bytes: int | None = None,
         with_embeddings: bool = False,
         warmup_rounds: int = 3,
     ) -> None:
@@ -108,6 +111,8 @@ class HotSwapRetriever(RagRetriever):
         self.generator_tokenizer = generator_tokenizer
         self.expected_fingerprint_key = expected_fingerprint_key
         self.cache_dir = cache_dir
+        self.cache_max_bytes = cache_max_bytes
+        self._caches: dict[str, FileCache] = {}
         self.with_embeddings = with_embeddings
         self.warmup_rounds = warmup_rounds
         self.ctx_encoder_tokenizer = None
@@ -180,14 +185,15 @@ class HotSwapRetriever(RagRetriever):
                 return SwapResult(ok=True, version=version_id, previous=previous, changed=False)
             start = time.perf_counter()
             try:
-                loaded = VersionIndex.open(store, version_id, self.cache_dir, with_embeddings=self.with_embeddings)
+                loaded = VersionIndex.open(store, version_id, with_embeddings=self.with_embeddings,
+                                           cache=self.cache_for(store))
                 load_s = time.perf_counter() - start
                 self._check_compatible(loaded)
                 warm_s = loaded.warm_up(self.warmup_rounds) if self.warmup_rounds else 0.0
             except Exception as exc:  # any failure keeps the old version serving; it is reported, not raised
                 result = SwapResult(
                     ok=False, version=version_id, previous=previous, seconds=time.perf_counter() - start,
-                    error=_swap_error(exc),
+                    error=_swap_error(exc), error_kind=type(exc).__name__,
                 )
                 self.last_failure = result
                 log.error("swap to %s refused, still serving %s: %s", version_id, previous, result.error)
@@ -205,6 +211,14 @@ class HotSwapRetriever(RagRetriever):
             log.info("now serving %s (was %s), swap took %.2fs", version_id, previous, result.seconds)
             self._notify(result)
             return result
+
+    def cache_for(self, store: IndexStore) -> FileCache:
+        """The one local file cache of `store` (per store and user), shared by every version opened from it."""
+        with self._config_lock:
+            if store.url not in self._caches:
+                self._caches[store.url] = FileCache.for_store(store.url, base=self.cache_dir,
+                                                              max_bytes=self.cache_max_bytes)
+            return self._caches[store.url]
 
     def _check_compatible(self, loaded: VersionIndex) -> None:
         fingerprint = loaded.manifest.encoder

@@ -198,6 +198,7 @@ class Serving:
     service: Any = None  # rag_model.model.RagService when a RAG model is configured
     admin_token: str | None = None
     started_at: float = field(default_factory=time.time)
+    ready_grace_seconds: float = 60.0  # how long /readyz stays ready while CURRENT cannot be served
 
 
 def create_app(
@@ -213,6 +214,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = 32,
     service: Any = None,
+    ready_grace_seconds: float = 60.0,
+    cache_max_bytes: int | None = None,
 ) -> FastAPI:
     """Build the app. Loading the RAG model (if any) happens here; the index loads in the watcher
     thread once the app starts, so `/readyz` says when it can answer."""
@@ -231,6 +234,7 @@ def create_app(
             cache_dir=cache_dir,
         )
     retriever.swap_listeners.append(metrics.on_swap)
+    retriever.cache_max_bytes = cache_max_bytes
     serving = Serving(
         store=store,
         retriever=retriever,
@@ -239,6 +243,7 @@ def create_app(
         metrics=metrics,
         service=service,
         admin_token=admin_token or None,
+        ready_grace_seconds=ready_grace_seconds,
     )
 
     @asynccontextmanager
@@ -322,12 +327,19 @@ def create_app(
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="200 once an index version is loaded, else 503",
-             responses={503: {"description": "no index loaded yet"}})
+    @app.get("/readyz", tags=["health"],
+             summary="200 once an index version is loaded and CURRENT is served (within a grace period), else 503",
+             responses={503: {"description": "no index loaded yet, or CURRENT refused for longer than the grace"}})
     async def readyz() -> JSONResponse:
         version = serving.retriever.version
         if version is None:
             return JSONResponse({"ready": False, "version": None}, status_code=503)
+        behind = serving.watcher.behind_for()
+        if behind > serving.ready_grace_seconds:  # still answering, but not from the version CURRENT names
+            failure = serving.retriever.last_failure
+            return JSONResponse({"ready": False, "version": version, "current": serving.watcher.current_version,
+                                 "behind_seconds": round(behind, 3), "error": failure.error if failure else None},
+                                status_code=503)
         return JSONResponse({"ready": True, "version": version})
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
@@ -352,6 +364,8 @@ def _index_status(serving: Serving) -> dict:
         "fingerprint_key": r.expected_fingerprint_key,
         "last_swap": r.last_swap.to_dict() if r.last_swap else None,
         "last_failure": r.last_failure.to_dict() if r.last_failure else None,
+        "last_error": r.last_failure.error if r.last_failure else None,  # one line: the last refused version
+        "behind_seconds": round(serving.watcher.behind_for(), 3),  # not serving CURRENT for this long
         "watcher": {"poll_seconds": serving.watcher.poll_seconds, "last_error": serving.watcher.last_error},
         "generation_enabled": serving.service is not None,
     }

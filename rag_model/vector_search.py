@@ -12,9 +12,9 @@ import logging
 import faiss
 import numpy as np
 
-from storage.cache import local_copy
+from storage.cache import FileCache
 from storage.errors import NotFound
-from storage.fs import resolve
+from storage.fs import is_local, resolve
 from storage.manifest import IndexInfo
 
 log = logging.getLogger(__name__)
@@ -24,18 +24,30 @@ _PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "ht", "k_factor")
 
 
 def read_index(
-    url: str, *, mmap: bool = True, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+    url: str,
+    *,
+    mmap: bool = True,
+    cache_dir: str | None = None,
+    s3_endpoint_url: str | None = None,
+    sha256: str | None = None,
+    cache: FileCache | None = None,
 ) -> faiss.Index:
     """Open an index file, memory-mapped so that a swap does not double resident memory.
 
     Flat codes (IndexFlat*, the storage of IndexHNSWFlat) map with IO_FLAG_MMAP_IFC, inverted lists
-    with IO_FLAG_MMAP; anything else is read normally. An S3 index is first copied into a local
-    cache (storage.cache: versions are immutable, so the URL and size identify the content).
+    with IO_FLAG_MMAP; anything else is read normally. The file is reached through the one local
+    cache (`storage.cache`): an S3 index is copied there first; with `sha256` (the manifest's) the
+    bytes are verified against it, once per unchanged file. `cache_dir` is the cache's base directory
+    when no `cache` is given.
     """
     fs, path = resolve(url, s3_endpoint_url)
     if not fs.exists(path):
         raise NotFound(f"no index file at {url}")
-    local = local_copy(fs, path, cache_dir)
+    if is_local(fs) and sha256 is None:
+        local = path  # nothing to verify against: map it in place
+    else:
+        cache = cache or FileCache.for_store(_store_root_url(url), base=cache_dir)
+        local = cache.verified_path(fs, path, sha256, url)
     if not mmap:
         return faiss.read_index(local)
     for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
@@ -51,6 +63,12 @@ def read_index(
     index = faiss.read_index(local)
     log.info("read %s into memory (no mmap support for %s)", url, type(index).__name__)
     return index
+
+
+def _store_root_url(url: str) -> str:
+    """The store a version file's URL belongs to (what the cache is kept per), else its directory."""
+    head, sep, _ = url.rpartition("/versions/")
+    return head if sep else url.rsplit("/", 1)[0]
 
 
 def apply_search_params(index: faiss.Index, info: IndexInfo) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from rag_model.retriever import HotSwapRetriever, SwapResult
 from storage.store import IndexStore
@@ -25,6 +26,8 @@ class CurrentWatcher:
         self.poll_seconds = poll_seconds
         self.last_error: str | None = None  # reading CURRENT failed (store unreachable): keep serving
         self.generation: int | None = None
+        self.current_version: str | None = None  # what CURRENT named at the last successful read
+        self.behind_since: float | None = None  # monotonic time since CURRENT names a version not serving
         self._failed: tuple[int, str] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -46,14 +49,25 @@ class CurrentWatcher:
             if pointer is None:
                 return None
             self.generation = pointer.generation
+            self.current_version = pointer.version
             if pointer.version == self.retriever.version:
                 self._failed = None
+                self.behind_since = None
                 return None
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
             if not retry and self._failed == (pointer.generation, pointer.version):
                 return None
             result = self.retriever.swap_to(self.store, pointer.version)
             self._failed = None if result.ok else (pointer.generation, pointer.version)
+            if result.ok:
+                self.behind_since = None
             return result
+
+    def behind_for(self) -> float:
+        """Seconds this process has not been serving the version CURRENT names (0 when it is)."""
+        since = self.behind_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def start(self) -> CurrentWatcher:
         if self._thread is None:

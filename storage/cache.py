@@ -1,51 +1,300 @@
-"""The one remote -> local file cache: faiss and Arrow memory-map local files only.
+"""The one local cache of store files: verified against the manifest once, re-hashed only when changed.
 
-A local store's files are used in place. A remote file is copied once into
-`<cache_dir>/<key>/<name>`, keyed by its URL and size (versions are immutable), through a temp
-name and a rename, so a crash never leaves a half file that looks complete.
+Serving memory-maps files, so an S3 version's files are copied to local disk first; a local store's
+files are mapped in place. Either way each file is hashed once and compared with the sha256 its
+manifest names, and the verified digest is recorded beside it together with the file's
+(size, mtime_ns, ctime_ns, inode): a later load of the same unchanged file trusts the record instead
+of re-reading gigabytes, and any change to the file makes it hashed (and refused) again.
+
+Layout, one directory per store and user (`<base>/<sha256(store url)[:16]>/`, mode 0700, refused
+when another user owns it, so nobody can plant files in it):
+
+    blobs/<sha256>/<name>             a copy of a remote file, keyed by its content
+    blobs/<sha256>/<name>.verified    {"sha256", "size", "mtime_ns", "ctime_ns", "inode"}; its mtime = last use
+    local/<sha256(path)[:32]>.json    the same record for a file of a local store, verified in place
+
+Copies are bounded by `max_bytes`: least recently used first, never a file a `Lease` holds (an open
+`VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
-import tempfile
+import shutil
+import threading
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from storage.fs import is_local, to_url
+from storage.errors import Corrupt, RagindexError
+from storage.fs import file_digest, is_local
+from storage.verify import check_digest
 
 log = logging.getLogger(__name__)
 
+Hasher = Callable[[str], str]
+SIDECAR = ".verified"
+DEFAULT_MAX_BYTES = 20 * 2**30  # what a cache holds when nobody says (settings: RAGINDEX_CACHE_MAX_SIZE)
 
-def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "ragindex-cache")
+
+def sha256_of_path(path: str) -> str:
+    """sha256 of a local file (the default `Hasher`)."""
+    return file_digest(LocalFileSystem(), path)
 
 
-def local_copy(fs: fsspec.AbstractFileSystem, path: str, cache_dir: str | None = None) -> str:
-    """A local path holding the bytes of `path`: itself on a local filesystem, else a cached copy.
+def default_cache_base() -> str:
+    """`~/.cache/ragindex`: per user, never a shared temp directory. Settings may name another base."""
+    return str(Path.home() / ".cache" / "ragindex")
 
-    Raises FileNotFoundError when `path` does not exist.
-    """
-    if is_local(fs):
-        if not os.path.exists(path):
-            raise FileNotFoundError(path)
+
+def store_key(store_url: str) -> str:
+    return hashlib.sha256(store_url.encode()).hexdigest()[:16]
+
+
+def _private_dir(path: str, tighten: bool = True) -> None:
+    """Create `path` 0700 if needed; refuse one owned by another user (or reachable by a symlink).
+    `tighten` makes an existing one 0700 (not done to a base directory the user named)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise RagindexError(f"cache directory {path} is not a plain directory: refusing to use it")
+    if st.st_uid != os.getuid():
+        raise RagindexError(
+            f"cache directory {path} is owned by uid {st.st_uid}, not by this user ({os.getuid()}): refusing to "
+            "use it (give another --cache-dir or RAGINDEX_CACHE_DIR)"
+        )
+    if tighten and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+class FileCache:
+    """Verified local paths for store files. Safe for threads of one process; processes share the disk."""
+
+    def __init__(self, root: str, max_bytes: int | None = None, hasher: Hasher | None = None) -> None:
+        self.root = root
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+        self.hasher = hasher or sha256_of_path  # the seam tests count hashes through
+        self._pins: dict[str, int] = {}
+        self._lock = threading.Lock()
+        _private_dir(os.path.dirname(os.path.abspath(root)), tighten=False)
+        _private_dir(root)
+
+    @classmethod
+    def for_store(
+        cls, store_url: str, base: str | None = None, max_bytes: int | None = None, hasher: Hasher | None = None
+    ) -> FileCache:
+        return cls(os.path.join(base or default_cache_base(), store_key(store_url)), max_bytes, hasher)
+
+    def lease(self) -> Lease:
+        return Lease(self)
+
+    # -- one file ----------------------------------------------------------------------------------
+
+    def verified_path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str) -> str:
+        """A local path whose bytes have sha256 `sha256`: in place for a local file, else a cached copy.
+
+        `sha256=None` (a file no manifest covers yet, e.g. during validation) copies a remote file and keys
+        it by the digest it turns out to have. `Corrupt` when the bytes are not the expected ones."""
+        if is_local(fs):
+            return self._verified_in_place(path, sha256, label)
+        return self._verified_copy(fs, path, sha256, label)
+
+    def _verified_in_place(self, path: str, sha256: str | None, label: str) -> str:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise Corrupt(f"{label}: file is missing") from None
+        record_path = os.path.join(self.root, "local", hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+        record = _read_record(record_path)
+        stamp = _stamp(st)
+        if record and record.get("path") == path and all(record.get(k) == v for k, v in stamp.items()) and (
+            sha256 is None or record.get("sha256") == sha256
+        ):
+            return path
+        actual = self.hasher(path)
+        if sha256 is not None:
+            check_digest(actual, sha256, label)
+        _write_record(record_path, {"path": path, "sha256": actual, **stamp})
         return path
-    url = to_url(fs, path)
-    size = fs.size(path)
-    key = hashlib.sha256(f"{url}\0{size}".encode()).hexdigest()[:24]
-    target = os.path.join(cache_dir or default_cache_dir(), key, os.path.basename(path))
-    if os.path.exists(target) and os.path.getsize(target) == size:
+
+    def _verified_copy(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str) -> str:
+        name = os.path.basename(path)
+        if sha256 is not None:
+            target = os.path.join(self.root, "blobs", sha256, name)
+            if self._still_verified(target, sha256):
+                return target
+        tmp_dir = os.path.join(self.root, "tmp")
+        os.makedirs(tmp_dir, mode=0o700, exist_ok=True)
+        tmp = os.path.join(tmp_dir, f"{name}.{uuid.uuid4().hex}")
+        try:
+            try:
+                fs.get_file(path, tmp)
+            except FileNotFoundError:
+                raise Corrupt(f"{label}: file is missing") from None
+            actual = self.hasher(tmp)
+            if sha256 is not None:
+                check_digest(actual, sha256, label)
+            target = os.path.join(self.root, "blobs", actual, name)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            os.replace(tmp, target)
+            _write_record(target + SIDECAR, {"sha256": actual, **_stamp(os.stat(target))})
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        log.info("copied %s into the local cache as %s", path, target)
+        self.evict(keep={actual})
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+
+    def _still_verified(self, target: str, sha256: str) -> bool:
+        """True when `target` exists with the record it was verified with; re-hashes it when it changed."""
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            return False
+        record = _read_record(target + SIDECAR)
+        stamp = _stamp(st)
+        if not (record and record.get("sha256") == sha256 and all(record.get(k) == v for k, v in stamp.items())):
+            if self.hasher(target) != sha256:
+                log.warning("cached copy %s no longer matches its sha256; fetching it again", target)
+                return False
+            _write_record(target + SIDECAR, {"sha256": sha256, **stamp})
+        os.utime(target + SIDECAR)  # last use, for least-recently-used eviction
+        return True
+
+    # -- pins and eviction ---------------------------------------------------------------------------
+
+    def _pin(self, sha256: str) -> None:
+        with self._lock:
+            self._pins[sha256] = self._pins.get(sha256, 0) + 1
+            if self._pins[sha256] == 1:  # other processes sharing this cache see it too
+                os.makedirs(os.path.join(self.root, "pins"), mode=0o700, exist_ok=True)
+                open(self._pin_file(sha256, os.getpid()), "w").close()
+
+    def _unpin(self, sha256: str) -> None:
+        with self._lock:
+            left = self._pins.get(sha256, 0) - 1
+            if left > 0:
+                self._pins[sha256] = left
+                return
+            self._pins.pop(sha256, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._pin_file(sha256, os.getpid()))
+
+    def _pin_file(self, sha256: str, pid: int) -> str:
+        return os.path.join(self.root, "pins", f"{sha256}.{pid}")
+
+    def pinned(self) -> set[str]:
+        """sha256s in use by this process or by another live process sharing the cache."""
+        with self._lock:
+            held = {k for k, v in self._pins.items() if v > 0}
+        pins = os.path.join(self.root, "pins")
+        for name in os.listdir(pins) if os.path.isdir(pins) else ():
+            sha, _, pid = name.rpartition(".")
+            if sha in held or not pid.isdigit():
+                continue
+            if _alive(int(pid)):
+                held.add(sha)
+            else:  # left by a process that died while serving
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(pins, name))
+        return held
+
+    def blobs(self) -> list[tuple[float, str, int]]:
+        """(last use, sha256 dir, bytes) of every cached copy, least recently used first."""
+        base = os.path.join(self.root, "blobs")
+        out = []
+        for entry in os.scandir(base) if os.path.isdir(base) else ():
+            files = [f for f in os.scandir(entry.path) if f.is_file()]
+            size = sum(f.stat().st_size for f in files if not f.name.endswith(SIDECAR))
+            used = max((f.stat().st_mtime for f in files if f.name.endswith(SIDECAR)), default=0.0)
+            out.append((used, entry.name, size))
+        return sorted(out)
+
+    def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Remove least recently used copies until the cache fits `max_bytes`; never a leased one
+        (nor `keep`: the copy just placed). Returns the sha256s removed."""
+        blobs = self.blobs()
+        total = sum(size for _, _, size in blobs)
+        removed = []
+        held = self.pinned() | set(keep)
+        for _, sha, size in blobs:
+            if total <= self.max_bytes:
+                break
+            if sha in held:
+                continue
+            shutil.rmtree(os.path.join(self.root, "blobs", sha), ignore_errors=True)
+            total -= size
+            removed.append(sha)
+        if total > self.max_bytes:
+            log.warning("cache %s holds %d bytes (limit %d): the rest is being served", self.root, total,
+                        self.max_bytes)
+        return removed
+
+
+class Lease:
+    """Files in use by one opened version: pinned against eviction until `release`."""
+
+    def __init__(self, cache: FileCache) -> None:
+        self.cache = cache
+        self.digests: list[str] = []
+        self._released = False
+
+    def path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str, label: str) -> str:
+        """`FileCache.verified_path`, pinned for as long as this lease lives."""
+        self.cache._pin(sha256)
+        self.digests.append(sha256)
+        try:
+            local = self.cache.verified_path(fs, path, sha256, label)
+        except BaseException:
+            self.digests.pop()
+            self.cache._unpin(sha256)
+            raise
+        return local
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for sha in self.digests:
+            self.cache._unpin(sha)
+        self.digests = []
+
+
+def _alive(pid: int) -> bool:
     try:
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log.info("copied %s to the local cache %s for memory mapping", url, target)
-    return target
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None  # missing or malformed: the file is simply hashed again
+    return data if isinstance(data, dict) else None
+
+
+def _write_record(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+

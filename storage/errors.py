@@ -21,6 +21,10 @@ class Rejected(RagindexError):
     """A version that failed validation, or another refusal of bad input."""
 
 
+class Corrupt(Rejected):
+    """A file whose bytes are not the bytes its manifest (or sidecar) names: missing, truncated or altered."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none): what edges print."""
     lines = str(exc).strip().splitlines()

@@ -206,6 +206,10 @@ class IndexStore:
         now). A concurrent promote in between raises `Conflict`; CURRENT is never torn.
         """
         manifest = self.manifest(version_id)
+        if manifest.status == "ready":  # a rejected version is refused below, with its own reason
+            from storage.verify import verify_version
+
+            verify_version(self, version_id, manifest=manifest)
         if manifest.status != "ready":
             why = manifest.validation.reason if manifest.validation else "status is " + manifest.status
             raise Rejected(f"version {version_id} is {manifest.status} and cannot be promoted: {why}")

@@ -23,14 +23,15 @@ from tqdm import tqdm
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder, paired_question_encoder
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.errors import RagindexError, first_line
-from storage.fs import atomic_write, file_digest, join, resolve, to_url
+from storage.errors import Corrupt, RagindexError, first_line
+from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
 from storage.layout import EMBED_COLUMNS
 from storage.manifest import EncoderFingerprint
 from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
+from storage.verify import verify_file
 from tasks.passage_table import passage_shard_paths
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,50 @@ def _source_shards(fs: Any, root: str, key: str) -> list[tuple[str, str]] | None
     return pairs
 
 
+# (path, sha256) of source shards already verified by this process: each is hashed once per build,
+# not once per new shard that reuses rows from it.
+_VERIFIED_SOURCES: set[tuple[str, str]] = set()
+
+
+def _root_digests(fs: Any, root: str) -> dict[str, str]:
+    """relative path -> sha256 of an earlier version root: its manifest's, and for what no manifest
+    covers (a plain embed output) the sha256s its passages.json and embeddings.json record for their shards."""
+    digests = {}
+    for summary_path in (layout.PASSAGES_SUMMARY_PATH, layout.EMBEDDINGS_SUMMARY_PATH):
+        folder = summary_path.split("/", 1)[0]
+        for shard in _json_or_empty(fs, join(root, summary_path)).get("shards", []):
+            if shard.get("name") and shard.get("sha256"):
+                digests[f"{folder}/{shard['name']}"] = shard["sha256"]
+    digests.update(_json_or_empty(fs, join(root, layout.MANIFEST)).get("files") or {})
+    return digests
+
+
+def _json_or_empty(fs: Any, path: str) -> dict:
+    """A summary or manifest as a dict; {} when it is missing or unreadable (nothing is then trusted from it)."""
+    try:
+        data = load_json(fs, path)
+    except RagindexError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _verified_source(fs: Any, root: str, paths: Sequence[str], digests: dict[str, str]) -> bool:
+    """Vectors are copied only from shards whose bytes are the ones their version names; a corrupt or
+    unrecorded source shard is skipped (its passages are encoded again), with one warning line."""
+    for path in paths:
+        rel = path[len(root) + 1:]
+        try:
+            if rel not in digests:
+                raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
+            if (path, digests[rel]) not in _VERIFIED_SOURCES:
+                verify_file(fs, path, digests[rel], path)
+                _VERIFIED_SOURCES.add((path, digests[rel]))
+        except Corrupt as exc:
+            log.warning("reuse: %s; encoding its passages again", first_line(exc))
+            return False
+    return True
+
+
 def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
                    s3_endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(mask of rows found, their vectors) for a shard's content hashes, from earlier version roots.
@@ -138,6 +183,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
     for url in reuse_from:
         fs, root = resolve(url, s3_endpoint_url)
         pairs = _source_shards(fs, root, key)
+        digests = _root_digests(fs, root) if pairs else {}
         for passages_path, npy_path in pairs or ():
             try:
                 column = pq.read_table(passages_path, columns=["content_hash"], filesystem=fs).column(0)
@@ -154,7 +200,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
             # The same hash twice in one source shard: keep its first row.
             targets, first = np.unique(targets, return_index=True)
             found_rows = found_rows[first]
-            if len(targets) == 0:
+            if len(targets) == 0 or not _verified_source(fs, root, (passages_path, npy_path), digests):
                 continue
             src_shard[targets] = len(sources)
             src_row[targets] = found_rows

@@ -157,8 +157,8 @@ def test_watcher_does_not_retry_a_broken_version_every_poll(local_store, two_ver
     watcher.check()
     arrow = tmp_path / "store" / "versions" / b.version / "passages.arrow"
     good = arrow.read_bytes()
+    local_store.promote(b.version)  # promote verifies the files: break it after
     arrow.write_bytes(b"broken")
-    local_store.promote(b.version)
     failed = watcher.check()
     assert failed is not None and not failed.ok and retriever.version == a.version
     assert watcher.check() is None  # same generation, same version: not reloaded again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ def commit_stub(store: IndexStore, status: str = "ready", date: str = "20240101"
         f.write(payload)
     manifest = Manifest(version=vid, status=status, source=SourceDump(wiki="enwiki", dump_date=date),
                         encoder=fingerprint_for(4), index=IndexInfo(spec="flat", factory="Flat", dim=4),
-                        counts={"passages": 1})
+                        counts={"passages": 1}, files={"data.bin": hashlib.sha256(payload).hexdigest()})
     store.commit_version(manifest)
     return vid
 

@@ -1,0 +1,58 @@
+"""Check a version's files against the sha256s its manifest names, before anything trusts them.
+
+The manifest is written last and records the sha256 of every file of the version; every reader
+(promote, rollback, serving, `ragindex query`, embedding reuse) compares what it is about to use
+with it. A mismatch, a missing or a truncated file raises `Corrupt` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import fsspec
+
+from storage.errors import Corrupt
+from storage.fs import file_digest
+from storage.manifest import Manifest
+
+if TYPE_CHECKING:
+    from storage.store import IndexStore
+
+
+def expected_sha256(manifest: Manifest, relpath: str) -> str:
+    """The sha256 the manifest names for `relpath`; `Corrupt` when the manifest does not cover it."""
+    digest = manifest.files.get(relpath)
+    if not digest:
+        raise Corrupt(f"version {manifest.version}: {relpath} is not covered by its manifest's checksums")
+    return digest
+
+
+def check_digest(actual: str, expected: str, label: str) -> None:
+    if actual != expected:
+        raise Corrupt(
+            f"{label}: sha256 {actual[:16]}… is not the manifest's {expected[:16]}… (file altered or truncated)"
+        )
+
+
+def verify_file(fs: fsspec.AbstractFileSystem, path: str, expected: str, label: str) -> None:
+    """Hash `path` and compare with `expected`; `Corrupt` naming `label` when missing or different."""
+    try:
+        actual = file_digest(fs, path)
+    except FileNotFoundError:
+        raise Corrupt(f"{label}: file is missing") from None
+    check_digest(actual, expected, label)
+
+
+def verify_version(
+    store: IndexStore, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None
+) -> Manifest:
+    """Verify `relpaths` of a version (default: every file its manifest lists) and return the manifest."""
+    manifest = manifest or store.manifest(version_id)
+    wanted = sorted(manifest.files) if relpaths is None else list(relpaths)
+    if not wanted:
+        raise Corrupt(f"version {version_id}: its manifest lists no file checksums to verify")
+    for rel in wanted:
+        verify_file(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel),
+                    f"version {version_id}: {rel}")
+    return manifest
