@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
@@ -151,9 +151,11 @@ class IndexStore:
             raise NotFound(f"no version {version_id!r} in {self.url}") from None
         try:
             manifest = Manifest.model_validate_json(data)
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "document"
             raise CorruptManifest(
-                f"version {version_id} has a corrupt manifest at {to_url(self.fs, path)}: {first_line(exc)}"
+                f"version {version_id} has a corrupt manifest at {to_url(self.fs, path)}: {where}: {first['msg']}"
             ) from None
         if manifest.version != version_id:
             raise CorruptManifest(f"version {version_id} has a corrupt manifest at {to_url(self.fs, path)}: "
