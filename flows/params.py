@@ -27,7 +27,7 @@ def check_index_spec(spec: str) -> str:
     """A named spec, or a faiss factory string that faiss itself accepts."""
     if spec in NAMED_SPECS:
         return spec
-    if not _FACTORY_RE.match(spec):
+    if not _FACTORY_RE.fullmatch(spec):
         raise ValueError(f"unknown index spec {spec!r}: use auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string")
     import faiss
 
@@ -44,6 +44,8 @@ class RefreshParams(BaseModel):
     wiki: str
     dump_date: str
     source: str | None = None
+    source_wiki: str | None = None  # --wiki given with --source: names a dump whose wiki cannot be told
+    allow_unverified: bool = False  # download mirror files that have neither size nor sha1
     store_url: str
     s3_endpoint_url: str | None = None
     mirror: str
@@ -82,6 +84,8 @@ class RefreshParams(BaseModel):
             "memory_budget": settings.memory_budget,
         }
         values = {k: v for k, v in given.items() if v is not None}
+        if values.get("source") and values.get("wiki"):
+            values["source_wiki"] = values["wiki"]
         return cls(
             **{**defaults, **values},
             s3_endpoint_url=settings.s3_endpoint_url,
@@ -92,6 +96,11 @@ class RefreshParams(BaseModel):
     @classmethod
     def _wiki(cls, v: str) -> str:
         return check_wiki(v)
+
+    @field_validator("source_wiki")
+    @classmethod
+    def _source_wiki(cls, v: str | None) -> str | None:
+        return v if v is None else check_wiki(v)
 
     @field_validator("dump_date")
     @classmethod

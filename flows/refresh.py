@@ -67,13 +67,14 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="resolve-dump", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient)
 def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
     if p.source:
-        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url)
+        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki)
     return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
 
 
 @task(name="download", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=_transient)
 def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
-    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False)
+    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False,
+                                  allow_unverified=p.allow_unverified)
 
 
 @task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
@@ -173,6 +174,7 @@ def refresh_index(
     canaries: str | None = None,
     promote: bool = True,
     force: bool = False,
+    allow_unverified: bool = False,
     task_runner: str = "threads",
     ray_address: str | None = None,
     shard_rows: int = 100_000,

@@ -7,6 +7,7 @@ import pytest
 from storage import names
 from storage.errors import InvalidName
 from storage.fs import atomic_write
+from tests.fixtures.mirror import page_xml, sample_pages
 
 
 @pytest.mark.parametrize("bad", [".", "..", "enwiki-20240101-20240101t000000z\n", "x\n", "a\nb"])
@@ -32,3 +33,68 @@ def test_atomic_write_leaves_nothing_when_the_writer_raises(store):
     with atomic_write(store.fs, path) as f:
         f.write(b"whole")
     assert store.fs.cat_file(path) == b"whole"
+
+
+# -- dump sources and downloads ------------------------------------------------------------------
+
+UA = "ragindex-tests/1.0 (test suite)"
+
+
+def test_mirror_redirects_must_stay_on_the_mirror_host(mirror, tmp_path):
+    from storage.errors import Rejected
+    from storage.store import IndexStore
+    from tasks.download import download_dump, resolve_dump
+
+    mirror.add_run("enwiki", "20240101", sample_pages(3))
+    ref = resolve_dump("enwiki", "20240101", mirror.url, UA)
+    name = ref.files[0].name
+    port = mirror.url.rsplit(":", 1)[1]
+    elsewhere = f"http://localhost:{port}/enwiki/20240101/{name}"  # the same server under another host name
+    mirror.redirect_next(name, elsewhere)
+    with pytest.raises(Rejected, match="another host"):
+        download_dump(ref, IndexStore(str(tmp_path / "a")), UA, progress=False, retries=0)
+    assert len(mirror.gets(name)) == 1  # the redirect was not followed
+    mirror.redirect_next(name, f"{mirror.url}/enwiki/20240101/{name}?moved=1")  # same host: fine
+    urls = download_dump(ref, IndexStore(str(tmp_path / "b")), UA, progress=False, retries=0)
+    assert len(urls) == len(ref.files) and any(r["path"].endswith("?moved=1") for r in mirror.requests)
+
+
+def test_a_download_that_nothing_can_verify_needs_an_opt_in(mirror, tmp_path):
+    import json
+
+    from storage.errors import Rejected
+    from storage.store import IndexStore
+    from tasks.download import download_dump, resolve_dump
+
+    run = mirror.add_run("enwiki", "20240101", sample_pages(3))
+    status = json.loads((run / "dumpstatus.json").read_text())
+    for meta in status["jobs"]["articlesmultistreamdump"]["files"].values():
+        meta.pop("sha1"), meta.pop("size"), meta.pop("md5", None)
+    (run / "dumpstatus.json").write_text(json.dumps(status))
+    ref = resolve_dump("enwiki", "20240101", mirror.url, UA)
+    assert all(f.sha1 is None and f.size is None for f in ref.files)
+    with pytest.raises(Rejected, match="neither size nor sha1"):
+        download_dump(ref, IndexStore(str(tmp_path / "a")), UA, progress=False)
+    assert mirror.gets(ref.files[0].name) == []  # refused before fetching anything
+    urls = download_dump(ref, IndexStore(str(tmp_path / "b")), UA, progress=False, allow_unverified=True)
+    assert len(urls) == len(ref.files)
+
+
+def test_a_source_of_unknown_wiki_can_be_named_with_wiki(tmp_path):
+    from flows.params import RefreshParams
+    from flows.refresh import resolve_dump_task
+    from flows.settings import load_settings
+    from storage.errors import Rejected
+    from tasks.download import resolve_source
+
+    anonymous = tmp_path / "export.xml"  # Special:Export output saved under any name, no <dbname>
+    anonymous.write_text(f"<mediawiki>{''.join(page_xml(p) for p in sample_pages(2))}</mediawiki>")
+    with pytest.raises(Rejected, match="--wiki"):
+        resolve_source(str(anonymous))
+    assert resolve_source(str(anonymous), wiki="frwiki").wiki == "frwiki"
+    p = RefreshParams.from_flow(load_settings(), source=str(anonymous), wiki="frwiki")
+    assert resolve_dump_task.fn(p).wiki == "frwiki"
+    named = tmp_path / "enwiki-20240101-pages-articles.xml"
+    named.write_text(anonymous.read_text())
+    with pytest.raises(Rejected, match="not of --wiki frwiki"):
+        resolve_source(str(named), wiki="frwiki")
