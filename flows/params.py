@@ -157,21 +157,21 @@ class RefreshParams(BaseModel):
         return self.max_workers or os.cpu_count() or 1
 
     def result_storage(self) -> Any:
-        """Where shard task results persist: inside the store, so a re-run anywhere finds them.
+        """Where shard task results persist: inside the store, so a re-run anywhere finds them;
+        read back only when they are plain JSON records (flows/results.py).
 
-        Prefect takes a local directory as a Path; remote storage must be a saved block, named
-        after the store so every run against that store shares it.
+        Prefect needs a saved block for storage of its own type, named after the store so every run
+        against that store shares it.
         """
-        from pathlib import Path
+        from flows.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
         store = self.store()
         base = store.path("prefect-results")
         if is_local(store.fs):
-            return Path(base)
-        from prefect.filesystems import RemoteFileSystem
-
-        settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
-        block = RemoteFileSystem(basepath=f"s3://{base}", settings=settings)
+            block: Any = JsonOnlyLocalResults(basepath=base)
+        else:
+            settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
+            block = JsonOnlyRemoteResults(basepath=f"s3://{base}", settings=settings)
         name = "ragindex-results-" + hashlib.sha256(base.encode()).hexdigest()[:12]
         block.save(name, overwrite=True)
         return block

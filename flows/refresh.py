@@ -21,6 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.events import emit_event
 
 from flows.params import RefreshParams
+from flows.results import RESULT_SERIALIZER
 from flows.settings import load_settings
 from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
 from storage.errors import RagindexError, Rejected
@@ -77,7 +78,8 @@ def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
                                   allow_unverified=p.allow_unverified)
 
 
-@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
 def parse_unit_task(
     unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
 ) -> dict:
@@ -92,7 +94,8 @@ def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: R
     )
 
 
-@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
 def embed_shard_task(
     shard_url: str,
     shard_sha256: str,
