@@ -28,7 +28,7 @@ from storage.errors import InvalidName, NotFound, RagindexError, Rejected
 from storage.fs import is_local, join, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
-from tasks.parse import index_name_for
+from tasks.parse import decoded_head, index_name_for
 
 JOBS = ("articlesmultistreamdump", "articlesdump")
 DUMPSTATUS = "dumpstatus.json"
@@ -332,8 +332,8 @@ def _dbname(fs, path: str) -> str | None:
                 head = raw.read(64 << 10)
     except (OSError, EOFError):
         return None
-    m = re.search(rb"<dbname>([a-z][a-z0-9_]*)</dbname>", head)
-    return m.group(1).decode() if m else None
+    m = re.search(r"<dbname>([a-z][a-z0-9_]*)</dbname>", decoded_head(head))
+    return m.group(1) if m else None
 
 
 # --- download -------------------------------------------------------------------------------------

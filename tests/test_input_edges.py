@@ -98,3 +98,49 @@ def test_a_source_of_unknown_wiki_can_be_named_with_wiki(tmp_path):
     named.write_text(anonymous.read_text())
     with pytest.raises(Rejected, match="not of --wiki frwiki"):
         resolve_source(str(named), wiki="frwiki")
+
+
+# -- XML in any encoding XML allows ----------------------------------------------------------------
+
+def _pages_with_accents(n: int) -> list:
+    from tests.fixtures.mirror import Page
+
+    return [Page(page_id=10 + i, title=f"Été {i}", text=f"Ünïcödé wörds ☃ {i} " * 30) for i in range(n)]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be"])
+def test_a_utf16_export_is_read_whole_and_by_stream_ranges(tmp_path, codec):
+    import bz2
+
+    from tasks.download import resolve_source
+    from tasks.parse import iter_pages
+    from tasks.passages import plan_units
+    from tests.fixtures.mirror import FOOTER, header_xml
+
+    pages = _pages_with_accents(6)
+    declaration = f'<?xml version="1.0" encoding="{codec.upper()}"?>\n'
+    piece = "utf-16-le" if codec == "utf-16" else codec  # later streams carry no BOM
+    export = tmp_path / "Special-Export.xml"  # a name that says nothing: the wiki comes from <dbname>
+    export.write_bytes((declaration + header_xml("dewiki") + "".join(page_xml(p) for p in pages) + FOOTER)
+                       .encode(codec))
+    ref = resolve_source(str(export))
+    assert ref.wiki == "dewiki"
+    assert [(p.title, p.text) for p in iter_pages(str(export))] == [(p.title, p.text) for p in pages]
+
+    multi = tmp_path / "Special-Export.xml.bz2"
+    offsets = []
+    with open(multi, "wb") as out:
+        out.write(bz2.compress((declaration + header_xml("dewiki")).encode(codec)))
+        for i in range(0, len(pages), 2):
+            offsets.append(out.tell())
+            out.write(bz2.compress("".join(page_xml(p) for p in pages[i:i + 2]).encode(piece)))
+        out.write(bz2.compress(FOOTER.encode(piece)))
+    assert resolve_source(str(multi)).wiki == "dewiki"
+    middle = list(iter_pages(str(multi), start=offsets[1], end=offsets[2]))
+    assert [p.title for p in middle] == [pages[2].title, pages[3].title] and middle[0].text == pages[2].text
+    head = [p.title for p in iter_pages(str(multi), end=offsets[1])]
+    assert head == [pages[0].title, pages[1].title]
+    units = plan_units([str(multi)], workers=4, min_unit_bytes=1)
+    assert len(units) > 1  # cut at stream starts, each found to begin with a <page> in UTF-16
+    read = [p.title for u in units for p in iter_pages(u.url, u.start, u.end)]
+    assert read == [p.title for p in pages]
