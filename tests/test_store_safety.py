@@ -150,3 +150,26 @@ def test_explicit_rollback_to_current_is_still_refused(store):
         store.rollback(a)
     with pytest.raises(Conflict):
         store.promote(a, expected_generation=0)
+
+
+def test_the_api_answers_409_for_a_corrupt_manifest(tmp_path, tiny_question_encoder):
+    import httpx
+
+    from rag_model.server import create_app
+    from storage.store import IndexStore
+    from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
+    from tests.test_server import TOKEN, ServerThread, ready_version, wait_for
+
+    store = IndexStore(str(tmp_path / "store"))
+    a = build_version(store, tiny_question_encoder, TOPICS_A, 1000, 5000, promote=True)
+    b = build_version(store, tiny_question_encoder, TOPICS_B, 2000, 6000)
+    with atomic_write(store.fs, store.version_path(b.version, "manifest.json")) as f:
+        f.write(b"{}")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with ServerThread(create_app(store, admin_token=TOKEN, poll_seconds=0.1)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as c:
+        wait_for(lambda: ready_version(c) == a.version)
+        r = c.post("/v1/admin/rollback", json={"version": b.version}, headers=auth)
+        assert r.status_code == 409 and "corrupt manifest" in r.json()["detail"], r.text
+        assert c.get("/v1/index").status_code == 200
+        assert c.post("/v1/retrieve", json={"query": "paris"}).json()["version"] == a.version
