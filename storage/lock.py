@@ -26,6 +26,7 @@ from storage.errors import Conflict
 from storage.pointer import create_json, delete_exact, encode, read_raw, replace_exact
 
 log = logging.getLogger(__name__)
+_PRE_LEASE_STALE = timedelta(hours=12)
 
 
 class Lease:
@@ -148,8 +149,11 @@ def _parse_lease(data: bytes) -> dict[str, Any] | None:
     """The lease record in `data`, or None when it is not one (malformed JSON, fields missing)."""
     try:
         obj = json.loads(data)
-        expires = datetime.fromisoformat(obj["expires_at"])
         owner = str(obj["owner"])
+        if "expires_at" in obj:
+            expires = datetime.fromisoformat(obj["expires_at"])
+        else:  # a lock taken before leases existed: it went stale after 12 hours
+            expires = datetime.fromisoformat(obj["since"]) + _PRE_LEASE_STALE
     except (ValueError, KeyError, TypeError):
         return None
     if expires.tzinfo is None:
