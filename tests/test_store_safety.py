@@ -173,3 +173,30 @@ def test_the_api_answers_409_for_a_corrupt_manifest(tmp_path, tiny_question_enco
         assert r.status_code == 409 and "corrupt manifest" in r.json()["detail"], r.text
         assert c.get("/v1/index").status_code == 200
         assert c.post("/v1/retrieve", json={"query": "paris"}).json()["version"] == a.version
+
+
+def test_cli_lists_a_corrupt_manifest_and_gc_removes_it(tmp_path, monkeypatch, capsys):
+    from flows.settings import load_settings
+    from storage.store import IndexStore
+    from tests.test_cli_store import run
+
+    url = str(tmp_path / "store")
+    monkeypatch.setenv("RAGINDEX_STORE_URL", url)
+    monkeypatch.setenv("COLUMNS", "250")
+    load_settings.cache_clear()
+    store = IndexStore(url)
+    a, b = commit_stub(store), commit_stub(store)
+    store.promote(b)
+    with atomic_write(store.fs, store.version_path(a, "manifest.json")) as f:
+        f.write(b"[1, 2")
+    try:
+        code, out, err = run(["versions"], capsys)
+        assert code == 0 and a in out and "corrupt" in out and "manifest.json" in out, out + err
+        code, out, _ = run(["versions", "--json"], capsys)
+        rows = {r["version"]: r for r in json.loads(out)["versions"]}
+        assert code == 0 and rows[a]["status"] == "corrupt" and rows[b]["current"]
+        code, out, _ = run(["gc", "--keep", "1", "--stale-hours", "0"], capsys)
+        assert code == 0 and f"deleted corrupt version {a}" in out
+        assert [m.version for m in store.list_versions()] == [b] and not store.fs.exists(store.version_path(a))
+    finally:
+        load_settings.cache_clear()
