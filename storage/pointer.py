@@ -157,6 +157,28 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, new: dict[str, Any]) -
         os.remove(tmp)
 
 
+def ignored_conditions(fs: fsspec.AbstractFileSystem, probe: str) -> list[str]:
+    """The conditions (If-None-Match, If-Match) the backend ignores, found with writes to the
+    fresh key `probe` that must fail; the probe is deleted afterwards. [] when both are honoured."""
+    ignored = []
+    try:
+        create_json(fs, probe, {"probe": 1})
+        data, _ = read_raw(fs, probe)
+        try:
+            create_json(fs, probe, {"probe": 2})  # If-None-Match: * on an existing key
+            ignored.append("If-None-Match")
+        except Conflict:
+            pass
+        try:
+            replace_exact(fs, probe, data or b"", '"0123456789abcdef0123456789abcdef"', {"probe": 3})
+            ignored.append("If-Match")
+        except Conflict:
+            pass
+    finally:
+        delete_json(fs, probe)
+    return ignored
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     """The bytes `swap_json` / `create_json` write for `obj` (what `delete_exact` compares against)."""
     return json.dumps(obj, indent=2, default=str).encode()

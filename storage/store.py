@@ -31,7 +31,7 @@ from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_
 from storage.fs import atomic_write, is_local, join, resolve, to_url
 from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
-from storage.pointer import create_json, delete_json, read_json, read_raw, replace_exact, swap_json
+from storage.pointer import create_json, delete_json, ignored_conditions, read_json, read_raw, swap_json
 from storage.retention import GcReport, collect
 
 log = logging.getLogger(__name__)
@@ -414,26 +414,10 @@ class IndexStore:
         Probed once per store object, with writes that must fail, on a key of its own."""
         if self._conditional_writes_ok or is_local(self.fs):
             return
-        probe = self.path("locks", f"cas-probe-{uuid.uuid4().hex}.json")
-        try:
-            create_json(self.fs, probe, {"probe": 1})
-            data, token = read_raw(self.fs, probe)
-            failures = []
-            try:
-                create_json(self.fs, probe, {"probe": 2})  # If-None-Match: * on an existing key
-                failures.append("If-None-Match")
-            except Conflict:
-                pass
-            try:
-                replace_exact(self.fs, probe, data or b"", '"0123456789abcdef0123456789abcdef"', {"probe": 3})
-                failures.append("If-Match")
-            except Conflict:
-                pass
-        finally:
-            delete_json(self.fs, probe)
-        if failures:
+        ignored = ignored_conditions(self.fs, self.path("locks", f"cas-probe-{uuid.uuid4().hex}.json"))
+        if ignored:
             raise Rejected(
-                f"the S3 endpoint of {self.url} ignores {' and '.join(failures)} (a conditional write that "
+                f"the S3 endpoint of {self.url} ignores {' and '.join(ignored)} (a conditional write that "
                 "must fail succeeded): refusing it as a store, concurrent updates of CURRENT and locks would be lost"
             )
         self._conditional_writes_ok = True
