@@ -146,7 +146,9 @@ def promoter(store: IndexStore, ids: list[str], swaps: int, seconds: float, run:
     for i in range(swaps):
         time.sleep(interval)
         current = store.current()
-        if i % 3 == 2 and current and current.previous:
+        versions = store.list_versions()  # oldest first, by created_at
+        older = current and versions and versions[0].version != current.version
+        if i % 3 == 2 and older:  # rollback goes to an older version: none when CURRENT is the oldest
             pointer = store.rollback(actor="swap_bench")
             action = "rollback"
         else:

@@ -38,6 +38,9 @@ def download(
     job: str = typer.Option("articlesmultistreamdump", "--job",
                             help="Dump job: articlesmultistreamdump or articlesdump."),
     retries: int = typer.Option(5, "--retries", min=0, help="Retries per request, with backoff."),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified", help="Download files the mirror gives neither a size nor a sha1 for."
+    ),
 ) -> None:
     """Download a verified Wikipedia dump into the store's downloads/<wiki>/<date>/."""
     from tasks.download import download_dump, resolve_dump
@@ -47,7 +50,8 @@ def download(
     ref = resolve_dump(wiki or settings.wiki, date or settings.dump_date, mirror or settings.mirror,
                        settings.user_agent, job=job)
     index_store = open_store(store, settings)
-    urls = download_dump(ref, index_store, settings.user_agent, retries=retries)
+    urls = download_dump(ref, index_store, settings.user_agent, retries=retries,
+                         allow_unverified=allow_unverified)
     total = sum(f.size or 0 for f in ref.files)
     print(f"{ref.wiki} {ref.dump_date}: {len(urls)} files, {total / 2**20:.1f} MiB verified "
           f"in {time.perf_counter() - started:.1f}s")

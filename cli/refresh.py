@@ -14,7 +14,9 @@ app = typer.Typer()
 @app.command("refresh")
 def refresh(
     source: str = typer.Option(None, help="Dump file or mirror-like directory (path, file://, s3://)."),
-    wiki: str = typer.Option(None, help="Dump database, e.g. enwiki (with --date, from the mirror)."),
+    wiki: str = typer.Option(
+        None, help="Dump database, e.g. enwiki (with --date, from the mirror; with --source, names its wiki)."
+    ),
     date: str = typer.Option(None, help="YYYYMMDD or latest."),
     store: StoreOption = None,
     encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
@@ -27,6 +29,9 @@ def refresh(
     canaries: str = typer.Option(None, help="JSONL of {question, title} that must be found."),
     allow_count_change: bool = typer.Option(False, help="Accept a passage count outside +-20% of the last."),
     force: bool = typer.Option(False, help="Build even if a version of this dump already exists."),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified", help="Download mirror files that have neither a size nor a sha1."
+    ),
     no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
     task_runner: str = typer.Option("threads", help="threads or ray."),
     ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
@@ -34,13 +39,14 @@ def refresh(
     """Download, parse, embed, build, validate and promote a new index version."""
     from flows.refresh import refresh_index
 
-    if source and (wiki or date):
-        raise typer.BadParameter("give either --source or --wiki/--date, not both")
+    if source and date:
+        raise typer.BadParameter("give either --source or --date, not both (with --source, --wiki names its wiki)")
     outcome = refresh_index(
         wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
-        allow_count_change=allow_count_change, force=force, promote=not no_promote,
+        allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
+        promote=not no_promote,
         task_runner=task_runner, ray_address=ray_address,
     )
     typer.echo(json.dumps({k: outcome[k] for k in ("status", "version", "current", "reason", "counts")}, indent=2))

@@ -14,7 +14,8 @@ from rich.table import Table
 from cli.options import StoreOption
 from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
-from storage.store import IndexStore
+from storage.layout import MANIFEST
+from storage.store import IndexStore, Move
 
 app = typer.Typer()
 
@@ -32,8 +33,17 @@ def versions_report(store: IndexStore) -> dict[str, Any]:
     """What `ragindex versions --json` prints: CURRENT, pins and every visible version."""
     current = store.current()
     pinned = store.pinned()
+    manifests, corrupt = store.scan_versions()
     rows = []
-    for m in reversed(store.list_versions()):  # newest first
+    for c in corrupt:  # first: they need an operator (gc removes them)
+        rows.append({
+            "version": c.version, "status": "corrupt", "passages": None, "index_spec": None, "factory": None,
+            "bytes": store.version_bytes(c.version), "created_at": None,
+            "current": bool(current and current.version == c.version),
+            "previous": bool(current and current.previous == c.version),
+            "pinned": c.version in pinned, "reason": c.reason, "path": c.path,
+        })
+    for m in reversed(manifests):  # newest first
         rows.append({
             "version": m.version,
             "status": m.status,
@@ -46,12 +56,19 @@ def versions_report(store: IndexStore) -> dict[str, Any]:
             "previous": bool(current and current.previous == m.version),
             "pinned": m.version in pinned,
             "reason": m.validation.reason if m.validation else None,
+            "path": store.version_url(m.version, MANIFEST),
         })
     return {
         "store": store.url,
         "current": current.model_dump(mode="json") if current else None,
         "versions": rows,
     }
+
+
+def _warn_history(pointer: Move) -> None:
+    if not pointer.history_written:
+        print(f"warning: CURRENT did move to {pointer.version}, but its history entry could not be written; "
+              "the next promote or rollback writes it", file=sys.stderr)
 
 
 @app.command("build")
@@ -121,6 +138,10 @@ def versions(
         marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
                                             ("pinned", row["pinned"])) if on)
         status = row["status"] if row["status"] == "ready" else f"[red]{row['status']}[/red]"
+        if row["status"] == "corrupt":
+            table.add_row(marks, row["version"], status, "", f"manifest unreadable: {row['path']}",
+                          _fmt_size(row["bytes"]), "")
+            continue
         table.add_row(marks, row["version"], status, str(row["passages"]),
                       f"{row['index_spec']} ({row['factory']})", _fmt_size(row["bytes"]),
                       row["created_at"][:19].replace("T", " "))
@@ -143,12 +164,19 @@ def promote(
 
     pointer = promote_version(open_store(store_url), version, reason=reason,
                               expected_generation=expected_generation)
+    if not pointer.moved:
+        print(f"{pointer.version} is already CURRENT (generation {pointer.generation}, "
+              f"previous {pointer.previous}): nothing changed")
+        return
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, previous {pointer.previous})")
+    _warn_history(pointer)
 
 
 @app.command("rollback")
 def rollback(
-    version: str | None = typer.Argument(None, help="Version to go back to (default: the previous one)."),
+    version: str | None = typer.Argument(
+        None, help="Version to go back to (default: the newest ready one older than CURRENT)."
+    ),
     store_url: StoreOption = None,
     reason: str | None = typer.Option(None, "--reason", help="Why, for the history."),
 ) -> None:
@@ -157,6 +185,7 @@ def rollback(
 
     pointer = rollback_version(open_store(store_url), version, reason=reason)
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
+    _warn_history(pointer)
 
 
 @app.command("gc")
@@ -176,8 +205,9 @@ def gc(
         print(json.dumps(data, indent=2))
         return
     verb = "would delete" if dry_run else "deleted"
-    for key, label in (("deleted_versions", "version"), ("deleted_staging", "staging"),
-                       ("deleted_downloads", "download")):
+    for key, label in (("deleted_versions", "version"), ("deleted_corrupt", "corrupt version"),
+                       ("deleted_staging", "staging"), ("deleted_downloads", "download"),
+                       ("deleted_results", "task result")):
         for item in data[key]:
             print(f"{verb} {label} {item}")
     print(f"kept {len(report.kept)} version(s)", file=sys.stdout)

@@ -25,6 +25,8 @@ class RefreshParams(BaseModel):
     wiki: str
     dump_date: str
     source: str | None = None
+    source_wiki: str | None = None  # --wiki given with --source: names a dump whose wiki cannot be told
+    allow_unverified: bool = False  # download mirror files that have neither size nor sha1
     store_url: str
     s3_endpoint_url: str | None = None
     mirror: str
@@ -63,6 +65,8 @@ class RefreshParams(BaseModel):
             "memory_budget": settings.memory_budget,
         }
         values = {k: v for k, v in given.items() if v is not None}
+        if values.get("source") and values.get("wiki"):
+            values["source_wiki"] = values["wiki"]
         return cls(
             **{**defaults, **values},
             s3_endpoint_url=settings.s3_endpoint_url,
@@ -73,6 +77,11 @@ class RefreshParams(BaseModel):
     @classmethod
     def _wiki(cls, v: str) -> str:
         return check_wiki(v)
+
+    @field_validator("source_wiki")
+    @classmethod
+    def _source_wiki(cls, v: str | None) -> str | None:
+        return v if v is None else check_wiki(v)
 
     @field_validator("dump_date")
     @classmethod
@@ -132,21 +141,21 @@ class RefreshParams(BaseModel):
         return self.max_workers or os.cpu_count() or 1
 
     def result_storage(self) -> Any:
-        """Where shard task results persist: inside the store, so a re-run anywhere finds them.
+        """Where shard task results persist: inside the store, so a re-run anywhere finds them;
+        read back only when they are plain JSON records (flows/results.py).
 
-        Prefect takes a local directory as a Path; remote storage must be a saved block, named
-        after the store so every run against that store shares it.
+        Prefect needs a saved block for storage of its own type, named after the store so every run
+        against that store shares it.
         """
-        from pathlib import Path
+        from flows.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
         store = self.store()
         base = store.path("prefect-results")
         if is_local(store.fs):
-            return Path(base)
-        from prefect.filesystems import RemoteFileSystem
-
-        settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
-        block = RemoteFileSystem(basepath=f"s3://{base}", settings=settings)
+            block: Any = JsonOnlyLocalResults(basepath=base)
+        else:
+            settings = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
+            block = JsonOnlyRemoteResults(basepath=f"s3://{base}", settings=settings)
         name = "ragindex-results-" + hashlib.sha256(base.encode()).hexdigest()[:12]
         block.save(name, overwrite=True)
         return block

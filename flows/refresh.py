@@ -22,6 +22,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.events import emit_event
 
 from flows.params import RefreshParams
+from flows.results import RESULT_SERIALIZER
 from flows.settings import load_settings
 from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
 from storage import layout
@@ -60,16 +61,18 @@ class RefreshOutcome:
 @task(name="resolve-dump")
 def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
     if p.source:
-        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url)
+        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki)
     return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
 
 
 @task(name="download")
 def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
-    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False)
+    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False,
+                                  allow_unverified=p.allow_unverified)
 
 
-@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
 def parse_unit_task(
     unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
 ) -> dict:
@@ -84,7 +87,8 @@ def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: R
     )
 
 
-@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, retries=1)
+@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
 def embed_shard_task(
     shard_url: str,
     shard_sha256: str,
@@ -163,6 +167,7 @@ def refresh_index(
     canaries: str | None = None,
     promote: bool = True,
     force: bool = False,
+    allow_unverified: bool = False,
     task_runner: str = "threads",
     ray_address: str | None = None,
     shard_rows: int = 100_000,

@@ -29,3 +29,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none): what edges print."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+class CorruptManifest(Rejected):
+    """A version whose manifest cannot be read as one: listed as corrupt, never served or promoted."""

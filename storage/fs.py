@@ -58,13 +58,16 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> Iterator[IO]:
     """Open `path` for writing so that readers see the whole file or none of it.
 
-    Locally: write a temp name in the same directory, fsync, then `os.replace`. On S3 a PUT is
-    already all-or-nothing (multipart uploads only appear when completed), so write in place.
+    Locally: write a temp name in the same directory, fsync, then `os.replace`. On S3 the bytes go
+    to a private local temp file and are uploaded only once the writer finished: an s3fs file
+    written in place would upload whatever was written even when the writer raised.
     On an exception nothing is left at `path`.
     """
     if not is_local(fs):
-        with fs.open(path, mode) as f:
-            yield f
+        with tempfile.NamedTemporaryFile(mode, prefix=".ragindex-upload-", suffix=".tmp") as tmp:
+            yield tmp
+            tmp.flush()
+            fs.put_file(tmp.name, path)
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)

@@ -27,19 +27,63 @@ Token = str | None  # what identifies the state we read: a generation-bearing ET
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any] | None, Token]:
     """Read a JSON object and the token a later `swap_json` must present. (None, None) if absent."""
+    data, token = read_raw(fs, path)
+    return (None, None) if data is None else (_parse(data, path), token)
+
+
+def read_raw(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes | None, Token]:
+    """The bytes of a small object and its token, even when they are not valid JSON. (None, None) if absent."""
     if is_local(fs):
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                return f.read(), "local"
         except FileNotFoundError:
             return None, None
-        return _parse(data, path), "local"
     bucket, key = _split(path)
     try:
-        data, etag = sync(fs.loop, _s3_get, fs, bucket, key)
+        return sync(fs.loop, _s3_get, fs, bucket, key)
     except FileNotFoundError:
         return None, None
-    return _parse(data, path), etag
+
+
+def replace_exact(fs: fsspec.AbstractFileSystem, path: str, seen: bytes, token: Token, new: dict[str, Any]) -> None:
+    """Write `new` at `path` only if the object still holds exactly `seen` (read with `token`).
+
+    Works on objects that are not valid JSON (a malformed lock file), unlike `swap_json`'s `check`."""
+
+    def same(current: dict[str, Any] | None) -> None:  # S3: the ETag guards; this runs only locally
+        now, _ = read_raw(fs, path)
+        if now != seen:
+            raise Conflict(f"{path} changed while we were replacing it")
+
+    _swap(fs, path, same, new, token, parse=False)
+
+
+def delete_exact(fs: fsspec.AbstractFileSystem, path: str, seen: bytes) -> bool:
+    """Delete `path` only if it still holds exactly `seen`; False (and nothing deleted) otherwise.
+
+    Locally the comparison and the removal happen under the writers' lock. On S3 there is a short
+    window between the read and the DELETE (DeleteObject has no portable condition); callers use
+    this for leases they keep alive, so nobody else may legitimately replace the object meanwhile.
+    """
+    if is_local(fs):
+        if not os.path.exists(path):
+            return False
+        with open(path + ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                now, _ = read_raw(fs, path)
+                if now != seen:
+                    return False
+                os.remove(path)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    now, _ = read_raw(fs, path)
+    if now != seen:
+        return False
+    delete_json(fs, path)
+    return True
 
 
 def swap_json(
@@ -55,14 +99,24 @@ def swap_json(
     Locally it runs under the lock, on the freshly re-read content. On S3 the ETag `token`
     from `read_json` is the guard (None: the object must not exist yet).
     """
-    body = json.dumps(new, indent=2, default=str).encode()
+    _swap(fs, path, check, new, token, parse=True)
+
+
+def _swap(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    check: Callable[[dict[str, Any] | None], None],
+    new: dict[str, Any],
+    token: Token,
+    parse: bool,
+) -> None:
+    body = encode(new)
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                current, _ = read_json(fs, path)
-                check(current)
+                check(read_json(fs, path)[0] if parse else None)
                 with atomic_write(fs, path) as f:
                     f.write(body)
             finally:
@@ -92,7 +146,7 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, new: dict[str, Any]) -
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as f:
-        f.write(json.dumps(new, indent=2, default=str).encode())
+        f.write(encode(new))
         f.flush()
         os.fsync(f.fileno())
     try:
@@ -101,6 +155,33 @@ def create_json(fs: fsspec.AbstractFileSystem, path: str, new: dict[str, Any]) -
         raise Conflict(f"{path} already exists") from None
     finally:
         os.remove(tmp)
+
+
+def ignored_conditions(fs: fsspec.AbstractFileSystem, probe: str) -> list[str]:
+    """The conditions (If-None-Match, If-Match) the backend ignores, found with writes to the
+    fresh key `probe` that must fail; the probe is deleted afterwards. [] when both are honoured."""
+    ignored = []
+    try:
+        create_json(fs, probe, {"probe": 1})
+        data, _ = read_raw(fs, probe)
+        try:
+            create_json(fs, probe, {"probe": 2})  # If-None-Match: * on an existing key
+            ignored.append("If-None-Match")
+        except Conflict:
+            pass
+        try:
+            replace_exact(fs, probe, data or b"", '"0123456789abcdef0123456789abcdef"', {"probe": 3})
+            ignored.append("If-Match")
+        except Conflict:
+            pass
+    finally:
+        delete_json(fs, probe)
+    return ignored
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """The bytes `swap_json` / `create_json` write for `obj` (what `delete_exact` compares against)."""
+    return json.dumps(obj, indent=2, default=str).encode()
 
 
 def delete_json(fs: fsspec.AbstractFileSystem, path: str) -> None:

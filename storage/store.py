@@ -15,20 +15,27 @@ Layout under one root URL (local path or s3://bucket/prefix):
 from __future__ import annotations
 
 import getpass
-import os
+import logging
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import Field, ValidationError
+
 from storage import names
-from storage.errors import Conflict, NotFound, Rejected
-from storage.fs import atomic_write, file_digest, join, resolve, to_url
+from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
+from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
 from storage.layout import MANIFEST, STAGING_MARKER
+from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
-from storage.pointer import create_json, delete_json, read_json, swap_json
+from storage.pointer import create_json, delete_json, ignored_conditions, read_json, read_raw, swap_json
+from storage.retention import GcReport, collect
+
+log = logging.getLogger(__name__)
 
 
 def default_actor() -> str:
@@ -40,11 +47,10 @@ def default_actor() -> str:
 
 
 @dataclass
-class GcReport:
-    deleted_versions: list[str] = field(default_factory=list)
-    deleted_staging: list[str] = field(default_factory=list)
-    deleted_downloads: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
+class CorruptVersion:
+    version: str
+    path: str  # URL of the unreadable manifest
+    reason: str
 
 
 class IndexStore:
@@ -54,6 +60,7 @@ class IndexStore:
         self.s3_endpoint_url = s3_endpoint_url
         self.fs, self.root = resolve(url, s3_endpoint_url)
         self.url = to_url(self.fs, self.root)
+        self._conditional_writes_ok = False
 
     def __repr__(self) -> str:
         return f"IndexStore({self.url!r})"
@@ -86,6 +93,7 @@ class IndexStore:
         """
         names.check_wiki(wiki)
         names.check_dump_date(dump_date)
+        self.require_conditional_writes()
         start = now or _now()
         record = {
             "created_at": _now().isoformat(), "owner": default_actor(), "wiki": wiki, "dump_date": dump_date,
@@ -136,19 +144,38 @@ class IndexStore:
         path = self.version_path(version_id, MANIFEST)
         try:
             with self.fs.open(path, "rb") as f:
-                return Manifest.model_validate_json(f.read())
+                data = f.read()
         except FileNotFoundError:
             raise NotFound(f"no version {version_id!r} in {self.url}") from None
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "document"
+            raise CorruptManifest(
+                f"version {version_id} has a corrupt manifest at {to_url(self.fs, path)}: {where}: {first['msg']}"
+            ) from None
+        if manifest.version != version_id:
+            raise CorruptManifest(f"version {version_id} has a corrupt manifest at {to_url(self.fs, path)}: "
+                                  f"it describes version {manifest.version!r}")
+        return manifest
 
     def list_versions(self) -> list[Manifest]:
-        """Every visible version (one with a manifest), oldest first."""
-        manifests = []
+        """Every visible version with a readable manifest, oldest first (corrupt ones: `scan_versions`)."""
+        return self.scan_versions()[0]
+
+    def scan_versions(self) -> tuple[list[Manifest], list[CorruptVersion]]:
+        """Every visible version, oldest first, and apart from them those whose manifest is corrupt:
+        one bad manifest must not hide (or block gc and rollback of) all the others."""
+        manifests, corrupt = [], []
         for version_id in self._version_dirs():
             try:
                 manifests.append(self.manifest(version_id))
             except NotFound:
                 continue  # staging: not a version yet
-        return sorted(manifests, key=lambda m: (m.created_at, m.version))
+            except CorruptManifest as exc:
+                corrupt.append(CorruptVersion(version_id, self.version_url(version_id, MANIFEST), str(exc)))
+        return sorted(manifests, key=lambda m: (m.created_at, m.version)), corrupt
 
     def latest_ready(self, exclude: str | None = None) -> Manifest | None:
         ready = [m for m in self.list_versions() if m.status == "ready" and m.version != exclude]
@@ -199,12 +226,47 @@ class IndexStore:
         actor: str | None = None,
         reason: str | None = None,
         action: str = "promote",
-    ) -> Pointer:
+    ) -> Move:
         """Point CURRENT at a ready version by compare-and-swap on its generation.
 
         `expected_generation` is the generation the caller decided on (None: whatever is there
-        now). A concurrent promote in between raises `Conflict`; CURRENT is never torn.
+        now). A concurrent promote in between raises `Conflict`; CURRENT is never torn. Promoting
+        the version that is already CURRENT changes nothing (and keeps `previous`).
         """
+        with self._pointer_lock(f"{action} {version_id}"):
+            return self._move(version_id, expected_generation, actor, reason, action)
+
+    def rollback(
+        self, version_id: str | None = None, *, actor: str | None = None, reason: str | None = None
+    ) -> Move:
+        """Promote an earlier version; by default the newest ready one older than CURRENT, so that
+        rolling back twice goes two versions back, never forward to the one just left."""
+        with self._pointer_lock(f"rollback {version_id or ''}".strip()):
+            current = self.current()
+            if version_id is None:
+                version_id = self._rollback_target(current)
+            if current is not None and current.version == version_id:
+                raise Rejected(f"version {version_id} is already CURRENT")
+            return self._move(version_id, current.generation if current else 0, actor, reason, "rollback")
+
+    def _rollback_target(self, current: Pointer | None) -> str:
+        if current is None:
+            raise NotFound("nothing to roll back to: there is no CURRENT version yet")
+        try:
+            here = self.manifest(current.version)
+            cutoff = (here.created_at, here.version)
+        except (NotFound, CorruptManifest):
+            cutoff = (current.updated_at, current.version)
+        older = [m for m in self.list_versions()
+                 if m.status == "ready" and m.version != current.version and (m.created_at, m.version) < cutoff]
+        if not older:
+            raise NotFound(f"nothing to roll back to: CURRENT {current.version} has no previous ready version "
+                           "older than it")
+        return older[-1].version
+
+    def _move(
+        self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str
+    ) -> Move:
         manifest = self.manifest(version_id)
         if manifest.status == "ready":  # a rejected version is refused below, with its own reason
             from storage.verify import verify_version
@@ -221,6 +283,10 @@ class IndexStore:
             raise Conflict(
                 f"CURRENT is at generation {seen_gen}, not {expected_generation}: someone else moved it"
             )
+        if seen is not None and seen.version == version_id:
+            return Move(**seen.model_dump(), moved=False)
+        if seen is not None:
+            self._repair_history(seen)
         new = Pointer(
             version=version_id,
             previous=seen.version if seen else None,
@@ -243,28 +309,40 @@ class IndexStore:
             reason=reason,
             at=new.updated_at,
         )
-        history_path = self.path("history", f"{new.generation:08d}.json")
-        create_json(self.fs, history_path, entry.model_dump(mode="json"))
-        return new
+        try:
+            create_json(self.fs, self._history_path(new.generation), entry.model_dump(mode="json"))
+        except Exception as exc:
+            # CURRENT did move: saying "failed" now would make the caller retry or roll back blindly.
+            log.warning("CURRENT moved to %s (generation %d) but its history entry was not written (%s); "
+                        "the next promote or rollback writes it", version_id, new.generation, first_line(exc))
+            return Move(**new.model_dump(), history_written=False)
+        return Move(**new.model_dump())
 
-    def rollback(
-        self, version_id: str | None = None, *, actor: str | None = None, reason: str | None = None
-    ) -> Pointer:
-        """Promote an earlier version; by default the one CURRENT names as previous."""
-        current = self.current()
-        if version_id is None:
-            if current is None or current.previous is None:
-                raise NotFound("nothing to roll back to: CURRENT has no previous version")
-            version_id = current.previous
-        if current is not None and current.version == version_id:
-            raise Rejected(f"version {version_id} is already CURRENT")
-        return self.promote(
-            version_id,
-            expected_generation=current.generation if current else 0,
-            actor=actor,
-            reason=reason,
-            action="rollback",
-        )
+    def _history_path(self, generation: int) -> str:
+        return self.path("history", f"{generation:08d}.json")
+
+    def _repair_history(self, seen: Pointer) -> None:
+        """Write the history entry of the move that made `seen`, if that move could not."""
+        path = self._history_path(seen.generation)
+        try:
+            if self.fs.exists(path):
+                return
+            entry = HistoryEntry(
+                generation=seen.generation, action="promote", from_version=seen.previous, to_version=seen.version,
+                actor="unknown", at=seen.updated_at,
+                reason="reconstructed from CURRENT: the history write of this move had failed",
+            )
+            create_json(self.fs, path, entry.model_dump(mode="json"))
+        except Exception as exc:
+            log.warning("could not repair history entry %d: %s", seen.generation, first_line(exc))
+
+    def _pointer_lock(self, what: str) -> Lease:
+        """Serialises moves of CURRENT with gc's deletions, so that gc never deletes a version that a
+        concurrent promote is about to name (held for one move, or one deletion: short)."""
+        self.require_conditional_writes()
+        return Lease(self.fs, self.path("locks", "pointer.json"), f"{what} by {default_actor()}",
+                     ttl=timedelta(seconds=30), wait=30.0, where=f"CURRENT of {self.url}",
+                     holder="another promote, rollback or gc")
 
     def history(self) -> list[HistoryEntry]:
         base = self.path("history")
@@ -274,16 +352,20 @@ class IndexStore:
             return []
         entries = []
         for p in files:
-            with self.fs.open(p, "rb") as f:
-                entries.append(HistoryEntry.model_validate_json(f.read()))
+            try:
+                with self.fs.open(p, "rb") as f:
+                    entries.append(HistoryEntry.model_validate_json(f.read()))
+            except ValueError as exc:  # one bad entry must not hide the others
+                log.warning("skipping unreadable history entry %s: %s", p, first_line(exc))
         return sorted(entries, key=lambda e: e.generation)
 
     # -- pins and retention --------------------------------------------------------------------
 
     def pin(self, version_id: str) -> None:
-        self.manifest(version_id)  # must exist
-        with atomic_write(self.fs, self.path("pins", names.check_version_id(version_id))) as f:
-            f.write(_now().isoformat().encode())
+        with self._pointer_lock(f"pin {version_id}"):  # so that gc cannot delete it meanwhile
+            self.manifest(version_id)  # must exist
+            with atomic_write(self.fs, self.path("pins", names.check_version_id(version_id))) as f:
+                f.write(_now().isoformat().encode())
 
     def unpin(self, version_id: str) -> None:
         path = self.path("pins", names.check_version_id(version_id))
@@ -300,116 +382,51 @@ class IndexStore:
         return {n for n in found if not n.startswith(".")}  # skip atomic_write temp files
 
     def gc(self, keep: int, stale_after: timedelta = timedelta(hours=6), dry_run: bool = False) -> GcReport:
-        """Delete versions beyond the newest `keep` that are not CURRENT, previous or pinned,
-        staging areas with no activity for `stale_after` (left by crashed builds), and downloads
-        that no kept or in-progress version uses and that nobody touched for `stale_after`."""
-        if keep < 1:
-            raise Rejected("gc --keep must be at least 1")
-        report = GcReport()
-        versions = self.list_versions()
-        current = self.current()
-        protected = set(self.pinned())
-        if current:
-            protected |= {current.version, current.previous or ""}
-        newest = {m.version for m in versions[-keep:]}
-        kept = [m for m in versions if m.version in newest or m.version in protected]
-        report.kept = [m.version for m in kept]
-        for m in versions:
-            if m.version not in report.kept:
-                report.deleted_versions.append(m.version)
-                if not dry_run:
-                    # The manifest goes first so that a crash half-way leaves staging, not a broken version.
-                    self.fs.rm_file(self.version_path(m.version, MANIFEST))
-                    self.fs.rm(self.version_path(m.version), recursive=True)
-        used = {(m.source.wiki, m.source.dump_date) for m in kept}
-        visible = {m.version for m in versions}
-        for version_id in self._version_dirs():
-            if version_id in visible:
-                continue
-            marker, _ = read_json(self.fs, self.version_path(version_id, STAGING_MARKER))
-            if _now() - self._last_activity(self.version_path(version_id), marker) < stale_after:
-                if marker:
-                    used.add((marker.get("wiki"), marker.get("dump_date")))
-                continue
-            report.deleted_staging.append(version_id)
-            if not dry_run:
-                self.fs.rm(self.version_path(version_id), recursive=True)
-        for wiki_dir in self._ls_dirs(self.path("downloads")):
-            for date_dir in self._ls_dirs(wiki_dir):
-                wiki, date = wiki_dir.rsplit("/", 1)[-1], date_dir.rsplit("/", 1)[-1]
-                if (wiki, date) in used or _now() - self._last_activity(date_dir, None) < stale_after:
-                    continue
-                report.deleted_downloads.append(f"{wiki}/{date}")
-                if not dry_run:
-                    self.fs.rm(date_dir, recursive=True)
-        return report
-
-    def _last_activity(self, directory: str, marker: dict[str, Any] | None) -> datetime:
-        """The newest of the staging marker's time and any file's modification time under `directory`:
-        a build that keeps writing shards is alive however long it runs."""
-        times = [datetime.fromisoformat(marker["created_at"])] if marker and "created_at" in marker else []
-        try:
-            infos = self.fs.find(directory, detail=True).values()
-        except FileNotFoundError:
-            infos = []
-        for info in infos:
-            stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-            if isinstance(stamp, int | float):
-                times.append(datetime.fromtimestamp(stamp, UTC))
-            elif isinstance(stamp, datetime):
-                times.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC))
-        return max(times) if times else datetime.fromtimestamp(0, UTC)
-
-    def _ls_dirs(self, path: str) -> list[str]:
-        try:
-            return [e["name"].rstrip("/") for e in self.fs.ls(path, detail=True) if e["type"] == "directory"]
-        except FileNotFoundError:
-            return []
+        """Delete versions beyond the newest `keep` ready ones that are not CURRENT, previous or
+        pinned, corrupt manifests, staging areas with no activity for `stale_after` (left by crashed
+        builds), downloads no kept or in-progress version uses, and task results of gone versions."""
+        return collect(self, keep, stale_after, dry_run)
 
     # -- one build at a time -------------------------------------------------------------------
 
     @contextmanager
-    def build_lock(self, owner: str, stale_after: timedelta = timedelta(hours=12)) -> Iterator[None]:
+    def build_lock(self, owner: str, ttl: timedelta = timedelta(minutes=2)) -> Iterator[Lease]:
         """Hold the store's build lock, or raise `Conflict` naming who holds it.
 
-        A lock older than `stale_after`, or taken by a process on this host that no longer
-        exists, belongs to a build that died and is broken.
+        The lock is a lease kept alive by a heartbeat; one whose holder stopped renewing it for
+        `ttl` (a build that died, wherever it ran) is broken by compare-and-swap.
         """
-        path = self.path("locks", "build.json")
-        held, _ = read_json(self.fs, path)
-        if held and (_now() - datetime.fromisoformat(held["since"]) >= stale_after or _owner_is_dead(held)):
-            delete_json(self.fs, path)
-        record = {
-            "owner": owner, "since": _now().isoformat(), "pid": os.getpid(), "host": socket.gethostname()
-        }
-        try:
-            create_json(self.fs, path, record)
-        except Conflict:
-            held, _ = read_json(self.fs, path)
-            who = f"{held.get('owner')} since {held.get('since')}" if held else "another build"
-            raise Conflict(f"another build holds the lock on {self.url}: {who}") from None
-        try:
-            yield
-        finally:
-            delete_json(self.fs, path)
+        self.require_conditional_writes()
+        with Lease(self.fs, self.path("locks", "build.json"), owner, ttl=ttl, where=self.url) as lease:
+            yield lease
 
     def _build_lock_held(self) -> bool:
-        data, _ = read_json(self.fs, self.path("locks", "build.json"))
+        data, _ = read_raw(self.fs, self.path("locks", "build.json"))
         return data is not None
+
+    # -- the backend must honour conditional writes --------------------------------------------
+
+    def require_conditional_writes(self) -> None:
+        """Refuse an S3-compatible endpoint that ignores If-None-Match / If-Match: there every
+        compare-and-swap would silently succeed and concurrent updates would be lost.
+        Probed once per store object, with writes that must fail, on a key of its own."""
+        if self._conditional_writes_ok or is_local(self.fs):
+            return
+        ignored = ignored_conditions(self.fs, self.path("locks", f"cas-probe-{uuid.uuid4().hex}.json"))
+        if ignored:
+            raise Rejected(
+                f"the S3 endpoint of {self.url} ignores {' and '.join(ignored)} (a conditional write that "
+                "must fail succeeded): refusing it as a store, concurrent updates of CURRENT and locks would be lost"
+            )
+        self._conditional_writes_ok = True
+
+
+class Move(Pointer):
+    """What promote and rollback return: the new CURRENT and what happened on the way."""
+
+    moved: bool = Field(True, exclude=True)  # False: the version was already CURRENT, nothing changed
+    history_written: bool = Field(True, exclude=True)  # False: CURRENT moved but its history entry did not land
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _owner_is_dead(lock: dict[str, Any]) -> bool:
-    """True only when the lock names a process on this host that is gone (a crashed build)."""
-    if lock.get("host") != socket.gethostname() or not isinstance(lock.get("pid"), int):
-        return False
-    try:
-        os.kill(lock["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

@@ -5,6 +5,12 @@ from __future__ import annotations
 import hashlib
 
 WORDS_PER_PASSAGE = 100
+# Caps for text that is not prose (unbalanced markup the cleaner could not remove, base64 blobs):
+# a "word" longer than MAX_WORD_CHARS is cut to it, and a passage stops before MAX_PASSAGE_CHARS.
+# Real 100-word passages are far below both (a few hundred to ~1500 characters), so their ids and
+# text are exactly DPR's.
+MAX_WORD_CHARS = 100
+MAX_PASSAGE_CHARS = 4000
 
 
 def content_hash(title: str, text: str) -> str:
@@ -17,11 +23,11 @@ def chunk_article(page_id: int, rev_id: int, title: str, text: str,
     """Split on whitespace into disjoint `words_per_passage`-word passages (the last may be shorter).
 
     Passages are numbered from 0 in article order, so `passage_id` depends only on the article.
+    Words over `MAX_WORD_CHARS` are cut, and a passage that would pass `MAX_PASSAGE_CHARS` ends early.
     """
-    words = text.split()
+    words = [w[:MAX_WORD_CHARS] for w in text.split()]
     passages = []
-    for n, start in enumerate(range(0, len(words), words_per_passage)):
-        body = " ".join(words[start:start + words_per_passage])
+    for n, body in enumerate(_bodies(words, words_per_passage)):
         passages.append({
             "passage_id": f"{page_id}_{n}",
             "page_id": page_id,
@@ -31,3 +37,17 @@ def chunk_article(page_id: int, rev_id: int, title: str, text: str,
             "content_hash": content_hash(title, body),
         })
     return passages
+
+
+def _bodies(words: list[str], words_per_passage: int) -> list[str]:
+    bodies, current, size = [], [], 0
+    for word in words:
+        grown = size + len(word) + (1 if current else 0)
+        if current and (len(current) == words_per_passage or grown > MAX_PASSAGE_CHARS):
+            bodies.append(" ".join(current))
+            current, grown = [], len(word)
+        current.append(word)
+        size = grown
+    if current:
+        bodies.append(" ".join(current))
+    return bodies

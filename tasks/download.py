@@ -30,7 +30,7 @@ from storage.errors import InvalidName, NotFound, RagindexError, Rejected
 from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
-from tasks.parse import index_name_for
+from tasks.parse import decoded_head, index_name_for
 
 JOBS = ("articlesmultistreamdump", "articlesdump")
 DUMPSTATUS = "dumpstatus.json"
@@ -115,14 +115,26 @@ def _job_done(status: dict, job: str) -> bool:
 # --- mirror ---------------------------------------------------------------------------------------
 
 class _Http:
-    def __init__(self, user_agent: str, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 30.0):
+    """GETs to one mirror. Redirects are followed only while they stay on the mirror's host: a
+    mirror (or anyone who can answer for it) must not send the build worker to another server."""
+
+    def __init__(self, user_agent: str, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 30.0,
+                 host: str | None = None):
+        self.host = host
         self.client = httpx.Client(headers={"User-Agent": user_agent}, timeout=timeout_s,
-                                   follow_redirects=True)
+                                   follow_redirects=True, event_hooks={"request": [self._stay_on_host]})
         self.retries = retries
         self.backoff_s = backoff_s
 
     def close(self) -> None:
         self.client.close()
+
+    def _stay_on_host(self, request: httpx.Request) -> None:
+        # Runs for every request the client sends, the redirected ones included.
+        if self.host is None:
+            self.host = request.url.host
+        elif request.url.host != self.host:
+            raise Rejected(f"refusing a redirect from the mirror {self.host} to another host: {request.url}")
 
     def get(self, url: str) -> httpx.Response | None:
         """The response, or None on 404. Transient failures are retried with backoff."""
@@ -153,7 +165,7 @@ def resolve_dump(wiki: str, date: str, mirror: str, user_agent: str,
     if job not in JOBS:
         raise InvalidName(f"unknown dump job {job!r}: expected one of {', '.join(JOBS)}")
     mirror = mirror.rstrip("/")
-    http = _Http(user_agent, retries, backoff_s)
+    http = _Http(user_agent, retries, backoff_s, host=httpx.URL(mirror).host)
     try:
         if date == "latest":
             listing = http.get(f"{mirror}/{wiki}/")
@@ -196,28 +208,30 @@ def _mirror_ref(mirror: str, wiki: str, date: str, status: dict, job: str) -> Du
 # --- local / s3 sources ---------------------------------------------------------------------------
 
 def resolve_source(source: str, s3_endpoint_url: str | None = None,
-                   job: str = "articlesmultistreamdump") -> DumpRef:
+                   job: str = "articlesmultistreamdump", wiki: str | None = None) -> DumpRef:
     """A dump file, a mirror-like run dir (`dumpstatus.json`), or `<dir>/<wiki>/<date>/`; read in place.
 
     wiki and date come from `dumpstatus.json` or the file names; a file without a date in its name
     (`enwiki-latest-...`) gets UNDATED, and one without a wiki in its name the `<dbname>` of its
-    siteinfo.
+    siteinfo, or else `wiki` (what the user named with --wiki; it must agree with the others).
     """
+    if wiki is not None:
+        names.check_wiki(wiki)
     fs, path = resolve(source, s3_endpoint_url)
     if not fs.exists(path):
         raise NotFound(f"dump source not found: {source}")
     if not fs.isdir(path):
-        return _file_ref(fs, path, source)
+        return _file_ref(fs, path, source, wiki)
     entries = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
     if DUMPSTATUS in entries:
-        return _run_dir_ref(fs, path, job)
+        return _run_dir_ref(fs, path, job, wiki)
     runs = _mirror_runs(fs, path, entries, job)
     if runs:
-        return _run_dir_ref(fs, runs[0], job)
+        return _run_dir_ref(fs, runs[0], job, wiki)
     data = sorted((n for n in entries if _DATA_NAME.search(n) and not is_index_name(n)), key=_part_key)
     if not data:
         raise NotFound(f"no dump files (*-pages-articles*.xml[.bz2]) or {DUMPSTATUS} in {source}")
-    wiki, date = _wiki_date(fs, entries[data[0]], data[0])
+    wiki, date = _wiki_date(fs, entries[data[0]], data[0], wiki)
     files = []
     for name in data:
         files.append(_local_file(fs, entries[name], name))
@@ -230,7 +244,7 @@ def resolve_source(source: str, s3_endpoint_url: str | None = None,
 def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
     """Dated run dirs under `<dir>/<wiki>/` (or `<dir>/` itself being a wiki dir), newest first."""
     candidates = []
-    wiki_dirs = [entries[n] for n in entries if re.match(r"^[a-z][a-z0-9_]*wik[a-z]*$", n)]
+    wiki_dirs = [entries[n] for n in entries if re.fullmatch(r"[a-z][a-z0-9_]*wik[a-z]*", n)]
     for wiki_dir in wiki_dirs or [path]:
         if not fs.isdir(wiki_dir):
             continue
@@ -246,16 +260,16 @@ def _mirror_runs(fs, path: str, entries: dict[str, str], job: str) -> list[str]:
     return [run for _, run in sorted(candidates, reverse=True)]
 
 
-def _run_dir_ref(fs, run: str, job: str) -> DumpRef:
+def _run_dir_ref(fs, run: str, job: str, given_wiki: str | None = None) -> DumpRef:
     status = load_json(fs, join(run, DUMPSTATUS))
     parts = run.rstrip("/").rsplit("/", 2)
     date = parts[-1]
     files = files_from_status(status, job, to_url(fs, run))
-    wiki, name_date = _wiki_date(fs, None, files[0][0])
+    wiki, name_date = _wiki_date(fs, join(run, files[0][0]), files[0][0], given_wiki)
     if not re.fullmatch(r"\d{8}", date):
         date = name_date
-    if len(parts) >= 2 and re.match(r"^[a-z][a-z0-9_]*wik[a-z]*$", parts[-2]):
-        wiki = parts[-2]
+    if len(parts) >= 2 and re.fullmatch(r"[a-z][a-z0-9_]*wik[a-z]*", parts[-2]):
+        wiki = _agree(parts[-2], given_wiki, to_url(fs, run))
     out = []
     for name, sha1, size in files:
         fpath = join(run, name)
@@ -266,9 +280,9 @@ def _run_dir_ref(fs, run: str, job: str) -> DumpRef:
                    location=to_url(fs, run), files=out)
 
 
-def _file_ref(fs, path: str, source: str) -> DumpRef:
+def _file_ref(fs, path: str, source: str, given_wiki: str | None = None) -> DumpRef:
     name = path.rsplit("/", 1)[-1]
-    wiki, date = _wiki_date(fs, path, name)
+    wiki, date = _wiki_date(fs, path, name, given_wiki)
     files = [_local_file(fs, path, name)]
     index_path = join(path.rsplit("/", 1)[0], index_name_for(name))
     if index_path != path and fs.exists(index_path):
@@ -280,16 +294,24 @@ def _local_file(fs, path: str, name: str) -> RemoteFile:
     return RemoteFile(name=name, url=to_url(fs, path), sha1=None, size=fs.size(path))
 
 
-def _wiki_date(fs, path: str | None, name: str) -> tuple[str, str]:
+def _wiki_date(fs, path: str | None, name: str, given_wiki: str | None = None) -> tuple[str, str]:
     m = _DUMP_NAME.match(name)
     if m:
         date = m.group(2) if m.group(2) != "latest" else UNDATED
-        return names.check_wiki(m.group(1)), date
+        return names.check_wiki(_agree(m.group(1), given_wiki, name)), date
     wiki = _dbname(fs, path) if path else None
-    if not wiki:
-        raise Rejected(f"cannot tell which wiki {name} is from: its name does not start with "
-                       f"'<wiki>-<YYYYMMDD>-' and it has no <dbname> in its siteinfo")
-    return names.check_wiki(wiki), UNDATED
+    if wiki:
+        return names.check_wiki(_agree(wiki, given_wiki, name)), UNDATED
+    if given_wiki:
+        return names.check_wiki(given_wiki), UNDATED
+    raise Rejected(f"cannot tell which wiki {name} is from: its name does not start with "
+                   f"'<wiki>-<YYYYMMDD>-' and it has no <dbname> in its siteinfo; name it with --wiki")
+
+
+def _agree(found: str, given: str | None, where: str) -> str:
+    if given is not None and given != found:
+        raise Rejected(f"{where} is a dump of {found}, not of --wiki {given}")
+    return found
 
 
 def _dbname(fs, path: str) -> str | None:
@@ -303,24 +325,30 @@ def _dbname(fs, path: str) -> str | None:
                 head = raw.read(64 << 10)
     except (OSError, EOFError):
         return None
-    m = re.search(rb"<dbname>([a-z][a-z0-9_]*)</dbname>", head)
-    return m.group(1).decode() if m else None
+    m = re.search(r"<dbname>([a-z][a-z0-9_]*)</dbname>", decoded_head(head))
+    return m.group(1) if m else None
 
 
 # --- download -------------------------------------------------------------------------------------
 
 def download_dump(ref: DumpRef, store: IndexStore, user_agent: str, retries: int = 5, progress: bool = True,
-                  backoff_s: float = 1.0, s3_endpoint_url: str | None = None) -> list[str]:
+                  backoff_s: float = 1.0, s3_endpoint_url: str | None = None,
+                  allow_unverified: bool = False) -> list[str]:
     """Fetch a mirror dump into `store.downloads_path(wiki, date)`; URLs of the verified files, in order.
 
     A `DumpRef` from `resolve_source` is read in place: its files are verified (sha1 when known)
-    and their URLs returned without copying.
+    and their URLs returned without copying. A mirror file whose size and sha1 are both unknown
+    cannot be checked at all and is refused unless `allow_unverified`.
     """
     if not ref.remote:
         return [verify_in_place(f, s3_endpoint_url or store.s3_endpoint_url, progress) for f in ref.files]
     names.check_wiki(ref.wiki)
     names.check_dump_date(ref.dump_date)
-    http = _Http(user_agent, retries, backoff_s, timeout_s=60.0)
+    unverifiable = [f.name for f in ref.files if not f.sha1 and f.size is None]
+    if unverifiable and not allow_unverified:
+        raise Rejected(f"the mirror publishes neither size nor sha1 for {', '.join(unverifiable)}: nothing could "
+                       "be verified; pass --allow-unverified (allow_unverified=true) to download it anyway")
+    http = _Http(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(ref.location).host)
     try:
         return [_fetch(http, f, store, ref, progress) for f in ref.files]
     finally:

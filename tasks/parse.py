@@ -2,7 +2,8 @@
 
 Constant memory: lxml iterparse on a decompressing stream, each `<page>` cleared with its
 preceding siblings once read. A multistream `.bz2` can be cut at any stream start, because every
-stream holds whole pages; the cut pieces lack the `<mediawiki>` root, so one is added around them.
+stream holds whole pages; the cut pieces lack the `<mediawiki>` root, so one is added around them,
+in the file's own encoding (XML allows UTF-16 and others; Special:Export output can be UTF-16).
 Errors (corrupt or truncated bz2, malformed XML) become one `RagindexError` line naming the file
 and the compressed byte offset.
 """
@@ -10,6 +11,7 @@ and the compressed byte offset.
 from __future__ import annotations
 
 import bz2
+import codecs
 import io
 import re
 from collections.abc import Iterator
@@ -27,6 +29,59 @@ _STREAM_MAGIC = re.compile(rb"BZh[1-9]1AY&SY")
 
 class DumpError(RagindexError):
     """A dump file that cannot be read: corrupt compression, malformed XML, no articles."""
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+# Without a BOM, the first character '<' shows UTF-16/32 and their byte order (XML 1.0, appendix F).
+_NO_BOM = ((b"<\0\0\0", "utf-32-le"), (b"\0\0\0<", "utf-32-be"), (b"<\0", "utf-16-le"), (b"\0<", "utf-16-be"))
+_DECLARED = re.compile(rb"""\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]*)["']""")
+
+
+def xml_encoding(head: bytes) -> str:
+    """The Python codec of an XML document, from its first bytes: a BOM, the byte pattern of its
+    first '<', or its declaration; UTF-8 when none says otherwise."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec
+    for pattern, codec in _NO_BOM:
+        if head.startswith(pattern):
+            return codec
+    m = _DECLARED.match(head)
+    if m:
+        try:
+            return codecs.lookup(m.group(1).decode()).name
+        except LookupError:
+            pass
+    return "utf-8"
+
+
+def decoded_head(head: bytes) -> str:
+    """The first bytes of an XML document as text, in its own encoding (a cut last character is dropped)."""
+    return head.decode(xml_encoding(head), errors="ignore").lstrip("\ufeff")
+
+
+def _frame(codec: str, end: bool) -> bytes:
+    if codec == "utf-8":
+        return b"</mediawiki>" if end else b"<mediawiki>"
+    if end:
+        return "</mediawiki>".encode(codec)
+    if codec.startswith(("utf-16", "utf-32")):
+        return "\ufeff<mediawiki>".encode(codec)  # the BOM tells lxml the encoding of a piece that has none
+    return f'<?xml version="1.0" encoding="{codec}"?><mediawiki>'.encode(codec)
+
+
+def _first_bytes(raw, compressed: bool, n: int = 256) -> bytes:
+    """The first `n` bytes of the document in `raw` (decompressed), leaving `raw` at offset 0."""
+    raw.seek(0)
+    data = raw.read(64 << 10)
+    raw.seek(0)
+    if not compressed:
+        return data[:n]
+    try:
+        return bz2.BZ2Decompressor().decompress(data, max_length=n)
+    except OSError:
+        return b""
 
 
 @dataclass(frozen=True)
@@ -114,11 +169,12 @@ def iter_pages(url: str, start: int | None = None, end: int | None = None,
     with raw:
         size = fs.size(path)
         start = start or 0
+        codec = xml_encoding(_first_bytes(raw, is_bz2(url))) if start or end is not None else "utf-8"
         ranged = _RangeReader(raw, start, end)
         body = bz2.BZ2File(ranged) if is_bz2(url) else ranged
         # A piece cut from the middle of a multistream file has no root element.
-        prefix = b"<mediawiki>" if start else b""
-        suffix = b"</mediawiki>" if end is not None and end < size else b""
+        prefix = _frame(codec, end=False) if start else b""
+        suffix = _frame(codec, end=True) if end is not None and end < size else b""
         stream = io.BufferedReader(_Framed(prefix, body, suffix), buffer_size=_READ)
         try:
             yield from _pages(stream)
@@ -219,6 +275,7 @@ def starts_with_page(url: str, offset: int, s3_endpoint_url: str | None = None) 
     fs, path = resolve(url, s3_endpoint_url)
     decomp = bz2.BZ2Decompressor()
     with fs.open(path, "rb") as f:
+        codec = xml_encoding(_first_bytes(f, compressed=True))
         f.seek(offset)
         out = b""
         try:
@@ -229,7 +286,7 @@ def starts_with_page(url: str, offset: int, s3_endpoint_url: str | None = None) 
                 out += decomp.decompress(chunk, max_length=4096)
         except OSError:
             return False
-    return out.lstrip().startswith(b"<page")
+    return out.decode(codec, errors="ignore").lstrip("\ufeff \t\r\n").startswith("<page")
 
 
 def file_size(url: str, s3_endpoint_url: str | None = None) -> int:

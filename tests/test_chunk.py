@@ -53,3 +53,21 @@ def test_schema_is_the_contract():
     assert [str(t) for t in PASSAGE_SCHEMA.types] == ["int64", "string", "int64", "int64", "string", "string",
                                                       "string"]
     assert UNIT_SCHEMA.names == PASSAGE_SCHEMA.names[1:]
+
+
+def test_unbalanced_markup_cannot_make_huge_passages():
+    from tasks.chunk import MAX_PASSAGE_CHARS, MAX_WORD_CHARS
+
+    blob = "{{" + "x" * 300_000  # one 300 KB "word": a template the cleaner could not close
+    wide = " ".join("y" * 90 for _ in range(250))  # 90-character words: 100 of them pass the char cap
+    passages = chunk_article(3, 30, "T", f"lead {blob} {wide} end")
+    assert passages and all(len(p["text"]) <= MAX_PASSAGE_CHARS for p in passages)
+    assert all(len(w) <= MAX_WORD_CHARS for p in passages for w in p["text"].split())
+    assert passages[0]["text"].startswith("lead {{xxx") and passages[-1]["text"].endswith(" end")
+    assert [p["passage_id"] for p in passages] == [f"3_{n}" for n in range(len(passages))]
+
+
+def test_normal_text_keeps_dpr_passages():
+    text = " ".join(f"word{i}" for i in range(230))
+    assert [p["text"] for p in chunk_article(1, 1, "T", text)] == [
+        " ".join(f"word{i}" for i in range(a, min(a + 100, 230))) for a in (0, 100, 200)]
