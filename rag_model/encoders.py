@@ -409,6 +409,17 @@ class _Encoder:
             return copy.deepcopy(self.net).to(_CAST[name]), None
         return self.net, _AUTOCAST.get(name)
 
+    def with_precision(self, name: str) -> _Encoder:
+        """A copy running variant `name` (fp32, bf16, bf16-autocast, ...) as is, unmeasured: for
+        benchmarks that compare the variants. Call it on an fp32 encoder."""
+        if self.precision != "fp32":
+            raise RagindexError(f"with_precision needs an fp32 encoder, this one runs {self.precision}")
+        other = copy.copy(self)
+        other.net, other._autocast = self._variant(name)
+        other.precision, other.precision_cosine, other.precision_choice = name, None, None
+        other._lock = threading.Lock()
+        return other
+
     def choose_precision(self, requested: str, timer: Timer | None = None) -> None:
         """Run in the fastest precision whose probe vectors stay within tolerance of fp32.
 

@@ -74,6 +74,7 @@ def draft_manifest(store, version_id: str, *, passages_summary: dict, embeddings
         source=source,
         encoder=fingerprint,
         question_encoder=embeddings_summary.get("question_encoder"),
+        precision=embeddings_summary.get("precision"),
         index=index,
         counts=counts,
         skipped={k: int(v) for k, v in articles.get("skipped", {}).items()},

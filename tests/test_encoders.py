@@ -341,6 +341,8 @@ def test_auto_keeps_fp32_when_the_reduced_precision_is_slower(tiny_dpr):
     assert choice.chosen == "fp32" and choice.cosine == 1.0
     assert choice.passages_per_s == {"fp32": 8.0, "bf16": 2.0, "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3)}
     assert min(choice.cosines.values()) >= MIN_PRECISION_COSINE  # refused for speed, not accuracy
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.97, "bf16-autocast": 1.2})  # within timing noise
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer).precision == "fp32"
 
 
 def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
