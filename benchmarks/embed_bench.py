@@ -155,9 +155,12 @@ def load_vectors(directory: Path) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passages", type=int, default=384, help="passages to embed (default: ~10 min on 2 cores)")
-    parser.add_argument("--quick", action="store_true", help="a quick run: 48 passages, unless --passages is given")
+    parser.add_argument("--quick", action="store_true", help="a quick run (~5 min on 2 busy cores): 24 passages")
     parser.add_argument("--per-article", type=int, default=4, help="passages kept per article")
     parser.add_argument("--batch-size", type=int, default=64, help="most passages per ragindex forward pass")
+    parser.add_argument("--reduced-passages", type=int, default=None,
+                        help="passages for the bf16/fp16 variants (default: all on CUDA; a quarter, at least 4, "
+                             "on CPU, where emulated bf16 is several times slower)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (prints the figures of a GPU machine)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the physical cores)")
     parser.add_argument("--shard-rows", type=int, default=1000, help="passages per shard (sorting works per shard)")
@@ -165,7 +168,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
     if args.quick and "--passages" not in sys.argv:
-        args.passages = 48
+        args.passages = 24
     device = args.device
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed_bench_"))
@@ -194,28 +197,28 @@ def main() -> None:
 
         base_s, base_vectors, unpadded = hf_baseline(model_dir, rows, device)
         base_rate = len(rows) / base_s
-        n_ref = int(unpadded.sum())
 
-        def to_reference(vectors: np.ndarray) -> str:
+        def to_reference(vectors: np.ndarray, rows: np.ndarray | None = None) -> str:
             # The reference attends to its padding (it passes no attention mask): compare unpadded rows.
-            return f"cosine to reference {mean_cosine(vectors[unpadded], base_vectors[unpadded]):.5f} ({n_ref} rows)"
+            keep = unpadded if rows is None else unpadded[rows]
+            if not keep.any():
+                return "(no unpadded reference row in the subset)"
+            ref = base_vectors if rows is None else base_vectors[rows]
+            return f"cosine to reference {mean_cosine(vectors[keep], ref[keep]):.5f} ({int(keep.sum())} rows)"
 
         print("throughput:")
         line("HF reference (batch 16, corpus order, fp32)", base_rate, base_s, "(the reference)")
-        rates: dict[str, float] = {}
-        fp32_vectors = None
-        for name in candidates("auto", torch.device(device).type,
-                               cuda_bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported()):
-            encoder = fp32 if name == "fp32" else fp32.with_precision(name)
+
+        def run(encoder, rows: np.ndarray) -> tuple[float, np.ndarray]:
             encoder.encode(titles[:2], texts[:2])  # warm-up
             started = time.perf_counter()
-            vectors = encoder.encode(titles, texts, batch_size=args.batch_size)
-            seconds = time.perf_counter() - started
-            rates[name] = len(rows) / seconds
-            fp32_vectors = vectors if name == "fp32" else fp32_vectors
-            to_fp32 = "" if name == "fp32" else f", to ragindex fp32 {mean_cosine(vectors, fp32_vectors):.5f}"
-            line(f"ragindex {name}", rates[name], seconds, to_reference(vectors) + to_fp32)
-            del encoder
+            vectors = encoder.encode([titles[i] for i in rows], [texts[i] for i in rows], batch_size=args.batch_size)
+            return time.perf_counter() - started, vectors
+
+        everything = np.arange(len(rows))
+        seconds, fp32_vectors = run(fp32, everything)
+        rates = {"fp32": len(rows) / seconds}
+        line("ragindex fp32", rates["fp32"], seconds, to_reference(fp32_vectors))
 
         started = time.perf_counter()
         full = embed_passages(str(work / "v1" / "passages"), str(work / "v1" / "embeddings"), spec,
@@ -224,6 +227,21 @@ def main() -> None:
         ours_rate = len(rows) / ours_s
         line(f"ragindex auto -> {auto.precision} (embed_passages, with I/O)", ours_rate, ours_s,
              to_reference(load_vectors(work / "v1" / "embeddings")))
+
+        reduced = args.reduced_passages or (len(rows) if device.startswith("cuda") else max(4, len(rows) // 4))
+        # Spread over the length range: every k-th passage in token-length order.
+        subset = np.sort(np.argsort(lengths)[np.linspace(0, len(rows) - 1, min(reduced, len(rows))).astype(int)])
+        names = candidates("auto", torch.device(device).type,
+                           cuda_bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported())
+        for name in names[1:]:
+            encoder = fp32.with_precision(name)
+            seconds, vectors = run(encoder, subset)
+            rates[name] = len(subset) / seconds
+            line(f"ragindex {name}" + (f" ({len(subset)} of the passages)" if len(subset) < len(rows) else ""),
+                 rates[name], seconds,
+                 f"{to_reference(vectors, subset)}, to ragindex fp32 {mean_cosine(vectors, fp32_vectors[subset]):.5f}")
+            del encoder
+
         choice = auto.precision_choice
         if choice is not None:
             probe = ", ".join(f"{k} {v:.2f}/s (cos {choice.cosines[k]:.5f})" for k, v in choice.passages_per_s.items())

@@ -330,12 +330,13 @@ class _Encoder:
         return self.tokenizer(list(first), list(second), truncation=True, max_length=self.max_length)
 
     def _forward(self, net: torch.nn.Module, autocast: torch.dtype | None, ids: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, padded: bool = True) -> torch.Tensor:
         # No token_type_ids: the model's default, all zeros, is what DPR was trained with (its
         # generate_dense_embeddings passes zero segments) and what single-sequence sentence encoders saw.
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast or torch.float32,
                                                     enabled=autocast is not None):
-            out = net(input_ids=ids, attention_mask=mask)
+            # An all-ones mask changes nothing but keeps attention off its unmasked fast path.
+            out = net(input_ids=ids, attention_mask=mask if padded else None)
             if self.pooling == "pooler":
                 vec = out.pooler_output.float()
             else:
@@ -396,7 +397,7 @@ class _Encoder:
         max_rows = batch_size if self.device.type != "cuda" else self.max_tokens
         for idx, ids, mask in prefetch(self._batches(first, second, max_rows)):
             vec = self._forward(net, autocast, ids.to(self.device, non_blocking=True),
-                                mask.to(self.device, non_blocking=True))
+                                mask.to(self.device, non_blocking=True), padded=bool((mask == 0).any()))
             out[idx] = vec.cpu().numpy()
             with self._lock:
                 self.passages_encoded += len(idx)
@@ -433,12 +434,13 @@ class _Encoder:
         if len(names) > 1:
             built: dict[str, tuple[torch.nn.Module, torch.dtype | None]] = {}
 
-            def probe(name: str) -> np.ndarray:
+            def probe(name: str, rows: int = len(_PROBE)) -> np.ndarray:
                 if name not in built:
                     built[name] = self._variant(name)
-                return self._probe(built[name])
+                return self._probe(built[name], rows)
 
-            choice = _precision.choose(requested, names, probe, len(_PROBE), timer or _precision.wall_clock)
+            choice = _precision.choose(requested, names, probe, len(_PROBE), timer or _precision.wall_clock,
+                                       warm_up=lambda name: probe(name, 2))
             self.net, self._autocast = built[choice.chosen]
             self.precision, self.precision_cosine, self.precision_choice = choice.chosen, choice.cosine, choice
             built.clear()  # drop the variants not chosen
@@ -454,14 +456,14 @@ class _Encoder:
         self._forward(self.net, self._autocast, ids, torch.ones_like(ids))
         torch.cuda.synchronize(self.device)
 
-    def _probe(self, variant: tuple[torch.nn.Module, torch.dtype | None]) -> np.ndarray:
-        """Vectors of a fixed probe batch under one precision variant (not counted as work)."""
-        titles = [t for t, _ in _PROBE]
-        texts = [x for _, x in _PROBE]
-        first, second = (titles, texts) if self._pairs else ([f"{t}. {x}" for t, x in _PROBE], None)
+    def _probe(self, variant: tuple[torch.nn.Module, torch.dtype | None], rows: int = len(_PROBE)) -> np.ndarray:
+        """Vectors of a fixed probe batch (its first `rows`) under one precision variant (not counted as work)."""
+        titles = [t for t, _ in _PROBE[:rows]]
+        texts = [x for _, x in _PROBE[:rows]]
+        first, second = (titles, texts) if self._pairs else ([f"{t}. {x}" for t, x in _PROBE[:rows]], None)
         vectors = self._run(first, second, batch_size=len(_PROBE), variant=variant)
         with self._lock:
-            self.passages_encoded -= len(_PROBE)
+            self.passages_encoded -= rows
         return vectors
 
 

@@ -31,10 +31,7 @@ Timer = Callable[[str, ProbeRun], tuple[np.ndarray, float]]
 
 
 def wall_clock(name: str, run: ProbeRun, min_seconds: float = 0.2, max_runs: int = 5) -> tuple[np.ndarray, float]:
-    """The fastest of a few steady-state probe passes (one for a big model, up to `max_runs` for a
-    tiny one). The warm-up pass pays for one-time costs (oneDNN primitive creation, weight packing,
-    allocator growth) that would otherwise favour whichever variant runs second."""
-    run()
+    """The fastest of a few probe passes (one for a big model, up to `max_runs` for a tiny one)."""
     best, spent, runs = float("inf"), 0.0, 0
     while runs < max_runs and (runs == 0 or spent < min_seconds):
         started = time.perf_counter()
@@ -69,8 +66,13 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarray], n_probe: int,
-           timer: Timer = wall_clock, tolerance: float = MIN_PRECISION_COSINE) -> PrecisionChoice:
+           timer: Timer = wall_clock, tolerance: float = MIN_PRECISION_COSINE,
+           warm_up: Callable[[str], object] | None = None) -> PrecisionChoice:
     """Measure every variant in `names` (fp32 first) on the probe and pick one.
+
+    `warm_up(name)` runs first, untimed: a small pass that pays a variant's one-time costs (oneDNN
+    primitive creation, weight packing, allocator growth), which would otherwise favour whichever
+    variant runs later.
 
     `auto` keeps the fastest variant within `tolerance`; fp32 unless one is `MIN_SPEEDUP` faster. An explicit reduced
     precision keeps its fastest variant within tolerance, however it compares with fp32; none
@@ -78,10 +80,14 @@ def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarr
     """
     if not names or names[0] != "fp32":
         raise ValueError("fp32 must be measured first: it is the reference")
+    if warm_up is not None:
+        warm_up("fp32")
     reference, seconds = timer("fp32", lambda: probe("fp32"))
     speed = {"fp32": n_probe / max(seconds, 1e-9)}
     cosines = {"fp32": 1.0}
     for name in names[1:]:
+        if warm_up is not None:
+            warm_up(name)
         vectors, seconds = timer(name, lambda name=name: probe(name))
         speed[name] = n_probe / max(seconds, 1e-9)
         cosines[name] = _mean_cosine(reference, vectors)
