@@ -28,7 +28,7 @@ import torch
 from rag_model import precision as _precision
 from rag_model.batching import default_threads, largest_fitting, prefetch, token_budget_batches
 from rag_model.precision import MIN_PRECISION_COSINE, PRECISIONS, Timer
-from rag_model.st_config import read_st_config, resolve
+from rag_model.st_config import SentenceTransformerConfig, read_st_config, resolve
 from storage.errors import RagindexError
 from storage.manifest import EncoderFingerprint, PrecisionChoice
 
@@ -569,16 +569,20 @@ def _build_document_encoder(spec: EncoderSpec, device: str, precision: str, fing
     return encoder
 
 
-def load_question_encoder(model: str, kind: str = "dpr", normalize: bool = False, max_length: int = 256,
+def load_question_encoder(model: str, kind: str = "dpr", normalize: bool | None = None, max_length: int | None = None,
                           device: str = "cpu") -> QuestionEncoder:
-    """Load (once per process and weights on disk) the question encoder; fp32, questions are few."""
+    """Load (once per process and weights on disk) the question encoder; fp32, questions are few.
+
+    Callers pass the document side's fingerprint values; None means the model's own
+    sentence-transformers config (mean kind), else no normalisation and 256 tokens.
+    """
     _check_device(device)
     directory, _ = _resolve_dir(model, None)
     return _cached_question_encoder(model, kind, normalize, max_length, device, _stat_signature(directory))
 
 
 @lru_cache(maxsize=4)
-def _cached_question_encoder(model: str, kind: str, normalize: bool, max_length: int, device: str,
+def _cached_question_encoder(model: str, kind: str, normalize: bool | None, max_length: int | None, device: str,
                              signature: tuple) -> QuestionEncoder:
     directory, _ = _resolve_dir(model, None)
     config = _load_config(directory, model)
@@ -590,8 +594,11 @@ def _cached_question_encoder(model: str, kind: str, normalize: bool, max_length:
         from transformers import AutoModel as cls
     net = _load_weights(cls, directory, model).to(device)
     model_id = str(directory) if Path(model).expanduser().is_dir() else model
-    # The question side of a symmetric encoder pools as the model declares; normalize and
-    # max_length come from the document side's fingerprint, as resolved there.
-    pooling = None if kind == "dpr" else read_st_config(directory).pooling
+    # The question side of a symmetric encoder pools as the model declares, and defaults to its
+    # declared normalisation and length; no warning here, the document side warned already.
+    declared = read_st_config(directory) if kind == "mean" else SentenceTransformerConfig()
+    pooling = declared.pooling
+    normalize = bool(declared.normalize) if normalize is None else normalize
+    max_length = max_length or declared.max_length or 256
     return QuestionEncoder(model_id, kind, net, tokenizer, _dim_of(config, kind), normalize, max_length, device,
                            pooling=pooling)

@@ -435,7 +435,7 @@ def _save_st_bert(directory, pooling: str, normalize: bool, max_seq_length: int)
     return directory
 
 
-def test_a_model_declaring_cls_pooling_and_no_normalisation(tmp_path, caplog):
+def test_a_model_declaring_cls_pooling_and_no_normalisation(tmp_path, minilm_dir, caplog):
     from transformers import AutoModel, AutoTokenizer
 
     model = _save_st_bert(tmp_path / "st", pooling="cls", normalize=False, max_seq_length=16)
@@ -451,8 +451,10 @@ def test_a_model_declaring_cls_pooling_and_no_normalisation(tmp_path, caplog):
             cls = net(input_ids=enc["input_ids"]).last_hidden_state[0, 0]
         np.testing.assert_allclose(got[i], cls.numpy(), atol=1e-4)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-2)  # not normalised
-    question = load_question_encoder(str(model), kind="mean", normalize=False, max_length=16)
-    assert question.pooling == "cls"
+    question = load_question_encoder(str(model), kind="mean")
+    assert (question.pooling, question.normalize, question.max_length) == ("cls", False, 16)
+    minilm_question = load_question_encoder(str(minilm_dir), kind="mean")
+    assert (minilm_question.pooling, minilm_question.normalize, minilm_question.max_length) == ("mean", True, 256)
     with caplog.at_level(logging.WARNING):
         flagged = fingerprint_of(EncoderSpec(str(model), kind="mean", normalize=True))
     assert flagged.normalize is True and flagged.key != fp.key
