@@ -114,6 +114,8 @@ def matmul_gflops(device: str, seconds: float = 2.0) -> float:
     b = torch.randn(768, 3072, device=device)
     flop = 2 * 2048 * 768 * 3072
     torch.mm(a, b)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     n, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         torch.mm(a, b)
@@ -154,7 +156,8 @@ def load_vectors(directory: Path) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--passages", type=int, default=384, help="passages to embed (default: ~10 min on 2 cores)")
+    parser.add_argument("--passages", type=int, default=384,
+                        help="passages to embed (384: about an hour on 2 busy cores)")
     parser.add_argument("--quick", action="store_true", help="a quick run (~5 min on 2 busy cores): 24 passages")
     parser.add_argument("--per-article", type=int, default=4, help="passages kept per article")
     parser.add_argument("--batch-size", type=int, default=64, help="most passages per ragindex forward pass")

@@ -317,7 +317,7 @@ class _Encoder:
         self.precision = "fp32"
         self._autocast: torch.dtype | None = None
         self.precision_cosine: float | None = None
-        self.precision_choice: PrecisionChoice | None = None  # set when a reduced precision was measured
+        self.precision_choice: PrecisionChoice | None = None  # the measurements, when candidates were timed
         self.max_tokens = CPU_TOKEN_BUDGET
         self.passages_encoded = 0  # how many inputs went through the network: lets callers count work
         self._lock = threading.Lock()  # the counter is shared by serving threads
