@@ -21,15 +21,17 @@ def embed(
     encoder_kind: Annotated[Literal["dpr", "mean"] | None, typer.Option(
         "--encoder-kind", help="dpr (pooler output) or mean (mean pooling).",
         show_default="settings: RAGINDEX_ENCODER_KIND")] = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise vectors (mean kind).")] = False,
-    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per passage.")] = 256,
+    normalize: Annotated[bool | None, typer.Option(
+        "--normalize/--no-normalize", help="L2-normalise (default: the model's own config).")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", min=8, help="Tokens per passage (default: the model's max_seq_length, else 256).")] = None,
     question_encoder: Annotated[str | None, typer.Option(
         "--question-encoder", help="Question encoder to record (default: the document encoder's pair).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Passages per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most passages per forward pass.")] = 64,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
-        "--precision", help="auto: bf16 (CPU) / fp16 (CUDA) when measured within tolerance of fp32.")] = "auto",
+        "--precision", help="auto: the fastest variant measured within tolerance of fp32.")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Run shards as Ray tasks: auto, ray://host:port, or local.")] = None,
     reuse_store: Annotated[str | None, typer.Option(

@@ -21,7 +21,9 @@ def refresh(
     store: StoreOption = None,
     encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
     encoder_kind: str = typer.Option(None, help="dpr or mean."),
-    normalize: bool = typer.Option(False, help="L2-normalise vectors (mean encoders)."),
+    normalize: bool | None = typer.Option(
+        None, "--normalize/--no-normalize", help="L2-normalise vectors (default: the model's own config)."
+    ),
     question_encoder: str = typer.Option(None, help="Question encoder paired with the document encoder."),
     index_spec: str = typer.Option(None, help="auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string."),
     memory_budget: str = typer.Option(None, help="Memory budget for the index, e.g. 16GiB."),

@@ -33,7 +33,7 @@ class RefreshParams(BaseModel):
     user_agent: str
     encoder: str
     encoder_kind: Literal["dpr", "mean"]
-    normalize: bool = False
+    normalize: bool | None = None  # None: the model's own sentence-transformers config, else off
     question_encoder: str | None = None
     index_spec: str
     memory_budget: str

@@ -51,6 +51,7 @@ class RefreshOutcome:
     validation: dict[str, Any] | None = None
     index: dict[str, Any] | None = None
     dump: dict[str, Any] | None = None
+    precision: dict[str, Any] | None = None  # the document encoder's measured precision choice
 
 
 # -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
@@ -156,7 +157,7 @@ def refresh_index(
     mirror: str | None = None,
     encoder: str | None = None,
     encoder_kind: str | None = None,
-    normalize: bool = False,
+    normalize: bool | None = None,
     question_encoder: str | None = None,
     index_spec: str | None = None,
     memory_budget: str | None = None,
@@ -303,6 +304,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
         status="built", version=version_id, reason="", counts=counts, skipped=manifest.skipped,
         validation=manifest.validation.model_dump() if manifest.validation else None,
         index=manifest.index.model_dump(), dump=ref.source().model_dump(),
+        precision=manifest.precision.model_dump() if manifest.precision else None,
     )
     if manifest.status != "ready":
         outcome.status, outcome.reason = "rejected", manifest.validation.reason if manifest.validation else ""
@@ -395,6 +397,10 @@ def _report(o: RefreshOutcome) -> None:
     if o.index:
         lines += ["", "## Index", "", f"- spec `{o.index.get('spec')}`, factory `{o.index.get('factory')}`,"
                   f" {o.index.get('bytes', 0):,} bytes, search params `{o.index.get('search_params')}`"]
+    if o.precision:
+        speeds = ", ".join(f"{k} {v:.1f}/s" for k, v in o.precision["passages_per_s"].items())
+        lines += ["", f"- **precision**: {o.precision['chosen']} (asked {o.precision['requested']}; cosine to "
+                  f"fp32 {o.precision['cosine']:.5f}; probe {speeds})"]
     if o.validation:
         lines += ["", f"## Validation: {'passed' if o.validation.get('passed') else 'FAILED'}", ""]
         if o.validation.get("reason"):

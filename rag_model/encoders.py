@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,17 +26,25 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from rag_model import precision as _precision
+from rag_model.batching import default_threads, largest_fitting, prefetch, token_budget_batches
+from rag_model.precision import MIN_PRECISION_COSINE, PRECISIONS, Timer
+from rag_model.st_config import SentenceTransformerConfig, read_st_config, resolve
 from storage.errors import RagindexError, first_line
 from storage.fs import file_digest
-from storage.manifest import EncoderFingerprint
+from storage.manifest import EncoderFingerprint, PrecisionChoice
 
 log = logging.getLogger(__name__)
 
+__all__ = ["MIN_PRECISION_COSINE", "PRECISIONS", "DocumentEncoder", "EncoderSpec", "QuestionEncoder",
+           "fingerprint_of", "load_document_encoder", "load_question_encoder", "paired_question_encoder"]
+
 PAIR_FILE = "ragindex_pair.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# A reduced precision is used only if its vectors stay this close to fp32 (mean cosine on a probe).
-MIN_PRECISION_COSINE = 0.999
+# Padded tokens per forward pass on CPU: big enough for efficient matmuls, small enough that the
+# attention scores of a long batch stay in cache-friendly sizes; a GPU measures its own.
+CPU_TOKEN_BUDGET = 8192
+TOKENIZE_GROUP = 512  # rows tokenized at once by the prefetch thread
 
 # Short, varied English text: enough to exercise attention over real lengths at load time.
 _PROBE = [
@@ -51,12 +59,6 @@ _PROBE = [
 ]
 
 
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
-
-
 class EncoderError(RagindexError):
     """A model that cannot be loaded as the requested kind of encoder."""
 
@@ -65,8 +67,9 @@ class EncoderError(RagindexError):
 class EncoderSpec:
     model: str  # HF id or local directory
     kind: Literal["dpr", "mean"] = "dpr"
-    normalize: bool = False  # L2-normalise (mean kind)
-    max_length: int = 256
+    # None: the model's own sentence-transformers config (mean kind), else False / 256.
+    normalize: bool | None = None  # L2-normalise
+    max_length: int | None = None
     revision: str | None = None
 
 
@@ -188,11 +191,29 @@ def _model_id(spec: EncoderSpec, directory: Path) -> str:
     return str(directory) if Path(spec.model).expanduser().is_dir() else spec.model
 
 
+@lru_cache(maxsize=64)
+def _conventions(directory: Path, kind: str, model: str, normalize: bool | None,
+                 max_length: int | None) -> tuple[str, bool, int]:
+    """(pooling, normalize, max_length): for the mean kind the model's sentence-transformers config
+    gives the defaults (pooling has no flag); DPR uses its pooler output. Cached: every shard asks,
+    and a contradicting flag is worth one warning, not one per shard."""
+    if kind == "dpr":
+        return "pooler", bool(normalize), max_length or 256
+    declared = read_st_config(directory)
+    pooling = declared.pooling or "mean"
+    if pooling not in ("mean", "cls", "max"):
+        raise EncoderError(f"encoder model {model}: pooling {pooling!r} in its sentence-transformers config "
+                           "is not supported (mean, cls or max)")
+    return (pooling, *resolve(declared, model, normalize, max_length))
+
+
 def fingerprint_of(spec: EncoderSpec) -> EncoderFingerprint:
     """The fingerprint of the vectors `spec` would produce, without running (or loading) the model."""
     directory, revision = _resolve_dir(spec.model, spec.revision)
     config = _load_config(directory, spec.model)
     _check_config(config, spec.kind, spec.model, "document")
+    pooling, normalize, max_length = _conventions(directory, spec.kind, spec.model, spec.normalize,
+                                                  spec.max_length)
     weights = _weight_files(directory)
     if not weights:
         raise EncoderError(f"encoder model {spec.model}: no weight files (*.safetensors / *.bin)")
@@ -201,9 +222,9 @@ def fingerprint_of(spec: EncoderSpec) -> EncoderFingerprint:
         revision=revision,
         weights_sha256=_sha256_files(tuple(str(p) for p in weights), _stat_signature(directory)),
         dim=_dim_of(config, spec.kind),
-        pooling="pooler" if spec.kind == "dpr" else "mean",
-        normalize=spec.normalize,
-        max_length=spec.max_length,
+        pooling=pooling,
+        normalize=normalize,
+        max_length=max_length,
         kind=spec.kind,
     )
 
@@ -266,49 +287,31 @@ def _load_weights(cls: Any, directory: Path, model: str) -> torch.nn.Module:
     return net
 
 
-def _cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _length_batches(lengths: np.ndarray, batch_size: int, max_waste: float = 0.125) -> list[np.ndarray]:
-    """Row indices in batches of similar token length, longest first (so memory peaks at once).
-
-    A batch closes when full, or when the next row would be padded by more than `max_waste` of the
-    batch's width: on a small shard with a wide spread of lengths, padding stays bounded.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        width = lengths[order[start]]
-        end = start + 1
-        while end < len(order) and end - start < batch_size and width - lengths[order[end]] <= max_waste * width:
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
+_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 
 
 class _Encoder:
-    """Tokenize (fast, batched), length-sort, pad per batch, forward, pool; output in input order."""
+    """Tokenize (fast, batched, in a prefetch thread), length-sort, pad per token-budget batch,
+    forward, pool; output in input order."""
 
     _pairs = True  # documents are (title, text) pairs; questions single sequences
     dim: int
 
-    def __init__(self, net: torch.nn.Module, tokenizer: Any, kind: str, normalize: bool, max_length: int,
+    def __init__(self, net: torch.nn.Module, tokenizer: Any, pooling: str, normalize: bool, max_length: int,
                  device: str) -> None:
         self.net = net
         self.tokenizer = tokenizer
-        self.kind = kind
+        self.pooling = pooling  # pooler (DPR) / mean / cls / max
         self.normalize = normalize
         self.max_length = max_length
         self.device = torch.device(device)
-        # fp32 | bf16 (weights and activations cast) | bf16-autocast | fp16-autocast
+        # fp32 | bf16 / fp16 (weights and activations cast) | bf16-autocast | fp16-autocast
         self.precision = "fp32"
         self._autocast: torch.dtype | None = None
         self.precision_cosine: float | None = None
+        self.precision_choice: PrecisionChoice | None = None  # the measurements, when candidates were timed
+        self.max_tokens = CPU_TOKEN_BUDGET
         self.passages_encoded = 0  # how many inputs went through the network: lets callers count work
         self._lock = threading.Lock()  # the counter is shared by serving threads
 
@@ -320,21 +323,58 @@ class _Encoder:
         return self.tokenizer(list(first), list(second), truncation=True, max_length=self.max_length)
 
     def _forward(self, net: torch.nn.Module, autocast: torch.dtype | None, ids: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, padded: bool = True) -> torch.Tensor:
         # No token_type_ids: the model's default, all zeros, is what DPR was trained with (its
         # generate_dense_embeddings passes zero segments) and what single-sequence sentence encoders saw.
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast or torch.float32,
                                                     enabled=autocast is not None):
-            out = net(input_ids=ids, attention_mask=mask)
-            if self.kind == "dpr":
+            # An all-ones mask changes nothing but keeps attention off its unmasked fast path.
+            out = net(input_ids=ids, attention_mask=mask if padded else None)
+            if self.pooling == "pooler":
                 vec = out.pooler_output.float()
             else:
                 hidden = out.last_hidden_state.float()
                 m = mask.unsqueeze(-1).to(hidden.dtype)
-                vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+                if self.pooling == "cls":
+                    vec = hidden[:, 0]
+                elif self.pooling == "max":  # sentence-transformers: padding set to -1e9 first
+                    vec = hidden.masked_fill(m == 0, -1e9).max(1).values
+                else:
+                    vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
             if self.normalize:
                 vec = torch.nn.functional.normalize(vec, dim=-1)
         return vec
+
+    def _batches(self, first: Sequence[str], second: Sequence[str] | None,
+                 max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(row indices, ids, mask) per batch, longest first.
+
+        Rows are ordered by character length (cheap, before tokenizing), then tokenized a group at a
+        time and cut into token-budget batches by their true token lengths, so tokenizing the next
+        group can overlap the forward pass of this one.
+        """
+        chars = np.fromiter((len(a) + (len(b) if second is not None else 0)
+                             for a, b in zip(first, second if second is not None else first, strict=True)),
+                            dtype=np.int64, count=len(first))
+        order = np.argsort(-chars, kind="stable")
+        pad_id = self.tokenizer.pad_token_id or 0
+        pin = self.device.type == "cuda"
+        for start in range(0, len(order), TOKENIZE_GROUP):
+            group = order[start:start + TOKENIZE_GROUP]
+            input_ids = self._tokenize([first[i] for i in group],
+                                       [second[i] for i in group] if second is not None else None)["input_ids"]
+            lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(group))
+            for idx in token_budget_batches(lengths, max_rows, self.max_tokens):
+                width = int(lengths[idx[0]])
+                ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+                mask = np.zeros((len(idx), width), dtype=np.int64)
+                for r, i in enumerate(idx):
+                    ids[r, :lengths[i]] = input_ids[i]
+                    mask[r, :lengths[i]] = 1
+                ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+                if pin:  # page-locked host memory: the copy to the GPU runs asynchronously
+                    ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+                yield group[idx], ids_t, mask_t
 
     def _run(self, first: Sequence[str], second: Sequence[str] | None, batch_size: int,
              on_batch: Callable[[int], None] | None = None,
@@ -346,18 +386,11 @@ class _Encoder:
             return out
         if batch_size < 1:
             raise RagindexError(f"batch size must be at least 1, got {batch_size}")
-        input_ids = self._tokenize(first, second)["input_ids"]
-        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=n)
-        pad_id = self.tokenizer.pad_token_id or 0
-        for idx in _length_batches(lengths, batch_size):
-            width = int(lengths[idx[0]])
-            ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for r, i in enumerate(idx):
-                ids[r, :lengths[i]] = input_ids[i]
-                mask[r, :lengths[i]] = 1
-            vec = self._forward(net, autocast, torch.from_numpy(ids).to(self.device),
-                                torch.from_numpy(mask).to(self.device))
+        # On a GPU the measured token budget alone sets the batch: the largest that fits.
+        max_rows = batch_size if self.device.type != "cuda" else self.max_tokens
+        for idx, ids, mask in prefetch(self._batches(first, second, max_rows)):
+            vec = self._forward(net, autocast, ids.to(self.device, non_blocking=True),
+                                mask.to(self.device, non_blocking=True), padded=bool((mask == 0).any()))
             out[idx] = vec.cpu().numpy()
             with self._lock:
                 self.passages_encoded += len(idx)
@@ -365,45 +398,65 @@ class _Encoder:
                 on_batch(len(idx))
         return out
 
-    def _choose_precision(self, requested: str) -> None:
-        """Use bf16 (CPU) / fp16 (CUDA) only where supported and measured close enough to fp32.
+    def _variant(self, name: str) -> tuple[torch.nn.Module, torch.dtype | None]:
+        if name in _CAST:
+            return copy.deepcopy(self.net).to(_CAST[name]), None
+        return self.net, _AUTOCAST.get(name)
 
-        On CPU the fastest variant is tried first: the whole network cast to bf16; then bf16
-        autocast (matmuls in bf16, the rest fp32). The first within tolerance wins, else fp32.
+    def with_precision(self, name: str) -> _Encoder:
+        """A copy running variant `name` (fp32, bf16, bf16-autocast, ...) as is, unmeasured: for
+        benchmarks that compare the variants. Call it on an fp32 encoder."""
+        if self.precision != "fp32":
+            raise RagindexError(f"with_precision needs an fp32 encoder, this one runs {self.precision}")
+        other = copy.copy(self)
+        other.net, other._autocast = self._variant(name)
+        other.precision, other.precision_cosine, other.precision_choice = name, None, None
+        other._lock = threading.Lock()
+        return other
+
+    def choose_precision(self, requested: str, timer: Timer | None = None) -> None:
+        """Run in the fastest precision whose probe vectors stay within tolerance of fp32.
+
+        Every candidate (fp32; bf16 cast and bf16 autocast on CPU; fp16 cast, fp16 and bf16
+        autocast on CUDA) is timed on the probe batch after a warm-up pass; `timer` replaces the
+        wall clock (tests inject timings through it).
         """
-        if requested not in PRECISIONS:
-            raise RagindexError(f"unsupported precision {requested!r}: use one of {', '.join(PRECISIONS)}")
-        if requested == "fp32":
-            return
         cuda = self.device.type == "cuda"
-        wanted = ("fp16" if cuda else "bf16") if requested == "auto" else requested
-        if not cuda and (wanted != "bf16" or not _cpu_supports_bf16()):
-            if requested != "auto":
-                log.warning("precision %s not supported on this CPU; using fp32", requested)
-            return
-        dtype = torch.float16 if wanted == "fp16" else torch.bfloat16
-        candidates: list[tuple[str, Callable[[], torch.nn.Module], torch.dtype | None]] = []
-        if not cuda:
-            candidates.append(("bf16", lambda: copy.deepcopy(self.net).to(torch.bfloat16), None))
-        candidates.append((f"{wanted}-autocast", lambda: self.net, dtype))
-        reference = self._probe((self.net, None))
-        for name, make_net, autocast in candidates:
-            net = make_net()
-            cosine = _mean_cosine(reference, self._probe((net, autocast)))
-            if cosine >= MIN_PRECISION_COSINE:
-                self.net, self._autocast, self.precision, self.precision_cosine = net, autocast, name, cosine
-                return
-            log.warning("%s vectors too far from fp32 (mean cosine %.5f < %s)", name, cosine, MIN_PRECISION_COSINE)
-        log.warning("using fp32")
+        names = _precision.candidates(requested, self.device.type,
+                                      cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+        if len(names) > 1:
+            built: dict[str, tuple[torch.nn.Module, torch.dtype | None]] = {}
 
-    def _probe(self, variant: tuple[torch.nn.Module, torch.dtype | None]) -> np.ndarray:
-        """Vectors of a fixed probe batch under one precision variant (not counted as work)."""
-        titles = [t for t, _ in _PROBE]
-        texts = [x for _, x in _PROBE]
-        first, second = (titles, texts) if self._pairs else ([f"{t}. {x}" for t, x in _PROBE], None)
+            def probe(name: str, rows: int = len(_PROBE)) -> np.ndarray:
+                if name not in built:
+                    built[name] = self._variant(name)
+                return self._probe(built[name], rows)
+
+            choice = _precision.choose(requested, names, probe, len(_PROBE), timer or _precision.wall_clock,
+                                       warm_up=lambda name: probe(name, 2))
+            self.net, self._autocast = built[choice.chosen]
+            self.precision, self.precision_cosine, self.precision_choice = choice.chosen, choice.cosine, choice
+            built.clear()  # drop the variants not chosen
+        if cuda:
+            self.max_tokens = largest_fitting(self._try_tokens, start=1 << 17, floor=self.max_length * 8)
+            log.info("GPU token budget: %d tokens per forward pass", self.max_tokens)
+
+    def _try_tokens(self, tokens: int) -> None:
+        """One forward pass of `tokens` tokens at full width, with 20% headroom for fragmentation."""
+        rows = max(1, int(tokens * 1.2) // self.max_length)
+        ids = torch.full((rows, self.max_length), self.tokenizer.pad_token_id or 0, dtype=torch.long,
+                         device=self.device)
+        self._forward(self.net, self._autocast, ids, torch.ones_like(ids))
+        torch.cuda.synchronize(self.device)
+
+    def _probe(self, variant: tuple[torch.nn.Module, torch.dtype | None], rows: int = len(_PROBE)) -> np.ndarray:
+        """Vectors of a fixed probe batch (its first `rows`) under one precision variant (not counted as work)."""
+        titles = [t for t, _ in _PROBE[:rows]]
+        texts = [x for _, x in _PROBE[:rows]]
+        first, second = (titles, texts) if self._pairs else ([f"{t}. {x}" for t, x in _PROBE[:rows]], None)
         vectors = self._run(first, second, batch_size=len(_PROBE), variant=variant)
         with self._lock:
-            self.passages_encoded -= len(_PROBE)
+            self.passages_encoded -= rows
         return vectors
 
 
@@ -412,7 +465,8 @@ class DocumentEncoder(_Encoder):
 
     def __init__(self, spec: EncoderSpec, fingerprint: EncoderFingerprint, net: torch.nn.Module, tokenizer: Any,
                  device: str) -> None:
-        super().__init__(net, tokenizer, spec.kind, spec.normalize, spec.max_length, device)
+        # The fingerprint holds the conventions as resolved (flags over the model's own config).
+        super().__init__(net, tokenizer, fingerprint.pooling, fingerprint.normalize, fingerprint.max_length, device)
         self.spec = spec
         self.fingerprint = fingerprint
         self.dim = fingerprint.dim
@@ -434,8 +488,9 @@ class QuestionEncoder(_Encoder):
     _pairs = False
 
     def __init__(self, model_id: str, kind: str, net: torch.nn.Module, tokenizer: Any, dim: int,
-                 normalize: bool, max_length: int, device: str) -> None:
-        super().__init__(net, tokenizer, kind, normalize, max_length, device)
+                 normalize: bool, max_length: int, device: str, pooling: str | None = None) -> None:
+        pooling = pooling or ("pooler" if kind == "dpr" else "mean")
+        super().__init__(net, tokenizer, pooling, normalize, max_length, device)
         self.model_id = model_id
         self.dim = dim
 
@@ -449,9 +504,13 @@ class QuestionEncoder(_Encoder):
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise RagindexError(f"threads must be at least 1, got {threads}")
+    """Intra-op threads as given, else the physical cores: a hyperthread sibling shares the core's
+    vector units, so matmuls gain nothing from it and lose to the extra synchronisation."""
+    if threads is None:
+        threads = default_threads(torch.get_num_threads())
+    if threads < 1:
+        raise RagindexError(f"threads must be at least 1, got {threads}")
+    if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
 
 
@@ -465,19 +524,30 @@ def _check_device(device: str) -> None:
 
 
 def load_document_encoder(spec: EncoderSpec, device: str = "cpu", precision: str = "auto",
-                          threads: int | None = None) -> DocumentEncoder:
-    """Load (once per process and weights on disk) the frozen document encoder for `spec`."""
+                          threads: int | None = None, timer: Timer | None = None) -> DocumentEncoder:
+    """Load (once per process and weights on disk) the frozen document encoder for `spec`.
+
+    `timer` replaces the wall clock that times the precision candidates; an encoder loaded with
+    one is not cached (it is for tests of the choice).
+    """
     _set_threads(threads)
     _check_device(device)
     if precision not in PRECISIONS:
         raise RagindexError(f"unsupported precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     fingerprint = fingerprint_of(spec)  # validates the model first; cheap after the first call
+    if timer is not None:
+        return _build_document_encoder(spec, device, precision, fingerprint, timer)
     return _cached_document_encoder(spec, device, precision, fingerprint)
 
 
 @lru_cache(maxsize=4)
 def _cached_document_encoder(spec: EncoderSpec, device: str, precision: str,
                              fingerprint: EncoderFingerprint) -> DocumentEncoder:
+    return _build_document_encoder(spec, device, precision, fingerprint, None)
+
+
+def _build_document_encoder(spec: EncoderSpec, device: str, precision: str, fingerprint: EncoderFingerprint,
+                            timer: Timer | None) -> DocumentEncoder:
     directory, _ = _resolve_dir(spec.model, spec.revision)
     tokenizer = _load_tokenizer(directory, spec.model)
     if spec.kind == "dpr":
@@ -486,22 +556,26 @@ def _cached_document_encoder(spec: EncoderSpec, device: str, precision: str,
         from transformers import AutoModel as cls
     net = _load_weights(cls, directory, spec.model).to(device)
     encoder = DocumentEncoder(spec, fingerprint, net, tokenizer, device)
-    encoder._choose_precision(precision)
+    encoder.choose_precision(precision, timer)
     log.info("document encoder %s: dim %d, %s on %s", fingerprint.model_id, encoder.dim, encoder.precision,
              device)
     return encoder
 
 
-def load_question_encoder(model: str, kind: str = "dpr", normalize: bool = False, max_length: int = 256,
+def load_question_encoder(model: str, kind: str = "dpr", normalize: bool | None = None, max_length: int | None = None,
                           device: str = "cpu") -> QuestionEncoder:
-    """Load (once per process and weights on disk) the question encoder; fp32, questions are few."""
+    """Load (once per process and weights on disk) the question encoder; fp32, questions are few.
+
+    Callers pass the document side's fingerprint values; None means the model's own
+    sentence-transformers config (mean kind), else no normalisation and 256 tokens.
+    """
     _check_device(device)
     directory, _ = _resolve_dir(model, None)
     return _cached_question_encoder(model, kind, normalize, max_length, device, _stat_signature(directory))
 
 
 @lru_cache(maxsize=4)
-def _cached_question_encoder(model: str, kind: str, normalize: bool, max_length: int, device: str,
+def _cached_question_encoder(model: str, kind: str, normalize: bool | None, max_length: int | None, device: str,
                              signature: tuple) -> QuestionEncoder:
     directory, _ = _resolve_dir(model, None)
     config = _load_config(directory, model)
@@ -513,4 +587,11 @@ def _cached_question_encoder(model: str, kind: str, normalize: bool, max_length:
         from transformers import AutoModel as cls
     net = _load_weights(cls, directory, model).to(device)
     model_id = str(directory) if Path(model).expanduser().is_dir() else model
-    return QuestionEncoder(model_id, kind, net, tokenizer, _dim_of(config, kind), normalize, max_length, device)
+    # The question side of a symmetric encoder pools as the model declares, and defaults to its
+    # declared normalisation and length; no warning here, the document side warned already.
+    declared = read_st_config(directory) if kind == "mean" else SentenceTransformerConfig()
+    pooling = declared.pooling
+    normalize = bool(declared.normalize) if normalize is None else normalize
+    max_length = max_length or declared.max_length or 256
+    return QuestionEncoder(model_id, kind, net, tokenizer, _dim_of(config, kind), normalize, max_length, device,
+                           pooling=pooling)

@@ -38,7 +38,7 @@ class EncoderFingerprint(BaseModel):
     revision: str | None = None
     weights_sha256: str
     dim: int
-    pooling: Literal["pooler", "mean", "cls"]
+    pooling: Literal["pooler", "mean", "cls", "max"]
     normalize: bool = False
     max_length: int
     kind: Literal["dpr", "mean"]
@@ -49,6 +49,22 @@ class EncoderFingerprint(BaseModel):
         relevant = self.model_dump(exclude={"model_id", "revision"})
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class PrecisionChoice(BaseModel):
+    """The numeric precision the document encoder ran in, and the probe measurements that chose it.
+
+    Deliberately outside EncoderFingerprint.key: a reduced precision is used only when its vectors
+    stay within a cosine tolerance of fp32, so they are interchangeable with fp32 ones, and the
+    choice depends on the machine's measured speed: keying on it would make reuse and up-to-date
+    checks depend on which host (or how loaded a host) ran the embed.
+    """
+
+    requested: str  # auto / fp32 / bf16 / fp16
+    chosen: str  # fp32 / bf16 / bf16-autocast / fp16 / fp16-autocast
+    cosine: float  # mean cosine of the chosen variant's probe vectors to fp32's
+    passages_per_s: dict[str, float] = Field(default_factory=dict)  # every measured candidate, on the probe
+    cosines: dict[str, float] = Field(default_factory=dict)
 
 
 class IndexInfo(BaseModel):
@@ -77,6 +93,7 @@ class Manifest(BaseModel):
     source: SourceDump
     encoder: EncoderFingerprint
     question_encoder: str | None = None  # id or path of the question encoder paired with `encoder`
+    precision: PrecisionChoice | None = None  # how `encoder` ran (not part of its fingerprint)
     index: IndexInfo
     counts: dict[str, int] = Field(default_factory=dict)
     skipped: dict[str, int] = Field(default_factory=dict)

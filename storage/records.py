@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from storage.errors import RagindexError
 from storage.fs import load_json, to_url
-from storage.manifest import EncoderFingerprint, SourceDump
+from storage.manifest import EncoderFingerprint, PrecisionChoice, SourceDump
 
 R = TypeVar("R", bound="Record")
 
@@ -107,6 +107,7 @@ class EmbeddedShard(Record):
     skipped: bool = False  # already embedded by an earlier run
     sha256: str
     seconds: float
+    precision: PrecisionChoice | None = None  # how the encoder ran, where this shard encoded anything
 
 
 class EmbeddingsSummary(Record):
@@ -121,3 +122,4 @@ class EmbeddingsSummary(Record):
     skipped_shards: int = 0
     shards: list[ShardEntry] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    precision: PrecisionChoice | None = None  # how the encoder ran where it measured a choice

@@ -286,6 +286,7 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
         vectors[found] = reused_vectors[found]
         todo = ~found
     n_todo = int(todo.sum())
+    measured = None
     if n_todo:
         encoder = load_document_encoder(spec, device=device, precision=precision, threads=threads)
         if encoder.dim != dim:
@@ -301,6 +302,7 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
                     encoder_calls(n)
 
             vectors[idx] = encoder.encode(titles, texts, batch_size=batch_size, on_batch=on_batch)
+        measured = encoder.precision_choice.model_dump() if encoder.precision_choice else None
     if not np.isfinite(vectors).all():
         raise EmbedError(f"encoder {spec.model} produced non-finite vectors for {name}")
 
@@ -313,7 +315,7 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
                                encoded=n_todo, reused=rows - n_todo, sha256=npy_sha)
     _write_json(out_fs, sidecar_path, sidecar.dump())
     return {"name": layout.embedding_shard(name), "rows": rows, "dim": dim, "encoded": n_todo,
-            "reused": rows - n_todo, "skipped": False, "sha256": npy_sha}
+            "reused": rows - n_todo, "skipped": False, "sha256": npy_sha, "precision": measured}
 
 
 # -- all shards ---------------------------------------------------------------------------------------
@@ -369,6 +371,8 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
         skipped_shards=sum(1 for r in records if r.skipped),
         shards=[ShardEntry(name=r.name, rows=r.rows, sha256=r.sha256) for r in records],
         timings={"embed_s": round(seconds, 3)},
+        # How the encoder ran where it measured a choice (per process: shards of one run agree).
+        precision=next((r.precision for r in records if r.precision), None),
     ).dump()
     _write_json(fs, join(root, layout.EMBEDDINGS_SUMMARY), summary)
     return summary

@@ -72,6 +72,7 @@ def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[st
         source=passages.source,
         encoder=embeddings.fingerprint,
         question_encoder=embeddings.question_encoder,
+        precision=embeddings.precision,
         index=index,
         counts=counts,
         skipped=dict(passages.articles.skipped),

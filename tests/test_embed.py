@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder
+from storage import layout
 from storage.errors import RagindexError
 from storage.layout import PASSAGE_SCHEMA
 from storage.manifest import IndexInfo, Manifest, SourceDump
@@ -209,10 +210,13 @@ def test_ray_shards_give_the_same_vectors_as_the_local_path(tmp_path, spec):
     n = len(write_passages(tmp_path / "count", articles, shard_rows=1000))
     write_passages(tmp_path / "passages", articles, shard_rows=(n + 1) // 2)
     assert len(list((tmp_path / "passages").glob("*.parquet"))) == 2
-    local = embed_passages(str(tmp_path / "passages"), str(tmp_path / "local"), spec, progress=False)
+    # One fixed precision: `auto` measures speed in each process and may choose differently.
+    local = embed_passages(str(tmp_path / "passages"), str(tmp_path / "local"), spec, progress=False,
+                           precision="fp32")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        remote = embed_passages(str(tmp_path / "passages"), str(tmp_path / "ray"), spec, ray_address="local")
+        remote = embed_passages(str(tmp_path / "passages"), str(tmp_path / "ray"), spec, ray_address="local",
+                                precision="fp32")
         # A failure inside a Ray task still reaches the caller as one clear line.
         (tmp_path / "bad").mkdir()
         pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
@@ -317,3 +321,42 @@ def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
           "--reuse-store", str(tmp_path / "store"), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert (summary["encoded"], summary["reused"]) == (1, len(rows) - 1)
+
+
+def test_the_measured_precision_choice_reaches_the_summary_and_the_manifest(tmp_path, tiny_dpr):
+    from tasks import validate
+
+    spec = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "enc", "ctx", seed=11)))  # not cached yet
+    write_passages(tmp_path / "p", make_articles(6))
+    summary = embed_passages(str(tmp_path / "p"), str(tmp_path / "emb"), spec, progress=False, precision="auto")
+    choice = summary["precision"]
+    assert choice["requested"] == "auto" and set(choice["passages_per_s"]) == {"fp32", "bf16", "bf16-autocast"}
+    assert choice["chosen"] in choice["passages_per_s"] and choice["cosines"]["fp32"] == 1.0
+    # The fingerprint (and so reuse) does not depend on the choice.
+    assert summary["fingerprint"] == fingerprint_of(spec).model_dump(mode="json")
+    assert "precision" not in json.loads((tmp_path / "emb" / "part-00000.json").read_text())
+    fp32 = embed_passages(str(tmp_path / "p"), str(tmp_path / "fp32"), spec, progress=False, precision="fp32")
+    assert fp32["precision"] is None  # nothing was measured
+    store = IndexStore(str(tmp_path / "store"))
+    vid = store.begin_version("enwiki", "20240101")
+    passages_summary = {"source": {"wiki": "enwiki", "dump_date": "20240101"}, "passages": summary["rows"]}
+    summaries = ((layout.PASSAGES_SUMMARY_PATH, passages_summary), (layout.EMBEDDINGS_SUMMARY_PATH, summary))
+    for relpath, record in summaries:
+        target = Path(store.version_path(vid, relpath))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(record))
+    draft = validate.draft_manifest(store, vid, index=IndexInfo(spec="flat", factory="Flat", dim=32), timings={},
+                                    parent=None)
+    assert draft.precision is not None and draft.precision.chosen == choice["chosen"]
+    assert Manifest.model_validate_json(draft.to_json()).precision == draft.precision
+
+
+def test_cli_embed_takes_normalisation_from_the_model(tmp_path, minilm_dir, capsys):
+    from cli.main import main
+
+    write_passages(tmp_path / "p", make_articles(3))
+    main(["embed", "--passages", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--encoder", str(minilm_dir),
+          "--encoder-kind", "mean", "--precision", "fp32", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fingerprint"]["normalize"] is True and summary["fingerprint"]["max_length"] == 256
+    np.testing.assert_allclose(np.linalg.norm(load_vectors(tmp_path / "out"), axis=1), 1.0, atol=1e-5)

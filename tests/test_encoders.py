@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -12,14 +13,13 @@ import torch
 from rag_model.encoders import (
     MIN_PRECISION_COSINE,
     EncoderSpec,
-    _cpu_supports_bf16,
     fingerprint_of,
     load_document_encoder,
     load_question_encoder,
     paired_question_encoder,
 )
 from storage.errors import RagindexError
-from tests.fixtures.models import save_tiny_dpr_encoder
+from tests.fixtures.models import save_tiny_dpr_encoder, tiny_vocab, write_vocab
 
 TITLES = ["Paris", "Jazz", "Chess", "Moon", "Python"]
 TEXTS = [
@@ -91,7 +91,7 @@ def test_long_text_is_truncated_to_max_length_keeping_the_title(dpr):
 def test_mean_pooling_over_the_attention_mask(minilm_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    encoder = load_document_encoder(EncoderSpec(str(minilm_dir), kind="mean"), precision="fp32")
+    encoder = load_document_encoder(EncoderSpec(str(minilm_dir), kind="mean", normalize=False), precision="fp32")
     assert encoder.dim == 384 and encoder.fingerprint.pooling == "mean"
     got = encoder.encode(TITLES[:2], TEXTS[:2], batch_size=2)  # padded: the short one has masked positions
     tok = AutoTokenizer.from_pretrained(minilm_dir)
@@ -156,10 +156,10 @@ def test_encoders_are_loaded_once_per_process(tiny_dpr):
     assert load_question_encoder(str(tiny_dpr.question_dir)) is load_question_encoder(str(tiny_dpr.question_dir))
 
 
-@pytest.mark.skipif(not _cpu_supports_bf16(), reason="this CPU has no bf16 support")
 def test_bf16_stays_within_tolerance_of_fp32(tiny_dpr, minilm_dir):
+    # Asked for explicitly: `auto` may rightly prefer fp32 where bf16 is slower (see the tests below).
     for spec in (EncoderSpec(str(tiny_dpr.ctx_dir)), EncoderSpec(str(minilm_dir), kind="mean")):
-        auto = load_document_encoder(spec, precision="auto")
+        auto = load_document_encoder(spec, precision="bf16")
         assert auto.precision.startswith("bf16") and auto.precision_cosine >= MIN_PRECISION_COSINE
         exact = load_document_encoder(spec, precision="fp32")
         assert exact.precision == "fp32"
@@ -241,11 +241,11 @@ def test_save_helper_builds_projected_dpr(tmp_path):
 
 
 def test_length_batches_cover_every_row_once_with_bounded_padding():
-    from rag_model.encoders import _length_batches
+    from rag_model.batching import token_budget_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 257, size=500)
-    batches = _length_batches(lengths, batch_size=64)
+    batches = token_budget_batches(lengths, max_rows=64, max_tokens=1 << 30)
     rows = np.concatenate(batches)
     assert sorted(rows.tolist()) == list(range(500))
     assert max(len(b) for b in batches) == 64
@@ -254,3 +254,214 @@ def test_length_batches_cover_every_row_once_with_bounded_padding():
         assert width == lengths[b].max() and (width - lengths[b]).max() <= 0.125 * width
     # Longest first: the first batch holds the longest rows.
     assert lengths[batches[0][0]] == lengths.max()
+
+
+def test_batches_are_cut_by_token_budget():
+    from rag_model.batching import token_budget_batches
+
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(100, 257, size=300), np.full(200, 10)])
+    batches = token_budget_batches(lengths, max_rows=10_000, max_tokens=2048)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    padded = [len(b) * int(lengths[b[0]]) for b in batches]
+    assert max(padded) <= 2048
+    # Short rows pack many to a batch, long rows few: rows per batch follow the token budget.
+    assert len(batches[0]) == 2048 // lengths.max() and len(batches[-1]) == 200
+    assert token_budget_batches(np.array([3000, 10]), max_rows=8, max_tokens=2048)[0].tolist() == [0]
+
+
+def test_prefetch_yields_in_order_and_raises_the_producers_error():
+    from rag_model.batching import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("tokenizer broke")
+
+    got = []
+    with pytest.raises(ValueError, match="tokenizer broke"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_encoding_overlaps_tokenizing_in_another_thread(dpr):
+    import threading
+
+    seen = set()
+    tokenize = dpr._tokenize
+
+    def spy(first, second):
+        seen.add(threading.current_thread().name)
+        return tokenize(first, second)
+
+    dpr._tokenize = spy
+    try:
+        dpr.encode(TITLES, TEXTS)
+    finally:
+        del dpr._tokenize
+    assert seen == {"encoder-prefetch"}
+
+
+def test_threads_default_to_the_physical_cores():
+    import os
+
+    from rag_model.batching import default_threads, physical_cores
+
+    cores = physical_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    assert default_threads(64) == cores and default_threads(1) == 1  # never above what the env set
+
+
+# -- precision: measured speed and accuracy --------------------------------------------------------
+
+
+def _fake_timer(seconds: dict[str, float], perturb: str = ""):
+    """Runs the real probe, reports the given seconds; `perturb` candidates get bent vectors."""
+    calls = []
+
+    def timer(name, run):
+        calls.append(name)
+        vectors = run()
+        if name.startswith(perturb) and perturb:
+            vectors = vectors + np.random.default_rng(0).normal(size=vectors.shape).astype(np.float32)
+        return vectors, seconds[name]
+
+    return timer, calls
+
+
+def test_auto_keeps_fp32_when_the_reduced_precision_is_slower(tiny_dpr):
+    # This CPU's case (and the issue's Xeon's): bf16 emulated, about 4x slower than fp32.
+    timer, calls = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9})
+    encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
+    assert calls == ["fp32", "bf16", "bf16-autocast"]
+    assert encoder.precision == "fp32" and encoder.net.dtype == torch.float32 and encoder._autocast is None
+    choice = encoder.precision_choice
+    assert choice.chosen == "fp32" and choice.cosine == 1.0
+    assert choice.passages_per_s == {"fp32": 8.0, "bf16": 2.0, "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3)}
+    assert min(choice.cosines.values()) >= MIN_PRECISION_COSINE  # refused for speed, not accuracy
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.97, "bf16-autocast": 1.2})  # within timing noise
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer).precision == "fp32"
+
+
+def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.4, "bf16-autocast": 0.5})
+    encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
+    assert encoder.precision == "bf16" and encoder.net.dtype == torch.bfloat16
+    assert encoder.precision_choice.passages_per_s["bf16"] == 20.0
+    exact = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="fp32")
+    low, ref = encoder.encode(TITLES, TEXTS), exact.encode(TITLES, TEXTS)
+    assert not np.array_equal(low, ref)  # the chosen variant is what really runs
+
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.6, "bf16-autocast": 0.5})
+    encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
+    assert encoder.precision == "bf16-autocast" and encoder._autocast == torch.bfloat16
+
+
+def test_auto_refuses_a_faster_precision_outside_tolerance(tiny_dpr, caplog):
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.2, "bf16-autocast": 0.3}, perturb="bf16")
+    with caplog.at_level(logging.WARNING):
+        encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
+    assert encoder.precision == "fp32"
+    assert max(v for k, v in encoder.precision_choice.cosines.items() if k != "fp32") < MIN_PRECISION_COSINE
+    assert "too far from fp32" in caplog.text
+    # Asked for bf16 explicitly: honoured when within tolerance even if slower, refused when not.
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.0})
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="bf16",
+                                 timer=timer).precision == "bf16-autocast"
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.2, "bf16-autocast": 0.3}, perturb="bf16")
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="bf16",
+                                 timer=timer).precision == "fp32"
+
+
+def test_cuda_candidates_and_the_largest_batch_that_fits():
+    from rag_model.batching import largest_fitting
+    from rag_model.precision import candidates
+
+    assert candidates("auto", "cuda") == ["fp32", "fp16", "fp16-autocast"]
+    assert candidates("auto", "cuda", cuda_bf16=True)[-1] == "bf16-autocast"
+    assert candidates("auto", "cpu") == ["fp32", "bf16", "bf16-autocast"]
+    assert candidates("fp16", "cpu") == ["fp32"] and candidates("fp32", "cuda") == ["fp32"]
+    tried = []
+
+    def forward(tokens):  # stands in for the GPU: 20k tokens fit, more do not
+        tried.append(tokens)
+        if tokens > 20_000:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert largest_fitting(forward, start=1 << 17, floor=256) == 16384
+    assert tried == [131072, 65536, 32768, 16384]
+
+
+# -- sentence-transformers conventions ------------------------------------------------------------
+
+
+def test_minilm_defaults_come_from_its_sentence_transformers_config(minilm_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        default = fingerprint_of(EncoderSpec(str(minilm_dir), kind="mean"))
+    assert (default.pooling, default.normalize, default.max_length) == ("mean", True, 256)
+    assert default.key == fingerprint_of(EncoderSpec(str(minilm_dir), kind="mean", normalize=True)).key
+    assert "sentence-transformers" not in caplog.text  # agreeing with the model is silent
+    unit = load_document_encoder(EncoderSpec(str(minilm_dir), kind="mean"), precision="fp32").encode(TITLES, TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        raw = fingerprint_of(EncoderSpec(str(minilm_dir), kind="mean", normalize=False, max_length=128))
+    assert (raw.normalize, raw.max_length) == (False, 128)  # the explicit flags win ...
+    lines = [r.getMessage() for r in caplog.records if "sentence-transformers" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)  # ... with one line each
+    assert "normalisation" in lines[0] and "max_seq_length 256" in lines[1]
+
+
+def _save_st_bert(directory, pooling: str, normalize: bool, max_seq_length: int):
+    """A tiny BERT saved the way sentence-transformers saves a model, declaring its conventions."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(write_vocab(directory)), do_lower_case=True)
+    torch.manual_seed(3)
+    BertModel(BertConfig(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    flags = {f"pooling_mode_{m}": m.startswith(pooling) for m in ("cls_token", "mean_tokens", "max_tokens")}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return directory
+
+
+def test_a_model_declaring_cls_pooling_and_no_normalisation(tmp_path, minilm_dir, caplog):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = _save_st_bert(tmp_path / "st", pooling="cls", normalize=False, max_seq_length=16)
+    encoder = load_document_encoder(EncoderSpec(str(model), kind="mean"), precision="fp32")
+    fp = encoder.fingerprint
+    assert (fp.pooling, fp.normalize, fp.max_length) == ("cls", False, 16)
+    got = encoder.encode(TITLES[:2], TEXTS[:2])
+    tok, net = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+    for i in range(2):
+        enc = tok(TITLES[i], TEXTS[i], return_tensors="pt", truncation=True, max_length=16)
+        assert enc["input_ids"].shape[1] <= 16
+        with torch.inference_mode():
+            cls = net(input_ids=enc["input_ids"]).last_hidden_state[0, 0]
+        np.testing.assert_allclose(got[i], cls.numpy(), atol=1e-4)
+    assert not np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-2)  # not normalised
+    question = load_question_encoder(str(model), kind="mean")
+    assert (question.pooling, question.normalize, question.max_length) == ("cls", False, 16)
+    minilm_question = load_question_encoder(str(minilm_dir), kind="mean")
+    assert (minilm_question.pooling, minilm_question.normalize, minilm_question.max_length) == ("mean", True, 256)
+    with caplog.at_level(logging.WARNING):
+        flagged = fingerprint_of(EncoderSpec(str(model), kind="mean", normalize=True))
+    assert flagged.normalize is True and flagged.key != fp.key
+    assert sum("has no normalisation; --normalize overrides it" in r.getMessage() for r in caplog.records) == 1
+    # DPR models are not sentence-transformers models: nothing read, the old defaults stay.
+    (tmp_path / "other").mkdir()
+    max_pool = _save_st_bert(tmp_path / "other" / "st", pooling="max", normalize=True, max_seq_length=32)
+    assert fingerprint_of(EncoderSpec(str(max_pool), kind="mean")).pooling == "max"
+    assert load_document_encoder(EncoderSpec(str(max_pool), kind="mean"), precision="fp32").encode(
+        ["a"], ["b"]).shape == (1, 32)
