@@ -4,9 +4,8 @@ and the store ends up holding the version an uninterrupted run builds, promoted,
 The refresh runs in a child python process against the session's Prefect server (forked by a launcher
 that did the imports once); the parent watches the store for the first sign of each step (a file
 appearing or going) and SIGKILLs the child's process group the moment it sees it. The re-run
-happens in this process. Versions are compared by
-what they hold: the sha256 of every data file and the summaries without their timings and run
-counters (what a run did, not what the version is).
+happens in this process. Versions are compared by what they hold: the sha256 of every data file and
+the summaries without their timings and run counters (what a run did, not what the version is).
 
 The killed child leaves the store's build lock behind; the re-run takes it because the store breaks
 a lock whose holder is a dead process on this host (the child is reaped before the re-run starts).
@@ -255,7 +254,7 @@ def test_only_a_version_never_promoted_is_owed_its_promote(tmp_path):
 
     first, second = version(0, promote=True), version(1, promote=True)
     committed = version(2, promote=False)  # as a run killed between commit and promote leaves it
-    store.rollback()  # the operator goes back to `first`
+    store.rollback(first)  # the operator goes back
     current, history = store.current(), store.history()
     assert current.version == first
     assert not promote_unfinished(current, history, first)  # CURRENT: up to date
