@@ -35,6 +35,7 @@ from storage.errors import RagindexError, Rejected, first_line
 from storage.fs import file_digest, is_temp_name, join, resolve
 from storage.manifest import HistoryEntry, IndexInfo, Manifest, Pointer
 from storage.names import check_file_name
+from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
@@ -242,6 +243,8 @@ def _existing(p: RefreshParams, stage: list[str], timings: dict[str, float], sto
             current = store.current()  # again, under the lock: another run may have finished it meanwhile
             owed = promote_unfinished(current, store.history(), version_id)
             if owed:
+                # A kill inside commit_version, after the manifest, leaves the staging marker beside it.
+                delete_json(store.fs, store.version_path(version_id, layout.STAGING_MARKER))
                 with _step(stage, timings, "promote"):
                     promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}, unfinished promote",
                                  expected_generation=current.generation if current else 0)
