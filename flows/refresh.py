@@ -5,13 +5,19 @@ a small record. Shard tasks (one per parse unit, one per embedding shard) are ca
 (the input's checksum, the parameters and the code version) with results persisted in the store,
 and a re-run of a crashed build resumes into the same staging version, so nothing finished is
 computed twice.
+
+A run may be killed at any moment; the next one finishes the same version. A cached result is
+trusted only while the files it names still hold the sha256 it carries (else that unit or shard is
+computed again), half-written temp files of the killed run are removed from the staging version
+before it is resumed, and a committed version whose promote never happened is promoted (the rule:
+`promote_unfinished`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -27,8 +33,11 @@ from flows.settings import load_settings
 from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import RagindexError, Rejected, first_line
-from storage.manifest import IndexInfo, Manifest
-from storage.records import EmbeddedShard, PassagesSummary
+from storage.fs import file_digest, is_temp_name, join, resolve
+from storage.manifest import HistoryEntry, IndexInfo, Manifest, Pointer
+from storage.names import check_file_name
+from storage.pointer import delete_json
+from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
 from tasks import build_index, download, embed, passages, promote, validate
@@ -134,8 +143,9 @@ def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, flo
 
 
 @task(name="promote")
-def promote_task(version_id: str, p: RefreshParams, reason: str) -> str:
-    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason)
+def promote_task(version_id: str, p: RefreshParams, reason: str, expected_generation: int | None = None) -> str:
+    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason,
+                                      expected_generation=expected_generation)
     emit_event(
         "ragindex.index.promoted",
         resource={"prefect.resource.id": f"ragindex.version.{version_id}"},
@@ -216,11 +226,7 @@ def _build_version(p: RefreshParams, stage: list[str]) -> dict:
                                             for f, sha1 in zip(published.files, dump_sha1, strict=True)])
             existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
         if existing and not p.force:
-            outcome = RefreshOutcome(
-                status="up-to-date", version=existing, current=_current(store),
-                reason=f"version {existing} already holds this dump, encoder and index spec",
-                dump=ref.source().model_dump(),
-            )
+            outcome = _existing(p, stage, timings, store, existing, ref)
         else:
             with _step(stage, timings, "download"):
                 # Verified against what the source published: a sha1 computed above needs no second pass.
@@ -229,6 +235,50 @@ def _build_version(p: RefreshParams, stage: list[str]) -> dict:
     outcome.timings = timings
     _report(outcome)
     return asdict(outcome)
+
+
+def _existing(p: RefreshParams, stage: list[str], timings: dict[str, float], store: IndexStore, version_id: str,
+              ref: download.DumpRef) -> RefreshOutcome:
+    """A ready version already holds this dump, encoder and index spec: promote it if it is still owed
+    its promote (`promote_unfinished`), else the run is up to date."""
+    holds = f"version {version_id} already holds this dump, encoder and index spec"
+    owed = promote_unfinished(store.current(), store.history(), version_id)
+    if owed and p.promote:
+        stage[0] = "lock"
+        with store.build_lock(owner=f"refresh-index:promote:{version_id}"):
+            current = store.current()  # again, under the lock: another run may have finished it meanwhile
+            owed = promote_unfinished(current, store.history(), version_id)
+            if owed:
+                # A kill inside commit_version, after the manifest, leaves the staging marker beside it.
+                delete_json(store.fs, store.version_path(version_id, layout.STAGING_MARKER))
+                with _step(stage, timings, "promote"):
+                    promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}, unfinished promote",
+                                 expected_generation=current.generation if current else 0)
+                return RefreshOutcome(status="promoted", version=version_id, current=_current(store),
+                                      reason=f"{holds} and was never promoted: promoted it",
+                                      dump=ref.source().model_dump())
+    current = _current(store)
+    if current != version_id:
+        holds += ("; not promoted (promote=false)" if owed else
+                  f"; CURRENT is {current}, which replaced it on purpose, so it is not promoted again")
+    return RefreshOutcome(status="up-to-date", version=version_id, current=current, reason=holds,
+                          dump=ref.source().model_dump())
+
+
+def promote_unfinished(current: Pointer | None, history: list[HistoryEntry], version_id: str) -> bool:
+    """Whether a ready version, that a run finds already holding what it was asked to build, is owed its promote.
+
+    The rule: a version CURRENT names is up to date. Otherwise, when CURRENT is absent, or the history
+    never shows the version becoming CURRENT, a run committed it and stopped before promoting (killed
+    between commit and promote, or run with promote=false): promoting it now is what an uninterrupted
+    run asked to promote does. A version that was CURRENT once and is not now was moved away from on
+    purpose (a rollback, or a later promote): it is never re-promoted behind the operator's back.
+    """
+    if current is None:
+        return True
+    if current.version == version_id:
+        return False
+    return all(entry.to_version != version_id for entry in history)
 
 
 @contextmanager
@@ -256,13 +306,17 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
             work_dir = store.version_url(version_id, layout.WORK_DIR)
             progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
-            futures = [
-                parse_unit_task.with_options(result_storage=results_at).submit(
-                    unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION, p.s3_endpoint_url
-                )
-                for unit in units
-            ]
-            unit_results = _gather(futures, progress)
+            parse_one = parse_unit_task.with_options(result_storage=results_at)
+
+            def parse(i: int, refresh: bool = False) -> Any:
+                runs = parse_one.with_options(refresh_cache=True) if refresh else parse_one
+                unit = units[i]
+                return runs.submit(unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION,
+                                   p.s3_endpoint_url)
+
+            futures = [parse(i) for i in range(len(units))]
+            unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, p.s3_endpoint_url),
+                                   lambda i: parse(i, refresh=True))
             passages_url = store.version_url(version_id, layout.PASSAGES_DIR)
             summary = PassagesSummary.load(assemble_task(unit_results, passages_url, ref, p), "passages summary")
 
@@ -272,17 +326,25 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
             progress = create_progress_artifact(0.0, description=f"embedding {len(summary.shards)} shards")
             embed_one = embed_shard_task.with_options(result_storage=results_at)
-            futures = []
-            for shard in summary.shards:
-                fut = embed_one.submit(
+
+            def embed_at(i: int, refresh: bool = False) -> Any:
+                runs = embed_one.with_options(refresh_cache=True) if refresh else embed_one
+                shard = summary.shards[i]
+                return runs.submit(
                     f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
                     reuse_from, p.batch_size, CODE_VERSION, p.s3_endpoint_url,
                 )
+
+            futures = []
+            for i in range(len(summary.shards)):
+                fut = embed_at(i)
                 if p.task_runner == "threads":
                     # torch already uses every core for one shard; shards side by side only thrash.
                     fut.result()  # stop at the first failed shard: a re-run resumes from there
                 futures.append(fut)
-            shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in _gather(futures, progress)]
+            results = _gather(futures, progress, lambda r: _shard_output_intact(r, embeddings_url, p.s3_endpoint_url),
+                              lambda i: embed_at(i, refresh=True))
+            shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in results]
         question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
         embed.write_embeddings_summary(embeddings_url, spec, [r.dump() for r in shard_records], question,
                                        timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
@@ -293,7 +355,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             _remove_work_dir(store, version_id)
             manifest = validate_task(version_id, index_info, dict(timings), p)
 
-    fresh = [r for r, f in zip(shard_records, futures, strict=True) if f.state.name != "Cached"]
+    fresh = [r for r, f in zip(shard_records, futures, strict=True) if not _cached(f)]
     counts = {
         **manifest.counts,
         "shards": len(shard_records),
@@ -354,8 +416,18 @@ def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -
     staged = store.find_staging(build_key)
     if staged:
         get_run_logger().info("resuming staging version %s left by an earlier run", staged)
+        _remove_temp_files(store, staged)
         return staged
     return store.begin_version(ref.wiki, ref.dump_date, build_key=build_key)
+
+
+def _remove_temp_files(store: IndexStore, version_id: str) -> None:
+    """Half-written files a killed run left in a staging version (their temp names say so). The
+    caller holds the build lock, so no live writer owns them; left in place they would be listed in
+    the manifest as part of the version."""
+    for path in store.fs.find(store.version_path(version_id)):
+        if is_temp_name(path.rstrip("/").rsplit("/", 1)[-1]):
+            store.fs.rm_file(path)
 
 
 def _remove_work_dir(store: IndexStore, version_id: str) -> None:
@@ -364,12 +436,38 @@ def _remove_work_dir(store: IndexStore, version_id: str) -> None:
         store.fs.rm(path, recursive=True)
 
 
-def _gather(futures: list, progress_id: Any) -> list[dict]:
+def _gather(futures: list, progress_id: Any, intact: Callable[[dict], bool], redo: Callable[[int], Any]) -> list[dict]:
+    """The futures' results, in order. A cached result is trusted only if `intact` says the files it
+    names still hold what it records; otherwise `redo(i)` computes it again (replacing the cache
+    entry) and its future takes the old one's place in `futures`."""
     results = []
-    for i, fut in enumerate(futures, 1):
-        results.append(fut.result())
-        update_progress_artifact(progress_id, progress=100.0 * i / len(futures))
+    for i, fut in enumerate(futures):
+        result = fut.result()
+        if _cached(fut) and not intact(result):
+            get_run_logger().warning("a cached result of %s names files that are gone or changed; computing it again",
+                                     fut.task_run_id)
+            futures[i] = fut = redo(i)
+            result = fut.result()
+        results.append(result)
+        update_progress_artifact(progress_id, progress=100.0 * (i + 1) / len(futures))
     return results
+
+
+def _cached(fut: Any) -> bool:
+    return fut.state.name == "Cached"
+
+
+def _shard_output_intact(record: dict, embeddings_url: str, s3_endpoint_url: str | None) -> bool:
+    """Whether an embedding shard's record still describes the store: its .npy has the record's sha256,
+    and so does the sidecar beside it (which the embeddings summary is written from)."""
+    try:
+        shard = EmbeddedShard.load(record, "embedding shard record")
+        name = check_file_name(shard.name)
+        fs, root = resolve(embeddings_url, s3_endpoint_url)
+        sidecar = EmbeddingSidecar.read(fs, join(root, layout.sidecar(name)))
+        return sidecar.sha256 == shard.sha256 and file_digest(fs, join(root, name)) == shard.sha256
+    except (RagindexError, FileNotFoundError):
+        return False
 
 
 def _current(store: IndexStore) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -102,6 +103,15 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TEMP_NAME = re.compile(r"^.+\.[0-9a-f]{32}\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is a temp name a writer above (or `pointer.create_json`) gives a file it
+    has not finished: what a killed writer leaves behind."""
+    return bool(_TEMP_NAME.match(name))
 
 
 def load_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -6,6 +6,11 @@ host name, and a pid means nothing on another machine). The holder's heartbeat t
 broken. Breaking is itself a compare-and-swap on the exact bytes that were read, so of two processes
 breaking the same stale lease only one gets it. Release deletes the lease only while it is still
 ours. A lock file that is not a lease record (malformed) is reported in one line and broken the same way.
+
+One shortcut before expiry: a lease taken during this very boot of this machine (same boot id) by a
+process that no longer exists is broken at once, so a build re-run right after a crash need not wait
+out the ttl. It is only ever an earlier answer: a lease from another machine, another boot or a
+restarted container (new boot id or host name) is judged by its expiry alone.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class Lease:
         return {
             "owner": self.owner, "token": self.token, "since": now.isoformat(),
             "expires_at": (now + self.ttl).isoformat(), "pid": os.getpid(), "host": socket.gethostname(),
+            "boot_id": _boot_id(),
         }
 
     def _try_acquire(self) -> None:
@@ -115,6 +121,8 @@ class Lease:
         held = _parse_lease(seen)
         if held is None:
             log.warning("lock %s is malformed (not a lease record); breaking it", self.where)
+        elif _died_on_this_boot(held):
+            log.warning("lock %s is held by %s, whose process is gone; breaking it", self.where, held["owner"])
         elif datetime.now(UTC) < held["expires_at"]:
             raise Conflict(f"{self.holder} holds the lock on {self.where}: {held['owner']} since {held['since']}")
         replace_exact(self.fs, self.path, seen, token, record)  # Conflict if another breaker won
@@ -158,4 +166,31 @@ def _parse_lease(data: bytes) -> dict[str, Any] | None:
         return None
     if expires.tzinfo is None:
         return None
-    return {"owner": owner, "since": obj.get("since"), "expires_at": expires}
+    return {"owner": owner, "since": obj.get("since"), "expires_at": expires, "pid": obj.get("pid"),
+            "host": obj.get("host"), "boot_id": obj.get("boot_id")}
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); None where the kernel does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _died_on_this_boot(held: dict[str, Any]) -> bool:
+    """True only for a lease taken on this host during this boot by a pid that no longer exists."""
+    boot = _boot_id()
+    if boot is None or held.get("boot_id") != boot or held.get("host") != socket.gethostname():
+        return False
+    pid = held.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False

@@ -51,6 +51,7 @@ class UnitRecord(Record):
     options: str  # key of the CleanOptions it ran with
     ordinal: int
     path: str  # URL of its Parquet output
+    sha256: str | None = None  # of that output as written: a record is trusted only while it matches
     seen: int
     kept: int
     skipped: dict[str, int] = Field(default_factory=dict)

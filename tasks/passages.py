@@ -138,7 +138,8 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
 
     The record (`storage.records.UnitRecord`, as a dict) is written after the Parquet file, so its
-    presence means the unit is done; a re-run with the same unit and options reuses it.
+    presence means the unit is done; a re-run with the same unit and options reuses it while the
+    file still has the sha256 the record carries.
     """
     options = options or CleanOptions.for_wiki(_wiki_of(unit.url))
     fs, work = resolve(work_dir_url, s3_endpoint_url)
@@ -150,7 +151,7 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
             done = UnitRecord.read(fs, record_path).dump()
         except RagindexError:
             done = None  # a torn or foreign record: redo the unit
-        if done and {k: done.get(k) for k in key} == key and fs.exists(parquet_path):
+        if done and {k: done.get(k) for k in key} == key and unit_output_intact(done, s3_endpoint_url):
             return done
 
     timing: dict[str, float] = {}
@@ -198,13 +199,30 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
         finally:
             writer.close()
     record = UnitRecord(
-        **key, ordinal=unit.ordinal, path=to_url(fs, parquet_path), seen=seen, kept=kept,
+        **key, ordinal=unit.ordinal, path=to_url(fs, parquet_path), sha256=file_digest(fs, parquet_path),
+        seen=seen, kept=kept,
         skipped=dict(sorted(skipped.items())), passages=passages, words=words,
         seconds=timing["seconds"],
     ).dump()
     with atomic_write(fs, record_path) as f:
         f.write(json.dumps(record).encode())
     return record
+
+
+def unit_output_intact(record: dict, s3_endpoint_url: str | None = None) -> bool:
+    """Whether a unit's record still describes its output: the Parquet file is there with the sha256
+    the record carries. A record without one, or whose file is gone or changed, is as good as absent."""
+    try:
+        done = UnitRecord.load(record, "a work unit's record")
+    except RagindexError:
+        return False
+    if not done.sha256:
+        return False
+    fs, path = resolve(done.path, s3_endpoint_url)
+    try:
+        return file_digest(fs, path) == done.sha256
+    except FileNotFoundError:
+        return False
 
 
 def _closing_cleaner_on_error(pages, cleaner: GuardedCleaner):

@@ -15,7 +15,7 @@ from storage.manifest import SourceDump
 from tasks.clean import CleanOptions
 from tasks.download import resolve_source
 from tasks.parse import DumpError
-from tasks.passages import assemble, plan_units, run_unit, write_passages
+from tasks.passages import assemble, plan_units, run_unit, unit_output_intact, write_passages
 from tests.fixtures.mirror import Page, make_dump, sample_pages
 
 SOURCE = SourceDump(wiki="enwiki", dump_date="20240101")
@@ -117,6 +117,20 @@ def test_unit_is_reused_when_done(dump_files, tmp_path):
     mtime = parquet.stat().st_mtime_ns
     assert run_unit(unit, str(tmp_path)) == first
     assert parquet.stat().st_mtime_ns == mtime
+
+
+def test_unit_whose_output_changed_is_redone_not_reused(dump_files, tmp_path):
+    unit = plan_units(dump_files, 1)[0]
+    first = run_unit(unit, str(tmp_path))
+    parquet = tmp_path / "unit-000000.parquet"
+    good = parquet.read_bytes()
+    parquet.write_bytes(good[:-8] + b"\0" * 8)  # same size, other bytes: its record no longer describes it
+    assert unit_output_intact(first) is False
+    again = run_unit(unit, str(tmp_path))
+    assert parquet.read_bytes() == good and unit_output_intact(again)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    parquet.unlink()
+    assert unit_output_intact(first) is False
 
 
 def test_rerun_replaces_stale_shards(dump_files, tmp_path):

@@ -36,15 +36,16 @@ HOLDER = textwrap.dedent("""
     from datetime import timedelta
     from storage.store import IndexStore
     store = IndexStore(sys.argv[1], s3_endpoint_url=sys.argv[2] or None)
-    with store.build_lock("sleeper", ttl=timedelta(seconds=1)) as lease:
+    ttl = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
+    with store.build_lock("sleeper", ttl=timedelta(seconds=ttl)) as lease:
         print("held", flush=True)
         time.sleep(float(sys.argv[3]))
         print("lost" if lease.lost else "kept", flush=True)
 """)
 
 
-def _holder(store_url: str, endpoint: str | None, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, store_url, endpoint or "", str(seconds)], cwd=ROOT,
+def _holder(store_url: str, endpoint: str | None, seconds: float, ttl: float = 1.0) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, store_url, endpoint or "", str(seconds), str(ttl)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -61,6 +62,18 @@ def test_a_live_holder_keeps_its_lock_past_the_ttl(store, store_url, s3_endpoint
         proc.wait(30)
     with store.build_lock("third"):  # released on exit
         pass
+
+
+def test_a_holder_killed_on_this_machine_frees_the_lock_at_once(store, store_url, s3_endpoint):
+    proc = _holder(store_url, s3_endpoint, 60, ttl=600)
+    # Ten-minute leases: only the dead-process shortcut can free it within this test.
+    with pytest.raises(Conflict, match="sleeper"), store.build_lock("early", ttl=timedelta(minutes=10)):
+        pass
+    proc.kill()
+    proc.wait(30)  # reaped: the pid is gone, as after any crash
+    with store.build_lock("rerun", ttl=timedelta(minutes=10)) as mine:
+        raw = json.loads(store.fs.cat_file(store.path("locks", "build.json")))
+        assert raw["token"] == mine.token and raw["owner"] == "rerun"
 
 
 def test_a_stalled_holder_loses_the_lock_and_its_release_leaves_the_new_one(store, store_url, s3_endpoint):
