@@ -35,6 +35,9 @@ def refresh(
         False, "--allow-unverified", help="Download mirror files that have neither a size nor a sha1."
     ),
     no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
+    precision: str = typer.Option(
+        "auto", help="auto (the fastest measured within tolerance of fp32), fp32, bf16 or fp16."
+    ),
     task_runner: str = typer.Option("threads", help="threads or ray."),
     ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
 ) -> None:
@@ -48,7 +51,7 @@ def refresh(
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
-        promote=not no_promote,
+        promote=not no_promote, precision=precision,
         task_runner=task_runner, ray_address=ray_address,
     )
     typer.echo(json.dumps({k: outcome[k] for k in ("status", "version", "current", "reason", "counts")}, indent=2))

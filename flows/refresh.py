@@ -107,11 +107,12 @@ def embed_shard_task(
     fingerprint_key: str,
     reuse_from: list[str],
     batch_size: int,
+    precision: str,
     code_version: str,
     s3_endpoint_url: str | None,
 ) -> dict:
     return embed.embed_shard(
-        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size,
+        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
         s3_endpoint_url=s3_endpoint_url, progress=False,
     )
 
@@ -183,6 +184,7 @@ def refresh_index(
     ray_address: str | None = None,
     shard_rows: int = 100_000,
     batch_size: int = 64,
+    precision: str = "auto",
     max_workers: int | None = None,
 ) -> dict:
     """Refresh the index from a Wikipedia dump; promote the new version if it validates.
@@ -332,7 +334,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
                 shard = summary.shards[i]
                 return runs.submit(
                     f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
-                    reuse_from, p.batch_size, CODE_VERSION, p.s3_endpoint_url,
+                    reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url,
                 )
 
             futures = []

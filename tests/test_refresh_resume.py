@@ -67,6 +67,8 @@ KILL_POINTS: dict[str, Callable[[Path], bool]] = {
 def _params(store: Path, mirror_url: str, tiny_dpr) -> dict:
     return dict(wiki=WIKI, dump_date="latest", mirror=mirror_url, store_url=str(store),
                 encoder=str(tiny_dpr.ctx_dir), encoder_kind="dpr", index_spec="flat", shard_rows=6,
+                # fp32, not auto: auto measures speed per process, and a byte comparison needs one precision.
+                precision="fp32",
                 allow_count_change=True)
 
 
