@@ -1,8 +1,8 @@
 """Embed passage shards with the frozen document encoder: one .npy (+ sidecar) per passage shard.
 
-Each shard is an independent unit of work (locally in order, or one Ray task each). A shard whose
-sidecar already matches the passage shard's sha256 and the encoder fingerprint, and whose .npy still
-verifies, is skipped: an interrupted run resumes where it stopped. Vectors of passages whose
+Each shard is an independent unit of work (locally in order; `tasks.embed_ray` runs them as one Ray Data
+job). A shard whose sidecar already matches the passage shard's sha256 and the encoder fingerprint, and
+whose .npy still verifies, is skipped: an interrupted run resumes where it stopped. Vectors of passages whose
 content_hash appears in earlier versions under the same fingerprint are copied instead of encoded.
 """
 
@@ -30,7 +30,7 @@ from rag_model.encoders import (
 )
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.errors import RagindexError, first_line
+from storage.errors import RagindexError
 from storage.fs import atomic_write, file_digest, join, resolve, to_url
 from storage.layout import EMBED_COLUMNS
 from storage.manifest import EncoderFingerprint
@@ -373,37 +373,9 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
     return summary
 
 
-def _ray_embed(shards: list[str], out_url: str, spec: EncoderSpec, ray_address: str,
-               shard_kwargs: dict) -> list[dict]:
-    """One Ray task per shard on an existing cluster (or a local one for 'local'); GPU where there is one."""
-    import ray
-
-    if not ray.is_initialized():
-        if ray_address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=ray_address, log_to_driver=False)
-    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    kwargs = dict(shard_kwargs, progress=False)
-    if has_gpu:
-        kwargs["device"] = "cuda"
-        remote = ray.remote(num_gpus=1)(embed_shard)
-    else:
-        # One CPU per task; Ray sets each worker's thread count to match, so tasks don't fight.
-        remote = ray.remote(num_cpus=1)(embed_shard)
-    refs = [remote.remote(s, out_url, spec, **kwargs) for s in shards]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, BaseException) else None
-        if isinstance(cause, RagindexError):
-            raise type(cause)(str(cause)) from None
-        raise EmbedError(f"a Ray embedding task failed: {first_line(cause or exc)}") from None
-
-
 def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
                    ray_address: str | None = None, question_encoder: str | None = None, **shard_kwargs: Any) -> dict:
-    """Embed every passage shard (locally in order, or as Ray tasks), then write embeddings.json."""
+    """Embed every passage shard (locally in order, or as one Ray Data job), then write embeddings.json."""
     timing: dict[str, float] = {}
     with timed(timing, "embed_s"):
         records = _embed_all(passages_url, out_url, spec, reuse_from, ray_address, shard_kwargs)
@@ -426,7 +398,9 @@ def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: S
     fingerprint = fingerprint_of(spec)  # fail on a bad model before any work
     kwargs = dict(shard_kwargs, reuse_from=tuple(reuse_from))
     if ray_address:
-        records = _ray_embed(shards, out_url, spec, ray_address, kwargs)
+        from tasks.embed_ray import embed_shards_ray  # Ray is an optional dependency
+
+        records = embed_shards_ray(shards, out_url, spec, ray_address=ray_address, **kwargs)
     else:
         records = []
         progress = kwargs.get("progress", True)
