@@ -119,12 +119,18 @@ def test_a_shard_split_across_calls_is_refused(tmp_path, spec):
     assert not (tmp_path / "out" / "part-00000.npy").exists()
 
 
-def test_without_ray_data_the_ray_path_says_what_to_install(tmp_path, spec, monkeypatch):
+def test_without_ray_data_ray_address_says_what_to_install(tmp_path, tiny_dpr, monkeypatch, capsys):
+    from cli.main import main
+
     write_passages(tmp_path / "p", make_articles(2, seed=1))
     monkeypatch.setitem(sys.modules, "ray.data", None)  # what a Ray without its data extra looks like
-    with pytest.raises(RagindexError, match=r"^--ray-address needs Ray Data, which is not installed .*"
-                                            r"install ragindex\[ray\]$"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, ray_address="local", progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", "--passages", str(tmp_path / "p"), "--out", str(tmp_path / "out"), "--encoder",
+              str(tiny_dpr.ctx_dir), "--ray-address", "local"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ray-address needs Ray Data, which is not installed")
+    assert err[0].endswith("install ragindex[ray]")
     assert not (tmp_path / "out").exists()
 
 
@@ -161,17 +167,22 @@ def test_ray_data_job_gives_the_local_bytes(tmp_path, spec, local_ray):
         embed_passages(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
 
 
-def test_ray_data_job_resumes_per_shard(tmp_path, spec, local_ray):
+def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
+    from cli.main import main
+
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir))
     write_passages(tmp_path / "p", make_articles(8, seed=9))
     shards = list_passage_shards(str(tmp_path / "p"))
     assert len(shards) >= 3
     out = tmp_path / "out"
     first = embed_shard(shards[0], str(out), spec, progress=False, precision="fp32")
     finished = (out / "part-00000.json").read_bytes()
-    summary = embed_passages(str(tmp_path / "p"), str(out), spec, progress=False, precision="fp32",
-                             ray_address="local")
+    main(["embed", "--passages", str(tmp_path / "p"), "--out", str(out), "--encoder", spec.model,
+          "--precision", "fp32", "--ray-address", "local", "--json"])
+    summary = json.loads(capsys.readouterr().out)
     assert summary["skipped_shards"] == 1
     assert (out / "part-00000.json").read_bytes() == finished  # not written again
     records = sidecars(out)
-    assert [records[n]["encoded"] for n in sorted(records)][1:] == [records[n]["rows"] for n in sorted(records)][1:]
+    names = sorted(records)[1:]
+    assert len(names) == len(shards) - 1 and all(records[n]["encoded"] == records[n]["rows"] for n in names)
     assert summary["encoded"] == summary["rows"] - first["rows"]
