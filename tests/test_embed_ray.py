@@ -119,6 +119,17 @@ def test_a_shard_split_across_calls_is_refused(tmp_path, spec):
     assert not (tmp_path / "out" / "part-00000.npy").exists()
 
 
+def test_a_shard_whose_row_ids_have_gaps_is_refused_before_any_work(tmp_path, spec):
+    rows = write_passages(tmp_path / "p", make_articles(3, seed=2), shard_rows=100)
+    table = pa.Table.from_pylist([{**r, "row_id": r["row_id"] + (5 if i else 0)} for i, r in enumerate(rows)],
+                                 schema=PASSAGE_SCHEMA)
+    pq.write_table(table, tmp_path / "p" / "part-00000.parquet")
+    with pytest.raises(RagindexError, match=r"^passage shard part-00000.parquet: row_id does not run on from 0 "
+                                            r"without gaps, so its rows cannot be matched back to their order$"):
+        plan_shards([str(tmp_path / "p" / "part-00000.parquet")], str(tmp_path / "out"), spec, [], None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_data_ray_address_says_what_to_install(tmp_path, tiny_dpr, monkeypatch, capsys):
     from cli.main import main
 
