@@ -33,7 +33,8 @@ def embed(
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
         "--precision", help="auto: the fastest variant measured within tolerance of fp32.")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", help="Run shards as Ray tasks: auto, ray://host:port, or local.")] = None,
+        "--ray-address", help="Encode as one Ray Data job on this cluster: auto, host:port, ray://host:port, "
+        "or local (a GPU per actor where the cluster has GPUs).")] = None,
     reuse_store: Annotated[str | None, typer.Option(
         "--reuse-store", help="Reuse vectors of unchanged passages from this store's versions.")] = None,
     reuse_from: Annotated[list[str] | None, typer.Option(

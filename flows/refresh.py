@@ -4,7 +4,8 @@ The flow only composes the plain functions in `tasks/`; every task hands the nex
 a small record. Shard tasks (one per parse unit, one per embedding shard) are cached on their inputs
 (the input's checksum, the parameters and the code version) with results persisted in the store,
 and a re-run of a crashed build resumes into the same staging version, so nothing finished is
-computed twice.
+computed twice. With `task_runner=ray` the embedding is one task that runs one Ray Data job
+(`tasks.embed_ray`); there each shard's sidecar, not a task cache, is what a re-run resumes from.
 
 A run may be killed at any moment; the next one finishes the same version. A cached result is
 trusted only while the files it names still hold the sha256 it carries (else that unit or shard is
@@ -40,7 +41,7 @@ from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
-from tasks import build_index, download, embed, passages, promote, validate
+from tasks import build_index, download, embed, embed_ray, passages, promote, validate
 
 CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
 SHARD_CACHE = INPUTS + TASK_SOURCE
@@ -115,6 +116,15 @@ def embed_shard_task(
         shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
         s3_endpoint_url=s3_endpoint_url, progress=False,
     )
+
+
+@task(name="embed-ray-data")
+def embed_ray_task(shards: list[str], out_dir: str, spec: EncoderSpec, reuse_from: list[str],
+                   p: RefreshParams) -> list[dict]:
+    # Not cached per shard: each shard's sidecar is its resume point (finished shards are skipped).
+    return embed_ray.embed_shards_ray(shards, out_dir, spec, ray_address=p.ray_address or "local",
+                                      reuse_from=reuse_from, batch_size=p.batch_size, precision=p.precision,
+                                      s3_endpoint_url=p.s3_endpoint_url, progress=False)
 
 
 @task(name="build-index")
@@ -322,31 +332,39 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             passages_url = store.version_url(version_id, layout.PASSAGES_DIR)
             summary = PassagesSummary.load(assemble_task(unit_results, passages_url, ref, p), "passages summary")
 
-        # embed: one cached task per shard, reusing vectors of unchanged passages
+        # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
         with _step(stage, timings, "embed"):
             reuse_from = embed.find_reuse_sources(store, fingerprint)
             embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
-            progress = create_progress_artifact(0.0, description=f"embedding {len(summary.shards)} shards")
-            embed_one = embed_shard_task.with_options(result_storage=results_at)
+            if p.task_runner == "ray":
+                # One task, run here (the job's driver), submits one Ray Data job for the version's shards.
+                records = embed_ray_task([f"{passages_url}/{shard.name}" for shard in summary.shards],
+                                         embeddings_url, spec, reuse_from, p)
+                shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in records]
+                resumed = [r.skipped for r in shard_records]
+            else:
+                progress = create_progress_artifact(0.0, description=f"embedding {len(summary.shards)} shards")
+                embed_one = embed_shard_task.with_options(result_storage=results_at)
 
-            def embed_at(i: int, refresh: bool = False) -> Any:
-                runs = embed_one.with_options(refresh_cache=True) if refresh else embed_one
-                shard = summary.shards[i]
-                return runs.submit(
-                    f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
-                    reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url,
-                )
+                def embed_at(i: int, refresh: bool = False) -> Any:
+                    runs = embed_one.with_options(refresh_cache=True) if refresh else embed_one
+                    shard = summary.shards[i]
+                    return runs.submit(
+                        f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
+                        reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url,
+                    )
 
-            futures = []
-            for i in range(len(summary.shards)):
-                fut = embed_at(i)
-                if p.task_runner == "threads":
+                futures = []
+                for i in range(len(summary.shards)):
+                    fut = embed_at(i)
                     # torch already uses every core for one shard; shards side by side only thrash.
                     fut.result()  # stop at the first failed shard: a re-run resumes from there
-                futures.append(fut)
-            results = _gather(futures, progress, lambda r: _shard_output_intact(r, embeddings_url, p.s3_endpoint_url),
-                              lambda i: embed_at(i, refresh=True))
-            shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in results]
+                    futures.append(fut)
+                results = _gather(futures, progress,
+                                  lambda r: _shard_output_intact(r, embeddings_url, p.s3_endpoint_url),
+                                  lambda i: embed_at(i, refresh=True))
+                shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in results]
+                resumed = [_cached(f) for f in futures]
         question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
         embed.write_embeddings_summary(embeddings_url, spec, [r.dump() for r in shard_records], question,
                                        timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
@@ -357,7 +375,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             _remove_work_dir(store, version_id)
             manifest = validate_task(version_id, index_info, dict(timings), p)
 
-    fresh = [r for r, f in zip(shard_records, futures, strict=True) if not _cached(f)]
+    fresh = [r for r, done in zip(shard_records, resumed, strict=True) if not done]
     counts = {
         **manifest.counts,
         "shards": len(shard_records),

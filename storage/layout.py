@@ -11,6 +11,7 @@ versions will change) is written down in one place:
       embeddings/part-NNNNN.npy         float32 [rows, dim], row i <-> passages row i
       embeddings/part-NNNNN.json        its sidecar (storage.records.EmbeddingSidecar)
       embeddings/embeddings.json        the embeddings summary (storage.records.EmbeddingsSummary)
+      embeddings/_ray/part-NNNNN.npy    reused vectors of a shard a Ray Data job is encoding (removed after it)
       index.faiss                       faiss ids == global row_id
       passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
       _work/                            unit outputs of an unfinished build (removed before validation)
@@ -27,6 +28,7 @@ STAGING_MARKER = "_staging.json"
 PASSAGES_DIR = "passages"
 EMBEDDINGS_DIR = "embeddings"
 WORK_DIR = "_work"
+RAY_STAGING_DIR = "_ray"
 PASSAGES_SUMMARY = "passages.json"
 EMBEDDINGS_SUMMARY = "embeddings.json"
 INDEX_FILE = "index.faiss"

@@ -1,8 +1,8 @@
 """Embed passage shards with the frozen document encoder: one .npy (+ sidecar) per passage shard.
 
-Each shard is an independent unit of work (locally in order, or one Ray task each). A shard whose
-sidecar already matches the passage shard's sha256 and the encoder fingerprint, and whose .npy still
-verifies, is skipped: an interrupted run resumes where it stopped. Vectors of passages whose
+Each shard is an independent unit of work (locally in order; `tasks.embed_ray` runs them as one Ray Data
+job). A shard whose sidecar already matches the passage shard's sha256 and the encoder fingerprint, and
+whose .npy still verifies, is skipped: an interrupted run resumes where it stopped. Vectors of passages whose
 content_hash appears in earlier versions under the same fingerprint are copied instead of encoded.
 """
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
@@ -20,7 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder, paired_question_encoder
+from rag_model.encoders import (
+    DocumentEncoder,
+    EncoderSpec,
+    fingerprint_of,
+    load_document_encoder,
+    paired_question_encoder,
+)
 from rag_model.vectors import read_rows
 from storage import layout
 from storage.errors import Corrupt, RagindexError, first_line
@@ -257,27 +264,41 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
     return EmbeddedShard(**record, seconds=timing["seconds"]).dump()
 
 
-def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str],
-                 batch_size: int, device: str, precision: str, threads: int | None, s3_endpoint_url: str | None,
-                 progress: bool, encoder_calls: Callable[[int], None] | None) -> dict:
+@dataclass
+class PreparedShard:
+    """A passage shard read, checked and given its reused vectors: what is left is encoding the `todo` rows.
+
+    `done` is the record of a shard an earlier run already embedded (then nothing is left to do).
+    """
+
+    name: str  # the passage shard's file name
+    table: pa.Table
+    passages_sha: str
+    key: str
+    dim: int
+    done: dict | None
+    vectors: np.ndarray | None = None  # float32 [rows, dim], filled where not `todo`
+    todo: np.ndarray | None = None  # bool [rows]
+
+
+def prepare_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
+                  s3_endpoint_url: str | None) -> PreparedShard:
+    """Read one passage shard, skip it if its output already verifies, else copy the vectors reuse finds."""
     in_fs, in_path = resolve(passages_shard_url, s3_endpoint_url)
     name = check_file_name(in_path.rstrip("/").rsplit("/", 1)[-1])
     if not name.endswith(".parquet"):
         raise EmbedError(f"not a passage shard (expected a .parquet file): {passages_shard_url}")
-    stem = layout.stem(name)
     out_fs, out_root = resolve(out_dir_url, s3_endpoint_url)
-    npy_path = join(out_root, layout.embedding_shard(name))
-    sidecar_path = join(out_root, layout.sidecar(name))
-
     table, passages_sha = _read_passage_shard(in_fs, in_path)
     fingerprint = fingerprint_of(spec)
     key, dim, rows = fingerprint.key, fingerprint.dim, table.num_rows
 
-    done = _existing_matches(out_fs, npy_path, sidecar_path, passages_sha, key)
+    done = _existing_matches(out_fs, join(out_root, layout.embedding_shard(name)),
+                             join(out_root, layout.sidecar(name)), passages_sha, key)
     if done is not None:
-        return {"name": layout.embedding_shard(name), "rows": done.rows, "dim": done.dim, "encoded": 0, "reused": 0,
-                "skipped": True, "sha256": done.sha256}
-
+        return PreparedShard(name, table, passages_sha, key, dim, done={
+            "name": layout.embedding_shard(name), "rows": done.rows, "dim": done.dim, "encoded": 0, "reused": 0,
+            "skipped": True, "sha256": done.sha256})
     vectors = np.empty((rows, dim), dtype=np.float32)
     todo = np.ones(rows, dtype=bool)
     if reuse_from:
@@ -285,17 +306,25 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
                                                dim, s3_endpoint_url)
         vectors[found] = reused_vectors[found]
         todo = ~found
+    return PreparedShard(name, table, passages_sha, key, dim, done=None, vectors=vectors, todo=todo)
+
+
+def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str],
+                 batch_size: int, device: str, precision: str, threads: int | None, s3_endpoint_url: str | None,
+                 progress: bool, encoder_calls: Callable[[int], None] | None) -> dict:
+    shard = prepare_shard(passages_shard_url, out_dir_url, spec, reuse_from, s3_endpoint_url)
+    if shard.done is not None:
+        return shard.done
+    vectors, table, todo = shard.vectors, shard.table, shard.todo
     n_todo = int(todo.sum())
     measured = None
     if n_todo:
-        encoder = load_document_encoder(spec, device=device, precision=precision, threads=threads)
-        if encoder.dim != dim:
-            raise EmbedError(f"encoder {spec.model} produced dim {encoder.dim}, its fingerprint says {dim}")
+        encoder = load_encoder_checked(spec, shard.dim, device=device, precision=precision, threads=threads)
         idx = np.flatnonzero(todo)
         titles = table.column("title").take(pa.array(idx)).to_pylist()
         texts = table.column("text").take(pa.array(idx)).to_pylist()
-        with tqdm(total=n_todo, desc=f"embed {stem}", unit="passage", disable=None if progress else True,
-                  leave=False) as bar:
+        with tqdm(total=n_todo, desc=f"embed {layout.stem(shard.name)}", unit="passage",
+                  disable=None if progress else True, leave=False) as bar:
             def on_batch(n: int) -> None:
                 bar.update(n)
                 if encoder_calls is not None:
@@ -303,19 +332,36 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
 
             vectors[idx] = encoder.encode(titles, texts, batch_size=batch_size, on_batch=on_batch)
         measured = encoder.precision_choice.model_dump() if encoder.precision_choice else None
-    if not np.isfinite(vectors).all():
-        raise EmbedError(f"encoder {spec.model} produced non-finite vectors for {name}")
+    out_fs, out_root = resolve(out_dir_url, s3_endpoint_url)
+    record = write_embedding_shard(out_fs, out_root, shard.name, vectors, shard.passages_sha, shard.key, n_todo,
+                                   spec.model)
+    return {**record, "precision": measured}
 
+
+def load_encoder_checked(spec: EncoderSpec, dim: int, **options: Any) -> DocumentEncoder:
+    """The document encoder for `spec`, refused when its output dim is not the one its fingerprint says."""
+    encoder = load_document_encoder(spec, **options)
+    if encoder.dim != dim:
+        raise EmbedError(f"encoder {spec.model} produced dim {encoder.dim}, its fingerprint says {dim}")
+    return encoder
+
+
+def write_embedding_shard(out_fs: Any, out_root: str, name: str, vectors: np.ndarray, passages_sha: str, key: str,
+                          encoded: int, model: str) -> dict:
+    """Write passage shard `name`'s vectors (.npy) and then its sidecar; returns the record fields."""
+    if not np.isfinite(vectors).all():
+        raise EmbedError(f"encoder {model} produced non-finite vectors for {name}")
+    rows, dim = vectors.shape
     # .npy first, sidecar last: a crash in between leaves a sidecar that no longer verifies.
-    with atomic_write(out_fs, npy_path) as f:
+    with atomic_write(out_fs, join(out_root, layout.embedding_shard(name))) as f:
         writer = _HashingWriter(f)
         np.save(writer, vectors, allow_pickle=False)
     npy_sha = writer.digest.hexdigest()
     sidecar = EmbeddingSidecar(passages_sha256=passages_sha, fingerprint_key=key, rows=rows, dim=dim,
-                               encoded=n_todo, reused=rows - n_todo, sha256=npy_sha)
-    _write_json(out_fs, sidecar_path, sidecar.dump())
-    return {"name": layout.embedding_shard(name), "rows": rows, "dim": dim, "encoded": n_todo,
-            "reused": rows - n_todo, "skipped": False, "sha256": npy_sha, "precision": measured}
+                               encoded=encoded, reused=rows - encoded, sha256=npy_sha)
+    _write_json(out_fs, join(out_root, layout.sidecar(name)), sidecar.dump())
+    return {"name": layout.embedding_shard(name), "rows": rows, "dim": dim, "encoded": encoded,
+            "reused": rows - encoded, "skipped": False, "sha256": npy_sha}
 
 
 # -- all shards ---------------------------------------------------------------------------------------
@@ -378,37 +424,9 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
     return summary
 
 
-def _ray_embed(shards: list[str], out_url: str, spec: EncoderSpec, ray_address: str,
-               shard_kwargs: dict) -> list[dict]:
-    """One Ray task per shard on an existing cluster (or a local one for 'local'); GPU where there is one."""
-    import ray
-
-    if not ray.is_initialized():
-        if ray_address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=ray_address, log_to_driver=False)
-    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    kwargs = dict(shard_kwargs, progress=False)
-    if has_gpu:
-        kwargs["device"] = "cuda"
-        remote = ray.remote(num_gpus=1)(embed_shard)
-    else:
-        # One CPU per task; Ray sets each worker's thread count to match, so tasks don't fight.
-        remote = ray.remote(num_cpus=1)(embed_shard)
-    refs = [remote.remote(s, out_url, spec, **kwargs) for s in shards]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, BaseException) else None
-        if isinstance(cause, RagindexError):
-            raise type(cause)(str(cause)) from None
-        raise EmbedError(f"a Ray embedding task failed: {first_line(cause or exc)}") from None
-
-
 def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
                    ray_address: str | None = None, question_encoder: str | None = None, **shard_kwargs: Any) -> dict:
-    """Embed every passage shard (locally in order, or as Ray tasks), then write embeddings.json."""
+    """Embed every passage shard (locally in order, or as one Ray Data job), then write embeddings.json."""
     timing: dict[str, float] = {}
     with timed(timing, "embed_s"):
         records = _embed_all(passages_url, out_url, spec, reuse_from, ray_address, shard_kwargs)
@@ -431,7 +449,9 @@ def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: S
     fingerprint = fingerprint_of(spec)  # fail on a bad model before any work
     kwargs = dict(shard_kwargs, reuse_from=tuple(reuse_from))
     if ray_address:
-        records = _ray_embed(shards, out_url, spec, ray_address, kwargs)
+        from tasks.embed_ray import embed_shards_ray  # Ray is an optional dependency
+
+        records = embed_shards_ray(shards, out_url, spec, ray_address=ray_address, **kwargs)
     else:
         records = []
         progress = kwargs.get("progress", True)

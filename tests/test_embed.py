@@ -1,4 +1,4 @@
-"""Embedding shards: layout, resume, reuse by content hash, Ray, bad input, the CLI."""
+"""Embedding shards: layout, resume, reuse by content hash, bad input, the CLI (Ray: test_embed_ray.py)."""
 
 from __future__ import annotations
 
@@ -202,30 +202,6 @@ def test_find_reuse_sources_picks_newest_ready_versions_with_the_same_fingerprin
     assert find_reuse_sources(store, fp, limit=2) == [store.version_url(made[4]), store.version_url(made[3])]
     assert find_reuse_sources(store, fp) == [store.version_url(v) for v in (made[4], made[3], made[0])]
     assert find_reuse_sources(store, other.model_copy(update={"weights_sha256": "1" * 64})) == []
-
-
-def test_ray_shards_give_the_same_vectors_as_the_local_path(tmp_path, spec):
-    ray = pytest.importorskip("ray")
-    articles = make_articles(6, seed=21)
-    n = len(write_passages(tmp_path / "count", articles, shard_rows=1000))
-    write_passages(tmp_path / "passages", articles, shard_rows=(n + 1) // 2)
-    assert len(list((tmp_path / "passages").glob("*.parquet"))) == 2
-    # One fixed precision: `auto` measures speed in each process and may choose differently.
-    local = embed_passages(str(tmp_path / "passages"), str(tmp_path / "local"), spec, progress=False,
-                           precision="fp32")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = embed_passages(str(tmp_path / "passages"), str(tmp_path / "ray"), spec, ray_address="local",
-                                precision="fp32")
-        # A failure inside a Ray task still reaches the caller as one clear line.
-        (tmp_path / "bad").mkdir()
-        pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
-        with pytest.raises(RagindexError, match=r"^passage shard .*part-00000.parquet is empty$"):
-            embed_passages(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
-    finally:
-        ray.shutdown()
-    assert remote["rows"] == local["rows"] and remote["encoded"] == local["encoded"]
-    np.testing.assert_allclose(load_vectors(tmp_path / "ray"), load_vectors(tmp_path / "local"), atol=1e-4)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
