@@ -20,151 +20,38 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.events import emit_event
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.params import RefreshParams
-from flows.results import RESULT_SERIALIZER
+from flows.refresh_tasks import (
+    CODE_VERSION,
+    assemble_task,
+    build_index_task,
+    download_task,
+    embed_ray_task,
+    embed_shard_task,
+    parse_unit_task,
+    promote_task,
+    resolve_dump_task,
+    validate_task,
+)
+from flows.report import RefreshOutcome, write_report
 from flows.settings import load_settings
-from rag_model.encoders import EncoderSpec, fingerprint_of, paired_question_encoder
+from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import RagindexError, Rejected, first_line
 from storage.fs import file_digest, is_temp_name, join, resolve
-from storage.manifest import HistoryEntry, IndexInfo, Manifest, Pointer
+from storage.manifest import HistoryEntry, Pointer
 from storage.names import check_file_name
 from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
-from tasks import build_index, download, embed, embed_ray, passages, promote, validate
-
-CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
-SHARD_CACHE = INPUTS + TASK_SOURCE
-
-
-@dataclass
-class RefreshOutcome:
-    """What a run did, returned by the flow and written into its report artifact."""
-
-    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected"
-    version: str | None
-    reason: str
-    current: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    validation: dict[str, Any] | None = None
-    index: dict[str, Any] | None = None
-    dump: dict[str, Any] | None = None
-    precision: dict[str, Any] | None = None  # the document encoder's measured precision choice
-
-
-# -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
-# Network trouble is retried once, inside tasks.download (backoff, and Range requests that resume a
-# transfer); the Prefect tasks do not retry on top of that.
-
-
-@task(name="resolve-dump")
-def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
-    if p.source:
-        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki)
-    return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
-
-
-@task(name="download")
-def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
-    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False,
-                                  allow_unverified=p.allow_unverified)
-
-
-@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
-      retries=1)
-def parse_unit_task(
-    unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
-) -> dict:
-    # input_id and code_version are not used in the body: they are part of the cache key.
-    return passages.run_unit(unit, work_dir, s3_endpoint_url=s3_endpoint_url)
-
-
-@task(name="assemble-passages")
-def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: RefreshParams) -> dict:
-    return passages.assemble(
-        results, out_url, ref.source(), shard_rows=p.shard_rows, s3_endpoint_url=p.s3_endpoint_url
-    )
-
-
-@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
-      retries=1)
-def embed_shard_task(
-    shard_url: str,
-    shard_sha256: str,
-    out_dir: str,
-    spec: EncoderSpec,
-    fingerprint_key: str,
-    reuse_from: list[str],
-    batch_size: int,
-    precision: str,
-    code_version: str,
-    s3_endpoint_url: str | None,
-) -> dict:
-    return embed.embed_shard(
-        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
-        s3_endpoint_url=s3_endpoint_url, progress=False,
-    )
-
-
-@task(name="embed-ray-data")
-def embed_ray_task(shards: list[str], out_dir: str, spec: EncoderSpec, reuse_from: list[str],
-                   p: RefreshParams) -> list[dict]:
-    # Not cached per shard: each shard's sidecar is its resume point (finished shards are skipped).
-    return embed_ray.embed_shards_ray(shards, out_dir, spec, ray_address=p.ray_address or "local",
-                                      reuse_from=reuse_from, batch_size=p.batch_size, precision=p.precision,
-                                      s3_endpoint_url=p.s3_endpoint_url, progress=False)
-
-
-@task(name="build-index")
-def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
-    """index.faiss and passages.arrow, by the same function `ragindex build` uses."""
-    return build_index.build_version_files(
-        p.store(), version_id, spec=p.index_spec, memory_budget=p.memory_budget_bytes, progress=False,
-    )
-
-
-@task(name="validate")
-def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, float], p: RefreshParams) -> Manifest:
-    store = p.store()
-    question_encoder = None
-    if p.canaries:
-        from rag_model.encoders import load_question_encoder
-
-        _, embeddings = validate.read_summaries(store, version_id)
-        fp = embeddings.fingerprint
-        question_encoder = load_question_encoder(
-            embeddings.question_encoder or paired_question_encoder(fp.model_id, fp.kind),
-            kind=fp.kind,
-            normalize=fp.normalize,
-        )
-    return build_index.finish_version(store, version_id, index_info, p.floors(), timings=timings,
-                                      canaries=p.canaries, question_encoder=question_encoder)
-
-
-@task(name="promote")
-def promote_task(version_id: str, p: RefreshParams, reason: str, expected_generation: int | None = None) -> str:
-    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason,
-                                      expected_generation=expected_generation)
-    emit_event(
-        "ragindex.index.promoted",
-        resource={"prefect.resource.id": f"ragindex.version.{version_id}"},
-        payload={"version": version_id, "generation": pointer.generation, "store": p.store_url,
-                 "previous": pointer.previous},
-    )
-    return version_id
-
+from tasks import download, embed, passages
 
 # -- the flow ------------------------------------------------------------------------------------
 
@@ -245,7 +132,7 @@ def _build_version(p: RefreshParams, stage: list[str]) -> dict:
                 files = download_task(published, p)
             outcome = _build(p, stage, timings, store, ref, files, dump_sha1)
     outcome.timings = timings
-    _report(outcome)
+    write_report(outcome)
     return asdict(outcome)
 
 
@@ -493,39 +380,3 @@ def _shard_output_intact(record: dict, embeddings_url: str, s3_endpoint_url: str
 def _current(store: IndexStore) -> str | None:
     pointer = store.current()
     return pointer.version if pointer else None
-
-
-def _report(o: RefreshOutcome) -> None:
-    lines = [
-        f"# refresh-index: {o.status}",
-        "",
-        f"- **version**: `{o.version}`",
-        f"- **CURRENT**: `{o.current}`",
-        f"- **why**: {o.reason}",
-    ]
-    if o.dump:
-        files = ", ".join(f"`{f['name']}`" for f in o.dump.get("files", []))
-        lines.append(f"- **dump**: {o.dump.get('wiki')} {o.dump.get('dump_date')} ({files})")
-    if o.counts:
-        lines += ["", "## Counts", "", "| what | n |", "|---|---:|"]
-        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.counts.items())]
-    if o.skipped:
-        lines += ["", "## Articles skipped", "", "| reason | n |", "|---|---:|"]
-        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.skipped.items())]
-    if o.index:
-        lines += ["", "## Index", "", f"- spec `{o.index.get('spec')}`, factory `{o.index.get('factory')}`,"
-                  f" {o.index.get('bytes', 0):,} bytes, search params `{o.index.get('search_params')}`"]
-    if o.precision:
-        speeds = ", ".join(f"{k} {v:.1f}/s" for k, v in o.precision["passages_per_s"].items())
-        lines += ["", f"- **precision**: {o.precision['chosen']} (asked {o.precision['requested']}; cosine to "
-                  f"fp32 {o.precision['cosine']:.5f}; probe {speeds})"]
-    if o.validation:
-        lines += ["", f"## Validation: {'passed' if o.validation.get('passed') else 'FAILED'}", ""]
-        if o.validation.get("reason"):
-            lines.append(f"- reason: {o.validation['reason']}")
-        lines += [f"- {k}: `{v}`" for k, v in sorted(o.validation.get("checks", {}).items())]
-    if o.timings:
-        lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in o.timings.items()]
-    create_markdown_artifact("\n".join(lines), key="refresh-index-report", description=f"refresh-index {o.status}")
-    print(f"refresh-index: {o.status} {o.version or ''} {o.reason}".strip())

@@ -9,7 +9,13 @@ Layout under one root URL (local path or s3://bucket/prefix):
     CURRENT                            {"version", "previous", "generation", "updated_at"}
     history/<generation>.json          one per promote / rollback, never rewritten
     pins/<id>                          pinned versions survive gc
-    locks/build.json                   one build at a time per store
+    locks/build.json                   one build at a time per store (a lease: storage.lock)
+    locks/pointer.json                 a short lease that promote, rollback, pin and gc take
+    prefect-results/                   JSON-only task results of refresh runs (flows.results)
+
+A little over ~400 lines: every move of CURRENT (promote, rollback, the no-op, history repair) and
+the reads it depends on stay in one class, so the compare-and-swap rules are read in one place;
+leases and retention are already their own modules (storage.lock, storage.retention).
 """
 
 from __future__ import annotations

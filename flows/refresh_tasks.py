@@ -1,0 +1,123 @@
+"""The Prefect tasks of `refresh-index`: thin wrappers around the plain functions in `tasks/`.
+
+Each takes locations and small records and returns the same, so results stay small and cacheable.
+Shard tasks (parse-unit, embed-shard) are cached on their inputs plus the code version, and persist
+JSON-only results (flows.results) in the store.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.events import emit_event
+
+from flows.params import RefreshParams
+from flows.results import RESULT_SERIALIZER
+from rag_model.encoders import EncoderSpec, paired_question_encoder
+from storage.manifest import IndexInfo, Manifest
+from tasks import build_index, download, embed, embed_ray, passages, promote, validate
+
+CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
+SHARD_CACHE = INPUTS + TASK_SOURCE
+
+
+# -- tasks: thin Prefect wrappers around the plain functions in tasks/ -----------------------------
+# Network trouble is retried once, inside tasks.download (backoff, and Range requests that resume a
+# transfer); the Prefect tasks do not retry on top of that.
+
+
+@task(name="resolve-dump")
+def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
+    if p.source:
+        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki)
+    return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
+
+
+@task(name="download")
+def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
+    return download.download_dump(ref, p.store(), user_agent=p.user_agent, progress=False,
+                                  allow_unverified=p.allow_unverified)
+
+
+@task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
+def parse_unit_task(
+    unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
+) -> dict:
+    # input_id and code_version are not used in the body: they are part of the cache key.
+    return passages.run_unit(unit, work_dir, s3_endpoint_url=s3_endpoint_url)
+
+
+@task(name="assemble-passages")
+def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: RefreshParams) -> dict:
+    return passages.assemble(
+        results, out_url, ref.source(), shard_rows=p.shard_rows, s3_endpoint_url=p.s3_endpoint_url
+    )
+
+
+@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1)
+def embed_shard_task(
+    shard_url: str,
+    shard_sha256: str,
+    out_dir: str,
+    spec: EncoderSpec,
+    fingerprint_key: str,
+    reuse_from: list[str],
+    batch_size: int,
+    precision: str,
+    code_version: str,
+    s3_endpoint_url: str | None,
+) -> dict:
+    return embed.embed_shard(
+        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
+        s3_endpoint_url=s3_endpoint_url, progress=False,
+    )
+
+
+@task(name="embed-ray-data")
+def embed_ray_task(shards: list[str], out_dir: str, spec: EncoderSpec, reuse_from: list[str],
+                   p: RefreshParams) -> list[dict]:
+    # Not cached per shard: each shard's sidecar is its resume point (finished shards are skipped).
+    return embed_ray.embed_shards_ray(shards, out_dir, spec, ray_address=p.ray_address or "local",
+                                      reuse_from=reuse_from, batch_size=p.batch_size, precision=p.precision,
+                                      s3_endpoint_url=p.s3_endpoint_url, progress=False)
+
+
+@task(name="build-index")
+def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
+    """index.faiss and passages.arrow, by the same function `ragindex build` uses."""
+    return build_index.build_version_files(
+        p.store(), version_id, spec=p.index_spec, memory_budget=p.memory_budget_bytes, progress=False,
+    )
+
+
+@task(name="validate")
+def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, float], p: RefreshParams) -> Manifest:
+    store = p.store()
+    question_encoder = None
+    if p.canaries:
+        from rag_model.encoders import load_question_encoder
+
+        _, embeddings = validate.read_summaries(store, version_id)
+        fp = embeddings.fingerprint
+        question_encoder = load_question_encoder(
+            embeddings.question_encoder or paired_question_encoder(fp.model_id, fp.kind),
+            kind=fp.kind,
+            normalize=fp.normalize,
+        )
+    return build_index.finish_version(store, version_id, index_info, p.floors(), timings=timings,
+                                      canaries=p.canaries, question_encoder=question_encoder)
+
+
+@task(name="promote")
+def promote_task(version_id: str, p: RefreshParams, reason: str, expected_generation: int | None = None) -> str:
+    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason,
+                                      expected_generation=expected_generation)
+    emit_event(
+        "ragindex.index.promoted",
+        resource={"prefect.resource.id": f"ragindex.version.{version_id}"},
+        payload={"version": version_id, "generation": pointer.generation, "store": p.store_url,
+                 "previous": pointer.previous},
+    )
+    return version_id

@@ -1,0 +1,62 @@
+"""What a refresh-index run did: the outcome the flow returns and the report artifact it leaves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+
+
+@dataclass
+class RefreshOutcome:
+    """What a run did, returned by the flow and written into its report artifact."""
+
+    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected"
+    version: str | None
+    reason: str
+    current: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None
+    dump: dict[str, Any] | None = None
+    precision: dict[str, Any] | None = None  # the document encoder's measured precision choice
+
+
+def write_report(o: RefreshOutcome) -> None:
+    """The `refresh-index-report` markdown artifact: counts, skipped articles, index, precision, validation, timings."""
+    lines = [
+        f"# refresh-index: {o.status}",
+        "",
+        f"- **version**: `{o.version}`",
+        f"- **CURRENT**: `{o.current}`",
+        f"- **why**: {o.reason}",
+    ]
+    if o.dump:
+        files = ", ".join(f"`{f['name']}`" for f in o.dump.get("files", []))
+        lines.append(f"- **dump**: {o.dump.get('wiki')} {o.dump.get('dump_date')} ({files})")
+    if o.counts:
+        lines += ["", "## Counts", "", "| what | n |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.counts.items())]
+    if o.skipped:
+        lines += ["", "## Articles skipped", "", "| reason | n |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in sorted(o.skipped.items())]
+    if o.index:
+        lines += ["", "## Index", "", f"- spec `{o.index.get('spec')}`, factory `{o.index.get('factory')}`,"
+                  f" {o.index.get('bytes', 0):,} bytes, search params `{o.index.get('search_params')}`"]
+    if o.precision:
+        speeds = ", ".join(f"{k} {v:.1f}/s" for k, v in o.precision["passages_per_s"].items())
+        lines += ["", f"- **precision**: {o.precision['chosen']} (asked {o.precision['requested']}; cosine to "
+                  f"fp32 {o.precision['cosine']:.5f}; probe {speeds})"]
+    if o.validation:
+        lines += ["", f"## Validation: {'passed' if o.validation.get('passed') else 'FAILED'}", ""]
+        if o.validation.get("reason"):
+            lines.append(f"- reason: {o.validation['reason']}")
+        lines += [f"- {k}: `{v}`" for k, v in sorted(o.validation.get("checks", {}).items())]
+    if o.timings:
+        lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in o.timings.items()]
+    create_markdown_artifact("\n".join(lines), key="refresh-index-report", description=f"refresh-index {o.status}")
+    print(f"refresh-index: {o.status} {o.version or ''} {o.reason}".strip())
