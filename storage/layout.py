@@ -11,6 +11,8 @@ versions will change) is written down in one place:
       embeddings/part-NNNNN.npy         float32 [rows, dim], row i <-> passages row i
       embeddings/part-NNNNN.json        its sidecar (storage.records.EmbeddingSidecar)
       embeddings/embeddings.json        the embeddings summary (storage.records.EmbeddingsSummary)
+      embeddings/hash_keys.npy          sorted content hashes, fixed-width bytes (tasks.reuse_index)
+      embeddings/hash_rows.npy          int32 [n, 2] (shard, row) of each key: where reuse finds a vector
       index.faiss                       faiss ids == global row_id
       passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
       _work/                            unit outputs of an unfinished build (removed before validation)
@@ -31,6 +33,8 @@ PASSAGES_SUMMARY = "passages.json"
 EMBEDDINGS_SUMMARY = "embeddings.json"
 INDEX_FILE = "index.faiss"
 PASSAGE_TABLE = "passages.arrow"
+HASH_KEYS = "hash_keys.npy"
+HASH_ROWS = "hash_rows.npy"
 
 PASSAGES_SUMMARY_PATH = f"{PASSAGES_DIR}/{PASSAGES_SUMMARY}"
 EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"

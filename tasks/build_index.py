@@ -43,6 +43,7 @@ from storage.timing import timed
 from tasks.index_spec import Plan, default_nlist, plan_index, refuse_if_over
 from tasks.index_tuning import tune
 from tasks.passage_table import write_passage_table
+from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors, draft_manifest, finalize_version
 
 log = logging.getLogger(__name__)
@@ -257,20 +258,24 @@ def copy_tree(src_url: str, dst_fs: Any, dst_dir: str, s3_endpoint_url: str | No
 def build_version_files(store, version_id: str, *, spec: str = "auto", memory_budget: int = 16 * 2**30,
                         target_recall: float = 0.95, progress: bool = True,
                         timings: dict[str, float] | None = None) -> IndexInfo:
-    """Build index.faiss and passages.arrow of a staged version from its passages/ and embeddings/.
+    """Build index.faiss, passages.arrow and the reuse hash table of a staged version from its
+    passages/ and embeddings/.
 
-    The two are independent (faiss and Arrow release the GIL), so the table is written beside the build.
+    They are independent (faiss, Arrow and numpy release the GIL), so the two tables are written
+    beside the index build, one after the other on one thread.
     """
     timings = {} if timings is None else timings
     url = store.version_url
     with ThreadPoolExecutor(max_workers=1) as pool, timed(timings, "build_s"):
         table = pool.submit(write_passage_table, url(version_id, layout.PASSAGES_DIR),
                             url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url)
+        hash_index = pool.submit(write_hash_index, url(version_id), store.s3_endpoint_url)
         with timed(timings, "index_s"):
             info = build_index(url(version_id, layout.EMBEDDINGS_DIR), url(version_id, layout.INDEX_FILE),
                                spec=spec, memory_budget=memory_budget, target_recall=target_recall,
                                s3_endpoint_url=store.s3_endpoint_url, progress=progress)
         table.result()
+        hash_index.result()
     return info
 
 
