@@ -35,6 +35,8 @@ INDEX_FILE = "index.faiss"
 PASSAGE_TABLE = "passages.arrow"
 HASH_KEYS = "hash_keys.npy"
 HASH_ROWS = "hash_rows.npy"
+# Beside versions/, not inside one: <store>/trained/<fingerprint key>/<entry>.faiss|.json (tasks.trained_store).
+TRAINED_DIR = "trained"
 
 PASSAGES_SUMMARY_PATH = f"{PASSAGES_DIR}/{PASSAGES_SUMMARY}"
 EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"
@@ -89,3 +91,10 @@ def sidecar(embedding_shard_name: str) -> str:
 def passage_shard(embedding_shard_name: str) -> str:
     """The passage shard an embedding shard was computed from."""
     return stem(embedding_shard_name) + ".parquet"
+
+
+def trained_entry_dir(fingerprint_key: str) -> str:
+    """The directory under TRAINED_DIR holding the trained indexes of one encoder fingerprint."""
+    if not re.fullmatch(r"[0-9a-f]{1,64}", fingerprint_key):
+        raise ValueError(f"not a fingerprint key: {fingerprint_key!r}")
+    return fingerprint_key
