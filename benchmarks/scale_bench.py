@@ -45,8 +45,8 @@ DIM = 768
 WORDS = 300  # words per synthetic article: three 100-word passages
 UNIT_ARTICLES = 20_000  # articles per synthetic work unit
 CHANGED = 0.02
-STEPS = ("passages", "index", "table", "hash_table", "validate", "reuse", "serve")
-PARALLEL = {"index", "validate", "reuse"}  # faiss/BLAS threads, or one task per shard
+STEPS = ("passages", "index", "index_again", "table", "hash_table", "validate", "reuse", "serve")
+PARALLEL = {"index", "index_again", "validate", "reuse"}  # faiss/BLAS threads, or one task per shard
 MB = 2**20
 
 
@@ -176,13 +176,15 @@ def step_passages(root: str, vid: str, units: list[dict], shard_rows: int) -> di
     return {"rows": summary["passages"]}
 
 
-def step_index(root: str, vid: str) -> dict:
+def step_index(root: str, vid: str, index_url: str | None = None) -> dict:
+    """auto, as build_version_files runs it (the store's trained/ kept and reused)."""
     from storage import layout
     from tasks.build_index import build_index
 
     store = _store(root)
-    info = build_index(store.version_url(vid, layout.EMBEDDINGS_DIR), store.version_url(vid, layout.INDEX_FILE),
-                       spec="auto", progress=False)
+    info = build_index(store.version_url(vid, layout.EMBEDDINGS_DIR),
+                       index_url or store.version_url(vid, layout.INDEX_FILE), spec="auto", progress=False,
+                       trained_url=f"{store.url}/{layout.TRAINED_DIR}")
     return {"info": info.model_dump(mode="json")}
 
 
@@ -310,7 +312,7 @@ def link_copy(store, vid: str) -> str:
 # -- one size ---------------------------------------------------------------------------------------------
 
 
-def measure(n: int, data_dir: Path, shard_rows: int, log) -> dict:
+def measure(n: int, data_dir: Path, shard_rows: int, train_once: bool, log) -> dict:
     from storage import layout
 
     base = data_dir / f"n{n}"
@@ -336,6 +338,10 @@ def measure(n: int, data_dir: Path, shard_rows: int, log) -> dict:
     res["gen_s"] += time.perf_counter() - t
     info = record("index", run_step(step_index, store.url, v1))["info"]
     res["index"] = info
+    if train_once:
+        # The next version of the same encoder: its build starts from what this one trained.
+        again = record("index_again", run_step(step_index, store.url, v1, (base / "again.faiss").as_uri()))["info"]
+        res["index_again"] = again
     record("table", run_step(step_table, store.url, v1))
     record("hash_table", run_step(step_hash_table, store.url, v1))
     validation = record("validate", run_step(step_validate, store.url, v1, info))
@@ -397,13 +403,14 @@ def report(results: list[dict], cores: int, big_cores: int) -> bool:
         print(f"{step:<11}" + "".join(f"{c['s']:>11.1f}{c['rss'] / MB:>11.0f}" if c else f"{'-':>22}" for c in cells))
     print(f"{'(generate)':<11}" + "".join(f"{r['gen_s']:>11.1f}{'':>11}" for r in results))
 
-    print("\n== index: auto under the default 16 GiB budget ==")
-    for r in results:
-        p = r["index"]["params"]
-        print(f"{r['n']:>10,}  {r['index']['factory']:<16} train {p.get('train_s', 0):7.1f} s  "
+    print("\n== index: auto under the default 16 GiB budget (index_again: the next build of the same encoder) ==")
+    for r, key in [(r, key) for r in results for key in ("index", "index_again") if key in r]:
+        p = r[key]["params"]
+        print(f"{r['n']:>10,}  {key:<11} {r[key]['factory']:<16} train {p.get('train_s', 0):7.1f} s  "
+              f"({'reused' if p.get('quantizer_reused') else 'trained'})  "
               f"add {p.get('add_s', 0):7.1f} s  tune {p.get('tune_s', 0):6.1f} s  "
-              f"ground truth {p.get('ground_truth_s', 0):6.1f} s  {r['index']['bytes'] / MB:8.0f} MB  "
-              f"{p.get('bytes_per_vector', 0):.0f} B/vector  search {r['index']['search_params']}  "
+              f"ground truth {p.get('ground_truth_s', 0):6.1f} s  {r[key]['bytes'] / MB:8.0f} MB  "
+              f"{p.get('bytes_per_vector', 0):.0f} B/vector  search {r[key]['search_params']}  "
               f"validation {r['validation']['status']} recall@10 {r['validation']['recall']}")
 
     print("\n== growth exponents (log-log slope of time between sizes) ==")
@@ -466,7 +473,8 @@ def report(results: list[dict], cores: int, big_cores: int) -> bool:
                       f"{v['steady_rss'] / MB:.0f} MB  (index {r['disk']['index'] / MB:.0f} MB, "
                       f"table {r['disk']['table'] / MB:.0f} MB mapped)")
         print(f"  21M machine: index {idx_bpv * PAPER_PASSAGES / 2**30:.1f} GB ({hi['index']['factory'].split(',')[-1]}"
-              f" at {idx_bpv:.0f} B/vector; auto under 16 GiB may pick SQ4..SQ8 = 3.0..7.6 GB/M vectors by recall), "
+              f" at {idx_bpv:.0f} B/vector; auto under 16 GiB may pick SQ4..SQ8 = 392..776 B/vector = "
+              f"{392 * PAPER_PASSAGES / 2**30:.1f}..{776 * PAPER_PASSAGES / 2**30:.1f} GB by recall), "
               f"passages.arrow {table_bpr * PAPER_PASSAGES / 2**30:.1f} GB, steady RSS at {hi['n']:,}: "
               f"{s['steady_rss'] / MB:.0f} MB (pages touched, file-backed). A 21M server wants RAM >= index + hot "
               f"part of the table to keep searches off disk: "
@@ -503,6 +511,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default="/work/scale-data", help="where each size's store is written, then removed")
     ap.add_argument("--shard-rows", type=int, default=100_000)
     ap.add_argument("--big-cores", type=int, default=16)
+    ap.add_argument("--train-once", action="store_true",
+                    help="also time a second build of the same fingerprint (index_again: reuses the trained index)")
     args = ap.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(",") if s.strip())
     if not sizes or sizes[0] < 1000:
@@ -521,7 +531,7 @@ def main() -> int:
     try:
         for n in sizes:
             t = time.perf_counter()
-            results.append(measure(n, data_dir, args.shard_rows, log))
+            results.append(measure(n, data_dir, args.shard_rows, args.train_once, log))
             load = tuple(round(x, 1) for x in os.getloadavg())
             log(f"  {n:>9,} done in {time.perf_counter() - t:.0f} s; load {load}")
     finally:

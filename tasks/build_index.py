@@ -165,8 +165,10 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
         plan = Plan("auto", "Flat", "ip", dim, {"chosen": "flat: small enough for exact search"},
                     in_memory_bytes=n * dim * 4)
         return _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
+    reused_recall = None
     if trained_url is not None:
-        reused = _auto_from_trained(shards, budget, target_recall, queries, gt, progress, trained_url, s3_endpoint_url)
+        reused, reused_recall = _auto_from_trained(shards, budget, target_recall, queries, gt, progress, trained_url,
+                                                   s3_endpoint_url)
         if reused is not None:
             return reused
     nlist = default_nlist(n)
@@ -212,6 +214,8 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
         info = built.info
         if info.params["tuned_recall_at_10"] >= target_recall or code == fits[-1]:
             built.timings["train_s"] = built.timings.get("train_s", 0.0) + train_s
+            if reused_recall is not None:
+                info.params["retrained_after_reused_recall"] = round(reused_recall, 4)
             if trained_url is not None and built.trained is not None:
                 save_trained(trained_url, shards.fingerprint.key, _auto_entry(n), plan.factory, built.trained, dim,
                              info.params.get("train_size", 0), info.params["tuned_recall_at_10"], s3_endpoint_url)
@@ -228,21 +232,22 @@ def _auto_entry(n: int) -> str:
 
 def _auto_from_trained(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
                        gt: tuple[np.ndarray, np.ndarray], progress: bool, trained_url: str,
-                       s3_endpoint_url: str | None) -> Built | None:
-    """auto from the index trained by an earlier build of this fingerprint, if it still reaches the target."""
+                       s3_endpoint_url: str | None) -> tuple[Built | None, float | None]:
+    """auto from the index trained by an earlier build of this fingerprint, if it still reaches the
+    target; else (None, the recall it reached, or None when there was none to reuse)."""
     n, dim = shards.total, shards.dim
     loaded = load_trained(trained_url, shards.fingerprint.key, _auto_entry(n), dim, s3_endpoint_url)
     if loaded is None:
-        return None
+        return None, None
     factory = loaded[1].factory
     plan = Plan("auto", factory, "ip", dim, {"nlist": default_nlist(n), "code": factory.split(",")[-1],
                                               "chosen": "the code trained by an earlier build of this encoder"})
     built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, pretrained=loaded)
-    if built.info.params["tuned_recall_at_10"] >= target_recall:
-        return built
-    log.info("auto: the stored %s reaches only %.3f recall here; training again", factory,
-             built.info.params["tuned_recall_at_10"])
-    return None
+    recall = built.info.params["tuned_recall_at_10"]
+    if recall >= target_recall:
+        return built, None
+    log.info("auto: the stored %s reaches only %.3f recall here; training again", factory, recall)
+    return None, recall
 
 
 def _plan_with_trained(plan: Plan, shards: EmbeddingShards, budget: int, target_recall: float,
@@ -251,16 +256,20 @@ def _plan_with_trained(plan: Plan, shards: EmbeddingShards, budget: int, target_
     """An explicit spec's build, starting from the stored trained index when there is one that still
     reaches the target recall; a build that trains stores what it trained."""
     key, entry = shards.fingerprint.key, entry_name(plan.factory)
+    reused_recall = None
     if trained_url is not None and plan.metric == "ip" and not _new_index(plan).is_trained:
         loaded = load_trained(trained_url, key, entry, plan.dim, s3_endpoint_url)
         if loaded is not None:
             built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, pretrained=loaded)
-            if built.info.params["tuned_recall_at_10"] >= target_recall:
+            reused_recall = built.info.params["tuned_recall_at_10"]
+            if reused_recall >= target_recall:
                 return built
             log.info("%s: the stored trained index reaches only %.3f recall here; training again", plan.factory,
-                     built.info.params["tuned_recall_at_10"])
+                     reused_recall)
             del built
     built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
+    if reused_recall is not None:
+        built.info.params["retrained_after_reused_recall"] = reused_recall
     if trained_url is not None and built.trained is not None:
         save_trained(trained_url, key, entry, plan.factory, built.trained, plan.dim,
                      built.info.params.get("train_size", 0), built.info.params["tuned_recall_at_10"], s3_endpoint_url)

@@ -185,3 +185,19 @@ def test_a_stored_trained_index_that_does_not_verify_is_retrained_and_replaced(t
     assert info.params["quantizer_reused"] is False
     info, _ = build(store, vid, "ivfsq:nlist=16", trained_url=trained)  # the replacement verifies
     assert info.params["quantizer_reused"] is True
+
+
+def test_a_reused_trained_index_that_misses_the_target_recall_is_retrained_and_replaced(tmp_path):
+    store = IndexStore(str(tmp_path / "store"))
+    trained = store.url + "/trained"
+    spec = "ivfpq:nlist=8,m=8,nbits=6"
+    # PQ codebooks trained on data a thousand times larger: every vector of the next version encodes alike.
+    huge = staged(store, 1000 * clustered_vectors(3000, 32, seed=6, clusters=40), shard_rows=1000)
+    build(store, huge, spec, trained_url=trained, target_recall=0.5)
+    vid = staged(store, clustered_vectors(3000, 32, seed=7, clusters=40), shard_rows=1000)
+    # PQ6 on 32-d reaches ~0.5 when trained on its own data, ~0.03 with the foreign codebooks.
+    info, _ = build(store, vid, spec, trained_url=trained, target_recall=0.45)
+    assert info.params["quantizer_reused"] is False and info.params["retrained_after_reused_recall"] < 0.2
+    assert info.params["tuned_recall_at_10"] >= 0.45
+    again, _ = build(store, vid, spec, trained_url=trained, target_recall=0.45)
+    assert again.params["quantizer_reused"] is True  # the entry now holds what the retraining produced
