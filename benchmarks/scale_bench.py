@@ -263,6 +263,8 @@ def step_serve(root: str, first: str, second: str) -> dict:
         current.search(queries[i: i + 1], 10)
     out["query_ms"] = (time.perf_counter() - t) / 200 * 1000
     out["steady_rss"] = _rss_now()
+    # File-backed (mapped index/table pages) vs anonymous (heap) share of it.
+    out["steady_rss_file"], out["steady_rss_anon"] = _status("RssFile"), _status("RssAnon")
     return out
 
 
@@ -470,7 +472,8 @@ def report(results: list[dict], cores: int, big_cores: int) -> bool:
                 v = r["serve"]
                 print(f"{r['n']:>10,}  open {v['open_s']:.2f} s  first query {v['first_query_s'] * 1000:.0f} ms  "
                       f"swap {v['swap_s']:.2f} s  query {v['query_ms']:.1f} ms  steady RSS "
-                      f"{v['steady_rss'] / MB:.0f} MB  (index {r['disk']['index'] / MB:.0f} MB, "
+                      f"{v['steady_rss'] / MB:.0f} MB = file {v.get('steady_rss_file', 0) / MB:.0f} + anon "
+                      f"{v.get('steady_rss_anon', 0) / MB:.0f} MB  (index {r['disk']['index'] / MB:.0f} MB, "
                       f"table {r['disk']['table'] / MB:.0f} MB mapped)")
         print(f"  21M machine: index {idx_bpv * PAPER_PASSAGES / 2**30:.1f} GB ({hi['index']['factory'].split(',')[-1]}"
               f" at {idx_bpv:.0f} B/vector; auto under 16 GiB may pick SQ4..SQ8 = 392..776 B/vector = "
