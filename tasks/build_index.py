@@ -13,6 +13,11 @@ with faiss ids == global row_id, and trained indexes learn from a random sample.
   SQ8 < SQfp16 < Flat) that fits the memory budget and reaches the target recall, nprobe tuned on
   held-out queries against exact search.
 
+Train once, add many: with a `trained_url` (build_version_files passes the store's `trained/`), a
+trained empty index of the same encoder fingerprint and factory (tasks.trained_store) is reused
+instead of training; the build falls back to training, and replaces the stored one, when the reused
+index misses the target recall. `quantizer_reused`, `train_s` and `add_s` are in the index params.
+
 `build_version_files` + `finish_version` are the one assembly path of a version (index, passage
 table, manifest, validation, commit): `ragindex build` (`build_version`) and the refresh flow both
 go through them.
