@@ -12,6 +12,8 @@ versions will change) is written down in one place:
       embeddings/part-NNNNN.json        its sidecar (storage.records.EmbeddingSidecar)
       embeddings/embeddings.json        the embeddings summary (storage.records.EmbeddingsSummary)
       embeddings/_ray/part-NNNNN.npy    reused vectors of a shard a Ray Data job is encoding (removed after it)
+      embeddings/hash_keys.npy          sorted content hashes, fixed-width bytes (tasks.reuse_index)
+      embeddings/hash_rows.npy          int32 [n, 2] (shard, row) of each key: where reuse finds a vector
       index.faiss                       faiss ids == global row_id
       passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
       _work/                            unit outputs of an unfinished build (removed before validation)
@@ -33,6 +35,10 @@ PASSAGES_SUMMARY = "passages.json"
 EMBEDDINGS_SUMMARY = "embeddings.json"
 INDEX_FILE = "index.faiss"
 PASSAGE_TABLE = "passages.arrow"
+HASH_KEYS = "hash_keys.npy"
+HASH_ROWS = "hash_rows.npy"
+# Beside versions/, not inside one: <store>/trained/<fingerprint key>/<entry>.faiss|.json (tasks.trained_store).
+TRAINED_DIR = "trained"
 
 PASSAGES_SUMMARY_PATH = f"{PASSAGES_DIR}/{PASSAGES_SUMMARY}"
 EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"
@@ -87,3 +93,10 @@ def sidecar(embedding_shard_name: str) -> str:
 def passage_shard(embedding_shard_name: str) -> str:
     """The passage shard an embedding shard was computed from."""
     return stem(embedding_shard_name) + ".parquet"
+
+
+def trained_entry_dir(fingerprint_key: str) -> str:
+    """The directory under TRAINED_DIR holding the trained indexes of one encoder fingerprint."""
+    if not re.fullmatch(r"[0-9a-f]{1,64}", fingerprint_key):
+        raise ValueError(f"not a fingerprint key: {fingerprint_key!r}")
+    return fingerprint_key

@@ -13,6 +13,11 @@ with faiss ids == global row_id, and trained indexes learn from a random sample.
   SQ8 < SQfp16 < Flat) that fits the memory budget and reaches the target recall, nprobe tuned on
   held-out queries against exact search.
 
+Train once, add many: with a `trained_url` (build_version_files passes the store's `trained/`), a
+trained empty index of the same encoder fingerprint and factory (tasks.trained_store) is reused
+instead of training; the build falls back to training, and replaces the stored one, when the reused
+index misses the target recall. `quantizer_reused`, `train_s` and `add_s` are in the index params.
+
 `build_version_files` + `finish_version` are the one assembly path of a version (index, passage
 table, manifest, validation, commit): `ragindex build` (`build_version`) and the refresh flow both
 go through them.
@@ -25,7 +30,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -43,6 +48,8 @@ from storage.timing import timed
 from tasks.index_spec import Plan, default_nlist, plan_index, refuse_if_over
 from tasks.index_tuning import tune
 from tasks.passage_table import write_passage_table
+from tasks.reuse_index import write_hash_index
+from tasks.trained_store import TrainedRecord, entry_name, load_trained, save_trained
 from tasks.validate import ValidationFloors, draft_manifest, finalize_version
 
 log = logging.getLogger(__name__)
@@ -97,23 +104,42 @@ def _measured_bytes(index: faiss.Index, sample: np.ndarray, n: int) -> int:
     return int(base + per_vector * n)
 
 
+class Built(NamedTuple):
+    index: faiss.Index
+    info: IndexInfo
+    timings: dict[str, float]
+    trained: bytes | None  # the serialized trained, still empty index when this build trained one
+
+
 def _build_plan(plan: Plan, shards: EmbeddingShards, budget: int, target_recall: float,
                 queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], progress: bool,
-                quantizer: faiss.Index | None = None) -> tuple[faiss.Index, IndexInfo, dict[str, float]]:
+                quantizer: faiss.Index | None = None,
+                pretrained: tuple[faiss.Index, TrainedRecord] | None = None) -> Built:
     n, dim = shards.total, shards.dim
     timings: dict[str, float] = {}
     if plan.in_memory_bytes is not None:
         refuse_if_over(plan.spec, plan.in_memory_bytes, budget, n, dim)
     phi = _max_sq_norm(shards, progress) if plan.metric == "l2" else None
-    index = _new_index(plan)
+    index = pretrained[0] if pretrained is not None else _new_index(plan)
     params = dict(plan.params)
-    if not index.is_trained:
+    trained = None
+    if pretrained is not None:
+        record = pretrained[1]
+        timings["train_s"] = 0.0
+        params.update({"train_size": record.train_size, "quantizer_reused": True,
+                       "trained_sha256": record.sha256, "recall_at_training": record.recall_at_training})
+        if plan.in_memory_bytes is None:
+            few = shards.gather(sample_rows(n, 2000, seed=1))
+            refuse_if_over(plan.spec, _measured_bytes(index, few, n), budget, n, dim)
+    elif not index.is_trained:
         with timed(timings, "train_s"):
             sample = shards.gather(sample_rows(n, _train_size(plan, n), seed=1))
             params["train_size"] = len(sample)
             if quantizer is not None:
                 _reuse_quantizer(index, quantizer)
             index.train(sample)
+        params["quantizer_reused"] = False
+        trained = faiss.serialize_index(index).tobytes()  # still empty: what later builds can start from
         if plan.in_memory_bytes is None:
             refuse_if_over(plan.spec, _measured_bytes(index, sample, n), budget, n, dim)
         del sample
@@ -126,7 +152,7 @@ def _build_plan(plan: Plan, shards: EmbeddingShards, budget: int, target_recall:
     info.search_params = search_params
     info.params.update({"tuned_recall_at_10": round(recall, 4), "target_recall": target_recall,
                         "tuning_queries": len(queries)})
-    return index, info, timings
+    return Built(index, info, timings, trained)
 
 
 def _reuse_quantizer(index: faiss.Index, quantizer: faiss.Index) -> None:
@@ -137,12 +163,19 @@ def _reuse_quantizer(index: faiss.Index, quantizer: faiss.Index) -> None:
 
 
 def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
-                gt: tuple[np.ndarray, np.ndarray], progress: bool):
+                gt: tuple[np.ndarray, np.ndarray], progress: bool, trained_url: str | None = None,
+                s3_endpoint_url: str | None = None) -> Built:
     n, dim = shards.total, shards.dim
     if n <= AUTO_FLAT_MAX and n * dim * 4 <= budget:
         plan = Plan("auto", "Flat", "ip", dim, {"chosen": "flat: small enough for exact search"},
                     in_memory_bytes=n * dim * 4)
         return _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
+    reused_recall = None
+    if trained_url is not None:
+        reused, reused_recall = _auto_from_trained(shards, budget, target_recall, queries, gt, progress, trained_url,
+                                                   s3_endpoint_url)
+        if reused is not None:
+            return reused
     nlist = default_nlist(n)
     code_bytes = {"SQ4": dim / 2, "SQ6": dim * 3 / 4, "SQ8": dim, "SQfp16": 2 * dim, "Flat": 4 * dim}
     fits = [c for c in AUTO_CODES if n * (code_bytes[c] + 8) + nlist * dim * 4 <= budget]
@@ -182,14 +215,70 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
     for code in fits[start_at:]:
         plan = Plan("auto", f"IVF{nlist},{code}", "ip", dim,
                     {"nlist": nlist, "code": code, "preselection": tried, "coarse_train_s": round(train_s, 2)})
-        index, info, timings = _build_plan(plan, shards, budget, target_recall, queries, gt, progress,
-                                           quantizer=coarse)
+        built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, quantizer=coarse)
+        info = built.info
         if info.params["tuned_recall_at_10"] >= target_recall or code == fits[-1]:
-            timings["train_s"] = timings.get("train_s", 0.0) + train_s
-            return index, info, timings
+            built.timings["train_s"] = built.timings.get("train_s", 0.0) + train_s
+            if reused_recall is not None:
+                info.params["retrained_after_reused_recall"] = round(reused_recall, 4)
+            if trained_url is not None and built.trained is not None:
+                save_trained(trained_url, shards.fingerprint.key, _auto_entry(n), plan.factory, built.trained, dim,
+                             info.params.get("train_size", 0), info.params["tuned_recall_at_10"], s3_endpoint_url)
+            return built
         tried.append({"code": code, "full_recall_max_nprobe": info.params["tuned_recall_at_10"]})
         log.info("auto: %s reaches only %.3f recall; trying a larger code", code, info.params["tuned_recall_at_10"])
     raise AssertionError("unreachable")
+
+
+def _auto_entry(n: int) -> str:
+    """auto's trained entry: one per coarse-quantizer size, which depends on n only through default_nlist."""
+    return f"auto-IVF{default_nlist(n)}"
+
+
+def _auto_from_trained(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
+                       gt: tuple[np.ndarray, np.ndarray], progress: bool, trained_url: str,
+                       s3_endpoint_url: str | None) -> tuple[Built | None, float | None]:
+    """auto from the index trained by an earlier build of this fingerprint, if it still reaches the
+    target; else (None, the recall it reached, or None when there was none to reuse)."""
+    n, dim = shards.total, shards.dim
+    loaded = load_trained(trained_url, shards.fingerprint.key, _auto_entry(n), dim, s3_endpoint_url)
+    if loaded is None:
+        return None, None
+    factory = loaded[1].factory
+    plan = Plan("auto", factory, "ip", dim, {"nlist": default_nlist(n), "code": factory.split(",")[-1],
+                                              "chosen": "the code trained by an earlier build of this encoder"})
+    built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, pretrained=loaded)
+    recall = built.info.params["tuned_recall_at_10"]
+    if recall >= target_recall:
+        return built, None
+    log.info("auto: the stored %s reaches only %.3f recall here; training again", factory, recall)
+    return None, recall
+
+
+def _plan_with_trained(plan: Plan, shards: EmbeddingShards, budget: int, target_recall: float,
+                       queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], progress: bool,
+                       trained_url: str | None, s3_endpoint_url: str | None) -> Built:
+    """An explicit spec's build, starting from the stored trained index when there is one that still
+    reaches the target recall; a build that trains stores what it trained."""
+    key, entry = shards.fingerprint.key, entry_name(plan.factory)
+    reused_recall = None
+    if trained_url is not None and plan.metric == "ip" and not _new_index(plan).is_trained:
+        loaded = load_trained(trained_url, key, entry, plan.dim, s3_endpoint_url)
+        if loaded is not None:
+            built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, pretrained=loaded)
+            reused_recall = built.info.params["tuned_recall_at_10"]
+            if reused_recall >= target_recall:
+                return built
+            log.info("%s: the stored trained index reaches only %.3f recall here; training again", plan.factory,
+                     reused_recall)
+            del built
+    built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
+    if reused_recall is not None:
+        built.info.params["retrained_after_reused_recall"] = reused_recall
+    if trained_url is not None and built.trained is not None:
+        save_trained(trained_url, key, entry, plan.factory, built.trained, plan.dim,
+                     built.info.params.get("train_size", 0), built.info.params["tuned_recall_at_10"], s3_endpoint_url)
+    return built
 
 
 def build_index(
@@ -201,8 +290,13 @@ def build_index(
     target_recall: float = 0.95,
     s3_endpoint_url: str | None = None,
     progress: bool = True,
+    trained_url: str | None = None,
 ) -> IndexInfo:
-    """Build the index for the embedding shards at `embeddings_url` and write it to `index_url`."""
+    """Build the index for the embedding shards at `embeddings_url` and write it to `index_url`.
+
+    With `trained_url` (a store's `trained/` directory) a trained index of the same encoder
+    fingerprint and factory is reused instead of training, and what a build trains is kept there.
+    """
     if not 0 < target_recall <= 1:
         raise Rejected(f"target recall must be in (0, 1], got {target_recall}")
     overall: dict[str, float] = {}
@@ -216,9 +310,11 @@ def build_index(
         with timed(overall, "ground_truth_s"):
             gt = exact_search(shards, queries, GT_K, progress)
         if plan is None:
-            index, info, timings = _build_auto(shards, memory_budget, target_recall, queries, gt, progress)
+            index, info, timings, _ = _build_auto(shards, memory_budget, target_recall, queries, gt, progress,
+                                                  trained_url, s3_endpoint_url)
         else:
-            index, info, timings = _build_plan(plan, shards, memory_budget, target_recall, queries, gt, progress)
+            index, info, timings, _ = _plan_with_trained(plan, shards, memory_budget, target_recall, queries, gt,
+                                                         progress, trained_url, s3_endpoint_url)
         apply_search_params(index, info)
         info.bytes = write_faiss_index(index, index_url, s3_endpoint_url)
     info.params.update({k: round(v, 3) for k, v in timings.items()})
@@ -257,20 +353,25 @@ def copy_tree(src_url: str, dst_fs: Any, dst_dir: str, s3_endpoint_url: str | No
 def build_version_files(store, version_id: str, *, spec: str = "auto", memory_budget: int = 16 * 2**30,
                         target_recall: float = 0.95, progress: bool = True,
                         timings: dict[str, float] | None = None) -> IndexInfo:
-    """Build index.faiss and passages.arrow of a staged version from its passages/ and embeddings/.
+    """Build index.faiss, passages.arrow and the reuse hash table of a staged version from its
+    passages/ and embeddings/.
 
-    The two are independent (faiss and Arrow release the GIL), so the table is written beside the build.
+    They are independent (faiss, Arrow and numpy release the GIL), so the two tables are written
+    beside the index build, one after the other on one thread.
     """
     timings = {} if timings is None else timings
     url = store.version_url
     with ThreadPoolExecutor(max_workers=1) as pool, timed(timings, "build_s"):
         table = pool.submit(write_passage_table, url(version_id, layout.PASSAGES_DIR),
                             url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url)
+        hash_index = pool.submit(write_hash_index, url(version_id), store.s3_endpoint_url)
         with timed(timings, "index_s"):
             info = build_index(url(version_id, layout.EMBEDDINGS_DIR), url(version_id, layout.INDEX_FILE),
                                spec=spec, memory_budget=memory_budget, target_recall=target_recall,
-                               s3_endpoint_url=store.s3_endpoint_url, progress=progress)
+                               s3_endpoint_url=store.s3_endpoint_url, progress=progress,
+                               trained_url=join(store.url, layout.TRAINED_DIR))
         table.result()
+        hash_index.result()
     return info
 
 

@@ -40,6 +40,7 @@ from storage.store import IndexStore
 from storage.timing import timed
 from storage.verify import verify_file
 from tasks.passage_table import passage_shard_paths
+from tasks.reuse_index import hash_keys, open_source
 
 log = logging.getLogger(__name__)
 
@@ -176,47 +177,39 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
                    s3_endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(mask of rows found, their vectors) for a shard's content hashes, from earlier version roots.
 
-    Streams the earlier versions one passage shard at a time (only its content_hash column), so
-    memory stays at one shard's hashes however large the earlier versions are; stops early once
-    every hash is found. Earlier roots come first-preferred.
+    Each earlier version's hash table (tasks.reuse_index: written at build time, or built once per
+    process for versions without one) is searched with this shard's sorted hashes, and only the
+    rows found are read. Earlier roots come first-preferred; within a root the first occurrence.
     """
     unique = pc.unique(hashes)
     row_to_unique = pc.index_in(hashes, value_set=unique).to_numpy(zero_copy_only=False)
+    keys = hash_keys(unique)
     n_unique = len(unique)
     src_shard = np.full(n_unique, -1, dtype=np.int64)  # index into `sources`
     src_row = np.zeros(n_unique, dtype=np.int64)
     sources: list[tuple[Any, str]] = []
-    remaining = n_unique
     for url in reuse_from:
-        fs, root = resolve(url, s3_endpoint_url)
-        pairs = _source_shards(fs, root, key)
-        digests = _root_digests(fs, root) if pairs else {}
-        for passages_path, npy_path in pairs or ():
-            try:
-                column = pq.read_table(passages_path, columns=["content_hash"], filesystem=fs).column(0)
-            except (FileNotFoundError, pa.ArrowInvalid, OSError, KeyError) as exc:
-                log.warning("reuse: cannot read %s (%s); skipping it", passages_path, exc)
-                continue
-            hit = pc.fill_null(pc.index_in(column, value_set=unique), -1).to_numpy(zero_copy_only=False)
-            found_rows = np.flatnonzero(hit >= 0)
-            if len(found_rows) == 0:
-                continue
-            targets = hit[found_rows].astype(np.int64)
-            fresh = src_shard[targets] == -1
-            found_rows, targets = found_rows[fresh], targets[fresh]
-            # The same hash twice in one source shard: keep its first row.
-            targets, first = np.unique(targets, return_index=True)
-            found_rows = found_rows[first]
-            if len(targets) == 0 or not _verified_source(fs, root, (passages_path, npy_path), digests):
-                continue
-            src_shard[targets] = len(sources)
-            src_row[targets] = found_rows
-            sources.append((fs, npy_path))
-            remaining -= len(targets)
-            if remaining == 0:
-                break
-        if remaining == 0:
+        todo = np.flatnonzero(src_shard == -1)
+        if len(todo) == 0:
             break
+        source = open_source(url, key, s3_endpoint_url, _source_shards)
+        if source is None:
+            continue
+        fs, root = resolve(url, s3_endpoint_url)
+        digests = _root_digests(fs, root)
+        shard, row = source.table.lookup(keys[todo])
+        for s in np.unique(shard[shard >= 0]).tolist():
+            npy_path = source.npy_paths[s]
+            # Both halves of a source shard must be the bytes its version names: the vectors are
+            # copied from the .npy, and the passage shard is what says which passage each row is.
+            passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1])) \
+                if npy_path else None
+            if npy_path is None or not _verified_source(fs, root, (passages_path, npy_path), digests):
+                continue
+            which = shard == s
+            src_shard[todo[which]] = len(sources)
+            src_row[todo[which]] = row[which]
+            sources.append((source.fs, npy_path))
 
     vectors = np.zeros((n_unique, dim), dtype=np.float32)
     for i, (fs, npy_path) in enumerate(sources):

@@ -1,0 +1,175 @@
+"""Embedding reuse through the per-version hash table: same answers as the old scan, with or without a table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from rag_model.vectors import read_rows
+from storage import layout
+from storage.fs import resolve
+from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump
+from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, ShardEntry
+from tasks import reuse_index
+from tasks.embed import _reuse_vectors, _source_shards
+from tasks.reuse_index import hash_keys, open_source, write_hash_index
+
+DIM = 8
+FINGERPRINT = EncoderFingerprint(model_id="synthetic", weights_sha256="0" * 64, dim=DIM, pooling="cls",
+                                 max_length=16, kind="dpr")
+KEY = FINGERPRINT.key
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_version(root: Path, shards: Sequence[Sequence[str]], seed: int) -> None:
+    """Passage shards holding these content hashes, random vectors, sidecars and embeddings.json."""
+    rng = np.random.default_rng(seed)
+    (root / layout.PASSAGES_DIR).mkdir(parents=True)
+    (root / layout.EMBEDDINGS_DIR).mkdir()
+    entries, passage_entries, start = [], [], 0
+    for n, hashes in enumerate(shards):
+        rows = len(hashes)
+        name = layout.passage_part(n)
+        table = pa.table({"row_id": range(start, start + rows), "passage_id": [f"p{start + i}" for i in range(rows)],
+                          "page_id": [1] * rows, "rev_id": [1] * rows, "title": ["t"] * rows,
+                          "text": ["x"] * rows, "content_hash": list(hashes)}, schema=layout.PASSAGE_SCHEMA)
+        pq.write_table(table, root / layout.PASSAGES_DIR / name)
+        npy = root / layout.EMBEDDINGS_DIR / layout.embedding_shard(name)
+        np.save(npy, rng.standard_normal((rows, DIM)).astype(np.float32))
+        sidecar = EmbeddingSidecar(passages_sha256=_sha(root / layout.PASSAGES_DIR / name), fingerprint_key=KEY,
+                                   rows=rows, dim=DIM, encoded=rows, sha256=_sha(npy))
+        (root / layout.EMBEDDINGS_DIR / layout.sidecar(name)).write_text(json.dumps(sidecar.dump()))
+        entries.append(ShardEntry(name=npy.name, rows=rows, sha256=sidecar.sha256))
+        passage_entries.append(ShardEntry(name=name, rows=rows, sha256=sidecar.passages_sha256))
+        start += rows
+    summary = EmbeddingsSummary(fingerprint=FINGERPRINT, dim=DIM, rows=start, encoded=start, shards=entries)
+    (root / layout.EMBEDDINGS_SUMMARY_PATH).write_text(json.dumps(summary.dump()))
+    # Reuse copies vectors only from shards whose bytes their summaries (or manifest) name.
+    passages = PassagesSummary(source=SourceDump(wiki="enwiki", dump_date="20240101"), passages=start,
+                               shards=passage_entries)
+    (root / layout.PASSAGES_SUMMARY_PATH).write_text(json.dumps(passages.dump()))
+
+
+def scan_reuse(hashes: pa.Array, reuse_from: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The reuse lookup as it was before the hash table: scan every earlier shard's content_hash column."""
+    unique = pc.unique(hashes)
+    row_to_unique = pc.index_in(hashes, value_set=unique).to_numpy(zero_copy_only=False)
+    src_shard = np.full(len(unique), -1, dtype=np.int64)
+    src_row = np.zeros(len(unique), dtype=np.int64)
+    sources = []
+    for url in reuse_from:
+        fs, root = resolve(url)
+        for passages_path, npy_path in _source_shards(fs, root, KEY) or ():
+            column = pq.read_table(passages_path, columns=["content_hash"], filesystem=fs).column(0)
+            hit = pc.fill_null(pc.index_in(column, value_set=unique), -1).to_numpy(zero_copy_only=False)
+            found_rows = np.flatnonzero(hit >= 0)
+            targets = hit[found_rows].astype(np.int64)
+            fresh = src_shard[targets] == -1
+            found_rows, targets = found_rows[fresh], targets[fresh]
+            targets, first = np.unique(targets, return_index=True)
+            if len(targets):
+                src_shard[targets] = len(sources)
+                src_row[targets] = found_rows[first]
+                sources.append((fs, npy_path))
+    vectors = np.zeros((len(unique), DIM), dtype=np.float32)
+    for i, (fs, npy_path) in enumerate(sources):
+        which = np.flatnonzero(src_shard == i)
+        which = which[np.argsort(src_row[which])]
+        vectors[which] = read_rows(fs, npy_path, src_row[which], DIM)
+    return (src_shard >= 0)[row_to_unique], vectors[row_to_unique]
+
+
+def h(i: int) -> str:
+    return hashlib.sha1(str(i).encode()).hexdigest()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[list[str], list[pa.Array]]:
+    """Two earlier versions (newer first) that overlap, repeat hashes within and across shards, and
+    new shards with hashes found in one, both or neither."""
+    rng = np.random.default_rng(0)
+    newer = [[h(i) for i in rng.integers(0, 300, 70)] for _ in range(4)]
+    older = [[h(i) for i in rng.integers(150, 500, 90)] for _ in range(3)]
+    write_version(tmp_path / "v2", newer, seed=2)
+    write_version(tmp_path / "v1", older, seed=1)
+    new_shards = [pa.array([h(i) for i in rng.integers(0, 700, 120)]) for _ in range(3)]
+    return [str(tmp_path / "v2"), str(tmp_path / "v1")], new_shards
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    reuse_index._open.clear()
+    yield
+    reuse_index._open.clear()
+
+
+def test_table_lookup_is_byte_identical_to_the_scan(corpus):
+    roots, new_shards = corpus
+    for root in roots:
+        assert write_hash_index(root) > 0
+    assert all(open_source(r, KEY, None, _source_shards).stored for r in roots)
+    total_found = 0
+    for hashes in new_shards:
+        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+        ref_found, ref_vectors = scan_reuse(hashes, roots)
+        np.testing.assert_array_equal(found, ref_found)
+        assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
+        total_found += int(found.sum())
+    assert 0 < total_found < sum(len(s) for s in new_shards)  # some found, some new: both paths exercised
+
+
+def test_a_version_without_a_table_still_reuses_and_builds_it_once(corpus, monkeypatch):
+    roots, new_shards = corpus  # no write_hash_index: versions from before the table existed
+    built = []
+    real_build = reuse_index.build_table
+    monkeypatch.setattr(reuse_index, "build_table", lambda fs, paths: built.append(len(paths)) or real_build(fs, paths))
+    for hashes in new_shards:
+        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+        ref_found, ref_vectors = scan_reuse(hashes, roots)
+        np.testing.assert_array_equal(found, ref_found)
+        assert found.any() and vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
+    assert built == [4, 3]  # once per earlier version for the whole refresh, not once per new shard
+    assert not open_source(roots[0], KEY, None, _source_shards).stored
+
+
+def test_a_table_that_does_not_match_its_manifest_is_rebuilt_not_trusted(corpus):
+    roots, new_shards = corpus
+    root = Path(roots[0])
+    write_hash_index(roots[0])
+    files = {f"{layout.EMBEDDINGS_DIR}/{n}": _sha(root / layout.EMBEDDINGS_DIR / n)
+             for n in (layout.HASH_KEYS, layout.HASH_ROWS)}
+    manifest = Manifest(version="v2", status="ready", source=SourceDump(wiki="enwiki", dump_date="20260101"),
+                        encoder=FINGERPRINT, index=IndexInfo(spec="flat", factory="Flat", dim=DIM), files=files)
+    (root / layout.MANIFEST).write_text(manifest.to_json())
+    assert open_source(roots[0], KEY, None, _source_shards).stored
+    reuse_index._open.clear()
+    # Point every key at the wrong row: only the manifest's sha256 can tell.
+    rows_path = root / layout.EMBEDDINGS_DIR / layout.HASH_ROWS
+    locations = np.load(rows_path)
+    np.save(rows_path, np.roll(locations, 1, axis=0))
+    assert not open_source(roots[0], KEY, None, _source_shards).stored
+    for hashes in new_shards:
+        found, vectors = _reuse_vectors(hashes, roots[:1], KEY, DIM, None)
+        ref_found, ref_vectors = scan_reuse(hashes, roots[:1])
+        np.testing.assert_array_equal(found, ref_found)
+        assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
+
+
+def test_hash_keys_pads_hashes_of_different_lengths_and_finds_them():
+    hashes = pa.array(["b", "abc", "", "ab", "abcd"])
+    keys = hash_keys(hashes)
+    assert keys.dtype == np.dtype("S4") and keys.tolist() == [b"b", b"abc", b"", b"ab", b"abcd"]
+    table = reuse_index.HashTable(np.sort(keys[:4]), np.arange(8, dtype=np.int32).reshape(4, 2))
+    shard, _ = table.lookup(hash_keys(pa.array(["ab", "abcd", "zz", "abcde"])))
+    assert shard[0] >= 0 and (shard[1:] == -1).all()  # "abcd" is not in the table, "abcde" is longer than any key
