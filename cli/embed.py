@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated, Literal
 
 import typer
@@ -44,6 +45,7 @@ def embed(
     """Embed every passage shard; finished shards are skipped, unchanged passages reused."""
     from rag_model.encoders import EncoderSpec, fingerprint_of
     from tasks.embed import embed_passages, find_reuse_sources
+    from tasks.embed_ray import embed_passages_ray
 
     settings = load_settings()
     spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
@@ -52,8 +54,9 @@ def embed(
     if reuse_store:
         store = open_store(reuse_store, settings)
         sources += find_reuse_sources(store, fingerprint_of(spec))
-    summary = embed_passages(
-        passages, out, spec, reuse_from=sources, ray_address=ray_address,
+    run = partial(embed_passages_ray, ray_address=ray_address) if ray_address else embed_passages
+    summary = run(
+        passages, out, spec, reuse_from=sources,
         question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,
         device=device, precision=precision, threads=threads, s3_endpoint_url=settings.s3_endpoint_url,
         progress=True,

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from storage.errors import Rejected
+from storage.layout import MANIFEST, STAGING_MARKER
 from storage.pointer import read_json
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ class GcReport:
 def collect(store: IndexStore, keep: int, stale_after: timedelta, dry_run: bool) -> GcReport:
     if keep < 1:
         raise Rejected("gc --keep must be at least 1")
-    from storage.store import MANIFEST, STAGING_MARKER
-
     report = GcReport()
     versions, corrupt = store.scan_versions()
     newest = {m.version for m in [m for m in versions if m.status == "ready"][-keep:]}

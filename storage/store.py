@@ -40,6 +40,7 @@ from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, read_raw, swap_json
 from storage.retention import GcReport, collect
+from storage.verify import verify_version
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +276,6 @@ class IndexStore:
     ) -> Move:
         manifest = self.manifest(version_id)
         if manifest.status == "ready":  # a rejected version is refused below, with its own reason
-            from storage.verify import verify_version
-
             verify_version(self, version_id, manifest=manifest)
         if manifest.status != "ready":
             why = manifest.validation.reason if manifest.validation else "status is " + manifest.status

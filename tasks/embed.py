@@ -417,12 +417,20 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
     return summary
 
 
+EmbedShards = Callable[..., list[dict]]  # (shards, out_url, spec, **shard options) -> EmbeddedShard dicts
+
+
 def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
-                   ray_address: str | None = None, question_encoder: str | None = None, **shard_kwargs: Any) -> dict:
-    """Embed every passage shard (locally in order, or as one Ray Data job), then write embeddings.json."""
+                   question_encoder: str | None = None, embed_shards: EmbedShards | None = None,
+                   **shard_kwargs: Any) -> dict:
+    """Embed every passage shard, then write embeddings.json.
+
+    Locally the shards run one after another; `embed_shards` hands them to another engine instead
+    (`tasks.embed_ray.embed_passages_ray` passes its Ray Data job).
+    """
     timing: dict[str, float] = {}
     with timed(timing, "embed_s"):
-        records = _embed_all(passages_url, out_url, spec, reuse_from, ray_address, shard_kwargs)
+        records = _embed_all(passages_url, out_url, spec, reuse_from, embed_shards, shard_kwargs)
         question_encoder = question_encoder or _paired_or_none(spec)
     return write_embeddings_summary(out_url, spec, records, question_encoder, timing["embed_s"],
                                     shard_kwargs.get("s3_endpoint_url"))
@@ -436,15 +444,13 @@ def _paired_or_none(spec: EncoderSpec) -> str | None:
 
 
 def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
-               ray_address: str | None, shard_kwargs: dict[str, Any]) -> list[dict]:
+               embed_shards: EmbedShards | None, shard_kwargs: dict[str, Any]) -> list[dict]:
     s3 = shard_kwargs.get("s3_endpoint_url")
     shards = list_passage_shards(passages_url, s3)
     fingerprint = fingerprint_of(spec)  # fail on a bad model before any work
     kwargs = dict(shard_kwargs, reuse_from=tuple(reuse_from))
-    if ray_address:
-        from tasks.embed_ray import embed_shards_ray  # Ray is an optional dependency
-
-        records = embed_shards_ray(shards, out_url, spec, ray_address=ray_address, **kwargs)
+    if embed_shards is not None:
+        records = embed_shards(shards, out_url, spec, **kwargs)
     else:
         records = []
         progress = kwargs.get("progress", True)

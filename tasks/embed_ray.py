@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from rag_model.encoders import EncoderSpec
 from storage import layout
 from storage.errors import RagindexError, first_line
 from storage.fs import atomic_write, is_local, join, resolve
-from tasks.embed import EmbedError, load_encoder_checked, prepare_shard, write_embedding_shard
+from tasks.embed import EmbedError, embed_passages, load_encoder_checked, prepare_shard, write_embedding_shard
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +258,10 @@ def embed_shards_ray(shards: Sequence[str], out_url: str, spec: EncoderSpec, *, 
     log.info("Ray Data job: %d shards encoded, %d already done or fully reused", len(plans),
              len(planned) - len(plans))
     return [done[layout.embedding_shard(p.name)] if isinstance(p, ShardPlan) else p for p in planned]
+
+
+def embed_passages_ray(passages_url: str, out_url: str, spec: EncoderSpec, *, ray_address: str,
+                       **options: Any) -> dict:
+    """`tasks.embed.embed_passages` with the shards embedded as one Ray Data job on `ray_address`."""
+    return embed_passages(passages_url, out_url, spec, embed_shards=partial(embed_shards_ray, ray_address=ray_address),
+                          **options)

@@ -20,7 +20,7 @@ from rag_model.encoders import EncoderSpec
 from storage.errors import RagindexError
 from storage.layout import PASSAGE_SCHEMA, RAY_STAGING_DIR
 from tasks.embed import embed_passages, embed_shard, list_passage_shards
-from tasks.embed_ray import ShardEncoder, ShardPlan, keep_todo, plan_shards
+from tasks.embed_ray import ShardEncoder, ShardPlan, embed_passages_ray, keep_todo, plan_shards
 from tests.fixtures.models import write_passages
 from tests.test_embed import make_articles
 
@@ -164,8 +164,8 @@ def test_ray_data_job_gives_the_local_bytes(tmp_path, spec, local_ray):
     v1, passages = refreshed_corpus(tmp_path, spec)
     local = embed_passages(str(passages), str(tmp_path / "local"), spec, reuse_from=[str(v1)], progress=False,
                            precision="fp32")
-    remote = embed_passages(str(passages), str(tmp_path / "ray"), spec, reuse_from=[str(v1)], progress=False,
-                            precision="fp32", ray_address="local")
+    remote = embed_passages_ray(str(passages), str(tmp_path / "ray"), spec, reuse_from=[str(v1)], progress=False,
+                                precision="fp32", ray_address="local")
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
     assert 0 < remote["encoded"] == local["encoded"] < remote["rows"]
     assert remote["shards"] == local["shards"]
@@ -175,7 +175,7 @@ def test_ray_data_job_gives_the_local_bytes(tmp_path, spec, local_ray):
     (tmp_path / "bad").mkdir()
     pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"^passage shard .*part-00000.parquet is empty$"):
-        embed_passages(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
+        embed_passages_ray(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
 
 
 def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
