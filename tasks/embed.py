@@ -4,6 +4,10 @@ Each shard is an independent unit of work (locally in order; `tasks.embed_ray` r
 job). A shard whose sidecar already matches the passage shard's sha256 and the encoder fingerprint, and
 whose .npy still verifies, is skipped: an interrupted run resumes where it stopped. Vectors of passages whose
 content_hash appears in earlier versions under the same fingerprint are copied instead of encoded.
+
+A little over ~400 lines: the shard reader, the reuse lookup with its source verification, the shard
+writer and the summary all check the same sidecar and summary records, and splitting them would
+spread one resume rule over several modules (the lookup table itself is `tasks.reuse_index`).
 """
 
 from __future__ import annotations
