@@ -50,21 +50,15 @@ class Settings(BaseSettings):
     cache_max_size: str = "20GiB"
     ready_grace_seconds: float = Field(60.0, ge=0)  # /readyz fails after CURRENT is unservable this long
 
-    @field_validator("memory_budget")
+    @field_validator("memory_budget", "cache_max_size")
     @classmethod
-    def _budget_is_a_size(cls, v: str) -> str:
+    def _is_a_size(cls, v: str) -> str:
         parse_size(v)
         return v
 
     @property
     def memory_budget_bytes(self) -> int:
         return parse_size(self.memory_budget)
-
-    @field_validator("cache_max_size")
-    @classmethod
-    def _cache_max_is_a_size(cls, v: str) -> str:
-        parse_size(v)
-        return v
 
     @property
     def cache_max_bytes(self) -> int:
