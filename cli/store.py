@@ -15,18 +15,10 @@ from cli.options import StoreOption
 from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
 from storage.layout import MANIFEST
+from storage.sizes import format_size
 from storage.store import IndexStore, Move
 
 app = typer.Typer()
-
-
-def _fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def versions_report(store: IndexStore) -> dict[str, Any]:
@@ -140,10 +132,10 @@ def versions(
         status = row["status"] if row["status"] == "ready" else f"[red]{row['status']}[/red]"
         if row["status"] == "corrupt":
             table.add_row(marks, row["version"], status, "", f"manifest unreadable: {row['path']}",
-                          _fmt_size(row["bytes"]), "")
+                          format_size(row["bytes"]), "")
             continue
         table.add_row(marks, row["version"], status, str(row["passages"]),
-                      f"{row['index_spec']} ({row['factory']})", _fmt_size(row["bytes"]),
+                      f"{row['index_spec']} ({row['factory']})", format_size(row["bytes"]),
                       row["created_at"][:19].replace("T", " "))
     Console().print(table)
     if not report["versions"]:

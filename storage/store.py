@@ -38,7 +38,7 @@ from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_ur
 from storage.layout import MANIFEST, STAGING_MARKER
 from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
-from storage.pointer import create_json, delete_json, ignored_conditions, read_json, read_raw, swap_json
+from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
 from storage.retention import GcReport, collect
 from storage.verify import verify_version
 
@@ -404,10 +404,6 @@ class IndexStore:
         self.require_conditional_writes()
         with Lease(self.fs, self.path("locks", "build.json"), owner, ttl=ttl, where=self.url) as lease:
             yield lease
-
-    def _build_lock_held(self) -> bool:
-        data, _ = read_raw(self.fs, self.path("locks", "build.json"))
-        return data is not None
 
     # -- the backend must honour conditional writes --------------------------------------------
 
