@@ -81,6 +81,9 @@ class VersionIndex(Index):
         self.manifest = manifest
         self.faiss_index = faiss_index
         self.passages = passages
+        # Table.take concatenates every chunk of a column first (O(table) per call): look rows up per batch.
+        self._batches = passages.to_batches()
+        self._batch_starts = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
         self.lang = wiki_language(manifest.source.wiki)
         self.dim = manifest.encoder.dim
         # (first row_id, local .npy path) per embedding shard, mapped lazily: retrieval alone never needs them
@@ -170,7 +173,13 @@ class VersionIndex(Index):
         """Passages by row_id, read from the mapped file (only the touched pages become resident)."""
         if not row_ids:
             return []
-        taken = self.passages.take(pa.array(row_ids, type=pa.int64())).to_pylist()
+        positions = np.searchsorted(self._batch_starts, row_ids, side="right") - 1
+        taken = []
+        for row_id, batch in zip(row_ids, positions.tolist(), strict=True):
+            if not 0 <= row_id < self.size:
+                raise RagindexError(f"version {self.version}: no row {row_id} in {PASSAGE_TABLE}")
+            offset = row_id - int(self._batch_starts[batch])
+            taken.append(self._batches[batch].slice(offset, 1).to_pylist()[0])
         for want, row in zip(row_ids, taken, strict=True):
             if row["row_id"] != want:  # the contract says row i has row_id i; never serve a wrong passage
                 raise RagindexError(f"version {self.version}: {PASSAGE_TABLE} row {want} has row_id {row['row_id']}")

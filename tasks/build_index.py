@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 AUTO_FLAT_MAX = 20_000  # below this brute force is both exact and fast enough
 AUTO_CODES = ("SQ4", "SQ6", "SQ8", "SQfp16", "Flat")  # increasing size and fidelity
+# auto's preselection ranks each query's exact neighbours this deep: the competitors that a lossy code
+# lets past rank 10 come from ranks 11..200, at the density they have in the whole corpus.
+PRESELECT_K = 200
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -69,8 +72,7 @@ def _new_index(plan: Plan) -> faiss.Index:
     return faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
 
 
-def _train_size(plan: Plan, n: int) -> int:
-    nlist = plan.params.get("nlist", 1)
+def _train_size(nlist: int, n: int) -> int:
     return int(min(n, max(50 * nlist, 20_000), 262_144))
 
 
@@ -133,7 +135,7 @@ def _build_plan(plan: Plan, shards: EmbeddingShards, budget: int, target_recall:
             refuse_if_over(plan.spec, _measured_bytes(index, few, n), budget, n, dim)
     elif not index.is_trained:
         with timed(timings, "train_s"):
-            sample = shards.gather(sample_rows(n, _train_size(plan, n), seed=1))
+            sample = shards.gather(sample_rows(n, _train_size(plan.params.get("nlist", 1), n), seed=1))
             params["train_size"] = len(sample)
             if quantizer is not None:
                 _reuse_quantizer(index, quantizer)
@@ -163,8 +165,9 @@ def _reuse_quantizer(index: faiss.Index, quantizer: faiss.Index) -> None:
 
 
 def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
-                gt: tuple[np.ndarray, np.ndarray], progress: bool, trained_url: str | None = None,
-                s3_endpoint_url: str | None = None) -> Built:
+                gt: tuple[np.ndarray, np.ndarray], neighbours: np.ndarray, progress: bool,
+                trained_url: str | None = None, s3_endpoint_url: str | None = None) -> Built:
+    """`neighbours`: each query's PRESELECT_K exact neighbours (ids), deeper than `gt`, for preselection."""
     n, dim = shards.total, shards.dim
     if n <= AUTO_FLAT_MAX and n * dim * 4 <= budget:
         plan = Plan("auto", "Flat", "ip", dim, {"chosen": "flat: small enough for exact search"},
@@ -184,18 +187,17 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
     # Train the coarse quantizer once; every candidate shares it.
     coarse_timing: dict[str, float] = {}
     with timed(coarse_timing, "train_s"):
-        sample = shards.gather(sample_rows(n, int(min(n, max(50 * nlist, 20_000), 262_144)), seed=1))
+        sample = shards.gather(sample_rows(n, _train_size(nlist, n), seed=1))
         coarse = faiss.IndexFlatIP(dim)
         km = faiss.Clustering(dim, nlist)
         km.niter, km.max_points_per_centroid, km.seed = 10, 256, 1
         km.train(sample, coarse)
     train_s = coarse_timing["train_s"]
-    # Preselect on a subset: quantization loss at exhaustive probing, smallest code first, with margin.
-    subset_ids = sample_rows(n, min(n, 50_000), seed=2)
-    subset = shards.gather(subset_ids)
-    sub_flat = faiss.IndexFlatIP(dim)
-    sub_flat.add(subset)
-    sub_gt_s, sub_gt_i = sub_flat.search(queries, GT_K)
+    # Preselect by quantization loss at exhaustive probing, smallest code first, with margin. The candidates
+    # are each query's exact neighbours in the whole corpus (plus a random background): a random subset
+    # would hold the neighbours at a fraction of their real density and overrate small codes at scale.
+    candidate_ids = np.union1d(neighbours[neighbours >= 0], sample_rows(n, min(n, 20_000), seed=2))
+    candidates = shards.gather(candidate_ids)
     tried: list[dict[str, Any]] = []
     margin = min(0.02, (1 - target_recall) / 2)
     start_at = len(fits) - 1
@@ -203,15 +205,15 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
         probe = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
         _reuse_quantizer(probe, coarse)
         probe.train(sample[:20_000])
-        probe.add(subset)
+        probe.add_with_ids(candidates, candidate_ids)
         faiss.extract_index_ivf(probe).nprobe = nlist
         _, found = probe.search(queries, TUNE_K)
-        r = recall_at_k(found, sub_gt_i, sub_gt_s)
-        tried.append({"code": code, "subset_recall_exhaustive": round(r, 4)})
+        r = recall_at_k(found, gt[1], gt[0])
+        tried.append({"code": code, "neighbour_recall_exhaustive": round(r, 4)})
         if r >= target_recall + margin or code == "Flat":
             start_at = pos
             break
-    del subset, sub_flat
+    del candidates
     for code in fits[start_at:]:
         plan = Plan("auto", f"IVF{nlist},{code}", "ip", dim,
                     {"nlist": nlist, "code": code, "preselection": tried, "coarse_train_s": round(train_s, 2)})
@@ -308,10 +310,11 @@ def build_index(
             refuse_if_over(spec, plan.in_memory_bytes, memory_budget, n, dim)  # before reading any vector
         queries = shards.gather(sample_rows(shards.total, 500 if n <= 1_000_000 else 200, seed=3))
         with timed(overall, "ground_truth_s"):
-            gt = exact_search(shards, queries, GT_K, progress)
+            deep_s, deep_i = exact_search(shards, queries, PRESELECT_K if plan is None else GT_K, progress)
+            gt = (np.ascontiguousarray(deep_s[:, :GT_K]), np.ascontiguousarray(deep_i[:, :GT_K]))
         if plan is None:
-            index, info, timings, _ = _build_auto(shards, memory_budget, target_recall, queries, gt, progress,
-                                                  trained_url, s3_endpoint_url)
+            index, info, timings, _ = _build_auto(shards, memory_budget, target_recall, queries, gt, deep_i,
+                                                  progress, trained_url, s3_endpoint_url)
         else:
             index, info, timings, _ = _plan_with_trained(plan, shards, memory_budget, target_recall, queries, gt,
                                                          progress, trained_url, s3_endpoint_url)

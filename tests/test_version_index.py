@@ -66,3 +66,19 @@ def test_wikipedia_urls():
     assert wiki_language("simplewiki") == "simple"
     assert wiki_language("zh_min_nanwiki") == "zh-min-nan"
     assert revision_url("de", 12, 34) == "https://de.wikipedia.org/w/index.php?curid=12&oldid=34"
+
+
+def test_rows_are_found_across_the_tables_record_batches(tmp_path):
+    from storage.errors import RagindexError
+    from storage.store import IndexStore
+    from tests.fixtures.versions import clustered_vectors, fingerprint_for, make_version, random_passages
+
+    store = IndexStore(str(tmp_path / "store"))
+    version = make_version(store, random_passages(300, seed=4), clustered_vectors(300, 8, seed=4), fingerprint_for(8),
+                           shard_rows=64)
+    index = VersionIndex.open(store, version)
+    assert len(index.passages.to_batches()) >= 5  # one batch per passage shard at least
+    wanted = [299, 0, 64, 63, 128, 200, 5]
+    assert [r["row_id"] for r in index.rows(wanted)] == wanted
+    with pytest.raises(RagindexError, match="no row 300"):
+        index.rows([300])
