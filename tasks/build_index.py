@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from rag_model.vector_search import apply_search_params, augment_vectors
+from rag_model.vector_search import apply_search_params, augment_vectors, coarse_search_width, hnsw_coarse_quantizer
 from rag_model.vectors import GT_K, TUNE_K, EmbeddingShards, exact_search, open_embeddings, recall_at_k, sample_rows
 from storage import layout
 from storage.errors import RagindexError, Rejected
@@ -45,7 +45,7 @@ from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
 from storage.names import check_file_name
 from storage.records import PassagesSummary
 from storage.timing import timed
-from tasks.index_spec import Plan, default_nlist, plan_index, refuse_if_over
+from tasks.index_spec import Plan, default_nlist, ivf_prefix, plan_index, refuse_if_over
 from tasks.index_tuning import tune
 from tasks.passage_table import write_passage_table
 from tasks.reuse_index import write_hash_index
@@ -145,6 +145,9 @@ def _build_plan(plan: Plan, shards: EmbeddingShards, budget: int, target_recall:
         if plan.in_memory_bytes is None:
             refuse_if_over(plan.spec, _measured_bytes(index, sample, n), budget, n, dim)
         del sample
+    coarse = hnsw_coarse_quantizer(index)
+    if coarse is not None:
+        coarse.hnsw.efSearch = coarse_search_width(1)  # each vector goes to its nearest list
     with timed(timings, "add_s"):
         _add_all(index, shards, phi, progress)
     info = IndexInfo(spec=plan.spec, factory=plan.factory, metric=plan.metric, dim=plan.dim, params=params,
@@ -215,7 +218,7 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
             break
     del candidates
     for code in fits[start_at:]:
-        plan = Plan("auto", f"IVF{nlist},{code}", "ip", dim,
+        plan = Plan("auto", f"{ivf_prefix(nlist)},{code}", "ip", dim,
                     {"nlist": nlist, "code": code, "preselection": tried, "coarse_train_s": round(train_s, 2)})
         built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, quantizer=coarse)
         info = built.info

@@ -225,6 +225,8 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         except RagindexError as exc:
             raise EmbedError(str(exc)) from None
     found_unique = src_shard >= 0
+    if n_unique == len(hashes):  # no passage repeated in the shard: rows are already in order, skip a copy
+        return found_unique, vectors
     return found_unique[row_to_unique], vectors[row_to_unique]
 
 

@@ -70,6 +70,17 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(target, 2 ** int(math.log2(cap)))))
 
 
+# From this many lists on, the coarse quantizer is an HNSW graph over the centroids instead of a flat scan:
+# assigning a vector costs ~log(nlist) distances instead of nlist, which keeps the add step linear in n
+# while nlist grows with sqrt(n) (the faiss guideline for 1M+ vectors). Below it a flat scan is as fast.
+HNSW_COARSE_MIN_NLIST = 8192
+
+
+def ivf_prefix(nlist: int) -> str:
+    """The factory prefix of an inverted file of nlist lists: `IVF<nlist>`, or `IVF<nlist>_HNSW32` when large."""
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
+
+
 def _pq_m(dim: int, target: int) -> int:
     divisors = [m for m in range(1, dim + 1) if dim % m == 0]
     return min(divisors, key=lambda m: (abs(m - target), -m))
@@ -108,7 +119,7 @@ def plan_index(spec: str, n: int, dim: int) -> Plan | None:
                 raise Rejected(f"index spec {spec!r}: m={m} must divide the dimension {dim}")
             # Fewer training points than 2^nbits centroids per sub-quantizer cannot train PQ.
             nbits = max(1, min(nbits, int(math.log2(max(2, n // 39)))))
-            factory = f"IVF{nlist},PQ{m}x{nbits}"
+            factory = f"{ivf_prefix(nlist)},PQ{m}x{nbits}"
             if opq:
                 factory = f"OPQ{m}_{dim},{factory}"
             return Plan(spec, factory, "ip", dim, {"nlist": nlist, "m": m, "nbits": nbits, "opq": bool(opq)})
@@ -117,7 +128,7 @@ def plan_index(spec: str, n: int, dim: int) -> Plan | None:
         if bits not in (4, 6, 8, 16):
             raise Rejected(f"index spec {spec!r}: bits must be 4, 6, 8 or 16")
         code = "SQfp16" if bits == 16 else f"SQ{bits}"
-        return Plan(spec, f"IVF{nlist},{code}", "ip", dim, {"nlist": nlist, "code": code})
+        return Plan(spec, f"{ivf_prefix(nlist)},{code}", "ip", dim, {"nlist": nlist, "code": code})
     try:
         probe = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

@@ -201,3 +201,26 @@ def test_a_reused_trained_index_that_misses_the_target_recall_is_retrained_and_r
     assert info.params["tuned_recall_at_10"] >= 0.45
     again, _ = build(store, vid, spec, trained_url=trained, target_recall=0.45)
     assert again.params["quantizer_reused"] is True  # the entry now holds what the retraining produced
+
+
+def test_large_inverted_files_assign_through_an_hnsw_coarse_quantizer(tmp_path, monkeypatch):
+    from rag_model.vector_search import apply_search_params, hnsw_coarse_quantizer
+    from tasks import index_spec
+
+    monkeypatch.setattr(bi, "AUTO_FLAT_MAX", 2_000)
+    monkeypatch.setattr(index_spec, "HNSW_COARSE_MIN_NLIST", 16)  # what 8192 lists do at scale, here at 6000 rows
+    vectors = clustered_vectors(6000, 32, seed=5, clusters=60)
+    store = IndexStore(str(tmp_path / "store"))
+    vid = staged(store, vectors, shard_rows=2000)
+    info, index = build(store, vid, "auto", target_recall=0.95)
+    assert "_HNSW32," in info.factory and info.params["tuned_recall_at_10"] >= 0.95
+    coarse = hnsw_coarse_quantizer(index)
+    assert coarse is not None and coarse.ntotal == info.params["nlist"]
+    apply_search_params(index, info)
+    assert coarse.hnsw.efSearch >= info.search_params["nprobe"]  # the graph explores at least nprobe lists
+    queries = vectors[::97] + 0.01
+    _, ids = search(index, info, queries, 10)
+    exact = exact_top(vectors, queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact.tolist(), strict=True)]) >= 0.9
+    assert hnsw_coarse_quantizer(build(store, vid, "flat")[1]) is None
+    assert index_spec.ivf_prefix(8) == "IVF8" and index_spec.ivf_prefix(16) == "IVF16_HNSW32"
