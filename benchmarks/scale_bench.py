@@ -11,7 +11,7 @@ child process, so each has its own peak RSS (ru_maxrss):
     index         build_index with `auto` under the default 16 GiB budget (train vs add time recorded)
     table         passages.arrow (tasks.passage_table.write_passage_table)
     hash_table    the reuse hash table (tasks.reuse_index.write_hash_index)
-    validate      checksums + the validation gate + commit (tasks.build_index.finish_version)
+    validate      checksums + the validation gate + commit (tasks.assemble_version.finish_version)
     reuse         the reuse lookup of a second version with 2% changed passages against the first
                   (tasks.embed._reuse_vectors per shard, vectors read for every row found)
     serve         VersionIndex.open, first query, a hot swap to another version, 200 queries, steady RSS
@@ -205,7 +205,7 @@ def step_hash_table(root: str, vid: str) -> dict:
 
 def step_validate(root: str, vid: str, info: dict) -> dict:
     from storage.manifest import IndexInfo
-    from tasks.build_index import finish_version
+    from tasks.assemble_version import finish_version
     from tasks.validate import ValidationFloors
 
     manifest = finish_version(_store(root), vid, IndexInfo.model_validate(info), ValidationFloors())
@@ -280,7 +280,7 @@ def _child(fn, args) -> tuple[float, int, dict]:
     # What every step's process imports anyway (torch, transformers, faiss) is loaded before the
     # clock starts: the steps' own work is measured, not Python's import time.
     import rag_model.index  # noqa: F401
-    import tasks.build_index  # noqa: F401
+    import tasks.assemble_version  # noqa: F401
     import tasks.embed  # noqa: F401
     import tasks.passages  # noqa: F401
 

@@ -85,7 +85,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Build, validate and commit a new version from passage and embedding shards (never promotes)."""
-    from tasks.build_index import build_version
+    from tasks.assemble_version import build_version
     from tasks.validate import ValidationFloors
 
     settings = load_settings()

@@ -15,7 +15,7 @@ from flows.params import RefreshParams
 from flows.results import RESULT_SERIALIZER
 from rag_model.encoders import EncoderSpec, paired_question_encoder
 from storage.manifest import IndexInfo, Manifest
-from tasks import build_index, download, embed, embed_ray, passages, promote, validate
+from tasks import assemble_version, download, embed, embed_ray, passages, promote, validate
 
 CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
 SHARD_CACHE = INPUTS + TASK_SOURCE
@@ -87,7 +87,7 @@ def embed_ray_task(shards: list[str], out_dir: str, spec: EncoderSpec, reuse_fro
 @task(name="build-index")
 def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
     """index.faiss and passages.arrow, by the same function `ragindex build` uses."""
-    return build_index.build_version_files(
+    return assemble_version.build_version_files(
         p.store(), version_id, spec=p.index_spec, memory_budget=p.memory_budget_bytes, progress=False,
     )
 
@@ -106,8 +106,8 @@ def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, flo
             kind=fp.kind,
             normalize=fp.normalize,
         )
-    return build_index.finish_version(store, version_id, index_info, p.floors(), timings=timings,
-                                      canaries=p.canaries, question_encoder=question_encoder)
+    return assemble_version.finish_version(store, version_id, index_info, p.floors(), timings=timings,
+                                         canaries=p.canaries, question_encoder=question_encoder)
 
 
 @task(name="promote")

@@ -13,44 +13,33 @@ with faiss ids == global row_id, and trained indexes learn from a random sample.
   SQ8 < SQfp16 < Flat) that fits the memory budget and reaches the target recall, nprobe tuned on
   held-out queries against exact search.
 
-Train once, add many: with a `trained_url` (build_version_files passes the store's `trained/`), a
+Train once, add many: with a `trained_url` (tasks.assemble_version passes the store's `trained/`), a
 trained empty index of the same encoder fingerprint and factory (tasks.trained_store) is reused
 instead of training; the build falls back to training, and replaces the stored one, when the reused
 index misses the target recall. `quantizer_reused`, `train_s` and `add_s` are in the index params.
 
-`build_version_files` + `finish_version` are the one assembly path of a version (index, passage
-table, manifest, validation, commit): `ragindex build` (`build_version`) and the refresh flow both
-go through them.
+A whole version (index, passage table, hash table, manifest, validation, commit) is assembled by
+tasks.assemble_version, which calls build_index.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
 from rag_model.vector_search import apply_search_params, augment_vectors, coarse_search_width, hnsw_coarse_quantizer
 from rag_model.vectors import GT_K, TUNE_K, EmbeddingShards, exact_search, open_embeddings, recall_at_k, sample_rows
-from storage import layout
 from storage.errors import RagindexError, Rejected
-from storage.fs import atomic_write, join, resolve, staged_local_file
-from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
-from storage.names import check_file_name
-from storage.records import PassagesSummary
+from storage.fs import resolve, staged_local_file
+from storage.manifest import IndexInfo
 from storage.timing import timed
 from tasks.index_spec import Plan, default_nlist, ivf_prefix, plan_index, refuse_if_over
 from tasks.index_tuning import tune
-from tasks.passage_table import write_passage_table
-from tasks.reuse_index import write_hash_index
 from tasks.trained_store import TrainedRecord, entry_name, load_trained, save_trained
-from tasks.validate import ValidationFloors, draft_manifest, finalize_version
 
 log = logging.getLogger(__name__)
 
@@ -336,99 +325,3 @@ def write_faiss_index(index: faiss.Index, url: str, s3_endpoint_url: str | None 
         faiss.write_index(index, tmp)
         size = os.path.getsize(tmp)
     return size
-
-
-# -- a whole version ------------------------------------------------------------------------------
-
-
-def copy_tree(src_url: str, dst_fs: Any, dst_dir: str, s3_endpoint_url: str | None = None,
-              progress: bool = True) -> None:
-    """Copy the files of a directory into the store (each whole or not at all)."""
-    src_fs, src_dir = resolve(src_url, s3_endpoint_url)
-    try:
-        files = sorted(p.rstrip("/") for p in src_fs.ls(src_dir, detail=False))
-    except FileNotFoundError:
-        raise RagindexError(f"no directory at {src_url}") from None
-    files = [p for p in files if src_fs.isfile(p)]
-    for p in tqdm(files, desc=f"copying {os.path.basename(src_dir)}", unit="file", disable=None if progress else True):
-        name = check_file_name(p.rsplit("/", 1)[-1])
-        with src_fs.open(p, "rb") as src, atomic_write(dst_fs, join(dst_dir, name)) as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-
-
-def build_version_files(store, version_id: str, *, spec: str = "auto", memory_budget: int = 16 * 2**30,
-                        target_recall: float = 0.95, progress: bool = True,
-                        timings: dict[str, float] | None = None) -> IndexInfo:
-    """Build index.faiss, passages.arrow and the reuse hash table of a staged version from its
-    passages/ and embeddings/.
-
-    They are independent (faiss, Arrow and numpy release the GIL), so the two tables are written
-    beside the index build, one after the other on one thread.
-    """
-    timings = {} if timings is None else timings
-    url = store.version_url
-    with ThreadPoolExecutor(max_workers=1) as pool, timed(timings, "build_s"):
-        table = pool.submit(write_passage_table, url(version_id, layout.PASSAGES_DIR),
-                            url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url)
-        hash_index = pool.submit(write_hash_index, url(version_id), store.s3_endpoint_url)
-        with timed(timings, "index_s"):
-            info = build_index(url(version_id, layout.EMBEDDINGS_DIR), url(version_id, layout.INDEX_FILE),
-                               spec=spec, memory_budget=memory_budget, target_recall=target_recall,
-                               s3_endpoint_url=store.s3_endpoint_url, progress=progress,
-                               trained_url=join(store.url, layout.TRAINED_DIR))
-        table.result()
-        hash_index.result()
-    return info
-
-
-def finish_version(store, version_id: str, index: IndexInfo, floors: ValidationFloors, *,
-                   timings: dict[str, float] | None = None, canaries: str | None = None,
-                   question_encoder=None) -> Manifest:
-    """Draft the manifest from the version's own summaries, validate, set the status and commit it."""
-    parent = store.latest_ready()
-    manifest = draft_manifest(store, version_id, index=index, timings=timings or {},
-                              parent=parent.version if parent else None)
-    return finalize_version(store, manifest, floors, canaries=canaries, question_encoder=question_encoder)
-
-
-def build_version(store, passages_url: str, embeddings_url: str, *, spec: str = "auto",
-                  memory_budget: int = 16 * 2**30, floors=None, canaries: str | None = None,
-                  question_encoder: str | None = None, progress: bool = True, target_recall: float = 0.95):
-    """`ragindex build`: stage a version from passage + embedding dirs, build, validate, commit.
-
-    Never promotes. A failure before the commit removes the staging area (a kill leaves it to gc).
-    """
-    src_fs, src_dir = resolve(passages_url, store.s3_endpoint_url)
-    source = PassagesSummary.read(src_fs, join(src_dir, layout.PASSAGES_SUMMARY)).source
-    # Fail on bad input before staging anything.
-    fingerprint = open_embeddings(embeddings_url, store.s3_endpoint_url).fingerprint
-    version_id = store.begin_version(source.wiki, source.dump_date)
-    committed = False
-    try:
-        with store.build_lock(owner=f"ragindex build {version_id}"):
-            timings: dict[str, float] = {}
-            with timed(timings, "copy_s"):
-                for sub, url in ((layout.PASSAGES_DIR, passages_url), (layout.EMBEDDINGS_DIR, embeddings_url)):
-                    if url.rstrip("/") != store.version_url(version_id, sub):
-                        copy_tree(url, store.fs, store.version_path(version_id, sub), store.s3_endpoint_url,
-                                  progress)
-            info = build_version_files(store, version_id, spec=spec, memory_budget=memory_budget,
-                                       target_recall=target_recall, progress=progress, timings=timings)
-            manifest = finish_version(store, version_id, info, floors or ValidationFloors(), timings=timings,
-                                      canaries=canaries,
-                                      question_encoder=_load_question_encoder(question_encoder, fingerprint))
-            committed = True
-            return manifest
-    finally:
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
-                store.fs.rm(store.version_path(version_id), recursive=True)
-
-
-def _load_question_encoder(model: str | None, fingerprint: EncoderFingerprint):
-    if not model:
-        return None
-    from rag_model.encoders import load_question_encoder
-
-    fp = fingerprint
-    return load_question_encoder(model, fp.kind, normalize=fp.normalize, max_length=fp.max_length)

@@ -173,3 +173,20 @@ def test_hash_keys_pads_hashes_of_different_lengths_and_finds_them():
     table = reuse_index.HashTable(np.sort(keys[:4]), np.arange(8, dtype=np.int32).reshape(4, 2))
     shard, _ = table.lookup(hash_keys(pa.array(["ab", "abcd", "zz", "abcde"])))
     assert shard[0] >= 0 and (shard[1:] == -1).all()  # "abcd" is not in the table, "abcde" is longer than any key
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 257, 4096 + 3, 20_000])
+def test_fenced_search_finds_what_a_binary_search_finds(n):
+    """The fenced lookup answers like np.searchsorted (leftmost), duplicates and absent keys included."""
+    rng = np.random.default_rng(n)
+    keys = np.sort(rng.integers(0, max(1, n // 3) + 1, size=n).astype("S8"))  # many repeated keys
+    table = reuse_index.HashTable(keys, np.stack([np.zeros(n), np.arange(n)], axis=1).astype(np.int32))
+    needles = np.sort(np.concatenate([keys[rng.integers(0, n, size=min(n, 500))] if n else keys,
+                                      rng.integers(0, n + 10, size=300).astype("S8"),
+                                      np.array([b"", b"\xff" * 8], dtype="S8")]))
+    np.testing.assert_array_equal(table._leftmost(needles), np.searchsorted(keys, needles, side="left"))
+    shard, row = table.lookup(needles)
+    present = np.isin(needles, keys)
+    assert (shard[~present] == -1).all() and (shard[present] == 0).all()
+    first = {k: i for i, k in reversed(list(enumerate(keys.tolist())))}
+    assert row[present].tolist() == [first[k] for k in needles[present].tolist()]

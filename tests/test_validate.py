@@ -9,7 +9,7 @@ import pytest
 
 from storage.errors import Rejected
 from storage.store import IndexStore
-from tasks.build_index import build_version
+from tasks.assemble_version import build_version
 from tasks.promote import promote_version, rollback_version
 from tasks.validate import ValidationFloors, validate_version
 from tests.fixtures.versions import (
