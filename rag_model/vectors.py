@@ -8,6 +8,7 @@ recall check measure against) streams the shards through faiss.contrib's `knn_gr
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,19 @@ def read_npy_header(f: Any, path: str) -> tuple[tuple[int, ...], bool, np.dtype]
 def check_shard_shape(shape: tuple, dtype: np.dtype, dim: int, path: str) -> None:
     if len(shape) != 2 or shape[1] != dim or np.dtype(dtype) != np.float32:
         raise RagindexError(f"{path}: expected float32 [rows, {dim}], found {np.dtype(dtype)} {list(shape)}")
+
+
+def npy_from_bytes(data: bytes, dim: int, path: str) -> np.ndarray:
+    """A float32 [n, dim] .npy held in memory, as a read-only view of its bytes (no copy)."""
+    f = io.BytesIO(data)
+    shape, fortran, dtype = read_npy_header(f, path)
+    check_shard_shape(shape, dtype, dim, path)
+    if fortran:
+        raise RagindexError(f"{path}: Fortran-ordered arrays are not embedding shards")
+    count = shape[0] * dim
+    if len(data) - f.tell() < count * 4:
+        raise RagindexError(f"{path}: truncated ({len(data)} bytes for {shape[0]} rows)")
+    return np.frombuffer(data, dtype=np.float32, count=count, offset=f.tell()).reshape(shape)
 
 
 def read_rows(fs: Any, path: str, rows: np.ndarray, dim: int) -> np.ndarray:

@@ -7,6 +7,7 @@ with it. A mismatch, a missing or a truncated file raises `Corrupt` with one lin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,19 @@ def verify_file(fs: fsspec.AbstractFileSystem, path: str, expected: str, label: 
     except FileNotFoundError:
         raise Corrupt(f"{label}: file is missing") from None
     check_digest(actual, expected, label)
+
+
+def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: str, label: str) -> bytes:
+    """The whole of `path`, read once and returned only if it hashes to `expected` (`Corrupt` naming
+    `label` when missing or different): for a reader that needs every byte anyway, one read instead
+    of a hashing pass followed by a second read of the same file."""
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise Corrupt(f"{label}: file is missing") from None
+    check_digest(hashlib.sha256(data).hexdigest(), expected, label)
+    return data
 
 
 def verify_version(

@@ -32,7 +32,7 @@ from rag_model.encoders import (
     load_document_encoder,
     paired_question_encoder,
 )
-from rag_model.vectors import read_rows
+from rag_model.vectors import npy_from_bytes, read_rows
 from storage import layout
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
@@ -42,7 +42,7 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
-from storage.verify import verify_file
+from storage.verify import read_verified, verify_file
 from tasks.passage_table import passage_shard_paths
 from tasks.reuse_index import hash_keys, open_source
 
@@ -160,21 +160,31 @@ def _json_or_empty(fs: Any, path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _verified_source(fs: Any, root: str, paths: Sequence[str], digests: dict[str, str]) -> bool:
-    """Vectors are copied only from shards whose bytes are the ones their version names; a corrupt or
-    unrecorded source shard is skipped (its passages are encoded again), with one warning line."""
-    for path in paths:
-        rel = path[len(root) + 1:]
-        try:
-            if rel not in digests:
-                raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
-            if (path, digests[rel]) not in _VERIFIED_SOURCES:
-                verify_file(fs, path, digests[rel], path)
-                _VERIFIED_SOURCES.add((path, digests[rel]))
-        except Corrupt as exc:
-            log.warning("reuse: %s; encoding its passages again", first_line(exc))
-            return False
-    return True
+def _verified_source(fs: Any, root: str, path: str, digests: dict[str, str],
+                     keep: bool = False) -> tuple[bool, bytes | None]:
+    """Whether a source shard holds the bytes its version names; vectors are copied only from shards
+    that do. A corrupt or unrecorded one is skipped (its passages are encoded again), with one warning.
+
+    With `keep`, the bytes read to hash it are returned too (None when it was verified earlier in this
+    process), so that the caller copies its rows from them: hashing a shard and then reading its rows
+    again read every byte twice -- twice the I/O, and on S3 twice the transfer.
+    """
+    rel = path[len(root) + 1:]
+    try:
+        if rel not in digests:
+            raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
+        if (path, digests[rel]) in _VERIFIED_SOURCES:
+            return True, None
+        data = None
+        if keep:
+            data = read_verified(fs, path, digests[rel], path)
+        else:
+            verify_file(fs, path, digests[rel], path)
+    except Corrupt as exc:
+        log.warning("reuse: %s; encoding its passages again", first_line(exc))
+        return False, None
+    _VERIFIED_SOURCES.add((path, digests[rel]))
+    return True, data
 
 
 def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
@@ -183,17 +193,16 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
 
     Each earlier version's hash table (tasks.reuse_index: written at build time, or built once per
     process for versions without one) is searched with this shard's sorted hashes, and only the
-    rows found are read. Earlier roots come first-preferred; within a root the first occurrence.
+    rows found are copied. Earlier roots come first-preferred; within a root the first occurrence.
     """
     unique = pc.unique(hashes)
     row_to_unique = pc.index_in(hashes, value_set=unique).to_numpy(zero_copy_only=False)
     keys = hash_keys(unique)
     n_unique = len(unique)
-    src_shard = np.full(n_unique, -1, dtype=np.int64)  # index into `sources`
-    src_row = np.zeros(n_unique, dtype=np.int64)
-    sources: list[tuple[Any, str]] = []
+    found = np.zeros(n_unique, dtype=bool)
+    vectors = np.zeros((n_unique, dim), dtype=np.float32)
     for url in reuse_from:
-        todo = np.flatnonzero(src_shard == -1)
+        todo = np.flatnonzero(~found)
         if len(todo) == 0:
             break
         source = open_source(url, key, s3_endpoint_url, _source_shards)
@@ -204,30 +213,29 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         shard, row = source.table.lookup(keys[todo])
         for s in np.unique(shard[shard >= 0]).tolist():
             npy_path = source.npy_paths[s]
+            if npy_path is None:
+                continue
             # Both halves of a source shard must be the bytes its version names: the vectors are
             # copied from the .npy, and the passage shard is what says which passage each row is.
-            passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1])) \
-                if npy_path else None
-            if npy_path is None or not _verified_source(fs, root, (passages_path, npy_path), digests):
+            passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1]))
+            if not _verified_source(fs, root, passages_path, digests)[0]:
                 continue
-            which = shard == s
-            src_shard[todo[which]] = len(sources)
-            src_row[todo[which]] = row[which]
-            sources.append((source.fs, npy_path))
-
-    vectors = np.zeros((n_unique, dim), dtype=np.float32)
-    for i, (fs, npy_path) in enumerate(sources):
-        which = np.flatnonzero(src_shard == i)
-        order = np.argsort(src_row[which])
-        which = which[order]
-        try:
-            vectors[which] = read_rows(fs, npy_path, src_row[which], dim)
-        except RagindexError as exc:
-            raise EmbedError(str(exc)) from None
-    found_unique = src_shard >= 0
+            ok, data = _verified_source(fs, root, npy_path, digests, keep=True)
+            if not ok:
+                continue
+            which, rows = todo[shard == s], row[shard == s]
+            order = np.argsort(rows, kind="stable")
+            which, rows = which[order], rows[order]
+            try:
+                vectors[which] = (npy_from_bytes(data, dim, npy_path)[rows] if data is not None
+                                  else read_rows(source.fs, npy_path, rows, dim))
+            except RagindexError as exc:
+                raise EmbedError(str(exc)) from None
+            found[which] = True
+            del data
     if n_unique == len(hashes):  # no passage repeated in the shard: rows are already in order, skip a copy
-        return found_unique, vectors
-    return found_unique[row_to_unique], vectors[row_to_unique]
+        return found, vectors
+    return found[row_to_unique], vectors[row_to_unique]
 
 
 # -- one shard ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from storage import layout
 from storage.fs import resolve
 from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, ShardEntry
+from storage.verify import read_verified
 from tasks import reuse_index
 from tasks.embed import _reuse_vectors, _source_shards
 from tasks.reuse_index import hash_keys, open_source, write_hash_index
@@ -190,3 +191,27 @@ def test_fenced_search_finds_what_a_binary_search_finds(n):
     assert (shard[~present] == -1).all() and (shard[present] == 0).all()
     first = {k: i for i, k in reversed(list(enumerate(keys.tolist())))}
     assert row[present].tolist() == [first[k] for k in needles[present].tolist()]
+
+
+def test_each_source_shard_is_read_once_to_verify_and_copy(corpus, monkeypatch):
+    """The bytes hashed to verify a source .npy are the bytes its rows are copied from; a shard that an
+    earlier new shard already verified is read row by row, never hashed again."""
+    import tasks.embed as embed
+
+    roots, new_shards = corpus
+    reads = []  # (how, path) in order
+    monkeypatch.setattr(embed, "read_verified",
+                        lambda fs, path, *a: reads.append(("whole", path)) or read_verified(fs, path, *a))
+    monkeypatch.setattr(embed, "read_rows",
+                        lambda fs, path, *a: reads.append(("rows", path)) or read_rows(fs, path, *a))
+    embed._VERIFIED_SOURCES.clear()
+    for hashes in new_shards:
+        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+        ref_found, ref_vectors = scan_reuse(hashes, roots)
+        np.testing.assert_array_equal(found, ref_found)
+        assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
+    paths = {path for _, path in reads}
+    for path in paths:
+        hows = [how for how, p in reads if p == path]
+        assert hows[0] == "whole" and hows.count("whole") == 1, (path, hows)  # hashed once, copied from those bytes
+    assert any(how == "rows" for how, _ in reads)  # a later shard reads rows of a shard verified before
