@@ -17,7 +17,12 @@ def refresh(
     wiki: str = typer.Option(
         None, help="Dump database, e.g. enwiki (with --date, from the mirror; with --source, names its wiki)."
     ),
-    date: str = typer.Option(None, help="YYYYMMDD or latest."),
+    date: str = typer.Option(None, help="YYYYMMDD or latest (default: decide each night, see --full)."),
+    mirror: str = typer.Option(None, help="Mirror base URL (default: settings)."),
+    full: bool = typer.Option(False, "--full", help="Build from the newest full dump, whatever the days hold."),
+    incremental: bool = typer.Option(
+        False, "--incremental", help="Apply the finished adds-changes days to CURRENT as one delta version."
+    ),
     store: StoreOption = None,
     encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
     encoder_kind: str = typer.Option(None, help="dpr or mean."),
@@ -46,12 +51,16 @@ def refresh(
 
     if source and date:
         raise typer.BadParameter("give either --source or --date, not both (with --source, --wiki names its wiki)")
+    if full and incremental:
+        raise typer.BadParameter("give either --full or --incremental, not both")
     outcome = refresh_index(
         wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
         promote=not no_promote, precision=precision,
-        task_runner=task_runner, ray_address=ray_address,
+        task_runner=task_runner, ray_address=ray_address, mirror=mirror,
+        mode="full" if full else "incremental" if incremental else "auto",
     )
-    typer.echo(json.dumps({k: outcome[k] for k in ("status", "version", "current", "reason", "counts")}, indent=2))
+    shown = ("status", "mode", "version", "current", "reason", "counts")
+    typer.echo(json.dumps({k: outcome[k] for k in shown}, indent=2))

@@ -51,6 +51,8 @@ class RefreshParams(BaseModel):
     # auto: the fastest variant measured within tolerance of fp32 on this machine; a fixed one is reproducible.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_workers: int | None = Field(None, ge=1)
+    # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
+    mode: Literal["auto", "full", "incremental"] = "auto"
 
     @classmethod
     def from_flow(cls, settings: Settings, **given: Any) -> RefreshParams:

@@ -27,6 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.params import RefreshParams
+from flows.refresh_delta import choose_mode, run_delta
 from flows.refresh_tasks import (
     CODE_VERSION,
     assemble_task,
@@ -45,13 +46,13 @@ from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import RagindexError, Rejected, first_line
 from storage.fs import file_digest, is_temp_name, join, resolve
-from storage.manifest import HistoryEntry, Pointer
 from storage.names import check_file_name
 from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
 from tasks import download, embed, passages
+from tasks.promote import promote_unfinished
 
 # -- the flow ------------------------------------------------------------------------------------
 
@@ -83,8 +84,13 @@ def refresh_index(
     batch_size: int = 64,
     precision: str = "auto",
     max_workers: int | None = None,
+    mode: str = "auto",
 ) -> dict:
     """Refresh the index from a Wikipedia dump; promote the new version if it validates.
+
+    `mode` auto (the nightly run): a full dump newer than the serving lineage's base is built in
+    full; otherwise the finished adds-changes days after the lineage's watermark become one delta
+    version; otherwise the run is up to date. `full` / `incremental` force one of the two.
 
     Every parameter left empty takes its value from the `RAGINDEX_*` settings. Bad parameters
     fail here, before any work starts, with one readable line.
@@ -115,6 +121,13 @@ def _build_version(p: RefreshParams, stage: list[str]) -> dict:
     timings: dict[str, float] = {}
     store = p.store()
     with timed(timings, "total_s"):
+        with _step(stage, timings, "resolve"):
+            plan = choose_mode(p, store)
+        if plan.mode != "full":
+            outcome = run_delta(p, stage, timings, store, plan)
+            outcome.timings = timings
+            write_report(outcome)
+            return asdict(outcome)
         with _step(stage, timings, "resolve"):
             published = resolve_dump_task(p)
             fingerprint = fingerprint_of(p.encoder_spec())
@@ -162,22 +175,6 @@ def _existing(p: RefreshParams, stage: list[str], timings: dict[str, float], sto
                   f"; CURRENT is {current}, which replaced it on purpose, so it is not promoted again")
     return RefreshOutcome(status="up-to-date", version=version_id, current=current, reason=holds,
                           dump=ref.source().model_dump())
-
-
-def promote_unfinished(current: Pointer | None, history: list[HistoryEntry], version_id: str) -> bool:
-    """Whether a ready version, that a run finds already holding what it was asked to build, is owed its promote.
-
-    The rule: a version CURRENT names is up to date. Otherwise, when CURRENT is absent, or the history
-    never shows the version becoming CURRENT, a run committed it and stopped before promoting (killed
-    between commit and promote, or run with promote=false): promoting it now is what an uninterrupted
-    run asked to promote does. A version that was CURRENT once and is not now was moved away from on
-    purpose (a rollback, or a later promote): it is never re-promoted behind the operator's back.
-    """
-    if current is None:
-        return True
-    if current.version == version_id:
-        return False
-    return all(entry.to_version != version_id for entry in history)
 
 
 @contextmanager

@@ -14,8 +14,8 @@ from prefect.events import emit_event
 from flows.params import RefreshParams
 from flows.results import RESULT_SERIALIZER
 from rag_model.encoders import EncoderSpec, paired_question_encoder
-from storage.manifest import IndexInfo, Manifest
-from tasks import assemble_version, download, embed, embed_ray, passages, promote, validate
+from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
+from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote, validate
 
 CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
 SHARD_CACHE = INPUTS + TASK_SOURCE
@@ -95,19 +95,20 @@ def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
 @task(name="validate")
 def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, float], p: RefreshParams) -> Manifest:
     store = p.store()
-    question_encoder = None
-    if p.canaries:
-        from rag_model.encoders import load_question_encoder
-
-        _, embeddings = validate.read_summaries(store, version_id)
-        fp = embeddings.fingerprint
-        question_encoder = load_question_encoder(
-            embeddings.question_encoder or paired_question_encoder(fp.model_id, fp.kind),
-            kind=fp.kind,
-            normalize=fp.normalize,
-        )
+    _, embeddings = validate.read_summaries(store, version_id)
+    question_encoder = _canary_encoder(p, embeddings.fingerprint, embeddings.question_encoder)
     return assemble_version.finish_version(store, version_id, index_info, p.floors(), timings=timings,
                                          canaries=p.canaries, question_encoder=question_encoder)
+
+
+def _canary_encoder(p: RefreshParams, fp: EncoderFingerprint, question_encoder: str | None):
+    """The question encoder canaries are asked through (None without canaries)."""
+    if not p.canaries:
+        return None
+    from rag_model.encoders import load_question_encoder
+
+    return load_question_encoder(question_encoder or paired_question_encoder(fp.model_id, fp.kind),
+                                 kind=fp.kind, normalize=fp.normalize)
 
 
 @task(name="promote")
@@ -121,3 +122,33 @@ def promote_task(version_id: str, p: RefreshParams, reason: str, expected_genera
                  "previous": pointer.previous},
     )
     return version_id
+
+
+# -- adds-changes days: delta versions ---------------------------------------------------------------
+
+
+@task(name="resolve-days")
+def resolve_days_task(p: RefreshParams, after: str) -> incr_dumps.IncrChain:
+    return incr_dumps.pending_days(p.mirror, p.wiki, after=after, user_agent=p.user_agent)
+
+
+@task(name="download-day")
+def download_day_task(day: incr_dumps.IncrDay, p: RefreshParams) -> str:
+    return incr_dumps.download_day(day, p.store(), user_agent=p.user_agent, progress=False)
+
+
+@task(name="delta-version")
+def delta_version_task(parent: str, days: list[incr_dumps.IncrDay], files: list[str],
+                       p: RefreshParams) -> Manifest | str:
+    """Passages, vectors, derived index, tombstones, validation and commit of one delta version; or, when
+    the days change nothing the parent serves, why not (an up-to-date night, not a failed task)."""
+    store = p.store()
+    parent_manifest = store.manifest(parent)
+    try:
+        return delta_version.build_delta_version(
+            store, parent, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,
+            question_encoder=_canary_encoder(p, parent_manifest.encoder, parent_manifest.question_encoder),
+            batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False,
+        )
+    except delta_version.NothingToApply as exc:
+        return str(exc)

@@ -23,6 +23,9 @@ class RefreshOutcome:
     index: dict[str, Any] | None = None
     dump: dict[str, Any] | None = None
     precision: dict[str, Any] | None = None  # the document encoder's measured precision choice
+    mode: str = "full"  # full / delta (what the run built or would have built)
+    lineage: dict[str, Any] | None = None  # a delta's base and the adds-changes days applied
+    changes: dict[str, Any] | None = None  # pages a delta added, changed, moved, redirected, emptied
 
 
 def write_report(o: RefreshOutcome) -> None:
@@ -30,13 +33,25 @@ def write_report(o: RefreshOutcome) -> None:
     lines = [
         f"# refresh-index: {o.status}",
         "",
-        f"- **version**: `{o.version}`",
+        f"- **version**: `{o.version}` ({o.mode})",
         f"- **CURRENT**: `{o.current}`",
         f"- **why**: {o.reason}",
     ]
     if o.dump:
         files = ", ".join(f"`{f['name']}`" for f in o.dump.get("files", []))
         lines.append(f"- **dump**: {o.dump.get('wiki')} {o.dump.get('dump_date')} ({files})")
+    if o.lineage:
+        days = ", ".join(f"{d['date']} (maxrevid {d['maxrevid']})" for d in o.lineage.get("days", []))
+        lines.append(f"- **lineage**: base `{o.lineage.get('base_version')}` (dump {o.lineage.get('base_dump')}); "
+                     f"days applied: {days or 'none'}")
+    if o.changes:
+        lines += ["", "## Pages changed", "", "| change | pages | examples |", "|---|---:|---|"]
+        for kind in ("added", "changed", "moved", "redirected", "emptied"):
+            pages = o.changes.get(kind, [])
+            examples = ", ".join(str(title) for _, title in pages[:5])
+            lines.append(f"| {kind} | {len(pages):,} | {examples} |")
+        lines.append(f"| stale (not newer than the parent) | {o.changes.get('stale', 0):,} | |")
+        lines.append(f"| other namespaces (ignored) | {o.changes.get('ignored_namespace', 0):,} | |")
     if o.counts:
         lines += ["", "## Counts", "", "| what | n |", "|---|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in sorted(o.counts.items())]

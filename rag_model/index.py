@@ -25,7 +25,8 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from transformers.models.rag.retrieval_rag import Index
 
-from rag_model.vectors import load_shard
+from rag_model.segments import Segment, dropped_positions, search_segments
+from rag_model.vectors import load_shard, load_tombstones
 from storage import layout
 from storage.cache import FileCache, Lease
 from storage.errors import RagindexError, Rejected
@@ -34,7 +35,7 @@ from storage.manifest import Manifest
 from storage.records import EmbeddingsSummary
 from storage.store import IndexStore
 from storage.timing import timed
-from storage.verify import expected_sha256
+from storage.verify import expected_sha256, segment_manifests
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +67,31 @@ def revision_url(lang: str, page_id: int, rev_id: int) -> str:
     return f"https://{lang}.wikipedia.org/w/index.php?curid={page_id}&oldid={rev_id}"
 
 
-class VersionIndex(Index):
-    """A version opened read-only for searching. Immutable once opened; safe to share between threads."""
+@dataclass
+class _Part:
+    """One segment opened for serving: its index, its mapped passage table, its embedding files."""
 
-    def __init__(
-        self,
-        version: str,
-        manifest: Manifest,
-        faiss_index: Any,
-        passages: pa.Table,
-        embeddings: list[tuple[int, str]] | None = None,
-    ) -> None:
+    segment: Segment
+    batches: list[pa.RecordBatch]
+    batch_starts: np.ndarray  # position of each record batch's first row within the segment
+    embedding_files: list[tuple[int, str]] | None  # (first position, local .npy path) per shard
+
+
+class VersionIndex(Index):
+    """A version opened read-only for searching. Immutable once opened; safe to share between threads.
+
+    A full version is one segment; a delta version is its ancestors' segments plus its own, minus
+    its tombstones (`rag_model.segments`). Row ids are global across the lineage."""
+
+    def __init__(self, version: str, manifest: Manifest, parts: list[_Part]) -> None:
         self.version = version
         self.manifest = manifest
-        self.faiss_index = faiss_index
-        self.passages = passages
-        # Table.take concatenates every chunk of a column first (O(table) per call): look rows up per batch.
-        self._batches = passages.to_batches()
-        self._batch_starts = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
+        self._parts = parts
+        self._segments = [p.segment for p in parts]
+        self._starts = np.array([p.segment.first_row_id for p in parts], dtype=np.int64)
         self.lang = wiki_language(manifest.source.wiki)
         self.dim = manifest.encoder.dim
-        # (first row_id, local .npy path) per embedding shard, mapped lazily: retrieval alone never needs them
-        self._embedding_files = embeddings
-        self._embedding_shards: list[tuple[int, np.ndarray]] | None = None
+        self._embedding_shards: dict[int, list[tuple[int, np.ndarray]]] = {}
         self._embedding_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------------------
@@ -107,27 +110,29 @@ class VersionIndex(Index):
         Files reach local disk through the one cache (`storage.cache`): a remote store's are copied
         there (they must be local files to be memory-mapped), a local store's are mapped in place; each
         is hashed once and re-hashed only when it changed. `Corrupt` names the first file that does
-        not match. `cache_dir` is the cache's base directory when no `cache` is given."""
-        from rag_model import vector_search
-
+        not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
+        so their files are checked against exactly the manifests it was built and validated on.
+        `cache_dir` is the cache's base directory when no `cache` is given."""
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
         lease = (cache or FileCache.for_store(store.url, base=cache_dir)).lease()
         try:
-            faiss_index = vector_search.read_index(_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
-            passages = _map_passages(version_id, _local_file(lease, store, manifest, PASSAGE_TABLE))
-            rows = manifest.counts.get("passages", passages.num_rows)
-            if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
-                raise Rejected(
-                    f"version {version_id} is inconsistent: {faiss_index.ntotal} vectors, "
-                    f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
-                )
-            embeddings = _embedding_files(lease, store, manifest) if with_embeddings else None
+            tombstones = _tombstones(lease, store, manifest)
+            parts = []
+            for segment_manifest in [*segment_manifests(store, manifest), manifest]:
+                if segment_manifest.encoder.key != manifest.encoder.key:
+                    raise Rejected(f"version {version_id}: segment {segment_manifest.version} was encoded by "
+                                   f"another encoder ({segment_manifest.encoder.key}, not {manifest.encoder.key})")
+                parts.append(_open_part(lease, store, segment_manifest, tombstones, with_embeddings))
         except BaseException:
             lease.release()
             raise
-        opened = cls(version_id, manifest, faiss_index, passages, embeddings)
+        opened = cls(version_id, manifest, parts)
+        if opened.size != manifest.live_passages:
+            lease.release()
+            raise Rejected(f"version {version_id} is inconsistent: it serves {opened.size} rows, "
+                           f"its manifest counts {manifest.live_passages}")
         # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
         weakref.finalize(opened, lease.release)
         return opened
@@ -136,16 +141,19 @@ class VersionIndex(Index):
 
     @property
     def size(self) -> int:
-        return self.passages.num_rows
+        """Rows served (live rows across segments)."""
+        return sum(s.live for s in self._segments)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return list(self._segments)
 
     def search_ids(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(inner-product scores [n, k], row ids [n, k]); -1 marks a slot with no result."""
-        from rag_model import vector_search
-
         queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise Rejected(f"query vectors have shape {queries.shape}; version {self.version} needs [n, {self.dim}]")
-        return vector_search.search(self.faiss_index, self.manifest.index, queries, k)
+        return search_segments(self._segments, queries, k)
 
     def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
         scores, ids = self.search_ids(query_vectors, k)
@@ -169,20 +177,27 @@ class VersionIndex(Index):
             for (score, row_id), row in zip(keep, rows, strict=True)
         ]
 
+    def _locate(self, row_id: int) -> tuple[_Part, int]:
+        """The part holding a row id and the row's position in it."""
+        at = int(np.searchsorted(self._starts, row_id, side="right")) - 1
+        if at >= 0:
+            part = self._parts[at]
+            position = row_id - part.segment.first_row_id
+            if position < part.segment.rows:
+                return part, position
+        raise RagindexError(f"version {self.version}: no row {row_id} in {PASSAGE_TABLE}")
+
     def rows(self, row_ids: list[int]) -> list[dict[str, Any]]:
-        """Passages by row_id, read from the mapped file (only the touched pages become resident)."""
-        if not row_ids:
-            return []
-        positions = np.searchsorted(self._batch_starts, row_ids, side="right") - 1
+        """Passages by row_id, read from the mapped files (only the touched pages become resident)."""
         taken = []
-        for row_id, batch in zip(row_ids, positions.tolist(), strict=True):
-            if not 0 <= row_id < self.size:
-                raise RagindexError(f"version {self.version}: no row {row_id} in {PASSAGE_TABLE}")
-            offset = row_id - int(self._batch_starts[batch])
-            taken.append(self._batches[batch].slice(offset, 1).to_pylist()[0])
-        for want, row in zip(row_ids, taken, strict=True):
-            if row["row_id"] != want:  # the contract says row i has row_id i; never serve a wrong passage
-                raise RagindexError(f"version {self.version}: {PASSAGE_TABLE} row {want} has row_id {row['row_id']}")
+        for row_id in row_ids:
+            part, position = self._locate(int(row_id))
+            batch = int(np.searchsorted(part.batch_starts, position, side="right")) - 1
+            offset = position - int(part.batch_starts[batch])
+            row = part.batches[batch].slice(offset, 1).to_pylist()[0]
+            if row["row_id"] != row_id:  # never serve a wrong passage
+                raise RagindexError(f"version {self.version}: {PASSAGE_TABLE} row {row_id} has row_id {row['row_id']}")
+            taken.append(row)
         return taken
 
     def warm_up(self, rounds: int = 3, k: int = 5) -> float:
@@ -196,27 +211,29 @@ class VersionIndex(Index):
         return timing["warm_up_s"]
 
     def embeddings(self, row_ids: np.ndarray) -> np.ndarray:
-        """Document vectors [.., dim] for row ids (from the version's embedding shards)."""
-        shards = self._mapped_embeddings()
+        """Document vectors [.., dim] for row ids (from the embedding shards of the segments holding them)."""
         flat = np.asarray(row_ids, dtype=np.int64).reshape(-1)
         out = np.zeros((flat.size, self.dim), dtype=np.float32)
-        starts = np.array([s for s, _ in shards], dtype=np.int64)
-        for i, row_id in enumerate(flat):
+        for i, row_id in enumerate(flat.tolist()):
             if row_id < 0:
                 continue
-            shard = int(np.searchsorted(starts, row_id, side="right") - 1)
+            part, position = self._locate(row_id)
+            shards = self._mapped_embeddings(part)
+            starts = [s for s, _ in shards]
+            shard = int(np.searchsorted(starts, position, side="right") - 1)
             first, array = shards[shard]
-            out[i] = array[row_id - first]
+            out[i] = array[position - first]
         return out.reshape(*np.shape(row_ids), self.dim)
 
-    def _mapped_embeddings(self) -> list[tuple[int, np.ndarray]]:
+    def _mapped_embeddings(self, part: _Part) -> list[tuple[int, np.ndarray]]:
         with self._embedding_lock:
-            if self._embedding_shards is None:
-                if self._embedding_files is None:
+            key = part.segment.first_row_id
+            if key not in self._embedding_shards:
+                if part.embedding_files is None:
                     raise RagindexError(f"version {self.version} was opened without its embeddings")
                 local = LocalFileSystem()
-                self._embedding_shards = [(first, load_shard(local, path)) for first, path in self._embedding_files]
-            return self._embedding_shards
+                self._embedding_shards[key] = [(first, load_shard(local, path)) for first, path in part.embedding_files]
+            return self._embedding_shards[key]
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -231,6 +248,10 @@ class VersionIndex(Index):
             "question_encoder": m.question_encoder,
             "index": {"spec": m.index.spec, "factory": m.index.factory, "metric": m.index.metric,
                       "search_params": m.index.search_params},
+            "lineage": {"mode": "delta" if m.is_delta else "full", "parent": m.parent,
+                        "base_dump": m.lineage.base_dump if m.lineage else m.source.dump_date,
+                        "days": [d.date for d in m.lineage.days] if m.lineage else [],
+                        "segments": [s.version for s in m.segments]},
         }
 
     # -- transformers' RAG Index interface -------------------------------------------------------
@@ -266,6 +287,36 @@ def _local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: st
     expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
     remote = store.version_path(version_id, relpath)
     return lease.path(store.fs, remote, expected, f"version {version_id}: {relpath}")
+
+
+def _open_part(lease: Lease, store: IndexStore, manifest: Manifest, tombstones: np.ndarray,
+               with_embeddings: bool) -> _Part:
+    """Open the rows a version's own directory holds, as one segment of the version being served."""
+    from rag_model import vector_search
+
+    vid = manifest.version
+    faiss_index = vector_search.read_index(_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
+    passages = _map_passages(vid, _local_file(lease, store, manifest, PASSAGE_TABLE))
+    rows = manifest.counts.get("passages", passages.num_rows)
+    if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
+        raise Rejected(
+            f"version {vid} is inconsistent: {faiss_index.ntotal} vectors, "
+            f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
+        )
+    # Table.take concatenates every chunk of a column first (O(table) per call): look rows up per batch.
+    batches = passages.to_batches()
+    segment = Segment(version=vid, first_row_id=manifest.first_row_id, rows=rows, index=faiss_index,
+                      info=manifest.index, dropped=dropped_positions(tombstones, manifest.first_row_id, rows))
+    return _Part(segment=segment, batches=batches,
+                 batch_starts=np.cumsum([0] + [b.num_rows for b in batches], dtype=np.int64),
+                 embedding_files=_embedding_files(lease, store, manifest) if with_embeddings else None)
+
+
+def _tombstones(lease: Lease, store: IndexStore, manifest: Manifest) -> np.ndarray:
+    """The sorted row ids a delta version no longer serves (none for a full version)."""
+    if not manifest.is_delta:
+        return np.empty(0, dtype=np.int64)
+    return load_tombstones(_local_file(lease, store, manifest, layout.TOMBSTONES), manifest.version)
 
 
 def _map_passages(version_id: str, path: str) -> pa.Table:

@@ -9,7 +9,7 @@ recall check measure against) streams the shards through faiss.contrib's `knn_gr
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,18 @@ def read_rows(fs: Any, path: str, rows: np.ndarray, dim: int) -> np.ndarray:
             out[start:end] = np.frombuffer(f.read(count * row_bytes), dtype=dtype).reshape(count, dim)
             start = end
         return out
+
+
+def load_tombstones(source: str | io.BytesIO, version: str) -> np.ndarray:
+    """A delta version's tombstones (a verified local path, or its bytes): int64 row ids, sorted, distinct."""
+    try:
+        arr = np.load(source, allow_pickle=False)
+    except ValueError as exc:
+        raise RagindexError(f"version {version}: {layout.TOMBSTONES} is not a .npy file: {exc}") from None
+    if arr.ndim != 1 or arr.dtype != np.int64 or (len(arr) > 1 and not (np.diff(arr) > 0).all()):
+        raise RagindexError(f"version {version}: {layout.TOMBSTONES} must be sorted distinct int64 row ids, "
+                            f"found {arr.dtype} {list(arr.shape)}")
+    return arr
 
 
 def load_shard(fs: Any, path: str) -> np.ndarray:
@@ -184,6 +196,23 @@ def exact_search(shards: EmbeddingShards, queries: np.ndarray, k: int,
     # A block smaller than k pads with -1 ids at the lowest score; with k <= rows they never survive.
     scores, ids = knn_ground_truth(queries, blocks, k, metric_type=faiss.METRIC_INNER_PRODUCT)
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+def exact_search_blocks(queries: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product over (row ids, vectors) blocks that need not be contiguous (a delta
+    version's live rows across segments): (scores [n, k], ids [n, k]), -1 / -inf where fewer exist."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for row_ids, vectors in blocks:
+        if not len(row_ids):
+            continue
+        scores, local = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(row_ids)),
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(local >= 0, np.asarray(row_ids, dtype=np.int64)[local], -1))
+    heap.finalize()
+    ids = heap.I.astype(np.int64, copy=False)
+    return np.where(ids < 0, np.float32(-np.inf), heap.D).astype(np.float32), ids
 
 
 def recall_at_k(found: np.ndarray, gt_ids: np.ndarray, gt_scores: np.ndarray, k: int = TUNE_K) -> float:

@@ -6,7 +6,7 @@ versions will change) is written down in one place:
     versions/<id>/
       _staging.json                     present while the version is being written
       manifest.json                     written LAST: a version exists only if its manifest does
-      passages/part-NNNNN.parquet       PASSAGE_SCHEMA, row i has row_id i across shards
+      passages/part-NNNNN.parquet       PASSAGE_SCHEMA, own row i has row_id first_row_id + i
       passages/passages.json            the passages summary (storage.records.PassagesSummary)
       embeddings/part-NNNNN.npy         float32 [rows, dim], row i <-> passages row i
       embeddings/part-NNNNN.json        its sidecar (storage.records.EmbeddingSidecar)
@@ -14,7 +14,8 @@ versions will change) is written down in one place:
       embeddings/_ray/part-NNNNN.npy    reused vectors of a shard a Ray Data job is encoding (removed after it)
       embeddings/hash_keys.npy          sorted content hashes, fixed-width bytes (tasks.reuse_index)
       embeddings/hash_rows.npy          int32 [n, 2] (shard, row) of each key: where reuse finds a vector
-      index.faiss                       faiss ids == global row_id
+      index.faiss                       faiss ids == global row_id (a delta's: row_id - first_row_id)
+      tombstones.npy                    a delta's: int64 sorted row ids of its ancestors it no longer serves
       passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
       _work/                            unit outputs of an unfinished build (removed before validation)
 """
@@ -37,6 +38,7 @@ INDEX_FILE = "index.faiss"
 PASSAGE_TABLE = "passages.arrow"
 HASH_KEYS = "hash_keys.npy"
 HASH_ROWS = "hash_rows.npy"
+TOMBSTONES = "tombstones.npy"
 # Beside versions/, not inside one: <store>/trained/<fingerprint key>/<entry>.faiss|.json (tasks.trained_store).
 TRAINED_DIR = "trained"
 

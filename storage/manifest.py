@@ -84,6 +84,40 @@ class Validation(BaseModel):
     checks: dict[str, Any] = Field(default_factory=dict)
 
 
+class SegmentRef(BaseModel):
+    """Rows a delta version shares with an ancestor: the files of `version`'s own directory.
+
+    `manifest_sha256` pins the exact manifest (and so, through its `files`, every byte) the delta was
+    built on; row ids `first_row_id` .. `first_row_id + rows - 1` are that version's own rows."""
+
+    version: str
+    manifest_sha256: str
+    first_row_id: int
+    rows: int
+
+
+class AppliedDay(BaseModel):
+    """One adds-changes day folded into a delta version."""
+
+    date: str
+    maxrevid: int
+    file: str
+    md5: str
+
+
+class Lineage(BaseModel):
+    """Where a version's knowledge comes from: a full dump, then the adds-changes days applied since."""
+
+    base_version: str  # the full version the chain of deltas starts at
+    base_dump: str  # that version's dump date
+    days: list[AppliedDay] = Field(default_factory=list)  # every day applied since the base, in order
+
+    @property
+    def watermark(self) -> str:
+        """The newest date this lineage has seen: adds-changes days after it are still to apply."""
+        return self.days[-1].date if self.days else self.base_dump
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     version: str
@@ -100,6 +134,26 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
     timings: dict[str, float] = Field(default_factory=dict)  # step -> seconds
     validation: Validation | None = None
+    # Delta versions (tasks.delta_version): the ancestors' rows this version serves besides its own, the
+    # first row id of its own rows, and its lineage. A full version has no segments and starts at row 0.
+    segments: list[SegmentRef] = Field(default_factory=list)
+    first_row_id: int = 0
+    lineage: Lineage | None = None
+    changes: dict[str, Any] = Field(default_factory=dict)  # what a delta added/changed/moved/dropped
+
+    @property
+    def is_delta(self) -> bool:
+        return bool(self.segments)
+
+    @property
+    def live_passages(self) -> int:
+        """Rows this version serves: its own plus its ancestors' not tombstoned."""
+        return self.counts.get("live_passages", self.counts.get("passages", 0))
+
+    @property
+    def next_row_id(self) -> int:
+        """The first row id a child delta gives its own rows (row ids are never reused in a lineage)."""
+        return self.first_row_id + self.counts.get("passages", 0)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

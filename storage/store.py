@@ -147,13 +147,19 @@ class IndexStore:
     def has_version(self, version_id: str) -> bool:
         return self.fs.exists(self.version_path(version_id, MANIFEST))
 
-    def manifest(self, version_id: str) -> Manifest:
-        path = self.version_path(version_id, MANIFEST)
+    def manifest_bytes(self, version_id: str) -> bytes:
+        """The manifest as stored: what a delta's `SegmentRef.manifest_sha256` pins."""
         try:
-            with self.fs.open(path, "rb") as f:
-                data = f.read()
+            with self.fs.open(self.version_path(version_id, MANIFEST), "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise NotFound(f"no version {version_id!r} in {self.url}") from None
+
+    def manifest(self, version_id: str, data: bytes | None = None) -> Manifest:
+        """The manifest of a version (from `data` when the caller already read and checked its bytes)."""
+        path = self.version_path(version_id, MANIFEST)
+        if data is None:
+            data = self.manifest_bytes(version_id)
         try:
             manifest = Manifest.model_validate_json(data)
         except ValidationError as exc:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
-from storage.errors import Corrupt
+from storage.errors import Corrupt, NotFound
 from storage.fs import file_digest
 from storage.manifest import Manifest
 
@@ -70,3 +70,22 @@ def verify_version(
         verify_file(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel),
                     f"version {version_id}: {rel}")
     return manifest
+
+
+def segment_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
+    """The ancestor manifests a delta version shares rows with, oldest first, each checked against the
+    sha256 the delta recorded: a rewritten or replaced ancestor is `Corrupt`, never silently served."""
+    found = []
+    for ref in manifest.segments:
+        label = f"version {manifest.version}: segment {ref.version}"
+        try:
+            data = store.manifest_bytes(ref.version)
+        except NotFound:
+            raise Corrupt(f"{label} is gone (its manifest is missing)") from None
+        check_digest(hashlib.sha256(data).hexdigest(), ref.manifest_sha256, f"{label} manifest")
+        ancestor = store.manifest(ref.version, data)
+        if ancestor.first_row_id != ref.first_row_id or ancestor.counts.get("passages") != ref.rows:
+            raise Corrupt(f"{label} holds rows {ancestor.first_row_id}+{ancestor.counts.get('passages')}, "
+                          f"not {ref.first_row_id}+{ref.rows}")
+        found.append(ancestor)
+    return found

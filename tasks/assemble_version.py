@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rag_model.vectors import open_embeddings
@@ -25,7 +28,8 @@ from storage.names import check_file_name
 from storage.records import PassagesSummary
 from storage.timing import timed
 from tasks.build_index import build_index
-from tasks.passage_table import write_passage_table
+from tasks.lineage_rows import served_page_ids
+from tasks.passage_table import passage_shard_paths, write_passage_table
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors, draft_manifest, finalize_version
 
@@ -77,7 +81,38 @@ def finish_version(store, version_id: str, index: IndexInfo, floors: ValidationF
     parent = store.latest_ready()
     manifest = draft_manifest(store, version_id, index=index, timings=timings or {},
                               parent=parent.version if parent else None)
+    reconciled = reconciled_deletions(store, manifest)
+    if reconciled is not None:
+        manifest.counts["deletions_reconciled"] = reconciled
     return finalize_version(store, manifest, floors, canaries=canaries, question_encoder=question_encoder)
+
+
+def reconciled_deletions(store, manifest: Manifest) -> int | None:
+    """Pages CURRENT's delta lineage serves that this full build no longer has: the deletions adds-changes
+    days cannot show, counted when a full dump reconciles them (None unless CURRENT is a delta)."""
+    pointer = store.current()
+    current = store.manifest(pointer.version) if pointer else None
+    if current is None or not current.is_delta or current.source.wiki != manifest.source.wiki:
+        return None
+    fresh = [np.empty(0, dtype=np.int64)]
+    for shard in passage_shard_paths(store.fs, store.version_path(manifest.version, layout.PASSAGES_DIR)):
+        with store.fs.open(shard, "rb") as f:  # this build's own shards, just written
+            fresh.append(pq.read_table(f, columns=["page_id"]).column(0).to_numpy())
+    return int(len(np.setdiff1d(served_page_ids(store, current), np.concatenate(fresh))))
+
+
+@contextlib.contextmanager
+def staged_build(store, version_id: str, owner: str) -> Iterator[None]:
+    """Build a staged version under the store's build lock; a failure before its commit removes the
+    staging area (a kill leaves it to gc)."""
+    try:
+        with store.build_lock(owner=owner):
+            yield
+    except BaseException:
+        if not store.has_version(version_id):
+            with contextlib.suppress(FileNotFoundError):
+                store.fs.rm(store.version_path(version_id), recursive=True)
+        raise
 
 
 def build_version(store, passages_url: str, embeddings_url: str, *, spec: str = "auto",
@@ -92,26 +127,19 @@ def build_version(store, passages_url: str, embeddings_url: str, *, spec: str = 
     # Fail on bad input before staging anything.
     fingerprint = open_embeddings(embeddings_url, store.s3_endpoint_url).fingerprint
     version_id = store.begin_version(source.wiki, source.dump_date)
-    committed = False
-    try:
-        with store.build_lock(owner=f"ragindex build {version_id}"):
-            timings: dict[str, float] = {}
-            with timed(timings, "copy_s"):
-                for sub, url in ((layout.PASSAGES_DIR, passages_url), (layout.EMBEDDINGS_DIR, embeddings_url)):
-                    if url.rstrip("/") != store.version_url(version_id, sub):
-                        copy_tree(url, store.fs, store.version_path(version_id, sub), store.s3_endpoint_url,
-                                  progress)
-            info = build_version_files(store, version_id, spec=spec, memory_budget=memory_budget,
-                                       target_recall=target_recall, progress=progress, timings=timings)
-            manifest = finish_version(store, version_id, info, floors or ValidationFloors(), timings=timings,
-                                      canaries=canaries,
-                                      question_encoder=_load_question_encoder(question_encoder, fingerprint))
-            committed = True
-            return manifest
-    finally:
-        if not committed:
-            with contextlib.suppress(FileNotFoundError):
-                store.fs.rm(store.version_path(version_id), recursive=True)
+    with staged_build(store, version_id, owner=f"ragindex build {version_id}"):
+        timings: dict[str, float] = {}
+        with timed(timings, "copy_s"):
+            for sub, url in ((layout.PASSAGES_DIR, passages_url), (layout.EMBEDDINGS_DIR, embeddings_url)):
+                if url.rstrip("/") != store.version_url(version_id, sub):
+                    copy_tree(url, store.fs, store.version_path(version_id, sub), store.s3_endpoint_url,
+                              progress)
+        info = build_version_files(store, version_id, spec=spec, memory_budget=memory_budget,
+                                   target_recall=target_recall, progress=progress, timings=timings)
+        manifest = finish_version(store, version_id, info, floors or ValidationFloors(), timings=timings,
+                                  canaries=canaries,
+                                  question_encoder=_load_question_encoder(question_encoder, fingerprint))
+        return manifest
 
 
 def _load_question_encoder(model: str | None, fingerprint: EncoderFingerprint):

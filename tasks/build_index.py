@@ -65,7 +65,7 @@ def _train_size(nlist: int, n: int) -> int:
     return int(min(n, max(50 * nlist, 20_000), 262_144))
 
 
-def _add_all(index: faiss.Index, shards: EmbeddingShards, phi: float | None, progress: bool) -> None:
+def add_vectors(index: faiss.Index, shards: EmbeddingShards, phi: float | None, progress: bool) -> None:
     with_ids = "IDMap" in type(index).__name__
     for start, block in shards.blocks(progress, desc="adding vectors"):
         if phi is not None:
@@ -138,7 +138,7 @@ def _build_plan(plan: Plan, shards: EmbeddingShards, budget: int, target_recall:
     if coarse is not None:
         coarse.hnsw.efSearch = coarse_search_width(1)  # each vector goes to its nearest list
     with timed(timings, "add_s"):
-        _add_all(index, shards, phi, progress)
+        add_vectors(index, shards, phi, progress)
     info = IndexInfo(spec=plan.spec, factory=plan.factory, metric=plan.metric, dim=plan.dim, params=params,
                      phi=phi)
     with timed(timings, "tune_s"):

@@ -5,7 +5,8 @@ with `dumpstatus.json`) or at a local / `file://` / `s3://` path (`resolve_sourc
 result is a `DumpRef`: where it came from and which files, with their sha1 and size when known.
 
 Mirror downloads stream to a temp name beside the target, resume with an HTTP Range request,
-retry with backoff, and are renamed into place only once their sha1 matches, so a file under its
+retry with backoff, and are renamed into place only once their sha1 (md5 for the daily adds-changes
+files of `tasks.incr_dumps`) matches, so a file under its
 final name in `downloads/<wiki>/<date>/` is always complete and verified. Network trouble is retried
 here (backoff, resumed transfers) and only here: the flow's Prefect tasks do not retry on top.
 
@@ -52,6 +53,7 @@ class RemoteFile:
     url: str
     sha1: str | None = None
     size: int | None = None
+    md5: str | None = None  # what adds-changes days publish instead of sha1 (md5sums.txt)
 
 
 @dataclass
@@ -344,13 +346,13 @@ def download_dump(ref: DumpRef, store: IndexStore, user_agent: str, retries: int
         return [verify_in_place(f, s3_endpoint_url or store.s3_endpoint_url, progress) for f in ref.files]
     names.check_wiki(ref.wiki)
     names.check_dump_date(ref.dump_date)
-    unverifiable = [f.name for f in ref.files if not f.sha1 and f.size is None]
+    unverifiable = [f.name for f in ref.files if _expected_digest(f) is None and f.size is None]
     if unverifiable and not allow_unverified:
         raise Rejected(f"the mirror publishes neither size nor sha1 for {', '.join(unverifiable)}: nothing could "
                        "be verified; pass --allow-unverified (allow_unverified=true) to download it anyway")
     http = _Http(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(ref.location).host)
     try:
-        return [_fetch(http, f, store, ref, progress) for f in ref.files]
+        return [_fetch(http, f, store, ref.wiki, ref.dump_date, progress) for f in ref.files]
     finally:
         http.close()
 
@@ -380,29 +382,43 @@ def _bar(name: str, total: int | None, progress: bool, initial: int = 0) -> tqdm
                 disable=None if progress else True, leave=False)
 
 
-def _fetch(http: _Http, f: RemoteFile, store: IndexStore, ref: DumpRef, progress: bool) -> str:
+def _expected_digest(f: RemoteFile) -> tuple[str, str] | None:
+    """(algorithm, hex) the mirror published for `f`: sha1 (full dumps) before md5 (adds-changes days)."""
+    if f.sha1:
+        return "sha1", f.sha1
+    if f.md5:
+        return "md5", f.md5
+    return None
+
+
+def _fetch(http: _Http, f: RemoteFile, store: IndexStore, wiki: str, date: str, progress: bool) -> str:
+    """Download `f` into `downloads/<wiki>/<date>/`, renamed to its final name only once verified."""
     names.check_file_name(f.name)
-    final = store.downloads_path(ref.wiki, ref.dump_date, f.name)
+    final = store.downloads_path(wiki, date, f.name)
     if store.fs.exists(final) and (f.size is None or store.fs.size(final) == f.size):
         # Only a verified file is ever renamed to its final name: present means verified.
         return to_url(store.fs, final)
     if is_local(store.fs):
-        partial = store.downloads_path(ref.wiki, ref.dump_date, f".{f.name}.part")
+        partial = store.downloads_path(wiki, date, f".{f.name}.part")
     else:  # S3 cannot append: resume locally, upload once verified
-        cache = os.path.join(tempfile.gettempdir(), "ragindex-downloads", ref.wiki, ref.dump_date)
+        cache = os.path.join(tempfile.gettempdir(), "ragindex-downloads", wiki, date)
         partial = os.path.join(cache, f".{f.name}.part")
     os.makedirs(os.path.dirname(partial), exist_ok=True)
 
+    expected = _expected_digest(f)
     for fresh_start in (False, True):
         if fresh_start and os.path.exists(partial):
             os.remove(partial)
         resumed = _transfer(http, f, partial, progress)
-        digest = sha1_of(partial)
-        if not f.sha1 or digest == f.sha1.lower():
+        if expected is None:
+            break
+        algorithm, want = expected
+        digest = file_digest(*resolve(partial), algorithm)
+        if digest == want.lower():
             break
         if fresh_start or not resumed:
             os.remove(partial)
-            raise Rejected(f"sha1 mismatch for {f.name} from {f.url}: expected {f.sha1}, got {digest}")
+            raise Rejected(f"{algorithm} mismatch for {f.name} from {f.url}: expected {want}, got {digest}")
         # A resumed file can be spoiled by a stale prefix; one clean download decides.
     if is_local(store.fs):
         os.replace(partial, final)
@@ -410,8 +426,6 @@ def _fetch(http: _Http, f: RemoteFile, store: IndexStore, ref: DumpRef, progress
         store.fs.put_file(partial, final)
         os.remove(partial)
     return to_url(store.fs, final)
-
-
 
 
 def _transfer(http: _Http, f: RemoteFile, partial: str, progress: bool) -> bool:

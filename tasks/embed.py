@@ -476,8 +476,15 @@ def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: S
 
 
 def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit: int = 3) -> list[str]:
-    """Version roots (URLs), newest first, of ready versions embedded under the same fingerprint key."""
+    """Version roots (URLs), newest first, of ready versions embedded under the same fingerprint key.
+
+    A delta version's own directory holds only its new rows: the segments it serves follow it, so a
+    full build after a week of deltas still reuses the base's vectors."""
     matches = [m for m in reversed(store.list_versions())
                if m.status == "ready" and m.encoder.key == fingerprint.key]
-    return [store.version_url(m.version) for m in matches[:limit]]
-
+    roots: list[str] = []
+    for m in matches[:limit]:
+        for version in [m.version, *(s.version for s in reversed(m.segments))]:
+            if version not in roots:
+                roots.append(version)
+    return [store.version_url(v) for v in roots]

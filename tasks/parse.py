@@ -93,6 +93,7 @@ class Page:
     redirect: bool
     model: str
     text: str
+    revisions: int = 1  # <revision>s the page element held (a history dump holds several)
 
 
 def file_name(url: str) -> str:
@@ -206,9 +207,10 @@ def _pages(stream) -> Iterator[Page]:
 
 
 def _page(elem) -> Page:
+    """A `<page>` with its newest revision: the only one of an articles dump, the highest id of a history dump."""
     title = ns = page_id = None
     redirect = False
-    rev_id, model, text = 0, "wikitext", ""
+    rev_id, model, text, revisions = 0, "wikitext", "", 0
     for child in elem:
         tag = _local(child.tag)
         if tag == "title":
@@ -220,18 +222,22 @@ def _page(elem) -> Page:
         elif tag == "redirect":
             redirect = True
         elif tag == "revision":
+            revisions += 1
+            this_id, this_model, this_text = 0, "wikitext", ""
             for part in child:
                 ptag = _local(part.tag)
                 if ptag == "id":
-                    rev_id = int(part.text or 0)
+                    this_id = int(part.text or 0)
                 elif ptag == "model":
-                    model = part.text or model
+                    this_model = part.text or this_model
                 elif ptag == "text":
-                    text = part.text or ""
+                    this_text = part.text or ""
+            if revisions == 1 or this_id > rev_id:
+                rev_id, model, text = this_id, this_model, this_text
     if page_id is None or title is None:
         raise ValueError(f"a <page> without <id> or <title> at XML line {elem.sourceline}")
     return Page(page_id=int(page_id), rev_id=rev_id, title=title, ns=int(ns or 0), redirect=redirect,
-                model=model, text=text)
+                model=model, text=text, revisions=max(revisions, 1))
 
 
 # --- where a multistream file may be cut ----------------------------------------------------------

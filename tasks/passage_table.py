@@ -25,8 +25,10 @@ def passage_shard_paths(fs: Any, directory: str) -> list[str]:
     return shards
 
 
-def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str | None = None) -> int:
-    """Write passages.arrow (Arrow IPC file, uncompressed, row i == row_id i) and return its row count."""
+def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str | None = None,
+                        first_row_id: int = 0) -> int:
+    """Write passages.arrow (Arrow IPC file, uncompressed, row i == row_id first_row_id + i) and return
+    its row count."""
     src_fs, src_dir = resolve(passages_url, s3_endpoint_url)
     fs, path = resolve(table_url, s3_endpoint_url)
     rows = 0
@@ -43,8 +45,9 @@ def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str 
                 for batch in pf.iter_batches(batch_size=8192, columns=columns):
                     table = pa.Table.from_batches([batch]).cast(layout.TABLE_SCHEMA)
                     ids = table.column("row_id").to_numpy()
-                    if len(ids) and (ids[0] != rows or not np.array_equal(ids, np.arange(rows, rows + len(ids)))):
-                        raise RagindexError(f"{shard}: row_id not contiguous at row {rows} (got {ids[0]})")
+                    first = first_row_id + rows
+                    if len(ids) and (ids[0] != first or not np.array_equal(ids, np.arange(first, first + len(ids)))):
+                        raise RagindexError(f"{shard}: row_id not contiguous at row {first} (got {ids[0]})")
                     for b in table.to_batches():
                         writer.write_batch(b)
                     rows += len(ids)

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
@@ -165,39 +166,18 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     with timed(timing, "seconds"), atomic_write(fs, parquet_path) as f:
         writer = pq.ParquetWriter(f, UNIT_SCHEMA, compression="zstd")
         try:
-            def finish(page: Page, text: str | None, reason: str | None) -> None:
-                nonlocal kept, passages, words
-                chunks = chunk_article(page.page_id, page.rev_id, page.title, text) if text else []
-                if reason is None and not chunks:
-                    reason = "empty"
-                if reason:
-                    skipped[reason] += 1
-                    return
+            pages = iter_pages(unit.url, unit.start, unit.end, s3_endpoint_url)
+            for done_page in clean_and_chunk(pages, options, cleaner):
+                seen += 1
+                if done_page.reason:
+                    skipped[done_page.reason] += 1
+                    continue
                 kept += 1
-                passages += len(chunks)
-                words += len(text.split())
-                for chunk in chunks:
-                    for name in UNIT_SCHEMA.names:
-                        rows[name].append(chunk[name])
+                passages += len(done_page.chunks)
+                words += done_page.words
+                add_rows(rows, done_page.chunks)
                 if len(rows["text"]) >= _FLUSH_ROWS:
                     _flush(writer, rows)
-
-            in_cleaner: Page | None = None  # sent, result not collected yet
-            pages = iter_pages(unit.url, unit.start, unit.end, s3_endpoint_url)
-            for page in _closing_cleaner_on_error(pages, cleaner):
-                seen += 1
-                if in_cleaner is not None:  # this page was parsed while the cleaner worked
-                    finish(in_cleaner, *cleaner.result())
-                    in_cleaner = None
-                reason = _skip_reason(page, options)
-                if reason is None and not cleaner.submit(page.text):
-                    reason = "too_large"
-                if reason:
-                    finish(page, None, reason)
-                else:
-                    in_cleaner = page
-            if in_cleaner is not None:
-                finish(in_cleaner, *cleaner.result())
             _flush(writer, rows)
         finally:
             writer.close()
@@ -210,6 +190,49 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     with atomic_write(fs, record_path) as f:
         f.write(json.dumps(record).encode())
     return record
+
+
+@dataclass(frozen=True)
+class CleanedPage:
+    """A page after cleaning and chunking: its passages, or why it has none."""
+
+    page: Page
+    chunks: list[dict]
+    reason: str | None  # None: kept; else namespace / redirect / disambiguation / empty / too_large / ...
+    words: int = 0
+
+
+def clean_and_chunk(pages: Iterable[Page], options: CleanOptions, cleaner: GuardedCleaner) -> Iterator[CleanedPage]:
+    """Every page of `pages`, in order, cleaned and chunked as a full build does (the delta path uses
+    this too, so the same text gets the same passages). Page n is cleaned while page n+1 is parsed."""
+
+    def finished(page: Page, text: str | None, reason: str | None) -> CleanedPage:
+        chunks = chunk_article(page.page_id, page.rev_id, page.title, text) if text else []
+        if reason is None and not chunks:
+            reason = "empty"
+        return CleanedPage(page, [] if reason else chunks, reason, 0 if reason else len(text.split()))
+
+    in_cleaner: Page | None = None  # sent, result not collected yet
+    for page in _closing_cleaner_on_error(pages, cleaner):
+        if in_cleaner is not None:  # this page was parsed while the cleaner worked
+            yield finished(in_cleaner, *cleaner.result())
+            in_cleaner = None
+        reason = _skip_reason(page, options)
+        if reason is None and not cleaner.submit(page.text):
+            reason = "too_large"
+        if reason:
+            yield finished(page, None, reason)
+        else:
+            in_cleaner = page
+    if in_cleaner is not None:
+        yield finished(in_cleaner, *cleaner.result())
+
+
+def add_rows(rows: dict[str, list], chunks: list[dict]) -> None:
+    """Append chunks to column lists keyed by `UNIT_SCHEMA` names."""
+    for chunk in chunks:
+        for name in UNIT_SCHEMA.names:
+            rows[name].append(chunk[name])
 
 
 def unit_output_intact(record: dict, s3_endpoint_url: str | None = None) -> bool:
@@ -248,12 +271,14 @@ def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
 # --- assembling the shards ------------------------------------------------------------------------
 
 def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_rows: int = 100_000,
-             s3_endpoint_url: str | None = None, timings: dict[str, float] | None = None) -> dict:
+             s3_endpoint_url: str | None = None, timings: dict[str, float] | None = None,
+             first_row_id: int = 0) -> dict:
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
     `passages.json` is removed first and written last, so a reader never sees a half-written set.
     `timings` may carry `parse_clean_chunk_s` (the units' wall time); then `total_s` is the whole
-    passages step, units and assembly.
+    passages step, units and assembly. Row ids start at `first_row_id` (a delta version's continue
+    its lineage's).
     """
     if shard_rows <= 0:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
@@ -277,7 +302,7 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     written: list[str] = []
     try:
         with timed(step_timings, "assemble_s"):
-            for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written):
+            for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written, first_row_id):
                 shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out, name))))
             _remove_stale_parts(fs, out, keep={s.name for s in shards})
         if "parse_clean_chunk_s" in step_timings:
@@ -298,9 +323,9 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
 
 
 def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_endpoint_url: str | None,
-                  written: list[str]):
+                  written: list[str], first_row_id: int = 0):
     """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order."""
-    next_row = 0
+    next_row = first_row_id
     shard = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0

@@ -17,14 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_model.vector_search import read_index, search
-from rag_model.vectors import GT_K, exact_search, open_embeddings, recall_at_k, sample_rows
+from rag_model.segments import search_segments
+from rag_model.vectors import GT_K, exact_search_blocks, recall_at_k
 from storage import layout
 from storage.errors import RagindexError
 from storage.fs import resolve
 from storage.manifest import IndexInfo, Manifest, Validation
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary
 from storage.timing import timed
+from tasks.lineage_rows import LineageRows
 from tasks.passage_table import passage_shard_paths
 
 
@@ -102,28 +103,33 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
         return (f"file check failed: {file_problems[0]}"
                 + (f" (+{len(file_problems) - 1} more)" if len(file_problems) > 1 else ""))
 
-    shards = open_embeddings(store.version_url(vid, layout.EMBEDDINGS_DIR), store.s3_endpoint_url)
-    index = read_index(store.version_url(vid, layout.INDEX_FILE), s3_endpoint_url=store.s3_endpoint_url)
+    try:
+        lineage = LineageRows(store, manifest)
+    except RagindexError as exc:
+        return f"segment check failed: {exc}"
+    own = lineage.own
     counts = {
         "manifest_passages": manifest.counts.get("passages"),
         "passage_rows": _parquet_rows(store, vid),
-        "embeddings": shards.total,
-        "index_ntotal": int(index.ntotal),
+        "embeddings": own.shards.total,
+        "index_ntotal": int(own.segment.index.ntotal),
         "table_rows": _table_rows(store, vid),
     }
     checks["counts"] = counts
     if len(set(counts.values())) != 1:
         failures.append("counts disagree: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    n = counts["passage_rows"]
-    if index.d != manifest.index.dim or shards.dim != manifest.encoder.dim:
-        failures.append(f"dimensions disagree: index {index.d}, info {manifest.index.dim}, "
-                        f"embeddings {shards.dim}, encoder {manifest.encoder.dim}")
-    if shards.fingerprint.key != manifest.encoder.key:
+    n = lineage.live
+    if manifest.is_delta:
+        failures += _lineage_problems(manifest, lineage, checks)
+    if own.segment.index.d != manifest.index.dim or own.shards.dim != manifest.encoder.dim:
+        failures.append(f"dimensions disagree: index {own.segment.index.d}, info {manifest.index.dim}, "
+                        f"embeddings {own.shards.dim}, encoder {manifest.encoder.dim}")
+    if own.shards.fingerprint.key != manifest.encoder.key:
         failures.append("embeddings were made by a different encoder than the manifest names")
 
     previous = store.latest_ready(exclude=vid)
     if previous is not None:
-        prev_n = previous.counts.get("passages", 0)
+        prev_n = previous.live_passages
         change = (n - prev_n) / prev_n if prev_n else float("inf")
         checks["count_change"] = {"previous": previous.version, "previous_passages": prev_n,
                                   "change": round(change, 4), "allowed": floors.allow_count_change}
@@ -136,13 +142,13 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
             failures.append("the version has no passages")
         return "; ".join(failures)
 
-    self_rate, recall = _retrieval_checks(store, manifest, index, shards, floors, checks)
+    self_rate, recall = _retrieval_checks(lineage, floors, checks)
     if self_rate < floors.self_retrieval:
         failures.append(f"self-retrieval {self_rate:.3f} < floor {floors.self_retrieval}")
     if recall < floors.recall_at_10:
         failures.append(f"recall@10 {recall:.3f} < floor {floors.recall_at_10}")
     if canaries:
-        hit = _canary_check(store, manifest, index, floors, canaries, question_encoder, checks)
+        hit = _canary_check(store, manifest, lineage, floors, canaries, question_encoder, checks)
         if hit < floors.canary_hit:
             failures.append(f"canary hit@{floors.canary_k} {hit:.3f} < floor {floors.canary_hit}")
     return "; ".join(failures) or None
@@ -217,34 +223,32 @@ def _table_rows(store, vid: str) -> int:
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
-def _content_hashes(store, vid: str, rows: np.ndarray) -> dict[int, str]:
-    """content_hash of the given global rows, reading only that column of the shards that hold them."""
-    wanted = np.unique(rows[rows >= 0])
-    out: dict[int, str] = {}
-    start = 0
-    for shard in passage_shard_paths(store.fs, store.version_path(vid, layout.PASSAGES_DIR)):
-        with store.fs.open(shard, "rb") as f:
-            pf = pq.ParquetFile(f)
-            count = pf.metadata.num_rows
-            here = wanted[(wanted >= start) & (wanted < start + count)]
-            if len(here):
-                column = pf.read(columns=["content_hash"]).column(0)
-                for r in here.tolist():
-                    out[r] = column[r - start].as_py()
-        start += count
-    return out
+def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str, Any]) -> list[str]:
+    """A delta's own checks: its rows continue its ancestors' ids, and tombstones only drop theirs."""
+    problems = []
+    ancestors = lineage.parts[:-1]
+    expected_first = ancestors[-1].manifest.next_row_id
+    tombstones = lineage.tombstones
+    checks["lineage"] = {"segments": len(lineage.parts), "tombstones": int(len(tombstones)),
+                         "live_passages": lineage.live}
+    if manifest.first_row_id != expected_first:
+        problems.append(f"own rows start at row id {manifest.first_row_id}, its parent ends at {expected_first}")
+    if len(tombstones) and (tombstones[0] < 0 or tombstones[-1] >= manifest.first_row_id):
+        problems.append("tombstones name row ids outside the ancestors' rows")
+    if manifest.counts.get("live_passages") != lineage.live:
+        problems.append(f"live passages {lineage.live} != the manifest's {manifest.counts.get('live_passages')}")
+    return problems
 
 
-def _retrieval_checks(store, manifest: Manifest, index, shards, floors: ValidationFloors,
-                      checks: dict[str, Any]) -> tuple[float, float]:
-    ids = sample_rows(shards.total, floors.sample, floors.seed)
-    queries = shards.gather(ids)
-    _, found = search(index, manifest.index, queries, 10)
-    gt_s, gt_i = exact_search(shards, queries, GT_K)
+def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors, checks: dict[str, Any]) -> tuple[float, float]:
+    ids = lineage.sample(floors.sample, floors.seed)
+    queries = lineage.gather(ids)
+    _, found = search_segments(lineage.segments, queries, 10)
+    gt_s, gt_i = exact_search_blocks(queries, lineage.blocks(), min(GT_K, lineage.live))
     recall = recall_at_k(found, gt_i, gt_s, 10)
     top1 = found[:, 0]
-    hashes = _content_hashes(store, manifest.version, np.concatenate([ids, top1]))
-    top1_vectors = shards.gather(np.where(top1 >= 0, top1, 0))
+    hashes = lineage.column("content_hash", np.concatenate([ids, top1]))
+    top1_vectors = lineage.gather(np.where(top1 >= 0, top1, ids))
     self_ip = np.einsum("ij,ij->i", queries, queries)
     top1_ip = np.einsum("ij,ij->i", queries, top1_vectors)
     hits = 0
@@ -257,12 +261,17 @@ def _retrieval_checks(store, manifest: Manifest, index, shards, floors: Validati
             hits += 1
     self_rate = hits / len(ids)
     checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
+    if lineage.manifest.is_delta:
+        own = lineage.own.segment
+        new = (ids >= own.first_row_id)
+        checks["self_retrieval"]["new_rows_in_sample"] = int(new.sum())
     checks["recall_at_10"] = {"sample": len(ids), "recall": round(recall, 4),
-                              "search_params": manifest.index.search_params}
+                              "search_params": lineage.manifest.index.search_params}
     return self_rate, recall
 
 
-def _canary_check(store, manifest: Manifest, index, floors: ValidationFloors, canaries: str, question_encoder,
+def _canary_check(store, manifest: Manifest, lineage: LineageRows, floors: ValidationFloors, canaries: str,
+                  question_encoder,
                   checks: dict[str, Any]) -> float:
     fs, path = resolve(canaries, store.s3_endpoint_url)
     items = []
@@ -291,8 +300,8 @@ def _canary_check(store, manifest: Manifest, index, floors: ValidationFloors, ca
         question_encoder = load_question_encoder(manifest.question_encoder, enc.kind, normalize=enc.normalize,
                                                  max_length=enc.max_length)
     vectors = question_encoder.encode([q for q, _ in items])
-    _, found = search(index, manifest.index, vectors, floors.canary_k)
-    titles = _titles(store, manifest.version, found)
+    _, found = search_segments(lineage.segments, vectors, floors.canary_k)
+    titles = lineage.column("title", found.reshape(-1))
     misses, hits = [], 0
     for (question, title), row in zip(items, found, strict=True):
         got = {titles.get(r, "").casefold().strip() for r in row.tolist() if r >= 0}
@@ -304,20 +313,3 @@ def _canary_check(store, manifest: Manifest, index, floors: ValidationFloors, ca
     checks["canaries"] = {"questions": len(items), "k": floors.canary_k, "hit_rate": round(rate, 4),
                           "misses": misses[:10]}
     return rate
-
-
-def _titles(store, vid: str, found: np.ndarray) -> dict[int, str]:
-    wanted = set(found[found >= 0].tolist())
-    out: dict[int, str] = {}
-    start = 0
-    with store.fs.open(store.version_path(vid, layout.PASSAGE_TABLE), "rb") as f:
-        reader = pa.ipc.open_file(f)
-        for i in range(reader.num_record_batches):
-            batch = reader.get_batch(i)
-            here = [r for r in wanted if start <= r < start + batch.num_rows]
-            if here:
-                col = batch.column(batch.schema.get_field_index("title"))
-                for r in here:
-                    out[r] = col[r - start].as_py()
-            start += batch.num_rows
-    return out

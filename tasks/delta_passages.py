@@ -1,0 +1,155 @@
+"""What adds-changes days do to a parent version's pages, and the passages of the pages they change.
+
+A day's `pages-meta-hist-incr.xml.bz2` holds every new revision of its window, in all namespaces.
+Per page id the newest revision across all the days given wins (`newest_revisions`); it is applied
+only if its id is above the revision the parent serves, so overlapping windows change nothing.
+
+`write_delta_passages` then classifies each winning page against the parent:
+- added: the parent serves no passages of it and it now has some;
+- changed: same title, new text; moved: new title (the title is part of what is embedded);
+- redirected / emptied: it now has no passages (a redirect, a disambiguation page, no text left,
+  or moved out of the main namespace): the parent's rows of it are dropped and nothing replaces them.
+Pages are cleaned and chunked by `tasks.passages.clean_and_chunk`, the code a full build runs, so
+the same text gives the same passage ids and content hashes (and its vector is reused, not encoded).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from storage.fs import file_digest, resolve
+from storage.layout import UNIT_SCHEMA
+from storage.manifest import SourceDump
+from storage.records import UnitRecord
+from tasks.clean import CleanOptions
+from tasks.cleaner import cleaner_for
+from tasks.parse import Page, iter_pages
+from tasks.passages import add_rows, assemble, clean_and_chunk, options_key
+
+
+@dataclass(frozen=True)
+class ParentPage:
+    """What the parent version serves of a page: the revision its passages came from, and their title."""
+
+    rev_id: int
+    title: str
+
+
+@dataclass
+class Revisions:
+    pages: dict[int, Page]  # page id -> its newest revision across the days (text dropped outside ns 0)
+    revisions_seen: int = 0  # <revision> elements read, all namespaces
+
+
+@dataclass
+class DeltaPlan:
+    """What applying the days does; `drop_page_ids` are the parent pages whose rows the delta tombstones."""
+
+    passages: int = 0
+    drop_page_ids: list[int] = field(default_factory=list)
+    added: list[list[Any]] = field(default_factory=list)  # [page_id, title]
+    changed: list[list[Any]] = field(default_factory=list)
+    moved: list[list[Any]] = field(default_factory=list)  # [page_id, "old title → new title"]
+    redirected: list[list[Any]] = field(default_factory=list)
+    emptied: list[list[Any]] = field(default_factory=list)  # [page_id, "title (reason)"]
+    stale: int = 0  # revisions not newer than what the parent serves
+    ignored_namespace: int = 0  # pages outside the main namespace the parent never served
+    skipped: dict[str, int] = field(default_factory=dict)  # new pages with no passages, by reason
+    revisions_seen: int = 0
+
+    def dump(self) -> dict[str, Any]:
+        return asdict(self) | {"drop_page_ids": len(self.drop_page_ids)}
+
+
+def newest_revisions(file_urls: Iterable[str], s3_endpoint_url: str | None = None,
+                     progress: bool = False) -> Revisions:
+    """The newest revision of every page across the day files (read in the order given)."""
+    newest: dict[int, Page] = {}
+    seen = 0
+    for url in file_urls:
+        for page in tqdm(iter_pages(url, s3_endpoint_url=s3_endpoint_url), desc="adds-changes", unit="page",
+                         disable=None if progress else True, leave=False):
+            seen += page.revisions
+            if page.ns != 0:  # only its id, title and namespace matter: it may have left the main namespace
+                page = Page(page.page_id, page.rev_id, page.title, page.ns, page.redirect, page.model, "")
+            held = newest.get(page.page_id)
+            if held is None or page.rev_id > held.rev_id:
+                newest[page.page_id] = page
+    return Revisions(pages=newest, revisions_seen=seen)
+
+
+def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out_url: str,
+                         source: SourceDump, *, first_row_id: int, s3_endpoint_url: str | None = None,
+                         shard_rows: int = 100_000, options: CleanOptions | None = None,
+                         progress: bool = False) -> DeltaPlan:
+    """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
+
+    Writes nothing when no page gains passages (the plan may still drop pages)."""
+    options = options or CleanOptions.for_wiki(source.wiki)
+    plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
+    skipped: Counter[str] = Counter()
+    fresh: list[Page] = []
+    for page_id in sorted(revisions.pages):
+        page = revisions.pages[page_id]
+        held = parent_pages.get(page_id)
+        if held is not None and page.rev_id <= held.rev_id:
+            plan.stale += 1
+        elif page.ns != 0 and held is None:
+            plan.ignored_namespace += 1
+        else:
+            fresh.append(page)
+
+    work = tempfile.mkdtemp(prefix="ragindex-delta-")
+    try:
+        unit_path = f"{work}/unit-000000.parquet"
+        rows: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
+        kept = words = 0
+        cleaned = clean_and_chunk(tqdm(fresh, desc="changed pages", unit="page", disable=None if progress else True,
+                                       leave=False), options, cleaner_for(options))
+        for done in cleaned:
+            page, held = done.page, parent_pages.get(done.page.page_id)
+            if done.reason:
+                if held is None:
+                    skipped[done.reason] += 1
+                    continue
+                plan.drop_page_ids.append(page.page_id)
+                if done.reason == "redirect":
+                    plan.redirected.append([page.page_id, page.title])
+                else:
+                    plan.emptied.append([page.page_id, f"{page.title} ({done.reason})"])
+                continue
+            kept += 1
+            words += done.words
+            plan.passages += len(done.chunks)
+            add_rows(rows, done.chunks)
+            if held is None:
+                plan.added.append([page.page_id, page.title])
+                continue
+            plan.drop_page_ids.append(page.page_id)
+            if held.title != page.title:
+                plan.moved.append([page.page_id, f"{held.title} → {page.title}"])
+            else:
+                plan.changed.append([page.page_id, page.title])
+        plan.skipped = dict(sorted(skipped.items()))
+        if plan.passages:
+            pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), unit_path, compression="zstd")
+            fs, path = resolve(unit_path)
+            record = UnitRecord(
+                unit={"ordinal": 0, "url": source.location, "start": None, "end": None},
+                options=options_key(options), ordinal=0, path=unit_path, sha256=file_digest(fs, path),
+                seen=len(revisions.pages), kept=kept, skipped=plan.skipped, passages=plan.passages, words=words,
+                seconds=0.0,
+            ).dump()
+            assemble([record], out_url, source, shard_rows, s3_endpoint_url, first_row_id=first_row_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return plan

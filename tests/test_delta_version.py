@@ -1,0 +1,117 @@
+"""A delta version built on a real full version: what it writes, how it is trusted, when it is refused."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from rag_model.encoders import EncoderSpec
+from rag_model.index import VersionIndex
+from storage import layout
+from storage.errors import Corrupt, Rejected
+from storage.store import IndexStore
+from tasks.delta_version import NothingToApply, build_delta_version
+from tasks.download import RemoteFile
+from tasks.incr_dumps import IncrDay
+from tests.fixtures.history import HistPage, history_xml
+from tests.fixtures.models import save_tiny_dpr_encoder
+from tests.fixtures.versions import make_version, random_passages
+
+
+def _words(tag: str, n: int = 150) -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+def _day(tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, str]:
+    path = tmp_path / f"enwiki-{date}-pages-meta-hist-incr.xml.bz2"
+    path.write_bytes(bz2.compress(history_xml("enwiki", pages).encode()))
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    day = IncrDay(wiki="enwiki", date=date, maxrevid=max(r for p in pages for r, _ in p.revisions),
+                  location=f"file://{tmp_path}", file=RemoteFile(name=path.name, url=str(path), md5=md5))
+    return day, str(path)
+
+
+@pytest.fixture
+def base(tmp_path, tiny_ctx_fingerprint):
+    """A ready IVF version of 40 articles (3 passages each) with the tiny DPR encoder's fingerprint."""
+    store = IndexStore(str(tmp_path / "store"))
+    passages = random_passages(120, pages=40)
+    vectors = np.random.default_rng(0).standard_normal((120, tiny_ctx_fingerprint.dim)).astype(np.float32)
+    version = make_version(store, passages, vectors, tiny_ctx_fingerprint, spec="IVF4,Flat", wiki="enwiki",
+                           promote=True)
+    return store, version
+
+
+def test_a_delta_writes_only_the_change_and_keeps_the_trained_quantizer(base, tmp_path, tiny_dpr):
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))]),
+                                            HistPage(77, "Brand new", [(5001, _words("new"))])])
+    m = build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+
+    assert m.status == "ready" and m.is_delta and m.first_row_id == 120
+    assert m.counts["passages"] == 4 and m.counts["tombstones"] == 3  # 2+2 new rows; page 3's 3 old rows
+    assert m.live_passages == 120 - 3 + 4
+    tombstones = np.load(store.version_path(m.version, layout.TOMBSTONES))
+    assert tombstones.tolist() == [6, 7, 8]  # page 3 held rows 6..8
+    own = faiss.read_index(store.version_path(m.version, layout.INDEX_FILE))
+    parent_index = faiss.read_index(store.version_path(parent, layout.INDEX_FILE))
+    assert own.ntotal == 4
+    np.testing.assert_array_equal(faiss.extract_index_ivf(own).quantizer.reconstruct_n(0, 4),
+                                  faiss.extract_index_ivf(parent_index).quantizer.reconstruct_n(0, 4))
+    assert m.index.params["quantizer_reused"] and m.index.params["derived_from"] == parent
+    # Only its own files: the parent's passages and vectors are not copied.
+    assert not any(f.startswith("embeddings/part-00001") for f in m.files)
+    assert m.validation.checks["lineage"]["live_passages"] == 121
+
+    index = VersionIndex.open(store, m.version)
+    assert index.size == 121
+    rows = {r["row_id"]: r for r in index.rows([120, 121, 122, 123])}
+    assert {r["page_id"] for r in rows.values()} == {3, 77}
+    queries = np.random.default_rng(1).standard_normal((20, m.encoder.dim)).astype(np.float32)
+    found = {h.row_id for hits in index.search(queries, 20) for h in hits}
+    assert found and not found & {6, 7, 8}
+
+
+def test_a_tampered_ancestor_or_tombstone_file_is_refused(base, tmp_path, tiny_dpr):
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+    m = build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+    tomb = Path(store.version_path(m.version, layout.TOMBSTONES))
+    good = tomb.read_bytes()
+    np.save(tomb, np.array([], dtype=np.int64))  # resurrect page 3's old rows
+    with pytest.raises(Corrupt, match="tombstones"):
+        VersionIndex.open(store, m.version)
+    tomb.write_bytes(good)
+    assert VersionIndex.open(store, m.version).size == 120 - 3 + 2
+
+    manifest_path = Path(store.version_path(parent, layout.MANIFEST))
+    data = json.loads(manifest_path.read_text())
+    data["timings"]["tampered_s"] = 1.0  # a different manifest than the one the delta was built on
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(Corrupt, match=parent):
+        VersionIndex.open(store, m.version)
+
+
+def test_days_that_change_nothing_make_no_version(base, tmp_path, tiny_dpr):
+    store, parent = base
+    before = [v.version for v in store.list_versions()]
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir), "dpr")
+    stale, stale_path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(1003, _words("old"))]),
+                                                    HistPage(999, "Talk:Article 3", [(6000, "talk")], ns=1)])
+    with pytest.raises(NothingToApply, match="change nothing"):
+        build_delta_version(store, parent, [stale], [stale_path], spec=spec, progress=False)
+    assert [v.version for v in store.list_versions()] == before
+    assert sorted(p.name for p in (tmp_path / "store" / "versions").iterdir()) == sorted(before)  # no staging left
+
+    other = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "other", "ctx", seed=99)), "dpr")
+    edit, edit_path = _day(tmp_path, "20240103", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+    with pytest.raises(Rejected, match="encoder differs"):
+        build_delta_version(store, parent, [edit], [edit_path], spec=other, progress=False)
