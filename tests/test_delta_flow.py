@@ -9,6 +9,7 @@ import pytest
 
 from flows.refresh import refresh_index
 from flows.rollback import rollback_index
+from flows.settings import load_settings
 from rag_model.index import VersionIndex
 from storage.store import IndexStore
 from tasks.parse import iter_pages
@@ -50,9 +51,11 @@ def _finds_itself(store: IndexStore, version: str, passage_id: str) -> bool:
 
 @pytest.mark.parametrize("store_backend", ["local", "s3"], indirect=True)
 def test_full_delta_delta_rollback_full(prefect_api, mirror, tiny_dpr, gensim_excerpt, store_url, s3_endpoint,
-                                        monkeypatch):
+                                        monkeypatch, request):
     if s3_endpoint:
         monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", s3_endpoint)
+    load_settings.cache_clear()  # settings are read once at the edge: this run's must see the endpoint
+    request.addfinalizer(load_settings.cache_clear)
     store = IndexStore(store_url, s3_endpoint_url=s3_endpoint)
     common = dict(wiki="enwiki", mirror=mirror.url, store_url=store_url, encoder=str(tiny_dpr.ctx_dir),
                   encoder_kind="dpr", index_spec="flat", shard_rows=50, allow_count_change=True)
