@@ -45,11 +45,11 @@ def corpus(min_passages: int) -> list:
     from tests.fixtures.mirror import Page
 
     articles = [p for p in iter_pages(str(gensim_excerpt())) if p.ns == 0 and not p.redirect]
-    # Passages per article as a full build would cut them (cleaning shortens text: this over-counts a little).
+    # Passages per article before cleaning, which removes about half of them in the mixed copies.
     sizes = [len(chunk_article(p.page_id, p.rev_id, p.title, p.text)) for p in articles]
     pages, total, copy = [], 0, 0
     sentences = [p.text.split(". ") for p in articles]
-    while total < min_passages * 1.7:
+    while total < min_passages * 2.2:
         for i, (page, size) in enumerate(zip(articles, sizes, strict=True)):
             title, text = page.title, page.text
             if copy:  # not the same passages again: its sentences interleaved with another article's
