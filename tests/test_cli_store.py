@@ -46,7 +46,8 @@ def inputs(tmp_path, n: int, seed: int = 0) -> tuple[str, str]:
     return scratch.version_path(vid, "passages"), scratch.version_path(vid, "embeddings")
 
 
-def test_build_versions_promote_rollback_gc(cli_env, capsys):
+def build_two(cli_env, capsys) -> list[str]:
+    """Two ready versions built through `ragindex build --json`, oldest first."""
     ids = []
     for seed in (0, 1):
         passages, embeddings = inputs(cli_env, 200 + seed * 20, seed)
@@ -56,6 +57,11 @@ def test_build_versions_promote_rollback_gc(cli_env, capsys):
         manifest = json.loads(out)  # --json: one JSON document on stdout, nothing else
         assert manifest["status"] == "ready"
         ids.append(manifest["version"])
+    return ids
+
+
+def test_build_versions_promote_rollback_gc(cli_env, capsys):
+    ids = build_two(cli_env, capsys)
     code, out, _ = run(["versions", "--json"], capsys)
     report = json.loads(out)
     assert [v["version"] for v in report["versions"]] == ids[::-1] and report["current"] is None
@@ -120,13 +126,7 @@ def _own_bytes_on_disk(version_dir) -> int:
 
 def test_versions_and_gc_show_delta_lineage_and_own_vs_shared_bytes(cli_env, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
-    ids = []
-    for seed in (0, 1):
-        passages, embeddings = inputs(cli_env, 200 + seed * 20, seed)
-        code, out, err = run(["build", "--passages", passages, "--embeddings", embeddings, "--index-spec", "flat",
-                              "--json"], capsys)
-        assert code == 0, err
-        ids.append(json.loads(out)["version"])
+    ids = build_two(cli_env, capsys)
     store = IndexStore(str(cli_env / "store"))
     delta = commit_delta(store, ids[0], ["20240102", "20240103", "20240104"], passages=3)
     delta2 = commit_delta(store, delta, ["20240105"], passages=2,
