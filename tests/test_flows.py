@@ -223,8 +223,11 @@ def test_ray_task_runner_builds_the_same_version(prefect_api, mirror, tiny_dpr, 
     pytest.importorskip("prefect_ray")
     pytest.importorskip("ray.data", reason="the embed step is a Ray Data job: needs ray[data] (pandas)")
     mirror.add_run("nlwiki", "20240101", sample_pages(6))
-    threads = refresh_index(wiki="nlwiki", dump_date="latest", mirror=mirror.url, **_common(tmp_path / "t", tiny_dpr))
-    ray = refresh_index(wiki="nlwiki", dump_date="latest", mirror=mirror.url, task_runner="ray",
+    # One precision for both: `auto` chooses by measured speed, which a loaded machine can tip either way
+    # between two runs; the runner, not the precision choice, is what must not change a byte.
+    threads = refresh_index(wiki="nlwiki", dump_date="latest", mirror=mirror.url, precision="fp32",
+                            **_common(tmp_path / "t", tiny_dpr))
+    ray = refresh_index(wiki="nlwiki", dump_date="latest", mirror=mirror.url, task_runner="ray", precision="fp32",
                         **_common(tmp_path / "r", tiny_dpr))
     assert ray["status"] == "promoted"
     a, b = IndexStore(str(tmp_path / "t" / "store")), IndexStore(str(tmp_path / "r" / "store"))
