@@ -31,7 +31,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most passages per forward pass.")] = 64,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
-    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16", "int8"], typer.Option(
         "--precision", help="auto: the fastest variant measured within tolerance of fp32.")] = "auto",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Encode as one Ray Data job on this cluster: auto, host:port, ray://host:port, "

@@ -41,7 +41,7 @@ def refresh(
     ),
     no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
     precision: str = typer.Option(
-        "auto", help="auto (the fastest measured within tolerance of fp32), fp32, bf16 or fp16."
+        "auto", help="auto (the fastest measured within tolerance of fp32), fp32, bf16, fp16 or int8."
     ),
     task_runner: str = typer.Option("threads", help="threads or ray."),
     ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),

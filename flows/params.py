@@ -49,7 +49,7 @@ class RefreshParams(BaseModel):
     shard_rows: int = Field(100_000, ge=1)
     batch_size: int = Field(64, ge=1, le=4096)
     # auto: the fastest variant measured within tolerance of fp32 on this machine; a fixed one is reproducible.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     max_workers: int | None = Field(None, ge=1)
     # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
     mode: Literal["auto", "full", "incremental"] = "auto"

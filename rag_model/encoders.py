@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -97,6 +98,18 @@ _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _AUTOCAST = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 
 
+def _int8_dynamic(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose Linear layers run int8 (weights quantized per output channel, activations per
+    batch at run time; fbgemm's VNNI kernels where the CPU has them). Everything else stays fp32."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    # torch.ao.quantization warns that it moves to torchao; it is what torch 2.13 (our pin) runs fast.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear: per_channel_dynamic_qconfig})
+
+
 class _Encoder:
     """Tokenize (fast, batched, in a prefetch thread), length-sort, pad per token-budget batch,
     forward, pool; output in input order."""
@@ -112,7 +125,7 @@ class _Encoder:
         self.normalize = normalize
         self.max_length = max_length
         self.device = torch.device(device)
-        # fp32 | bf16 / fp16 (weights and activations cast) | bf16-autocast | fp16-autocast
+        # fp32 | bf16 / fp16 (weights and activations cast) | bf16-autocast | fp16-autocast | int8 (CPU)
         self.precision = "fp32"
         self._autocast: torch.dtype | None = None
         self.precision_cosine: float | None = None
@@ -205,6 +218,8 @@ class _Encoder:
         return out
 
     def _variant(self, name: str) -> tuple[torch.nn.Module, torch.dtype | None]:
+        if name == "int8":
+            return _int8_dynamic(self.net), None
         if name in _CAST:
             return copy.deepcopy(self.net).to(_CAST[name]), None
         return self.net, _AUTOCAST.get(name)
@@ -239,7 +254,7 @@ class _Encoder:
                 return self._probe(built[name], rows)
 
             choice = _precision.choose(requested, names, probe, len(_PROBE), timer or _precision.wall_clock,
-                                       warm_up=lambda name: probe(name, 2))
+                                       warm_up=probe)
             self.net, self._autocast = built[choice.chosen]
             self.precision, self.precision_cosine, self.precision_choice = choice.chosen, choice.cosine, choice
             built.clear()  # drop the variants not chosen

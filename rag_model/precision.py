@@ -3,6 +3,8 @@
 Whether a CPU "supports" bf16 says nothing about speed: a CPU without native bf16 instructions runs
 it emulated, several times slower than fp32. So `auto` measures every candidate on a probe batch
 (after a warm-up pass) and keeps the fastest one within the cosine tolerance; fp32 always qualifies.
+On CPU the candidates include int8 (dynamically quantized Linear layers): on a CPU with VNNI it can
+run several times faster than fp32, and the same tolerance decides whether its vectors are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from storage.manifest import PrecisionChoice
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # A reduced precision is used only if its vectors stay this close to fp32 (mean cosine on a probe).
 MIN_PRECISION_COSINE = 0.999
 # ... and only if it is measurably faster: a gain within timing noise is not worth inexact vectors
@@ -41,6 +43,17 @@ def wall_clock(name: str, run: ProbeRun, min_seconds: float = 0.2, max_runs: int
     return vectors, best
 
 
+def int8_available() -> bool:
+    """Whether this torch has a quantized engine for dynamic int8 Linear layers on this CPU."""
+    import torch
+
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401
+    except ImportError:  # removed from torch in favour of torchao: no int8 candidate then
+        return False
+    return bool({"x86", "fbgemm", "qnnpack"} & set(torch.backends.quantized.supported_engines))
+
+
 def candidates(requested: str, device_type: str, cuda_bf16: bool = False) -> list[str]:
     """Variants worth measuring, fp32 (the reference) first. Empty reduced list: fp32 without a probe."""
     if requested not in PRECISIONS:
@@ -50,8 +63,9 @@ def candidates(requested: str, device_type: str, cuda_bf16: bool = False) -> lis
     if device_type == "cuda":
         reduced = ["fp16", "fp16-autocast", *(["bf16-autocast"] if cuda_bf16 else [])]
     else:
-        # fp16 on CPU has no fast kernels at all; bf16 may (AMX, AVX512-BF16) or may not: measure.
-        reduced = ["bf16", "bf16-autocast"]
+        # fp16 on CPU has no fast kernels at all; bf16 may (AMX, AVX512-BF16) or may not, int8 may
+        # (VNNI) or may not: measure.
+        reduced = ["bf16", "bf16-autocast", *(["int8"] if int8_available() else [])]
     if requested != "auto":
         reduced = [r for r in reduced if r.startswith(requested)]
         if not reduced:
@@ -70,7 +84,7 @@ def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarr
            warm_up: Callable[[str], object] | None = None) -> PrecisionChoice:
     """Measure every variant in `names` (fp32 first) on the probe and pick one.
 
-    `warm_up(name)` runs first, untimed: a small pass that pays a variant's one-time costs (oneDNN
+    `warm_up(name)` runs first, untimed: a pass over the probe that pays a variant's one-time costs (oneDNN
     primitive creation, weight packing, allocator growth), which would otherwise favour whichever
     variant runs later.
 

@@ -60,8 +60,8 @@ class PrecisionChoice(BaseModel):
     checks depend on which host (or how loaded a host) ran the embed.
     """
 
-    requested: str  # auto / fp32 / bf16 / fp16
-    chosen: str  # fp32 / bf16 / bf16-autocast / fp16 / fp16-autocast
+    requested: str  # auto / fp32 / bf16 / fp16 / int8
+    chosen: str  # fp32 / bf16 / bf16-autocast / fp16 / fp16-autocast / int8
     cosine: float  # mean cosine of the chosen variant's probe vectors to fp32's
     passages_per_s: dict[str, float] = Field(default_factory=dict)  # every measured candidate, on the probe
     cosines: dict[str, float] = Field(default_factory=dict)

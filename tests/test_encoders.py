@@ -333,20 +333,21 @@ def _fake_timer(seconds: dict[str, float], perturb: str = ""):
 
 def test_auto_keeps_fp32_when_the_reduced_precision_is_slower(tiny_dpr):
     # This CPU's case (and the Xeon's): bf16 emulated, about 4x slower than fp32.
-    timer, calls = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9})
+    timer, calls = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 1.6})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
-    assert calls == ["fp32", "bf16", "bf16-autocast"]
+    assert calls == ["fp32", "bf16", "bf16-autocast", "int8"]
     assert encoder.precision == "fp32" and encoder.net.dtype == torch.float32 and encoder._autocast is None
     choice = encoder.precision_choice
     assert choice.chosen == "fp32" and choice.cosine == 1.0
-    assert choice.passages_per_s == {"fp32": 8.0, "bf16": 2.0, "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3)}
+    assert choice.passages_per_s == {"fp32": 8.0, "bf16": 2.0, "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3),
+                                     "int8": 5.0}
     assert min(choice.cosines.values()) >= MIN_PRECISION_COSINE  # refused for speed, not accuracy
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.97, "bf16-autocast": 1.2})  # within timing noise
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.97, "bf16-autocast": 1.2, "int8": 0.98})  # within timing noise
     assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer).precision == "fp32"
 
 
 def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.4, "bf16-autocast": 0.5})
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.4, "bf16-autocast": 0.5, "int8": 0.45})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "bf16" and encoder.net.dtype == torch.bfloat16
     assert encoder.precision_choice.passages_per_s["bf16"] == 20.0
@@ -354,17 +355,43 @@ def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
     low, ref = encoder.encode(TITLES, TEXTS), exact.encode(TITLES, TEXTS)
     assert not np.array_equal(low, ref)  # the chosen variant is what really runs
 
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.6, "bf16-autocast": 0.5})
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.6, "bf16-autocast": 0.5, "int8": 0.7})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "bf16-autocast" and encoder._autocast == torch.bfloat16
 
 
+def test_auto_takes_int8_when_it_is_the_fastest_within_tolerance(tiny_dpr):
+    # A CPU with VNNI but emulated bf16 (the Xeon): int8 Linear layers beat both.
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 0.4})
+    encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
+    assert encoder.precision == "int8" and encoder._autocast is None
+    assert encoder.precision_choice.cosines["int8"] >= MIN_PRECISION_COSINE
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    modules = list(encoder.net.modules())  # what really runs: no fp32 Linear left
+    assert any(isinstance(m, DynamicInt8Linear) for m in modules)
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    exact = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="fp32")
+    low, ref = encoder.encode(TITLES, TEXTS), exact.encode(TITLES, TEXTS)
+    assert not np.array_equal(low, ref)
+    assert np.mean((low * ref).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(ref, axis=1)) > 0.99
+    # The fp32 encoder it was derived from is untouched (the variant is a quantized copy).
+    assert not any(isinstance(m, DynamicInt8Linear) for m in exact.net.modules())
+    # Asked for explicitly, int8 is what runs, however it compares with fp32.
+    timer, _ = _fake_timer({"fp32": 1.0, "int8": 3.0})
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="int8",
+                                 timer=timer).precision == "int8"
+    timer, _ = _fake_timer({"fp32": 1.0, "int8": 0.2}, perturb="int8")
+    assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="int8",
+                                 timer=timer).precision == "fp32"
+
+
 def test_auto_refuses_a_faster_precision_outside_tolerance(tiny_dpr, caplog):
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.2, "bf16-autocast": 0.3}, perturb="bf16")
+    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.2, "bf16-autocast": 0.3, "int8": 2.0}, perturb="bf16")
     with caplog.at_level(logging.WARNING):
         encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "fp32"
-    assert max(v for k, v in encoder.precision_choice.cosines.items() if k != "fp32") < MIN_PRECISION_COSINE
+    assert max(v for k, v in encoder.precision_choice.cosines.items() if k.startswith("bf16")) < MIN_PRECISION_COSINE
     assert "too far from fp32" in caplog.text
     # Asked for bf16 explicitly: honoured when within tolerance even if slower, refused when not.
     timer, _ = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.0})
@@ -381,8 +408,9 @@ def test_cuda_candidates_and_the_largest_batch_that_fits():
 
     assert candidates("auto", "cuda") == ["fp32", "fp16", "fp16-autocast"]
     assert candidates("auto", "cuda", cuda_bf16=True)[-1] == "bf16-autocast"
-    assert candidates("auto", "cpu") == ["fp32", "bf16", "bf16-autocast"]
+    assert candidates("auto", "cpu") == ["fp32", "bf16", "bf16-autocast", "int8"]  # this torch has fbgemm/x86
     assert candidates("fp16", "cpu") == ["fp32"] and candidates("fp32", "cuda") == ["fp32"]
+    assert candidates("int8", "cuda") == ["fp32"] and candidates("int8", "cpu") == ["fp32", "int8"]
     tried = []
 
     def forward(tokens):  # stands in for the GPU: 20k tokens fit, more do not
