@@ -26,16 +26,15 @@ from fsspec.implementations.local import LocalFileSystem
 from transformers.models.rag.retrieval_rag import Index
 
 from rag_model.segments import Segment, dropped_positions, search_segments
-from rag_model.vectors import load_shard, load_tombstones
+from rag_model.vectors import load_shard, load_tombstones, verified_embeddings
 from storage import layout
 from storage.cache import FileCache, Lease
 from storage.errors import RagindexError, Rejected
 from storage.layout import INDEX_FILE, PASSAGE_TABLE, TABLE_COLUMNS
 from storage.manifest import Manifest
-from storage.records import EmbeddingsSummary
 from storage.store import IndexStore
 from storage.timing import timed
-from storage.verify import expected_sha256, segment_manifests
+from storage.verify import segment_manifests, verified_local_file
 
 log = logging.getLogger(__name__)
 
@@ -281,22 +280,14 @@ class VersionIndex(Index):
         return f"VersionIndex({self.version!r}, rows={self.size})"
 
 
-def _local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: str) -> str:
-    """A verified local path to a version file (in place for a local store, else a cached copy)."""
-    version_id = manifest.version
-    expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
-    remote = store.version_path(version_id, relpath)
-    return lease.path(store.fs, remote, expected, f"version {version_id}: {relpath}")
-
-
 def _open_part(lease: Lease, store: IndexStore, manifest: Manifest, tombstones: np.ndarray,
                with_embeddings: bool) -> _Part:
     """Open the rows a version's own directory holds, as one segment of the version being served."""
     from rag_model import vector_search
 
     vid = manifest.version
-    faiss_index = vector_search.read_index(_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
-    passages = _map_passages(vid, _local_file(lease, store, manifest, PASSAGE_TABLE))
+    faiss_index = vector_search.read_index(verified_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
+    passages = map_passage_table(vid, verified_local_file(lease, store, manifest, PASSAGE_TABLE))
     rows = manifest.counts.get("passages", passages.num_rows)
     if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
         raise Rejected(
@@ -316,10 +307,10 @@ def _tombstones(lease: Lease, store: IndexStore, manifest: Manifest) -> np.ndarr
     """The sorted row ids a delta version no longer serves (none for a full version)."""
     if not manifest.is_delta:
         return np.empty(0, dtype=np.int64)
-    return load_tombstones(_local_file(lease, store, manifest, layout.TOMBSTONES), manifest.version)
+    return load_tombstones(verified_local_file(lease, store, manifest, layout.TOMBSTONES), manifest.version)
 
 
-def _map_passages(version_id: str, path: str) -> pa.Table:
+def map_passage_table(version_id: str, path: str) -> pa.Table:
     try:
         table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     except pa.ArrowInvalid as exc:
@@ -331,10 +322,5 @@ def _map_passages(version_id: str, path: str) -> pa.Table:
 
 
 def _embedding_files(lease: Lease, store: IndexStore, manifest: Manifest) -> list[tuple[int, str]]:
-    summary_path = _local_file(lease, store, manifest, layout.EMBEDDINGS_SUMMARY_PATH)
-    summary = EmbeddingsSummary.read(LocalFileSystem(), summary_path)
-    files, first = [], 0
-    for shard in summary.shards:
-        files.append((first, _local_file(lease, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")))
-        first += shard.rows
-    return files
+    shards = verified_embeddings(lease, store, manifest)
+    return [(shards.offsets[i], shards.path(i)) for i in range(len(shards.names))]

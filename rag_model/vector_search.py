@@ -12,7 +12,7 @@ import logging
 import faiss
 import numpy as np
 
-from storage.cache import FileCache
+from storage.cache import FileCache, store_root_url
 from storage.errors import NotFound
 from storage.fs import is_local, resolve
 from storage.manifest import IndexInfo
@@ -46,7 +46,7 @@ def read_index(
     if is_local(fs) and sha256 is None:
         local = path  # nothing to verify against: map it in place
     else:
-        cache = cache or FileCache.for_store(_store_root_url(url), base=cache_dir)
+        cache = cache or FileCache.for_store(store_root_url(url), base=cache_dir)
         local = cache.verified_path(fs, path, sha256, url)
     if not mmap:
         return faiss.read_index(local)
@@ -63,12 +63,6 @@ def read_index(
     index = faiss.read_index(local)
     log.info("read %s into memory (no mmap support for %s)", url, type(index).__name__)
     return index
-
-
-def _store_root_url(url: str) -> str:
-    """The store a version file's URL belongs to (what the cache is kept per), else its directory."""
-    head, sep, _ = url.rpartition("/versions/")
-    return head if sep else url.rsplit("/", 1)[0]
 
 
 def apply_search_params(index: faiss.Index, info: IndexInfo) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from storage import layout
@@ -23,6 +24,12 @@ from storage.errors import RagindexError
 from storage.fs import is_local, join, resolve
 from storage.manifest import EncoderFingerprint
 from storage.records import EmbeddingSidecar, EmbeddingsSummary
+from storage.verify import verified_local_file
+
+if TYPE_CHECKING:
+    from storage.cache import Lease
+    from storage.manifest import Manifest
+    from storage.store import IndexStore
 
 TUNE_K = 10  # recall@10 is what tuning reaches for and validation checks
 GT_K = 50  # exact neighbours kept per query, so that ties at rank 10 are not counted as misses
@@ -118,6 +125,7 @@ class EmbeddingShards:
     summary: EmbeddingsSummary
     fingerprint: EncoderFingerprint
     offsets: list[int] = field(default_factory=list)
+    paths: list[str] | None = None  # where each shard is read from, when not `directory`/name (verified copies)
 
     def __post_init__(self) -> None:
         self.offsets = [0, *np.cumsum(self.rows).tolist()]
@@ -126,8 +134,11 @@ class EmbeddingShards:
     def total(self) -> int:
         return self.offsets[-1]
 
+    def path(self, i: int) -> str:
+        return self.paths[i] if self.paths is not None else join(self.directory, self.names[i])
+
     def read(self, i: int) -> np.ndarray:
-        return load_shard(self.fs, join(self.directory, self.names[i]))
+        return load_shard(self.fs, self.path(i))
 
     def iter(self, progress: bool = False, desc: str = "shards") -> Iterator[tuple[int, np.ndarray]]:
         for i in tqdm(range(len(self.names)), desc=desc, unit="shard", disable=None if progress else True):
@@ -146,8 +157,7 @@ class EmbeddingShards:
         shard_of = np.searchsorted(self.offsets, row_ids, side="right") - 1
         for i in np.unique(shard_of):
             sel = np.nonzero(shard_of == i)[0]
-            path = join(self.directory, self.names[int(i)])
-            out[sel] = read_rows(self.fs, path, row_ids[sel] - self.offsets[i], self.dim)
+            out[sel] = read_rows(self.fs, self.path(int(i)), row_ids[sel] - self.offsets[i], self.dim)
         return out
 
 
@@ -185,6 +195,19 @@ def open_embeddings(url: str, s3_endpoint_url: str | None = None) -> EmbeddingSh
     if fingerprint.dim != dim:
         raise RagindexError(f"{url}: encoder fingerprint says dim {fingerprint.dim}, shards have {dim}")
     return EmbeddingShards(fs, directory, names, rows, dim, summary, fingerprint)
+
+
+def verified_embeddings(lease: Lease, store: IndexStore, manifest: Manifest) -> EmbeddingShards:
+    """A committed version's embedding shards, each file checked against its manifest (`verified_local_file`)
+    before it is read; their shapes were checked when that version was validated."""
+    local = LocalFileSystem()
+    summary = EmbeddingsSummary.read(local, verified_local_file(lease, store, manifest,
+                                                                layout.EMBEDDINGS_SUMMARY_PATH))
+    paths = [verified_local_file(lease, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")
+             for shard in summary.shards]
+    return EmbeddingShards(local, store.version_path(manifest.version, layout.EMBEDDINGS_DIR),
+                           [shard.name for shard in summary.shards], [shard.rows for shard in summary.shards],
+                           summary.dim, summary, summary.fingerprint, paths=paths)
 
 
 def exact_search(shards: EmbeddingShards, queries: np.ndarray, k: int,

@@ -55,6 +55,12 @@ def default_cache_base() -> str:
     return str(Path.home() / ".cache" / "ragindex")
 
 
+def store_root_url(url: str) -> str:
+    """The store a version file's URL belongs to (what the cache is kept per), else its directory."""
+    head, sep, _ = url.rpartition("/versions/")
+    return head if sep else url.rsplit("/", 1)[0]
+
+
 def store_key(store_url: str) -> str:
     return hashlib.sha256(store_url.encode()).hexdigest()[:16]
 

@@ -18,6 +18,7 @@ from storage.fs import file_digest
 from storage.manifest import Manifest
 
 if TYPE_CHECKING:
+    from storage.cache import Lease
     from storage.store import IndexStore
 
 
@@ -89,3 +90,11 @@ def segment_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
                           f"not {ref.first_row_id}+{ref.rows}")
         found.append(ancestor)
     return found
+
+
+def verified_local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: str) -> str:
+    """A local path to a version file whose bytes match its manifest: in place for a local store, else a
+    cached copy; hashed once per unchanged file (`storage.cache`), pinned for as long as `lease` lives."""
+    expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
+    remote = store.version_path(manifest.version, relpath)
+    return lease.path(store.fs, remote, expected, f"version {manifest.version}: {relpath}")

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from rag_model.encoders import (
@@ -32,8 +33,9 @@ from rag_model.encoders import (
     load_document_encoder,
     paired_question_encoder,
 )
-from rag_model.vectors import npy_from_bytes, read_rows
+from rag_model.vectors import read_rows
 from storage import layout
+from storage.cache import FileCache, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
 from storage.layout import EMBED_COLUMNS
@@ -42,7 +44,6 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
-from storage.verify import read_verified, verify_file
 from tasks.passage_table import passage_shard_paths
 from tasks.reuse_index import hash_keys, open_source
 
@@ -133,11 +134,6 @@ def _source_shards(fs: Any, root: str, key: str) -> list[tuple[str, str]] | None
     return pairs
 
 
-# (path, sha256) of source shards already verified by this process: each is hashed once per build,
-# not once per new shard that reuses rows from it.
-_VERIFIED_SOURCES: set[tuple[str, str]] = set()
-
-
 def _root_digests(fs: Any, root: str) -> dict[str, str]:
     """relative path -> sha256 of an earlier version root: its manifest's, and for what no manifest
     covers (a plain embed output) the sha256s its passages.json and embeddings.json record for their shards."""
@@ -160,31 +156,18 @@ def _json_or_empty(fs: Any, path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _verified_source(fs: Any, root: str, path: str, digests: dict[str, str],
-                     keep: bool = False) -> tuple[bool, bytes | None]:
-    """Whether a source shard holds the bytes its version names; vectors are copied only from shards
-    that do. A corrupt or unrecorded one is skipped (its passages are encoded again), with one warning.
-
-    With `keep`, the bytes read to hash it are returned too (None when it was verified earlier in this
-    process), so that the caller copies its rows from them: hashing a shard and then reading its rows
-    again read every byte twice -- twice the I/O, and on S3 twice the transfer.
-    """
+def _verified_source(fs: Any, root: str, path: str, digests: dict[str, str]) -> str | None:
+    """A local path holding the bytes a source shard's version names, or None (with one warning) when it
+    is corrupt or unrecorded: its passages are then encoded again. Through the local file cache, so an
+    unchanged shard is hashed (or, on S3, fetched) once, not on every night that reuses rows of it."""
     rel = path[len(root) + 1:]
     try:
         if rel not in digests:
             raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
-        if (path, digests[rel]) in _VERIFIED_SOURCES:
-            return True, None
-        data = None
-        if keep:
-            data = read_verified(fs, path, digests[rel], path)
-        else:
-            verify_file(fs, path, digests[rel], path)
+        return FileCache.for_store(store_root_url(to_url(fs, root))).verified_path(fs, path, digests[rel], path)
     except Corrupt as exc:
         log.warning("reuse: %s; encoding its passages again", first_line(exc))
-        return False, None
-    _VERIFIED_SOURCES.add((path, digests[rel]))
-    return True, data
+        return None
 
 
 def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
@@ -218,21 +201,19 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
             # Both halves of a source shard must be the bytes its version names: the vectors are
             # copied from the .npy, and the passage shard is what says which passage each row is.
             passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1]))
-            if not _verified_source(fs, root, passages_path, digests)[0]:
+            if _verified_source(fs, root, passages_path, digests) is None:
                 continue
-            ok, data = _verified_source(fs, root, npy_path, digests, keep=True)
-            if not ok:
+            local = _verified_source(fs, root, npy_path, digests)
+            if local is None:
                 continue
             which, rows = todo[shard == s], row[shard == s]
             order = np.argsort(rows, kind="stable")
             which, rows = which[order], rows[order]
             try:
-                vectors[which] = (npy_from_bytes(data, dim, npy_path)[rows] if data is not None
-                                  else read_rows(source.fs, npy_path, rows, dim))
+                vectors[which] = read_rows(LocalFileSystem(), local, rows, dim)
             except RagindexError as exc:
                 raise EmbedError(str(exc)) from None
             found[which] = True
-            del data
     if n_unique == len(hashes):  # no passage repeated in the shard: rows are already in order, skip a copy
         return found, vectors
     return found[row_to_unique], vectors[row_to_unique]

@@ -10,20 +10,25 @@ and looks up content hashes and titles through this one view, and searches throu
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
+from rag_model.index import map_passage_table
 from rag_model.segments import Segment, dropped_positions
 from rag_model.vector_search import read_index
-from rag_model.vectors import EmbeddingShards, load_tombstones, open_embeddings, sample_rows
+from rag_model.vectors import EmbeddingShards, load_tombstones, open_embeddings, sample_rows, verified_embeddings
 from storage import layout
+from storage.cache import FileCache
 from storage.errors import Corrupt
 from storage.manifest import Manifest
-from storage.verify import expected_sha256, read_verified, segment_manifests
+from storage.verify import expected_sha256, read_verified, segment_manifests, verified_local_file
 from tasks.passage_table import passage_shard_paths
 
 
@@ -32,24 +37,41 @@ class _SegmentRows:
     manifest: Manifest
     shards: EmbeddingShards
     segment: Segment
+    passage_files: list[tuple[Any, str]]  # (filesystem, path) of each passage shard, in row order
 
 
 class LineageRows:
-    """Segments, vectors and passage columns of one (staged or committed) version."""
+    """Segments, vectors and passage columns of one (staged or committed) version.
+
+    The version's own files are read as they are: its caller has just checksummed them (validation
+    compares them with the manifest first). Its ancestors' are committed files shared with other
+    versions, so each is checked against the ancestor's manifest before it is read, through the local
+    file cache (hashed once per unchanged file: validating the next delta re-hashes nothing)."""
 
     def __init__(self, store, manifest: Manifest) -> None:
         self.store = store
         self.manifest = manifest
         tombstones = self.tombstones_of(store, manifest)
         self.tombstones = tombstones
+        lease = FileCache.for_store(store.url).lease()
+        weakref.finalize(self, lease.release)  # the ancestors' files stay pinned while this is in use
         self.parts: list[_SegmentRows] = []
         for m in [*segment_manifests(store, manifest), manifest]:
-            shards = open_embeddings(store.version_url(m.version, layout.EMBEDDINGS_DIR), store.s3_endpoint_url)
-            index = read_index(store.version_url(m.version, layout.INDEX_FILE), s3_endpoint_url=store.s3_endpoint_url)
+            if m is manifest:
+                shards = open_embeddings(store.version_url(m.version, layout.EMBEDDINGS_DIR), store.s3_endpoint_url)
+                index = read_index(store.version_url(m.version, layout.INDEX_FILE),
+                                   s3_endpoint_url=store.s3_endpoint_url)
+                directory = store.version_path(m.version, layout.PASSAGES_DIR)
+                passage_files = [(store.fs, p) for p in passage_shard_paths(store.fs, directory)]
+            else:
+                shards = verified_embeddings(lease, store, m)
+                index = read_index(verified_local_file(lease, store, m, layout.INDEX_FILE))
+                local = LocalFileSystem()
+                passage_files = [(local, verified_local_file(lease, store, m, rel)) for rel in _passage_parts(m)]
             rows = shards.total
             segment = Segment(version=m.version, first_row_id=m.first_row_id, rows=rows, index=index, info=m.index,
                               dropped=dropped_positions(tombstones, m.first_row_id, rows))
-            self.parts.append(_SegmentRows(m, shards, segment))
+            self.parts.append(_SegmentRows(m, shards, segment, passage_files))
 
     @staticmethod
     def tombstones_of(store, manifest: Manifest) -> np.ndarray:
@@ -128,10 +150,9 @@ class LineageRows:
         """A passage column's values for the given row ids, reading only the shards that hold them."""
         out: dict[int, object] = {}
         for part, _, positions in self._split(np.unique(np.asarray(row_ids)[np.asarray(row_ids) >= 0])):
-            version = part.manifest.version
             start = 0
-            for shard in passage_shard_paths(self.store.fs, self.store.version_path(version, layout.PASSAGES_DIR)):
-                with self.store.fs.open(shard, "rb") as f:
+            for fs, shard in part.passage_files:
+                with fs.open(shard, "rb") as f:
                     pf = pq.ParquetFile(f)
                     count = pf.metadata.num_rows
                     here = positions[(positions >= start) & (positions < start + count)]
@@ -143,17 +164,24 @@ class LineageRows:
         return out
 
 
+def _passage_parts(m: Manifest) -> list[str]:
+    """The passage shards a committed version's manifest names, in row order."""
+    return [rel for rel in sorted(m.files)
+            if rel.partition("/")[0] == layout.PASSAGES_DIR and layout.is_passage_part(rel.partition("/")[2])]
+
+
 def passage_columns(store, manifests: list[Manifest], columns: list[str]) -> Iterator[tuple[Manifest, pa.Table]]:
-    """Columns of every passage shard of the given committed versions, each shard verified against the
-    manifest that names it before a byte of it is used."""
-    for m in manifests:
-        for shard in sorted(m.files):
-            folder, _, name = shard.partition("/")
-            if folder != layout.PASSAGES_DIR or not layout.is_passage_part(name):
-                continue
-            data = read_verified(store.fs, store.version_path(m.version, shard), m.files[shard],
-                                 f"version {m.version}: {shard}")
-            yield m, pq.read_table(io.BytesIO(data), columns=columns)
+    """Columns of the passage table (`passages.arrow`, row ids included) of each given committed version,
+    the file checked against the manifest that names it before a byte of it is used. It is memory-mapped
+    through the local file cache, so only the columns asked for are read and an unchanged file is hashed
+    once, not on every night's delta."""
+    lease = FileCache.for_store(store.url).lease()
+    try:
+        for m in manifests:
+            table = map_passage_table(m.version, verified_local_file(lease, store, m, layout.PASSAGE_TABLE))
+            yield m, table.select(columns)
+    finally:
+        lease.release()
 
 
 def served_page_ids(store, manifest: Manifest) -> np.ndarray:

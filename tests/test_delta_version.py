@@ -100,6 +100,35 @@ def test_a_tampered_ancestor_or_tombstone_file_is_refused(base, tmp_path, tiny_d
         VersionIndex.open(store, m.version)
 
 
+def _flip_a_byte(path: Path) -> bytes:
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    return good
+
+
+def test_a_delta_never_trusts_a_parent_file_that_changed_after_its_commit(base, tmp_path, tiny_dpr, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a file cache of this test's own
+    store, parent = base
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir), "dpr")
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+    before = [v.version for v in store.list_versions()]
+
+    table = Path(store.version_path(parent, layout.PASSAGE_TABLE))  # where the parent's pages are looked up
+    good = _flip_a_byte(table)
+    with pytest.raises(Corrupt, match=f"{parent}: {layout.PASSAGE_TABLE}"):
+        build_delta_version(store, parent, [day], [path], spec=spec, progress=False)
+    assert [v.version for v in store.list_versions()] == before  # nothing half-built is left
+    table.write_bytes(good)
+
+    shard = sorted(Path(store.version_path(parent, layout.EMBEDDINGS_DIR)).glob("part-*.npy"))[0]
+    _flip_a_byte(shard)  # vectors validation would search and compare against
+    m = build_delta_version(store, parent, [day], [path], spec=spec, progress=False)
+    assert m.status == "rejected"
+    assert "segment check failed" in m.validation.reason and shard.name in m.validation.reason
+
+
 def test_days_that_change_nothing_make_no_version(base, tmp_path, tiny_dpr):
     store, parent = base
     before = [v.version for v in store.list_versions()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from storage import layout
 from storage.fs import resolve
 from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, ShardEntry
-from storage.verify import read_verified
 from tasks import reuse_index
 from tasks.embed import _reuse_vectors, _source_shards
 from tasks.reuse_index import hash_keys, open_source, write_hash_index
@@ -193,25 +193,37 @@ def test_fenced_search_finds_what_a_binary_search_finds(n):
     assert row[present].tolist() == [first[k] for k in needles[present].tolist()]
 
 
-def test_each_source_shard_is_read_once_to_verify_and_copy(corpus, monkeypatch):
-    """The bytes hashed to verify a source .npy are the bytes its rows are copied from; a shard that an
-    earlier new shard already verified is read row by row, never hashed again."""
+def test_a_source_shard_is_hashed_once_across_runs_and_only_its_rows_are_read(corpus, tmp_path, monkeypatch,
+                                                                              caplog):
+    """Reuse verifies each source shard through the local file cache: hashed on first use, then (unchanged)
+    never again, not by a later new shard nor by the next night's process; only the rows reused are read.
+    A shard whose bytes change is hashed again and, no longer matching its manifest, not reused."""
+    import storage.cache as cache
     import tasks.embed as embed
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the cache lives under ~/.cache/ragindex
     roots, new_shards = corpus
-    reads = []  # (how, path) in order
-    monkeypatch.setattr(embed, "read_verified",
-                        lambda fs, path, *a: reads.append(("whole", path)) or read_verified(fs, path, *a))
-    monkeypatch.setattr(embed, "read_rows",
-                        lambda fs, path, *a: reads.append(("rows", path)) or read_rows(fs, path, *a))
-    embed._VERIFIED_SOURCES.clear()
-    for hashes in new_shards:
-        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
-        ref_found, ref_vectors = scan_reuse(hashes, roots)
-        np.testing.assert_array_equal(found, ref_found)
-        assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
-    paths = {path for _, path in reads}
-    for path in paths:
-        hows = [how for how, p in reads if p == path]
-        assert hows[0] == "whole" and hows.count("whole") == 1, (path, hows)  # hashed once, copied from those bytes
-    assert any(how == "rows" for how, _ in reads)  # a later shard reads rows of a shard verified before
+    hashed, reads = [], []
+    monkeypatch.setattr(cache, "sha256_of_path", lambda path: hashed.append(path) or cache.file_digest(
+        cache.LocalFileSystem(), path))
+    monkeypatch.setattr(embed, "read_rows", lambda fs, path, rows, dim: reads.append(len(rows))
+                        or read_rows(fs, path, rows, dim))
+    for _night in range(2):  # a fresh FileCache per call, as in a new process
+        for hashes in new_shards:
+            found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+            ref_found, ref_vectors = scan_reuse(hashes, roots)
+            np.testing.assert_array_equal(found, ref_found)
+            assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
+    assert hashed and len(hashed) == len(set(hashed))  # each source file hashed once over both nights
+    assert all(n < 70 for n in reads)  # rows, never whole shards (70-90 rows each)
+
+    before, _ = _reuse_vectors(new_shards[0], roots, KEY, DIM, None)
+    victim = sorted(Path(roots[0], layout.EMBEDDINGS_DIR).glob("part-*.npy"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    hashed.clear()
+    with caplog.at_level(logging.WARNING):
+        after, _ = _reuse_vectors(new_shards[0], roots, KEY, DIM, None)
+    assert str(victim) in hashed  # its stamp changed: hashed again, found corrupt, not reused
+    assert "encoding its passages again" in caplog.text and after.sum() < before.sum()
