@@ -106,7 +106,10 @@ def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarr
         speed[name] = n_probe / max(seconds, 1e-9)
         cosines[name] = _mean_cosine(reference, vectors)
         if cosines[name] < tolerance:
-            log.warning("%s vectors too far from fp32 (mean cosine %.5f < %s)", name, cosines[name], tolerance)
+            # Refusing a candidate is auto's normal work (the choice is in the manifest); a precision the
+            # user asked for by name is worth a warning.
+            level = logging.INFO if requested == "auto" else logging.WARNING
+            log.log(level, "%s vectors too far from fp32 (mean cosine %.5f < %s)", name, cosines[name], tolerance)
     within = [n for n in names if cosines[n] >= tolerance and (requested == "auto" or n != "fp32")]
     if not within:
         log.warning("no %s variant within tolerance of fp32; using fp32", requested)

@@ -35,7 +35,7 @@ from rag_model.encoders import (
 )
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.cache import FileCache, store_root_url
+from storage.cache import FileCache, Lease, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
 from storage.layout import EMBED_COLUMNS
@@ -156,15 +156,16 @@ def _json_or_empty(fs: Any, path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _verified_source(fs: Any, root: str, path: str, digests: dict[str, str]) -> str | None:
+def _verified_source(lease: Lease, fs: Any, root: str, path: str, digests: dict[str, str]) -> str | None:
     """A local path holding the bytes a source shard's version names, or None (with one warning) when it
     is corrupt or unrecorded: its passages are then encoded again. Through the local file cache, so an
-    unchanged shard is hashed (or, on S3, fetched) once, not on every night that reuses rows of it."""
+    unchanged shard is hashed (or, on S3, fetched) once, not on every night that reuses rows of it;
+    pinned by `lease` so that no other process evicts it before its rows are read."""
     rel = path[len(root) + 1:]
     try:
         if rel not in digests:
             raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
-        return FileCache.for_store(store_root_url(to_url(fs, root))).verified_path(fs, path, digests[rel], path)
+        return lease.path(fs, path, digests[rel], path)
     except Corrupt as exc:
         log.warning("reuse: %s; encoding its passages again", first_line(exc))
         return None
@@ -194,26 +195,30 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         fs, root = resolve(url, s3_endpoint_url)
         digests = _root_digests(fs, root)
         shard, row = source.table.lookup(keys[todo])
-        for s in np.unique(shard[shard >= 0]).tolist():
-            npy_path = source.npy_paths[s]
-            if npy_path is None:
-                continue
-            # Both halves of a source shard must be the bytes its version names: the vectors are
-            # copied from the .npy, and the passage shard is what says which passage each row is.
-            passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1]))
-            if _verified_source(fs, root, passages_path, digests) is None:
-                continue
-            local = _verified_source(fs, root, npy_path, digests)
-            if local is None:
-                continue
-            which, rows = todo[shard == s], row[shard == s]
-            order = np.argsort(rows, kind="stable")
-            which, rows = which[order], rows[order]
-            try:
-                vectors[which] = read_rows(LocalFileSystem(), local, rows, dim)
-            except RagindexError as exc:
-                raise EmbedError(str(exc)) from None
-            found[which] = True
+        lease = FileCache.for_store(store_root_url(to_url(fs, root))).lease()
+        try:
+            for s in np.unique(shard[shard >= 0]).tolist():
+                npy_path = source.npy_paths[s]
+                if npy_path is None:
+                    continue
+                # Both halves of a source shard must be the bytes its version names: the vectors are
+                # copied from the .npy, and the passage shard is what says which passage each row is.
+                passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1]))
+                if _verified_source(lease, fs, root, passages_path, digests) is None:
+                    continue
+                local = _verified_source(lease, fs, root, npy_path, digests)
+                if local is None:
+                    continue
+                which, rows = todo[shard == s], row[shard == s]
+                order = np.argsort(rows, kind="stable")
+                which, rows = which[order], rows[order]
+                try:
+                    vectors[which] = read_rows(LocalFileSystem(), local, rows, dim)
+                except RagindexError as exc:
+                    raise EmbedError(str(exc)) from None
+                found[which] = True
+        finally:
+            lease.release()
     if n_unique == len(hashes):  # no passage repeated in the shard: rows are already in order, skip a copy
         return found, vectors
     return found[row_to_unique], vectors[row_to_unique]
