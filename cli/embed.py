@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from flows.settings import load_settings, open_store
+from storage.errors import RagindexError
 
 app = typer.Typer()
 
@@ -33,6 +34,9 @@ def embed(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16", "int8"], typer.Option(
         "--precision", help="auto: the fastest variant measured within tolerance of fp32.")] = "auto",
+    compile_: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the encoder first (about 1.5 min for DPR-base on 2 cores, then "
+        "fp32 ran 1.4x faster here): for big jobs.")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Encode as one Ray Data job on this cluster: auto, host:port, ray://host:port, "
         "or local (a GPU per actor where the cluster has GPUs).")] = None,
@@ -54,7 +58,10 @@ def embed(
     if reuse_store:
         store = open_store(reuse_store, settings)
         sources += find_reuse_sources(store, fingerprint_of(spec))
-    run = partial(embed_passages_ray, ray_address=ray_address) if ray_address else embed_passages
+    if compile_ and ray_address:
+        raise RagindexError("--compile is for a local embed; Ray actors load the encoder as it is")
+    run = partial(embed_passages_ray, ray_address=ray_address) if ray_address else partial(embed_passages,
+                                                                                         compile=compile_)
     summary = run(
         passages, out, spec, reuse_from=sources,
         question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,

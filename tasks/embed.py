@@ -243,17 +243,17 @@ def _existing_matches(fs: Any, npy_path: str, sidecar_path: str, passages_sha: s
 def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
                 batch_size: int = 64, device: str = "cpu", precision: str = "auto", threads: int | None = None,
                 s3_endpoint_url: str | None = None, progress: bool = True,
-                encoder_calls: Callable[[int], None] | None = None) -> dict:
+                encoder_calls: Callable[[int], None] | None = None, compile: bool = False) -> dict:
     """Embed one passage shard into `<out_dir>/<stem>.npy` + `<stem>.json`; returns an `EmbeddedShard` dict.
 
     `encoder_calls(n)` is called with the size of every batch that actually goes through the
-    network, so callers can count encoded passages.
+    network, so callers can count encoded passages. `compile`: see `load_document_encoder`.
     """
     timing: dict[str, float] = {}
     with timed(timing, "seconds"):
         record = _embed_shard(passages_shard_url, out_dir_url, spec, reuse_from=reuse_from, batch_size=batch_size,
                               device=device, precision=precision, threads=threads, s3_endpoint_url=s3_endpoint_url,
-                              progress=progress, encoder_calls=encoder_calls)
+                              progress=progress, encoder_calls=encoder_calls, compile=compile)
     return EmbeddedShard(**record, seconds=timing["seconds"]).dump()
 
 
@@ -304,7 +304,7 @@ def prepare_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, 
 
 def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str],
                  batch_size: int, device: str, precision: str, threads: int | None, s3_endpoint_url: str | None,
-                 progress: bool, encoder_calls: Callable[[int], None] | None) -> dict:
+                 progress: bool, encoder_calls: Callable[[int], None] | None, compile: bool) -> dict:
     shard = prepare_shard(passages_shard_url, out_dir_url, spec, reuse_from, s3_endpoint_url)
     if shard.done is not None:
         return shard.done
@@ -312,7 +312,8 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
     n_todo = int(todo.sum())
     measured = None
     if n_todo:
-        encoder = load_encoder_checked(spec, shard.dim, device=device, precision=precision, threads=threads)
+        encoder = load_encoder_checked(spec, shard.dim, device=device, precision=precision, threads=threads,
+                                       compile=compile)
         idx = np.flatnonzero(todo)
         titles = table.column("title").take(pa.array(idx)).to_pylist()
         texts = table.column("text").take(pa.array(idx)).to_pylist()

@@ -281,6 +281,25 @@ def test_cli_embeds_and_reports_bad_input_as_one_line(tmp_path, tiny_dpr, capsys
     assert _no_output(tmp_path / "out")
 
 
+def test_cli_embed_compile_writes_the_eager_vectors(tmp_path, tiny_dpr, capsys):
+    from cli.main import main
+
+    write_passages(tmp_path / "p", make_articles(4))
+    common = ["embed", "--passages", str(tmp_path / "p"), "--encoder", str(tiny_dpr.ctx_dir), "--encoder-kind",
+              "dpr", "--batch-size", "3", "--precision", "fp32", "--json"]
+    main([*common, "--out", str(tmp_path / "eager")])
+    main([*common, "--out", str(tmp_path / "compiled"), "--compile"])
+    capsys.readouterr()
+    for eager in sorted((tmp_path / "eager").glob("part-*.npy")):
+        np.testing.assert_allclose(np.load(tmp_path / "compiled" / eager.name), np.load(eager), atol=1e-5)
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--out", str(tmp_path / "ray"), "--compile", "--ray-address", "local"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile is for a local embed" in err[0]
+    assert _no_output(tmp_path / "ray")
+
+
 def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
     from cli.main import main
 

@@ -497,3 +497,20 @@ def test_a_model_declaring_cls_pooling_and_no_normalisation(tmp_path, minilm_dir
     assert fingerprint_of(EncoderSpec(str(max_pool), kind="mean")).pooling == "max"
     assert load_document_encoder(EncoderSpec(str(max_pool), kind="mean"), precision="fp32").encode(
         ["a"], ["b"]).shape == (1, 32)
+
+
+def test_a_compiled_encoder_gives_the_eager_vectors_and_never_compiles_while_encoding(tiny_dpr):
+    from torch._dynamo.utils import counters
+
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir))
+    eager = load_document_encoder(spec, precision="fp32")
+    compiled = load_document_encoder(spec, precision="fp32", compile=True)
+    assert compiled is not eager and compiled.compile_s > 0 and eager.compile_s is None
+    assert isinstance(compiled.net, torch._dynamo.eval_frame.OptimizedModule)
+    graphs = counters["stats"]["unique_graphs"]
+    titles = TITLES * 6
+    texts = [" ".join(["word"] * (i * 7 % 60 + 1)) for i in range(len(titles))]  # many lengths
+    for batch_size in (7, 2, 1):  # every batch shape after the compile at load, padded or not
+        np.testing.assert_allclose(compiled.encode(titles, texts, batch_size=batch_size),
+                                   eager.encode(titles, texts, batch_size=batch_size), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled on the encoding path
