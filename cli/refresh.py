@@ -43,6 +43,10 @@ def refresh(
     precision: str = typer.Option(
         "auto", help="auto (the fastest measured within tolerance of fp32), fp32, bf16, fp16 or int8."
     ),
+    compile_: bool = typer.Option(
+        False, "--compile", help="torch.compile the encoder of a full build first (a one-time cost big builds "
+        "earn back; deltas never compile)."
+    ),
     task_runner: str = typer.Option("threads", help="threads or ray."),
     ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
 ) -> None:
@@ -58,7 +62,7 @@ def refresh(
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
-        promote=not no_promote, precision=precision,
+        promote=not no_promote, precision=precision, compile=compile_,
         task_runner=task_runner, ray_address=ray_address, mirror=mirror,
         mode="full" if full else "incremental" if incremental else "auto",
     )

@@ -50,6 +50,9 @@ class RefreshParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     # auto: the fastest variant measured within tolerance of fp32 on this machine; a fixed one is reproducible.
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    # torch.compile the encoder of a full build (a one-time cost per process that big builds earn back);
+    # deltas encode a few hundred passages and never compile.
+    compile: bool = False
     max_workers: int | None = Field(None, ge=1)
     # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
     mode: Literal["auto", "full", "incremental"] = "auto"
@@ -115,6 +118,8 @@ class RefreshParams(BaseModel):
             raise ValueError(f"canaries file {self.canaries!r} does not exist")
         if self.task_runner == "ray" and not self.ray_address:
             self.ray_address = "local"
+        if self.task_runner == "ray" and self.compile:
+            raise ValueError("compile is for the threads task runner; Ray actors load the encoder as it is")
         return self
 
     # -- what the flow builds from them ------------------------------------------------------------

@@ -83,6 +83,7 @@ def refresh_index(
     shard_rows: int = 100_000,
     batch_size: int = 64,
     precision: str = "auto",
+    compile: bool = False,
     max_workers: int | None = None,
     mode: str = "auto",
 ) -> dict:
@@ -235,7 +236,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
                     shard = summary.shards[i]
                     return runs.submit(
                         f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
-                        reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url,
+                        reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url, p.compile,
                     )
 
                 futures = []

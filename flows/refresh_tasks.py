@@ -68,10 +68,11 @@ def embed_shard_task(
     precision: str,
     code_version: str,
     s3_endpoint_url: str | None,
+    compile: bool = False,
 ) -> dict:
     return embed.embed_shard(
         shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
-        s3_endpoint_url=s3_endpoint_url, progress=False,
+        s3_endpoint_url=s3_endpoint_url, progress=False, compile=compile,
     )
 
 

@@ -111,6 +111,7 @@ def test_rollback_to_a_missing_version_leaves_current(prefect_api, tmp_path):
         ({"store_url": "ftp://example.org/store"}, "unsupported URL scheme"),
         ({"min_recall": 1.5}, "min_recall"),
         ({"encoder_kind": "bert"}, "encoder_kind"),
+        ({"compile": True, "task_runner": "ray"}, "compile is for the threads task runner"),
     ],
 )
 def test_bad_parameters_fail_before_any_work(prefect_api, tmp_path, tiny_dpr, gensim_excerpt, override, fragment):
