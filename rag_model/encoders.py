@@ -278,8 +278,8 @@ class _Encoder:
     def compile(self) -> None:
         """Run the chosen variant through torch.compile from now on, paying the compile here: on the
         probe batch and on a single row (batch size 1 is a graph of its own), so encoding never stops
-        to compile. Worth it for big jobs: it took 92 s for DPR-base on 2 cores, which then ran fp32
-        1.4x faster."""
+        to compile. Worth it for big jobs: on a 2-core EPYC DPR-base took 71-92 s to compile, then ran
+        fp32 1.4-1.5x faster."""
         started = time.perf_counter()
         self.compile_s = 0.0  # from here on every batch is run with its mask
         self.net = _compiled(self.net)
