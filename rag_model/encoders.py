@@ -210,6 +210,7 @@ class _Encoder:
              on_batch: Callable[[int], None] | None = None,
              variant: tuple[torch.nn.Module, torch.dtype | None] | None = None) -> np.ndarray:
         net, autocast = variant or (self.net, self._autocast)
+        always_mask = isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
         n = len(first)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
@@ -222,7 +223,7 @@ class _Encoder:
             # A compiled network always gets the mask: one graph for every batch, not a second for unpadded ones.
             vec = self._forward(net, autocast, ids.to(self.device, non_blocking=True),
                                 mask.to(self.device, non_blocking=True),
-                                padded=self.compile_s is not None or bool((mask == 0).any()))
+                                padded=always_mask or bool((mask == 0).any()))
             out[idx] = vec.cpu().numpy()
             with self._lock:
                 self.passages_encoded += len(idx)
@@ -281,7 +282,6 @@ class _Encoder:
         to compile. Worth it for big jobs: on a 2-core EPYC DPR-base took 71-92 s to compile, then ran
         fp32 1.4-1.5x faster."""
         started = time.perf_counter()
-        self.compile_s = 0.0  # from here on every batch is run with its mask
         self.net = _compiled(self.net)
         for rows in (len(_PROBE), 1):
             self._probe((self.net, self._autocast), rows)

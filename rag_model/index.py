@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
 from transformers.models.rag.retrieval_rag import Index
 
 from rag_model.segments import Segment, dropped_positions, search_segments
-from rag_model.vectors import load_shard, load_tombstones, verified_embeddings
+from rag_model.vectors import EmbeddingShards, load_tombstones, verified_embeddings
 from storage import layout
 from storage.cache import FileCache, Lease
 from storage.errors import RagindexError, Rejected
@@ -73,7 +72,7 @@ class _Part:
     segment: Segment
     batches: list[pa.RecordBatch]
     batch_starts: np.ndarray  # position of each record batch's first row within the segment
-    embedding_files: list[tuple[int, str]] | None  # (first position, local .npy path) per shard
+    embeddings: EmbeddingShards | None  # verified local shards, when opened with embeddings
 
 
 class VersionIndex(Index):
@@ -228,10 +227,10 @@ class VersionIndex(Index):
         with self._embedding_lock:
             key = part.segment.first_row_id
             if key not in self._embedding_shards:
-                if part.embedding_files is None:
+                shards = part.embeddings
+                if shards is None:
                     raise RagindexError(f"version {self.version} was opened without its embeddings")
-                local = LocalFileSystem()
-                self._embedding_shards[key] = [(first, load_shard(local, path)) for first, path in part.embedding_files]
+                self._embedding_shards[key] = [(shards.offsets[i], shards.read(i)) for i in range(len(shards.names))]
             return self._embedding_shards[key]
 
     def summary(self) -> dict[str, Any]:
@@ -300,7 +299,7 @@ def _open_part(lease: Lease, store: IndexStore, manifest: Manifest, tombstones: 
                       info=manifest.index, dropped=dropped_positions(tombstones, manifest.first_row_id, rows))
     return _Part(segment=segment, batches=batches,
                  batch_starts=np.cumsum([0] + [b.num_rows for b in batches], dtype=np.int64),
-                 embedding_files=_embedding_files(lease, store, manifest) if with_embeddings else None)
+                 embeddings=verified_embeddings(lease, store, manifest) if with_embeddings else None)
 
 
 def _tombstones(lease: Lease, store: IndexStore, manifest: Manifest) -> np.ndarray:
@@ -320,7 +319,3 @@ def map_passage_table(version_id: str, path: str) -> pa.Table:
         raise Rejected(f"version {version_id}: {PASSAGE_TABLE} lacks columns {missing}")
     return table.select(list(TABLE_COLUMNS))
 
-
-def _embedding_files(lease: Lease, store: IndexStore, manifest: Manifest) -> list[tuple[int, str]]:
-    shards = verified_embeddings(lease, store, manifest)
-    return [(shards.offsets[i], shards.path(i)) for i in range(len(shards.names))]
