@@ -4,7 +4,9 @@ Whether a CPU "supports" bf16 says nothing about speed: a CPU without native bf1
 it emulated, several times slower than fp32. So `auto` measures every candidate on a probe batch
 (after a warm-up pass) and keeps the fastest one within the cosine tolerance; fp32 always qualifies.
 On CPU the candidates include int8 (dynamically quantized Linear layers): on a CPU with VNNI it can
-run several times faster than fp32, and the same tolerance decides whether its vectors are kept.
+run several times faster than fp32, and the same tolerance decides whether its vectors are kept. And
+fp32 with its Linear weights pre-packed (fp32-packed): exact, and often the fastest where neither bf16
+nor int8 is kept.
 """
 
 from __future__ import annotations
@@ -54,8 +56,13 @@ def int8_available() -> bool:
     return bool({"x86", "fbgemm", "qnnpack"} & set(torch.backends.quantized.supported_engines))
 
 
-def candidates(requested: str, device_type: str, cuda_bf16: bool = False) -> list[str]:
-    """Variants worth measuring, fp32 (the reference) first. Empty reduced list: fp32 without a probe."""
+def candidates(requested: str, device_type: str, cuda_bf16: bool = False, compiling: bool = False) -> list[str]:
+    """Variants worth measuring, fp32 (the reference) first. Only fp32: fp32 without a probe.
+
+    `fp32` asked for by name is the reference itself, the model's own kernels. `auto` also measures
+    fp32-packed on CPU (the same arithmetic with pre-packed weights, rag_model.packed_linear), except
+    for a network about to be compiled: the compiler packs the weights itself.
+    """
     if requested not in PRECISIONS:
         raise RagindexError(f"unsupported precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "fp32":
@@ -63,9 +70,13 @@ def candidates(requested: str, device_type: str, cuda_bf16: bool = False) -> lis
     if device_type == "cuda":
         reduced = ["fp16", "fp16-autocast", *(["bf16-autocast"] if cuda_bf16 else [])]
     else:
+        from rag_model.packed_linear import packed_linear_available
+
         # fp16 on CPU has no fast kernels at all; bf16 may (AMX, AVX512-BF16) or may not, int8 may
-        # (VNNI) or may not: measure.
-        reduced = ["bf16", "bf16-autocast", *(["int8"] if int8_available() else [])]
+        # (VNNI) or may not, packed weights gain more or less by BLAS: measure.
+        packed = requested == "auto" and not compiling and packed_linear_available()
+        reduced = [*(["fp32-packed"] if packed else []), "bf16", "bf16-autocast",
+                   *(["int8"] if int8_available() else [])]
     if requested != "auto":
         reduced = [r for r in reduced if r.startswith(requested)]
         if not reduced:

@@ -333,21 +333,24 @@ def _fake_timer(seconds: dict[str, float], perturb: str = ""):
 
 def test_auto_keeps_fp32_when_the_reduced_precision_is_slower(tiny_dpr):
     # This CPU's case (and the Xeon's): bf16 emulated, about 4x slower than fp32.
-    timer, calls = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 1.6})
+    timer, calls = _fake_timer({"fp32": 1.0, "fp32-packed": 1.3, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 1.6})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
-    assert calls == ["fp32", "bf16", "bf16-autocast", "int8"]
+    assert calls == ["fp32", "fp32-packed", "bf16", "bf16-autocast", "int8"]
     assert encoder.precision == "fp32" and encoder.net.dtype == torch.float32 and encoder._autocast is None
     choice = encoder.precision_choice
     assert choice.chosen == "fp32" and choice.cosine == 1.0
-    assert choice.passages_per_s == {"fp32": 8.0, "bf16": 2.0, "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3),
+    assert choice.passages_per_s == {"fp32": 8.0, "fp32-packed": pytest.approx(8 / 1.3, abs=1e-3), "bf16": 2.0,
+                                     "bf16-autocast": pytest.approx(8 / 3.9, abs=1e-3),
                                      "int8": 5.0}
     assert min(choice.cosines.values()) >= MIN_PRECISION_COSINE  # refused for speed, not accuracy
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.97, "bf16-autocast": 1.2, "int8": 0.98})  # within timing noise
+    assert type(encoder.net.ctx_encoder.bert_model.encoder.layer[0].output.dense) is torch.nn.Linear
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 0.97, "bf16": 0.97, "bf16-autocast": 1.2,
+                            "int8": 0.98})  # within timing noise
     assert load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer).precision == "fp32"
 
 
 def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.4, "bf16-autocast": 0.5, "int8": 0.45})
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 0.6, "bf16": 0.4, "bf16-autocast": 0.5, "int8": 0.45})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "bf16" and encoder.net.dtype == torch.bfloat16
     assert encoder.precision_choice.passages_per_s["bf16"] == 20.0
@@ -355,14 +358,14 @@ def test_auto_takes_the_faster_reduced_precision_within_tolerance(tiny_dpr):
     low, ref = encoder.encode(TITLES, TEXTS), exact.encode(TITLES, TEXTS)
     assert not np.array_equal(low, ref)  # the chosen variant is what really runs
 
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.6, "bf16-autocast": 0.5, "int8": 0.7})
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 0.8, "bf16": 0.6, "bf16-autocast": 0.5, "int8": 0.7})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "bf16-autocast" and encoder._autocast == torch.bfloat16
 
 
 def test_auto_takes_int8_when_it_is_the_fastest_within_tolerance(tiny_dpr):
     # A CPU with VNNI but emulated bf16 (the Xeon): int8 Linear layers beat both.
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 0.4})
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 0.6, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 0.4})
     encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "int8" and encoder._autocast is None
     assert encoder.precision_choice.cosines["int8"] >= MIN_PRECISION_COSINE
@@ -386,8 +389,49 @@ def test_auto_takes_int8_when_it_is_the_fastest_within_tolerance(tiny_dpr):
                                  timer=timer).precision == "fp32"
 
 
+def test_auto_takes_packed_fp32_where_no_reduced_precision_is_kept(tiny_dpr):
+    # The Xeon with a trained encoder: bf16 emulated (slow), int8 outside tolerance; fp32 with
+    # pre-packed weights is the same arithmetic, faster.
+    from rag_model.packed_linear import PackedLinear
+
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 0.55, "bf16": 4.0, "bf16-autocast": 3.9, "int8": 0.4},
+                           perturb="int8")
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir))
+    encoder = load_document_encoder(spec, precision="auto", timer=timer)
+    assert encoder.precision == "fp32-packed" and encoder._autocast is None
+    assert encoder.precision_choice.cosines["int8"] < MIN_PRECISION_COSINE  # refused: the packed fp32 won on speed
+    exact = load_document_encoder(spec, precision="fp32")
+    linears = sum(type(m) is torch.nn.Linear for m in exact.net.modules())
+    assert linears > 0 and not any(isinstance(m, PackedLinear) for m in exact.net.modules())
+    modules = list(encoder.net.modules())  # what really runs: every Linear packed, none left eager
+    assert sum(isinstance(m, PackedLinear) for m in modules) == linears
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    titles = TITLES * 4
+    texts = [" ".join(["word"] * (i * 11 % 70 + 1)) for i in range(len(titles))]
+    np.testing.assert_allclose(encoder.encode(titles, texts, batch_size=5), exact.encode(titles, texts, batch_size=5),
+                               atol=1e-5)
+
+
+def test_packing_copies_only_the_small_weights_and_leaves_the_original_untouched():
+    from rag_model.packed_linear import PackedLinear, pack_linears, packed_linear_available
+
+    assert packed_linear_available()  # this torch (2.13 CPU) has oneDNN
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.GELU(),
+                              torch.nn.Linear(16, 4, bias=False)).eval()
+    packed = pack_linears(net)
+    assert [type(m) for m in packed] == [torch.nn.Embedding, PackedLinear, torch.nn.GELU, PackedLinear]
+    assert [type(m) for m in net] == [torch.nn.Embedding, torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    assert packed[0].weight.data_ptr() != net[0].weight.data_ptr()  # its own embedding
+    assert packed[3].bias is None and packed[1].bias.data_ptr() == net[1].bias.data_ptr()  # not copied first
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.inference_mode():
+        np.testing.assert_allclose(packed(ids).numpy(), net(ids).numpy(), atol=1e-5)
+
+
 def test_auto_refuses_a_faster_precision_outside_tolerance(tiny_dpr, caplog):
-    timer, _ = _fake_timer({"fp32": 1.0, "bf16": 0.2, "bf16-autocast": 0.3, "int8": 2.0}, perturb="bf16")
+    timer, _ = _fake_timer({"fp32": 1.0, "fp32-packed": 1.1, "bf16": 0.2, "bf16-autocast": 0.3, "int8": 2.0},
+                           perturb="bf16")
     with caplog.at_level(logging.INFO, logger="rag_model.precision"):
         encoder = load_document_encoder(EncoderSpec(str(tiny_dpr.ctx_dir)), precision="auto", timer=timer)
     assert encoder.precision == "fp32"
@@ -412,7 +456,10 @@ def test_cuda_candidates_and_the_largest_batch_that_fits():
 
     assert candidates("auto", "cuda") == ["fp32", "fp16", "fp16-autocast"]
     assert candidates("auto", "cuda", cuda_bf16=True)[-1] == "bf16-autocast"
-    assert candidates("auto", "cpu") == ["fp32", "bf16", "bf16-autocast", "int8"]  # this torch has fbgemm/x86
+    # This torch has fbgemm/x86 and oneDNN; a network about to be compiled gets its weights packed by the compiler.
+    assert candidates("auto", "cpu") == ["fp32", "fp32-packed", "bf16", "bf16-autocast", "int8"]
+    assert candidates("auto", "cpu", compiling=True) == ["fp32", "bf16", "bf16-autocast", "int8"]
+    assert candidates("bf16", "cpu") == ["fp32", "bf16", "bf16-autocast"] and candidates("fp32", "cpu") == ["fp32"]
     assert candidates("fp16", "cpu") == ["fp32"] and candidates("fp32", "cuda") == ["fp32"]
     assert candidates("int8", "cuda") == ["fp32"] and candidates("int8", "cpu") == ["fp32", "int8"]
     tried = []
