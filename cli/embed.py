@@ -35,8 +35,8 @@ def embed(
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16", "int8"], typer.Option(
         "--precision", help="auto: the fastest variant measured within tolerance of fp32.")] = "auto",
     compile_: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the encoder first (DPR-base on 2 cores: 63-92 s, then fp32 ran "
-        "4% faster than auto's fp32-packed): for big jobs.")] = False,
+        "--compile", help="torch.compile the encoder first (DPR-base on 2 cores: 42-63 s, then fp32 ran "
+        "within -1%..+15% of auto's fp32-packed): for big jobs.")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Encode as one Ray Data job on this cluster: auto, host:port, ray://host:port, "
         "or local (a GPU per actor where the cluster has GPUs).")] = None,

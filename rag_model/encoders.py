@@ -284,8 +284,8 @@ class _Encoder:
     def compile(self) -> None:
         """Run the chosen variant through torch.compile from now on, paying the compile here: on the
         probe batch and on a single row (batch size 1 is a graph of its own), so encoding never stops
-        to compile. For big jobs, and not by much: on a 2-core EPYC DPR-base took 63-92 s to compile, then
-        ran fp32 4% faster than auto's fp32-packed (the compiler packs the same weights, and fuses a little more)."""
+        to compile. For big jobs, and not by much: on a 2-core EPYC DPR-base took 42-63 s to compile, then
+        ran fp32 within -1%..+15% of auto's fp32-packed (the compiler packs the same weights, fuses a little more)."""
         started = time.perf_counter()
         self.net = _compiled(self.net)
         for rows in (len(_PROBE), 1):
