@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_model.encoders import EncoderSpec, load_document_encoder  # noqa: E402
 from rag_model.packed_linear import PackedLinear, packed_linear_available  # noqa: E402
-from rag_model.precision import MIN_PRECISION_COSINE, MIN_SPEEDUP, candidates  # noqa: E402
+from rag_model.precision import MIN_PRECISION_COSINE, candidates, pick  # noqa: E402
 from tasks.embed import embed_passages  # noqa: E402
 from tests.fixtures.models import write_passages  # noqa: E402
 
@@ -319,9 +319,8 @@ def main() -> None:
 
         if "fp32-packed" in rates and choice is not None:
             # A CPU without native bf16 with a trained encoder (int8 refused): only the fp32 variants are
-            # left, and auto keeps the packed one if its probe was MIN_SPEEDUP faster, as in choose().
-            packed_won = choice.passages_per_s["fp32-packed"] >= MIN_SPEEDUP * choice.passages_per_s["fp32"]
-            exact = "fp32-packed" if packed_won else "fp32"
+            # left; auto's own rule, applied to its probe's measurements of those two, picks one.
+            exact = pick("auto", ["fp32", "fp32-packed"], choice.passages_per_s, choice.cosines)
             exact_ratio = rates[exact] / base_rate
             print(f"where only fp32 is kept (bf16 emulated, int8 refused): auto -> {exact} {rates[exact]:.2f} "
                   f"passages/s = {exact_ratio:.2f}x the HF reference (floor {RATIO_FLOOR}x) "

@@ -47,9 +47,9 @@ def packed_linear_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(64, 48).eval()
-        x = torch.randn(3, 5, 64)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state as it was
+            linear = torch.nn.Linear(64, 48).eval()
+            x = torch.randn(3, 5, 64)
         with torch.inference_mode():
             return bool(torch.allclose(PackedLinear(linear, 15)(x), linear(x), atol=1e-4))
     except (AttributeError, RuntimeError):  # op missing from this build, or refused by this CPU

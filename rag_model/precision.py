@@ -90,6 +90,19 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
+def pick(requested: str, names: Sequence[str], speed: dict[str, float], cosines: dict[str, float],
+         tolerance: float = MIN_PRECISION_COSINE) -> str:
+    """The rule `choose` applies to its measurements (see there); `names` must include fp32."""
+    within = [n for n in names if cosines[n] >= tolerance and (requested == "auto" or n != "fp32")]
+    if not within:
+        log.warning("no %s variant within tolerance of fp32; using fp32", requested)
+        within = ["fp32"]
+    chosen = max(within, key=lambda n: speed[n])
+    if requested == "auto" and speed[chosen] < MIN_SPEEDUP * speed["fp32"]:
+        chosen = "fp32"
+    return chosen
+
+
 def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarray], n_probe: int,
            timer: Timer = wall_clock, tolerance: float = MIN_PRECISION_COSINE,
            warm_up: Callable[[str], object] | None = None) -> PrecisionChoice:
@@ -121,13 +134,7 @@ def choose(requested: str, names: Sequence[str], probe: Callable[[str], np.ndarr
             # user asked for by name is worth a warning.
             level = logging.INFO if requested == "auto" else logging.WARNING
             log.log(level, "%s vectors too far from fp32 (mean cosine %.5f < %s)", name, cosines[name], tolerance)
-    within = [n for n in names if cosines[n] >= tolerance and (requested == "auto" or n != "fp32")]
-    if not within:
-        log.warning("no %s variant within tolerance of fp32; using fp32", requested)
-        within = ["fp32"]
-    chosen = max(within, key=lambda n: speed[n])
-    if requested == "auto" and speed[chosen] < MIN_SPEEDUP * speed["fp32"]:
-        chosen = "fp32"
+    chosen = pick(requested, names, speed, cosines, tolerance)
     log.info("precision %s -> %s (%s)", requested, chosen,
              ", ".join(f"{n} {speed[n]:.1f}/s cos {cosines[n]:.5f}" for n in names))
     return PrecisionChoice(requested=requested, chosen=chosen, cosine=round(cosines[chosen], 6),
