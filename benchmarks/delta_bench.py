@@ -144,8 +144,8 @@ def main() -> None:
 
     from flows.prefect_server import temporary_prefect_server
     from flows.refresh import refresh_index
+    from rag_model.lineage import served_page_ids
     from storage.store import IndexStore
-    from tasks.lineage_rows import served_page_ids
     from tests.fixtures.history import HistPage, history_xml
     from tests.fixtures.incr_mirror import make_incr_day
     from tests.fixtures.mirror import make_dump, serve_mirror

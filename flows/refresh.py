@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -30,6 +29,7 @@ from flows.params import RefreshParams
 from flows.refresh_delta import choose_mode, run_delta
 from flows.refresh_tasks import (
     CODE_VERSION,
+    FlowSteps,
     assemble_task,
     build_index_task,
     download_task,
@@ -99,72 +99,83 @@ def refresh_index(
     settings = load_settings()
     p = RefreshParams.from_flow(settings, **{k: v for k, v in locals().items() if k != "settings"})
     runner = p.task_runner_instance()
-    return build_version_flow.with_options(task_runner=runner)(p)
-
-
-class StepFailed(RagindexError):
-    """A refresh failed; the message names the step, and CURRENT was left as it was."""
-
-
-@flow(name="build-version", log_prints=True)
-def build_version_flow(p: RefreshParams) -> dict:
-    stage = ["resolve"]
+    # The report is written here, so it is attached to the run the user triggered (the build runs as a
+    # subflow only to choose its task runner), whether the build succeeded or failed.
     try:
-        outcome = _build_version(p, stage)
-    except Exception as exc:
-        raise StepFailed(f"refresh-index failed in step '{stage[0]}': {first_line(exc)}") from exc
+        outcome = build_version_flow.with_options(task_runner=runner)(p)
+    except StepFailed as exc:
+        write_report(exc.outcome)
+        raise
+    write_report(RefreshOutcome(**outcome))
     if outcome["status"] == "rejected":
         raise Rejected(f"version {outcome['version']} rejected: {outcome['reason']}")
     return outcome
 
 
-def _build_version(p: RefreshParams, stage: list[str]) -> dict:
-    timings: dict[str, float] = {}
-    store = p.store()
-    with timed(timings, "total_s"):
-        with _step(stage, timings, "resolve"):
-            plan = choose_mode(p, store)
-        if plan.mode != "full":
-            outcome = run_delta(p, stage, timings, store, plan)
-            outcome.timings = timings
-            write_report(outcome)
-            return asdict(outcome)
-        with _step(stage, timings, "resolve"):
-            published = resolve_dump_task(p)
-            fingerprint = fingerprint_of(p.encoder_spec())
-            # The nightly run must be cheap when nothing changed: decide before downloading anything.
-            dump_sha1 = dump_identity(published, p.s3_endpoint_url)
-            # Record the identity in the manifest too, so that the next run can recognise this dump.
-            ref = replace(published, files=[replace(f, sha1=sha1)
-                                            for f, sha1 in zip(published.files, dump_sha1, strict=True)])
-            existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
-        if existing and not p.force:
-            outcome = _existing(p, stage, timings, store, existing, ref)
-        else:
-            with _step(stage, timings, "download"):
-                # Verified against what the source published: a sha1 computed above needs no second pass.
-                files = download_task(published, p)
-            outcome = _build(p, stage, timings, store, ref, files, dump_sha1)
-    outcome.timings = timings
-    write_report(outcome)
+class StepFailed(RagindexError):
+    """A refresh failed; the message names the step, and CURRENT was left as it was. `outcome` is what the
+    run report says of it."""
+
+    def __init__(self, message: str, outcome: RefreshOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@flow(name="build-version", log_prints=True)
+def build_version_flow(p: RefreshParams) -> dict:
+    steps = FlowSteps()
+    try:
+        outcome = _build_version(p, steps)
+    except Exception as exc:
+        step = steps.current or "resolve"
+        failed = RefreshOutcome(status="failed", version=None, reason=first_line(exc), timings=steps.timings,
+                                failed_step=step)
+        raise StepFailed(f"refresh-index failed in step '{step}': {first_line(exc)}", failed) from exc
     return asdict(outcome)
 
 
-def _existing(p: RefreshParams, stage: list[str], timings: dict[str, float], store: IndexStore, version_id: str,
+def _build_version(p: RefreshParams, steps: FlowSteps) -> RefreshOutcome:
+    store = p.store()
+    with timed(steps.timings, "total_s"):
+        with steps("resolve"):
+            plan = choose_mode(p, store)
+        if plan.mode != "full":
+            outcome = run_delta(p, steps, store, plan)
+        else:
+            with steps("resolve"):
+                published = resolve_dump_task(p)
+                fingerprint = fingerprint_of(p.encoder_spec())
+                # The nightly run must be cheap when nothing changed: decide before downloading anything.
+                dump_sha1 = dump_identity(published, p.s3_endpoint_url)
+                # Record the identity in the manifest too, so that the next run can recognise this dump.
+                ref = replace(published, files=[replace(f, sha1=sha1)
+                                                for f, sha1 in zip(published.files, dump_sha1, strict=True)])
+                existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
+            if existing and not p.force:
+                outcome = _existing(p, steps, store, existing, ref)
+            else:
+                with steps("download"):
+                    # Verified against what the source published: a sha1 computed above needs no second pass.
+                    files = download_task(published, p)
+                outcome = _build(p, steps, store, ref, files, dump_sha1)
+    outcome.timings = steps.timings
+    return outcome
+
+
+def _existing(p: RefreshParams, steps: FlowSteps, store: IndexStore, version_id: str,
               ref: download.DumpRef) -> RefreshOutcome:
     """A ready version already holds this dump, encoder and index spec: promote it if it is still owed
     its promote (`promote_unfinished`), else the run is up to date."""
     holds = f"version {version_id} already holds this dump, encoder and index spec"
     owed = promote_unfinished(store.current(), store.history(), version_id)
     if owed and p.promote:
-        stage[0] = "lock"
-        with store.build_lock(owner=f"refresh-index:promote:{version_id}"):
+        with steps.holding("lock", store.build_lock(owner=f"refresh-index:promote:{version_id}")):
             current = store.current()  # again, under the lock: another run may have finished it meanwhile
             owed = promote_unfinished(current, store.history(), version_id)
             if owed:
                 # A kill inside commit_version, after the manifest, leaves the staging marker beside it.
                 delete_json(store.fs, store.version_path(version_id, layout.STAGING_MARKER))
-                with _step(stage, timings, "promote"):
+                with steps("promote"):
                     promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}, unfinished promote",
                                  expected_generation=current.generation if current else 0)
                 return RefreshOutcome(status="promoted", version=version_id, current=_current(store),
@@ -178,28 +189,19 @@ def _existing(p: RefreshParams, stage: list[str], timings: dict[str, float], sto
                           dump=ref.source().model_dump())
 
 
-@contextmanager
-def _step(stage: list[str], timings: dict[str, float], name: str) -> Iterator[None]:
-    """A step of the run: named in a failure, timed as `<name>_s`."""
-    stage[0] = name
-    with timed(timings, f"{name}_s"):
-        yield
-
-
-def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store: IndexStore,
-           ref: download.DumpRef, files: list[str], dump_sha1: list[str]) -> RefreshOutcome:
+def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.DumpRef, files: list[str],
+           dump_sha1: list[str]) -> RefreshOutcome:
     logger = get_run_logger()
     spec = p.encoder_spec()
     fingerprint = fingerprint_of(spec)
     build_key = _build_key(dump_sha1, fingerprint.key, p)
-    stage[0] = "lock"
-    with store.build_lock(owner=f"refresh-index:{build_key[:12]}"):
+    with steps.holding("lock", store.build_lock(owner=f"refresh-index:{build_key[:12]}")):
         version_id = _resume_or_begin(store, ref, build_key)
         logger.info("building version %s (build key %s)", version_id, build_key[:12])
         results_at = p.result_storage()
 
         # parse + chunk: one cached task per unit, in parallel
-        with _step(stage, timings, "passages"):
+        with steps("passages"):
             units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
             work_dir = store.version_url(version_id, layout.WORK_DIR)
             progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
@@ -218,7 +220,7 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
             summary = PassagesSummary.load(assemble_task(unit_results, passages_url, ref, p), "passages summary")
 
         # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
-        with _step(stage, timings, "embed"):
+        with steps("embed"):
             reuse_from = embed.find_reuse_sources(store, fingerprint)
             embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
             if p.task_runner == "ray":
@@ -252,13 +254,13 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
                 resumed = [_cached(f) for f in futures]
         question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
         embed.write_embeddings_summary(embeddings_url, spec, [r.dump() for r in shard_records], question,
-                                       timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
+                                       steps.timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
 
-        with _step(stage, timings, "build"):
+        with steps("build"):
             index_info = build_index_task.submit(version_id, p).result()
-        with _step(stage, timings, "validate"):
+        with steps("validate"):
             _remove_work_dir(store, version_id)
-            manifest = validate_task(version_id, index_info, dict(timings), p)
+            manifest = validate_task(version_id, index_info, dict(steps.timings), p)
 
     fresh = [r for r, done in zip(shard_records, resumed, strict=True) if not done]
     counts = {
@@ -267,19 +269,12 @@ def _build(p: RefreshParams, stage: list[str], timings: dict[str, float], store:
         "shards_resumed": len(shard_records) - len(fresh),
         "encoded_this_run": sum(r.encoded for r in fresh if not r.skipped),
     }
-    outcome = RefreshOutcome(
-        status="built", version=version_id, reason="", counts=counts, skipped=manifest.skipped,
-        validation=manifest.validation.model_dump() if manifest.validation else None,
-        index=manifest.index.model_dump(), dump=ref.source().model_dump(),
-        precision=manifest.precision.model_dump() if manifest.precision else None,
-    )
-    if manifest.status != "ready":
-        outcome.status, outcome.reason = "rejected", manifest.validation.reason if manifest.validation else ""
-    elif p.promote:
-        with _step(stage, timings, "promote"):
+    outcome = RefreshOutcome.from_manifest(manifest, counts=counts, dump=ref.source().model_dump())
+    if outcome.status == "built" and p.promote:
+        with steps("promote"):
             promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
         outcome.status, outcome.reason = "promoted", "validation passed"
-    else:
+    elif outcome.status == "built":
         outcome.reason = "validation passed; not promoted (promote=false)"
     outcome.current = _current(store)
     return outcome

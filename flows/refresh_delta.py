@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flows.params import RefreshParams
-from flows.refresh_tasks import delta_version_task, download_day_task, promote_task, resolve_days_task
+from flows.refresh_tasks import FlowSteps, download_day_task, promote_task, resolve_days_task
 from flows.report import RefreshOutcome
 from storage.errors import NotFound, Rejected
-from storage.manifest import Lineage, Manifest
+from storage.manifest import Manifest
 from storage.store import IndexStore
-from storage.timing import timed
 from tasks import download
+from tasks.delta_version import NothingToApply, build_delta_version
 from tasks.incr_dumps import IncrChain
 from tasks.promote import promote_unfinished
 
@@ -31,11 +31,6 @@ class ModePlan:
     reason: str
     parent: Manifest | None = None
     chain: IncrChain | None = None
-
-
-def lineage_of(m: Manifest) -> Lineage:
-    """A version's lineage; a full version is the base of its own."""
-    return m.lineage or Lineage(base_version=m.version, base_dump=m.source.dump_date)
 
 
 def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
@@ -51,7 +46,7 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
         if p.mode == "incremental":
             raise Rejected(f"nothing of {p.wiki} is serving yet: a delta needs a full build to start from")
         return ModePlan("full", f"nothing of {p.wiki} is serving yet")
-    lineage = lineage_of(parent)
+    lineage = parent.effective_lineage
     if p.mode == "auto":
         try:
             full = download.resolve_dump(p.wiki, "latest", mirror=p.mirror, user_agent=p.user_agent)
@@ -79,7 +74,7 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
 
 def existing_delta(store: IndexStore, parent: Manifest, dates: list[str]) -> Manifest | None:
     """A ready version that already applies exactly these days to `parent` (a rerun, or a rolled-back night)."""
-    want = [d.date for d in lineage_of(parent).days] + dates
+    want = [d.date for d in parent.effective_lineage.days] + dates
     for m in store.list_versions():
         if m.status == "ready" and m.parent == parent.version and m.lineage \
                 and [d.date for d in m.lineage.days] == want:
@@ -87,42 +82,30 @@ def existing_delta(store: IndexStore, parent: Manifest, dates: list[str]) -> Man
     return None
 
 
-def run_delta(p: RefreshParams, stage: list[str], timings: dict[str, float], store: IndexStore,
-              plan: ModePlan) -> RefreshOutcome:
+def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan) -> RefreshOutcome:
     """Download the plan's days, build, validate and (unless promote=false) promote one delta version."""
     parent = plan.parent
     current = parent.version if parent else None
     if plan.mode == "up-to-date" or plan.chain is None or parent is None:
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=plan.reason,
-                              mode="delta", lineage=lineage_of(parent).model_dump() if parent else None)
+                              mode="delta", lineage=parent.effective_lineage.model_dump() if parent else None)
     days = plan.chain.days
     existing = existing_delta(store, parent, [d.date for d in days])
     if existing is not None:
         return _existing_delta(p, store, existing, plan)
-    stage[0] = "download"
-    with timed(timings, "download_s"):
+    with steps("download"):
         files = [download_day_task(day, p) for day in days]
-    stage[0] = "delta"
-    with timed(timings, "delta_s"):
-        manifest = delta_version_task(parent.version, days, files, p)
-    if isinstance(manifest, str):  # the days change nothing the parent serves
-        return RefreshOutcome(status="up-to-date", version=current, current=current, reason=manifest, mode="delta",
-                              lineage=lineage_of(parent).model_dump())
-    outcome = RefreshOutcome(
-        status="built", version=manifest.version, reason=plan.reason, counts=dict(manifest.counts),
-        skipped=manifest.skipped, validation=manifest.validation.model_dump() if manifest.validation else None,
-        index=manifest.index.model_dump(), dump=manifest.source.model_dump(), mode="delta",
-        precision=manifest.precision.model_dump() if manifest.precision else None,
-        lineage=manifest.lineage.model_dump() if manifest.lineage else None, changes=manifest.changes,
-    )
-    if manifest.status != "ready":
-        outcome.status = "rejected"
-        outcome.reason = manifest.validation.reason if manifest.validation else "rejected"
-    elif p.promote:
-        stage[0] = "promote"
-        with timed(timings, "promote_s"):
-            promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",
-                         expected_generation=None)
+    try:
+        manifest = build_delta_version(
+            store, parent.version, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,
+            batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False, steps=steps)
+    except NothingToApply as exc:  # an up-to-date night, not a failure
+        return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
+                              lineage=parent.effective_lineage.model_dump())
+    outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
+    if outcome.status == "built" and p.promote:
+        with steps("promote"):
+            promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}")
         outcome.status = "promoted"
     pointer = store.current()
     outcome.current = pointer.version if pointer else None

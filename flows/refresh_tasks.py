@@ -7,15 +7,20 @@ JSON-only results (flows.results) in the store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.events import emit_event
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from flows.params import RefreshParams
+from flows.report import emit_promoted
 from flows.results import RESULT_SERIALIZER
-from rag_model.encoders import EncoderSpec, paired_question_encoder
-from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
-from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote, validate
+from rag_model.encoders import EncoderSpec
+from storage.manifest import IndexInfo, Manifest
+from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote
+
+T = TypeVar("T")
 
 CODE_VERSION = "ragindex-1"  # bump when a change alters passages or vectors for the same input
 SHARD_CACHE = INPUTS + TASK_SOURCE
@@ -95,33 +100,16 @@ def build_index_task(version_id: str, p: RefreshParams) -> IndexInfo:
 
 @task(name="validate")
 def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, float], p: RefreshParams) -> Manifest:
-    store = p.store()
-    _, embeddings = validate.read_summaries(store, version_id)
-    question_encoder = _canary_encoder(p, embeddings.fingerprint, embeddings.question_encoder)
-    return assemble_version.finish_version(store, version_id, index_info, p.floors(), timings=timings,
-                                         canaries=p.canaries, question_encoder=question_encoder)
-
-
-def _canary_encoder(p: RefreshParams, fp: EncoderFingerprint, question_encoder: str | None):
-    """The question encoder canaries are asked through (None without canaries)."""
-    if not p.canaries:
-        return None
-    from rag_model.encoders import load_question_encoder
-
-    return load_question_encoder(question_encoder or paired_question_encoder(fp.model_id, fp.kind),
-                                 kind=fp.kind, normalize=fp.normalize)
+    return assemble_version.finish_version(p.store(), version_id, index_info, p.floors(), timings=timings,
+                                           canaries=p.canaries)
 
 
 @task(name="promote")
 def promote_task(version_id: str, p: RefreshParams, reason: str, expected_generation: int | None = None) -> str:
-    pointer = promote.promote_version(p.store(), version_id, actor="refresh-index", reason=reason,
+    store = p.store()
+    pointer = promote.promote_version(store, version_id, actor="refresh-index", reason=reason,
                                       expected_generation=expected_generation)
-    emit_event(
-        "ragindex.index.promoted",
-        resource={"prefect.resource.id": f"ragindex.version.{version_id}"},
-        payload={"version": version_id, "generation": pointer.generation, "store": p.store_url,
-                 "previous": pointer.previous},
-    )
+    emit_promoted(pointer, store.url)
     return version_id
 
 
@@ -138,18 +126,12 @@ def download_day_task(day: incr_dumps.IncrDay, p: RefreshParams) -> str:
     return incr_dumps.download_day(day, p.store(), user_agent=p.user_agent, progress=False)
 
 
-@task(name="delta-version")
-def delta_version_task(parent: str, days: list[incr_dumps.IncrDay], files: list[str],
-                       p: RefreshParams) -> Manifest | str:
-    """Passages, vectors, derived index, tombstones, validation and commit of one delta version; or, when
-    the days change nothing the parent serves, why not (an up-to-date night, not a failed task)."""
-    store = p.store()
-    parent_manifest = store.manifest(parent)
-    try:
-        return delta_version.build_delta_version(
-            store, parent, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,
-            question_encoder=_canary_encoder(p, parent_manifest.encoder, parent_manifest.question_encoder),
-            batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False,
-        )
-    except delta_version.NothingToApply as exc:
-        return str(exc)
+class FlowSteps(delta_version.DeltaSteps):
+    """The steps of a refresh run, named and timed (`storage.timing.Steps`); each step of a delta version
+    runs as a Prefect task `delta-<step>`, so the run's page shows every step, its time and the one that
+    failed. Not cached and not retried: a step's inputs are the staging version it
+    writes into, which a failed run removes."""
+
+    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self(name):
+            return task(fn, name=f"delta-{name.replace('_', '-')}", cache_policy=NO_CACHE)(*args, **kwargs)

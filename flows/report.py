@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from storage.manifest import Manifest, Pointer
 
 
 @dataclass
 class RefreshOutcome:
     """What a run did, returned by the flow and written into its report artifact."""
 
-    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected"
+    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected" / "failed"
     version: str | None
     reason: str
     current: str | None = None
@@ -26,6 +29,33 @@ class RefreshOutcome:
     mode: str = "full"  # full / delta (what the run built or would have built)
     lineage: dict[str, Any] | None = None  # a delta's base and the adds-changes days applied
     changes: dict[str, Any] | None = None  # pages a delta added, changed, moved, redirected, emptied
+    failed_step: str | None = None  # the step a failed run stopped in
+
+    @classmethod
+    def from_manifest(cls, m: Manifest, reason: str = "", **fields: Any) -> RefreshOutcome:
+        """What a run that built (or found) version `m` did: `built`, or `rejected` with validation's reason."""
+        outcome = cls(
+            status="built", version=m.version, reason=reason, counts=dict(m.counts), skipped=dict(m.skipped),
+            validation=m.validation.model_dump() if m.validation else None, index=m.index.model_dump(),
+            dump=m.source.model_dump(), precision=m.precision.model_dump() if m.precision else None,
+            mode="delta" if m.is_delta else "full", lineage=m.lineage.model_dump() if m.lineage else None,
+            changes=m.changes or None,
+        )
+        if m.status != "ready":
+            outcome.status, outcome.reason = "rejected", m.validation.reason if m.validation else "rejected"
+        for name, value in fields.items():
+            setattr(outcome, name, value)
+        return outcome
+
+
+def emit_promoted(pointer: Pointer, store_url: str, rollback: bool = False) -> None:
+    """The `ragindex.index.promoted` event of a move of CURRENT (promote or rollback), for automations."""
+    payload: dict[str, Any] = {"version": pointer.version, "generation": pointer.generation, "store": store_url,
+                               "previous": pointer.previous}
+    if rollback:
+        payload["rollback"] = True
+    emit_event("ragindex.index.promoted", resource={"prefect.resource.id": f"ragindex.version.{pointer.version}"},
+               payload=payload)
 
 
 def write_report(o: RefreshOutcome) -> None:
@@ -37,6 +67,8 @@ def write_report(o: RefreshOutcome) -> None:
         f"- **CURRENT**: `{o.current}`",
         f"- **why**: {o.reason}",
     ]
+    if o.failed_step:
+        lines.append(f"- **failed in step**: `{o.failed_step}`")
     if o.dump:
         files = ", ".join(f"`{f['name']}`" for f in o.dump.get("files", []))
         lines.append(f"- **dump**: {o.dump.get('wiki')} {o.dump.get('dump_date')} ({files})")

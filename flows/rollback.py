@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.events import emit_event
 
+from flows.report import emit_promoted
 from flows.settings import load_settings, open_store
 from tasks.promote import rollback_version
 
@@ -19,12 +19,7 @@ def rollback_index(version: str | None = None, store_url: str | None = None, rea
     store = open_store(store_url, load_settings())
     before = store.current()
     pointer = rollback_version(store, version, actor="rollback-index", reason=reason or "rollback-index flow")
-    emit_event(
-        "ragindex.index.promoted",
-        resource={"prefect.resource.id": f"ragindex.version.{pointer.version}"},
-        payload={"version": pointer.version, "generation": pointer.generation, "store": store.url,
-                 "previous": pointer.previous, "rollback": True},
-    )
+    emit_promoted(pointer, store.url, rollback=True)
     create_markdown_artifact(
         "\n".join([
             "# rollback-index",

@@ -45,7 +45,8 @@ from storage.manifest import EncoderFingerprint, PrecisionChoice
 log = logging.getLogger(__name__)
 
 __all__ = ["MIN_PRECISION_COSINE", "PRECISIONS", "DocumentEncoder", "EncoderSpec", "QuestionEncoder",
-           "fingerprint_of", "load_document_encoder", "load_question_encoder", "paired_question_encoder"]
+           "fingerprint_of", "load_document_encoder", "load_question_encoder", "paired_question_encoder",
+           "question_encoder_for"]
 
 # Padded tokens per forward pass on CPU: big enough for efficient matmuls, small enough that the
 # attention scores of a long batch stay in cache-friendly sizes; a GPU measures its own.
@@ -428,6 +429,15 @@ def load_question_encoder(model: str, kind: str = "dpr", normalize: bool | None 
     _check_device(device)
     directory, _ = resolve_model_dir(model, None)
     return _cached_question_encoder(model, kind, normalize, max_length, device, weights_signature(directory))
+
+
+def question_encoder_for(fingerprint: EncoderFingerprint, model: str | None = None,
+                         kind: str | None = None) -> QuestionEncoder:
+    """The question encoder that asks a version's vectors: `model` if named, else the one trained with its
+    document encoder (a symmetric `mean` encoder is its own pair), normalised and cut as the document side."""
+    fp = fingerprint
+    chosen = model or paired_question_encoder(fp.model_id, fp.kind)
+    return load_question_encoder(chosen, kind or fp.kind, normalize=fp.normalize, max_length=fp.max_length)
 
 
 @lru_cache(maxsize=4)

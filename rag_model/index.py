@@ -21,19 +21,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from transformers.models.rag.retrieval_rag import Index
 
-from rag_model.segments import Segment, dropped_positions, search_segments
-from rag_model.vectors import EmbeddingShards, load_tombstones, verified_embeddings
-from storage import layout
-from storage.cache import FileCache, Lease
+from rag_model.lineage import open_segments
+from rag_model.segments import Segment, search_segments
+from storage.cache import FileCache
 from storage.errors import RagindexError, Rejected
-from storage.layout import INDEX_FILE, PASSAGE_TABLE, TABLE_COLUMNS
+from storage.layout import PASSAGE_TABLE
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from storage.timing import timed
-from storage.verify import segment_manifests, verified_local_file
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +62,17 @@ def revision_url(lang: str, page_id: int, rev_id: int) -> str:
     return f"https://{lang}.wikipedia.org/w/index.php?curid={page_id}&oldid={rev_id}"
 
 
-@dataclass
-class _Part:
-    """One segment opened for serving: its index, its mapped passage table, its embedding files."""
-
-    segment: Segment
-    batches: list[pa.RecordBatch]
-    batch_starts: np.ndarray  # position of each record batch's first row within the segment
-    embeddings: EmbeddingShards | None  # verified local shards, when opened with embeddings
-
-
 class VersionIndex(Index):
     """A version opened read-only for searching. Immutable once opened; safe to share between threads.
 
     A full version is one segment; a delta version is its ancestors' segments plus its own, minus
-    its tombstones (`rag_model.segments`). Row ids are global across the lineage."""
+    its tombstones, opened by `rag_model.lineage`. Row ids are global across the lineage."""
 
-    def __init__(self, version: str, manifest: Manifest, parts: list[_Part]) -> None:
+    def __init__(self, version: str, manifest: Manifest, segments: list[Segment]) -> None:
         self.version = version
         self.manifest = manifest
-        self._parts = parts
-        self._segments = [p.segment for p in parts]
-        self._starts = np.array([p.segment.first_row_id for p in parts], dtype=np.int64)
+        self._segments = segments
+        self._starts = np.array([s.first_row_id for s in segments], dtype=np.int64)
         self.lang = wiki_language(manifest.source.wiki)
         self.dim = manifest.encoder.dim
         self._embedding_shards: dict[int, list[tuple[int, np.ndarray]]] = {}
@@ -114,25 +100,18 @@ class VersionIndex(Index):
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        lease = (cache or FileCache.for_store(store.url, base=cache_dir)).lease()
+        pins = (cache or FileCache.for_store(store.url, base=cache_dir)).pins()
         try:
-            tombstones = _tombstones(lease, store, manifest)
-            parts = []
-            for segment_manifest in [*segment_manifests(store, manifest), manifest]:
-                if segment_manifest.encoder.key != manifest.encoder.key:
-                    raise Rejected(f"version {version_id}: segment {segment_manifest.version} was encoded by "
-                                   f"another encoder ({segment_manifest.encoder.key}, not {manifest.encoder.key})")
-                parts.append(_open_part(lease, store, segment_manifest, tombstones, with_embeddings))
+            segments, _ = open_segments(store, manifest, pins, table=True, embeddings=with_embeddings)
+            opened = cls(version_id, manifest, segments)
+            if opened.size != manifest.live_passages:
+                raise Rejected(f"version {version_id} is inconsistent: it serves {opened.size} rows, "
+                               f"its manifest counts {manifest.live_passages}")
         except BaseException:
-            lease.release()
+            pins.release()
             raise
-        opened = cls(version_id, manifest, parts)
-        if opened.size != manifest.live_passages:
-            lease.release()
-            raise Rejected(f"version {version_id} is inconsistent: it serves {opened.size} rows, "
-                           f"its manifest counts {manifest.live_passages}")
         # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
-        weakref.finalize(opened, lease.release)
+        weakref.finalize(opened, pins.release)
         return opened
 
     # -- searching -----------------------------------------------------------------------------
@@ -175,24 +154,22 @@ class VersionIndex(Index):
             for (score, row_id), row in zip(keep, rows, strict=True)
         ]
 
-    def _locate(self, row_id: int) -> tuple[_Part, int]:
-        """The part holding a row id and the row's position in it."""
+    def _locate(self, row_id: int) -> tuple[Segment, int]:
+        """The segment holding a row id and the row's position in it."""
         at = int(np.searchsorted(self._starts, row_id, side="right")) - 1
         if at >= 0:
-            part = self._parts[at]
-            position = row_id - part.segment.first_row_id
-            if position < part.segment.rows:
-                return part, position
+            segment = self._segments[at]
+            position = row_id - segment.first_row_id
+            if position < segment.rows:
+                return segment, position
         raise RagindexError(f"version {self.version}: no row {row_id} in {PASSAGE_TABLE}")
 
     def rows(self, row_ids: list[int]) -> list[dict[str, Any]]:
         """Passages by row_id, read from the mapped files (only the touched pages become resident)."""
         taken = []
         for row_id in row_ids:
-            part, position = self._locate(int(row_id))
-            batch = int(np.searchsorted(part.batch_starts, position, side="right")) - 1
-            offset = position - int(part.batch_starts[batch])
-            row = part.batches[batch].slice(offset, 1).to_pylist()[0]
+            segment, position = self._locate(int(row_id))
+            row = segment.row(position)
             if row["row_id"] != row_id:  # never serve a wrong passage
                 raise RagindexError(f"version {self.version}: {PASSAGE_TABLE} row {row_id} has row_id {row['row_id']}")
             taken.append(row)
@@ -215,19 +192,19 @@ class VersionIndex(Index):
         for i, row_id in enumerate(flat.tolist()):
             if row_id < 0:
                 continue
-            part, position = self._locate(row_id)
-            shards = self._mapped_embeddings(part)
+            segment, position = self._locate(row_id)
+            shards = self._mapped_embeddings(segment)
             starts = [s for s, _ in shards]
             shard = int(np.searchsorted(starts, position, side="right") - 1)
             first, array = shards[shard]
             out[i] = array[position - first]
         return out.reshape(*np.shape(row_ids), self.dim)
 
-    def _mapped_embeddings(self, part: _Part) -> list[tuple[int, np.ndarray]]:
+    def _mapped_embeddings(self, segment: Segment) -> list[tuple[int, np.ndarray]]:
         with self._embedding_lock:
-            key = part.segment.first_row_id
+            key = segment.first_row_id
             if key not in self._embedding_shards:
-                shards = part.embeddings
+                shards = segment.embeddings
                 if shards is None:
                     raise RagindexError(f"version {self.version} was opened without its embeddings")
                 self._embedding_shards[key] = [(shards.offsets[i], shards.read(i)) for i in range(len(shards.names))]
@@ -247,8 +224,8 @@ class VersionIndex(Index):
             "index": {"spec": m.index.spec, "factory": m.index.factory, "metric": m.index.metric,
                       "search_params": m.index.search_params},
             "lineage": {"mode": "delta" if m.is_delta else "full", "parent": m.parent,
-                        "base_dump": m.lineage.base_dump if m.lineage else m.source.dump_date,
-                        "days": [d.date for d in m.lineage.days] if m.lineage else [],
+                        "base_dump": m.effective_lineage.base_dump,
+                        "days": [d.date for d in m.effective_lineage.days],
                         "segments": [s.version for s in m.segments]},
         }
 
@@ -277,45 +254,3 @@ class VersionIndex(Index):
 
     def __repr__(self) -> str:
         return f"VersionIndex({self.version!r}, rows={self.size})"
-
-
-def _open_part(lease: Lease, store: IndexStore, manifest: Manifest, tombstones: np.ndarray,
-               with_embeddings: bool) -> _Part:
-    """Open the rows a version's own directory holds, as one segment of the version being served."""
-    from rag_model import vector_search
-
-    vid = manifest.version
-    faiss_index = vector_search.read_index(verified_local_file(lease, store, manifest, INDEX_FILE), mmap=True)
-    passages = map_passage_table(vid, verified_local_file(lease, store, manifest, PASSAGE_TABLE))
-    rows = manifest.counts.get("passages", passages.num_rows)
-    if passages.num_rows != rows or faiss_index.ntotal != passages.num_rows:
-        raise Rejected(
-            f"version {vid} is inconsistent: {faiss_index.ntotal} vectors, "
-            f"{passages.num_rows} rows in {PASSAGE_TABLE}, manifest counts {rows}"
-        )
-    # Table.take concatenates every chunk of a column first (O(table) per call): look rows up per batch.
-    batches = passages.to_batches()
-    segment = Segment(version=vid, first_row_id=manifest.first_row_id, rows=rows, index=faiss_index,
-                      info=manifest.index, dropped=dropped_positions(tombstones, manifest.first_row_id, rows))
-    return _Part(segment=segment, batches=batches,
-                 batch_starts=np.cumsum([0] + [b.num_rows for b in batches], dtype=np.int64),
-                 embeddings=verified_embeddings(lease, store, manifest) if with_embeddings else None)
-
-
-def _tombstones(lease: Lease, store: IndexStore, manifest: Manifest) -> np.ndarray:
-    """The sorted row ids a delta version no longer serves (none for a full version)."""
-    if not manifest.is_delta:
-        return np.empty(0, dtype=np.int64)
-    return load_tombstones(verified_local_file(lease, store, manifest, layout.TOMBSTONES), manifest.version)
-
-
-def map_passage_table(version_id: str, path: str) -> pa.Table:
-    try:
-        table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-    except pa.ArrowInvalid as exc:
-        raise Rejected(f"version {version_id}: {PASSAGE_TABLE} is not an Arrow IPC file: {exc}") from None
-    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
-    if missing:
-        raise Rejected(f"version {version_id}: {PASSAGE_TABLE} lacks columns {missing}")
-    return table.select(list(TABLE_COLUMNS))
-

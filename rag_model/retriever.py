@@ -318,10 +318,8 @@ def paired_question_encoder_factory(
     manifest pairs with its document encoder (for a symmetric `mean` encoder, the same model)."""
 
     def factory(manifest: Manifest) -> QuestionEncoderLike:
-        from rag_model.encoders import load_question_encoder, paired_question_encoder
+        from rag_model.encoders import question_encoder_for
 
-        fp = manifest.encoder
-        chosen = model or manifest.question_encoder or paired_question_encoder(fp.model_id, fp.kind)
-        return load_question_encoder(chosen, kind or fp.kind, normalize=fp.normalize, max_length=fp.max_length)
+        return question_encoder_for(manifest.encoder, model or manifest.question_encoder, kind)
 
     return factory

@@ -11,18 +11,22 @@ would copy the parent): they are excluded after the search, asking the segment f
 until k live ones come back or the segment has no more. With few tombstones per segment (a day
 changes well under 1% of pages) the first ask nearly always suffices.
 
-Serving (`rag_model.index`) and validation (`tasks.validate`) both search through `search_segments`,
-so a delta is validated exactly as it is served.
+Segments are opened in one place (`rag_model.lineage`), for serving (`rag_model.index`) and
+validation (`tasks.lineage_rows`) alike, and both search through `search_segments`, so a delta is
+validated exactly as it is served.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from rag_model import vector_search
+from rag_model.vectors import EmbeddingShards
 from storage.manifest import IndexInfo
 
 _FETCH_ALL_DROPPED = 4  # fetch k + every dropped row while a segment has at most this many per k
@@ -30,7 +34,13 @@ _FETCH_ALL_DROPPED = 4  # fetch k + every dropped row while a segment has at mos
 
 @dataclass
 class Segment:
-    """One segment as a search sees it. `dropped` holds positions (row_id - first_row_id), sorted."""
+    """The rows one version directory holds, as a version serving them sees them: row ids
+    `first_row_id` .. `first_row_id + rows - 1`, searched through `index`, minus `dropped` (positions,
+    row_id - first_row_id, sorted: what the serving version's tombstones drop here).
+
+    What else is open depends on the reader (`rag_model.lineage.open_segments`): serving maps the
+    passage table (`batches`), validation reads the parquet passage shards (`passage_files`), and
+    either may read the vectors (`embeddings`)."""
 
     version: str
     first_row_id: int
@@ -38,10 +48,27 @@ class Segment:
     index: faiss.Index
     info: IndexInfo
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    embeddings: EmbeddingShards | None = None
+    batches: list[pa.RecordBatch] = field(default_factory=list)  # passages.arrow, memory-mapped
+    passage_files: list[tuple[Any, str]] = field(default_factory=list)  # (filesystem, path) per parquet shard
+    batch_starts: np.ndarray = field(init=False)  # position of each record batch's first row
+
+    def __post_init__(self) -> None:
+        self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches], dtype=np.int64)
 
     @property
     def live(self) -> int:
         return self.rows - len(self.dropped)
+
+    def live_positions(self) -> np.ndarray:
+        keep = np.ones(self.rows, dtype=bool)
+        keep[self.dropped] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def row(self, position: int) -> dict[str, Any]:
+        """One passage of the mapped table (only the touched pages become resident)."""
+        batch = int(np.searchsorted(self.batch_starts, position, side="right")) - 1
+        return self.batches[batch].slice(position - int(self.batch_starts[batch]), 1).to_pylist()[0]
 
     def is_dropped(self, positions: np.ndarray) -> np.ndarray:
         if not len(self.dropped):

@@ -27,7 +27,7 @@ from storage.records import EmbeddingSidecar, EmbeddingsSummary
 from storage.verify import verified_local_file
 
 if TYPE_CHECKING:
-    from storage.cache import Lease
+    from storage.cache import Pins
     from storage.manifest import Manifest
     from storage.store import IndexStore
 
@@ -197,13 +197,13 @@ def open_embeddings(url: str, s3_endpoint_url: str | None = None) -> EmbeddingSh
     return EmbeddingShards(fs, directory, names, rows, dim, summary, fingerprint)
 
 
-def verified_embeddings(lease: Lease, store: IndexStore, manifest: Manifest) -> EmbeddingShards:
+def verified_embeddings(pins: Pins, store: IndexStore, manifest: Manifest) -> EmbeddingShards:
     """A committed version's embedding shards, each file checked against its manifest (`verified_local_file`)
     before it is read; their shapes were checked when that version was validated."""
     local = LocalFileSystem()
-    summary = EmbeddingsSummary.read(local, verified_local_file(lease, store, manifest,
+    summary = EmbeddingsSummary.read(local, verified_local_file(pins, store, manifest,
                                                                 layout.EMBEDDINGS_SUMMARY_PATH))
-    paths = [verified_local_file(lease, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")
+    paths = [verified_local_file(pins, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")
              for shard in summary.shards]
     return EmbeddingShards(local, store.version_path(manifest.version, layout.EMBEDDINGS_DIR),
                            [shard.name for shard in summary.shards], [shard.rows for shard in summary.shards],

@@ -13,7 +13,7 @@ when another user owns it, so nobody can plant files in it):
     blobs/<sha256>/<name>.verified    {"sha256", "size", "mtime_ns", "ctime_ns", "inode"}; its mtime = last use
     local/<sha256(path)[:32]>.json    the same record for a file of a local store, verified in place
 
-Copies are bounded by `max_bytes`: least recently used first, never a file a `Lease` holds (an open
+Copies are bounded by `max_bytes`: least recently used first, never a file a `Pins` holds (an open
 `VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes).
 """
 
@@ -103,8 +103,9 @@ class FileCache:
     ) -> FileCache:
         return cls(os.path.join(base or default_cache_base(), store_key(store_url)), max_bytes, hasher)
 
-    def lease(self) -> Lease:
-        return Lease(self)
+    def pins(self) -> Pins:
+        """A set of files this caller is about to use, kept from eviction until it is released."""
+        return Pins(self)
 
     # -- one file ----------------------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class FileCache:
         return sorted(out)
 
     def evict(self, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
-        """Remove least recently used copies until the cache fits `max_bytes`; never a leased one
+        """Remove least recently used copies until the cache fits `max_bytes`; never a pinned one
         (nor `keep`: the copy just placed). Returns the sha256s removed."""
         blobs = self.blobs()
         total = sum(size for _, _, size in blobs)
@@ -249,8 +250,9 @@ class FileCache:
         return removed
 
 
-class Lease:
-    """Files in use by one opened version: pinned against eviction until `release`."""
+class Pins:
+    """Files in use by one opened version: pinned against eviction until `release`. (Not a lock: the
+    store's leases are `storage.lock.Lease`.)"""
 
     def __init__(self, cache: FileCache) -> None:
         self.cache = cache
@@ -258,7 +260,7 @@ class Lease:
         self._released = False
 
     def path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str, label: str) -> str:
-        """`FileCache.verified_path`, pinned for as long as this lease lives."""
+        """`FileCache.verified_path`, pinned until `release`."""
         self.cache._pin(sha256)
         self.digests.append(sha256)
         try:

@@ -23,8 +23,12 @@ versions will change) is written down in one place:
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pyarrow as pa
+
+from storage.errors import RagindexError
+from storage.fs import to_url
 
 MANIFEST = "manifest.json"
 STAGING_MARKER = "_staging.json"
@@ -102,3 +106,15 @@ def trained_entry_dir(fingerprint_key: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{1,64}", fingerprint_key):
         raise ValueError(f"not a fingerprint key: {fingerprint_key!r}")
     return fingerprint_key
+
+
+def passage_shard_paths(fs: Any, directory: str) -> list[str]:
+    """Paths of the `part-NNNNN.parquet` shards in `directory`, in row order."""
+    try:
+        found = sorted(p.rstrip("/") for p in fs.ls(directory, detail=False))
+    except FileNotFoundError:
+        raise RagindexError(f"passages directory not found: {to_url(fs, directory)}") from None
+    shards = [p for p in found if is_passage_part(p.rsplit("/", 1)[-1])]
+    if not shards:
+        raise RagindexError(f"no passage shards (part-*.parquet) in {to_url(fs, directory)}")
+    return shards

@@ -146,6 +146,16 @@ class Manifest(BaseModel):
         return bool(self.segments)
 
     @property
+    def effective_lineage(self) -> Lineage:
+        """Where this version's knowledge comes from; a full version is the base of its own lineage."""
+        return self.lineage or Lineage(base_version=self.version, base_dump=self.source.dump_date)
+
+    def as_segment(self, manifest_sha256: str) -> SegmentRef:
+        """This version's own rows as a segment of a child delta, pinned by the sha256 of its stored manifest."""
+        return SegmentRef(version=self.version, manifest_sha256=manifest_sha256, first_row_id=self.first_row_id,
+                          rows=self.counts.get("passages", 0))
+
+    @property
     def live_passages(self) -> int:
         """Rows this version serves: its own plus its ancestors' not tombstoned."""
         return self.counts.get("live_passages", self.counts.get("passages", 0))

@@ -15,10 +15,10 @@ import fsspec
 
 from storage.errors import Corrupt, NotFound
 from storage.fs import file_digest
-from storage.manifest import Manifest
+from storage.manifest import Manifest, SegmentRef
 
 if TYPE_CHECKING:
-    from storage.cache import Lease
+    from storage.cache import Pins
     from storage.store import IndexStore
 
 
@@ -92,9 +92,14 @@ def segment_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
     return found
 
 
-def verified_local_file(lease: Lease, store: IndexStore, manifest: Manifest, relpath: str) -> str:
+def pin_segment(store: IndexStore, manifest: Manifest) -> SegmentRef:
+    """A committed version as a segment of a child delta, pinned by the sha256 of its manifest as stored."""
+    return manifest.as_segment(hashlib.sha256(store.manifest_bytes(manifest.version)).hexdigest())
+
+
+def verified_local_file(pins: Pins, store: IndexStore, manifest: Manifest, relpath: str) -> str:
     """A local path to a version file whose bytes match its manifest: in place for a local store, else a
-    cached copy; hashed once per unchanged file (`storage.cache`), pinned for as long as `lease` lives."""
+    cached copy; hashed once per unchanged file (`storage.cache`), pinned until `pins` is released."""
     expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
     remote = store.version_path(manifest.version, relpath)
-    return lease.path(store.fs, remote, expected, f"version {manifest.version}: {relpath}")
+    return pins.path(store.fs, remote, expected, f"version {manifest.version}: {relpath}")

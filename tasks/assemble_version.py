@@ -1,9 +1,10 @@
-"""Assemble a whole version from its staged passages/ and embeddings/: index, passage table, reuse hash
-table, manifest, validation gate, commit.
+"""Assemble a version from its staged passages/ and embeddings/, in one verb order for every kind of
+version: stage -> build files -> draft the manifest -> validate -> commit.
 
-`build_version_files` + `finish_version` are the one assembly path of a version: `ragindex build`
-(`build_version`, which first copies the given directories into a staging version) and the refresh
-flow both go through them.
+`build_version_files` (a full version's index, passage table and reuse hash table), `draft_manifest`
+and `validate_and_commit` are the one assembly path: `ragindex build` (`build_version`, which first
+copies the given directories into a staging version), the refresh flow (`finish_version`) and a
+delta version (`tasks.delta_version`, which derives its index instead) all go through them.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from rag_model.lineage import served_page_ids
 from rag_model.vectors import open_embeddings
 from storage import layout
 from storage.errors import RagindexError
 from storage.fs import atomic_write, join, resolve
-from storage.manifest import EncoderFingerprint, IndexInfo, Manifest
+from storage.manifest import IndexInfo, Lineage, Manifest, SegmentRef
 from storage.names import check_file_name
 from storage.records import PassagesSummary
 from storage.timing import timed
 from tasks.build_index import build_index
-from tasks.lineage_rows import served_page_ids
-from tasks.passage_table import passage_shard_paths, write_passage_table
+from tasks.passage_table import write_passage_table
 from tasks.reuse_index import write_hash_index
-from tasks.validate import ValidationFloors, draft_manifest, finalize_version
+from tasks.validate import ValidationFloors, read_summaries, validate_version
 
 
 def copy_tree(src_url: str, dst_fs: Any, dst_dir: str, s3_endpoint_url: str | None = None,
@@ -74,28 +75,92 @@ def build_version_files(store, version_id: str, *, spec: str = "auto", memory_bu
     return info
 
 
+def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[str, float], parent: str | None,
+                   counts: dict[str, int] | None = None, segments: list[SegmentRef] | None = None,
+                   first_row_id: int = 0, lineage: Lineage | None = None,
+                   changes: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of a staged version before validation (status provisionally `rejected`), from its
+    own summaries; a delta also names its segments, first row id, lineage and changes.
+
+    `counts` add to (or override) the summaries' counts. Timings are `<step>_s`: the summaries' own (the
+    passages summary's `total_s`, its whole step, becomes `passages_s`), overridden by the caller's for
+    the same step.
+    """
+    passages, embeddings = read_summaries(store, version_id)
+    summary_counts = {
+        "passages": passages.passages,
+        "embeddings": embeddings.rows,
+        "articles_seen": passages.articles.seen,
+        "articles_kept": passages.articles.kept,
+        "words": passages.words,
+        "encoded": embeddings.encoded,
+        "reused": embeddings.reused,
+    }
+    passage_timings = {("passages_s" if k == "total_s" else k): v for k, v in passages.timings.items()}
+    return Manifest(
+        version=version_id,
+        status="rejected",
+        parent=parent,
+        source=passages.source,
+        encoder=embeddings.fingerprint,
+        question_encoder=embeddings.question_encoder,
+        precision=embeddings.precision,
+        index=index,
+        counts={**summary_counts, **(counts or {})},
+        skipped=dict(passages.articles.skipped),
+        timings={**passage_timings, **embeddings.timings, **timings},
+        segments=segments or [],
+        first_row_id=first_row_id,
+        lineage=lineage,
+        changes=changes or {},
+    )
+
+
+def validate_and_commit(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
+                        question_encoder=None) -> Manifest:
+    """Checksum every file of the staged version, validate it, set its status and commit its manifest (last).
+
+    Canaries are asked through `question_encoder`, else the one the manifest pairs with its encoder."""
+    files = store.checksums(manifest.version)
+    index_path = store.version_path(manifest.version, layout.INDEX_FILE)
+    index_info = manifest.index.model_copy(
+        update={"bytes": store.fs.size(index_path) if store.fs.exists(index_path) else 0}
+    )
+    manifest = manifest.model_copy(update={"files": files, "index": index_info})
+    timings = dict(manifest.timings)
+    with timed(timings, "validate_s"):
+        validation = validate_version(store, manifest, floors, canaries=canaries,
+                                      question_encoder=question_encoder, verified_files=files)
+    manifest = manifest.model_copy(update={
+        "validation": validation, "status": "ready" if validation.passed else "rejected", "timings": timings,
+    })
+    store.commit_version(manifest)
+    return manifest
+
+
 def finish_version(store, version_id: str, index: IndexInfo, floors: ValidationFloors, *,
                    timings: dict[str, float] | None = None, canaries: str | None = None,
                    question_encoder=None) -> Manifest:
-    """Draft the manifest from the version's own summaries, validate, set the status and commit it."""
+    """A full version's last steps: draft its manifest (counting the deletions it reconciles), validate, commit."""
     parent = store.latest_ready()
+    reconciled = reconciled_deletions(store, version_id)
     manifest = draft_manifest(store, version_id, index=index, timings=timings or {},
-                              parent=parent.version if parent else None)
-    reconciled = reconciled_deletions(store, manifest)
-    if reconciled is not None:
-        manifest.counts["deletions_reconciled"] = reconciled
-    return finalize_version(store, manifest, floors, canaries=canaries, question_encoder=question_encoder)
+                              parent=parent.version if parent else None,
+                              counts=None if reconciled is None else {"deletions_reconciled": reconciled})
+    return validate_and_commit(store, manifest, floors, canaries=canaries, question_encoder=question_encoder)
 
 
-def reconciled_deletions(store, manifest: Manifest) -> int | None:
-    """Pages CURRENT's delta lineage serves that this full build no longer has: the deletions adds-changes
-    days cannot show, counted when a full dump reconciles them (None unless CURRENT is a delta)."""
+def reconciled_deletions(store, version_id: str) -> int | None:
+    """Pages CURRENT's delta lineage serves that the full build staged as `version_id` no longer has: the
+    deletions adds-changes days cannot show, counted when a full dump reconciles them (None unless
+    CURRENT is a delta of the same wiki)."""
     pointer = store.current()
     current = store.manifest(pointer.version) if pointer else None
-    if current is None or not current.is_delta or current.source.wiki != manifest.source.wiki:
+    wiki = read_summaries(store, version_id)[0].source.wiki
+    if current is None or not current.is_delta or current.source.wiki != wiki:
         return None
     fresh = [np.empty(0, dtype=np.int64)]
-    for shard in passage_shard_paths(store.fs, store.version_path(manifest.version, layout.PASSAGES_DIR)):
+    for shard in layout.passage_shard_paths(store.fs, store.version_path(version_id, layout.PASSAGES_DIR)):
         with store.fs.open(shard, "rb") as f:  # this build's own shards, just written
             fresh.append(pq.read_table(f, columns=["page_id"]).column(0).to_numpy())
     return int(len(np.setdiff1d(served_page_ids(store, current), np.concatenate(fresh))))
@@ -136,16 +201,10 @@ def build_version(store, passages_url: str, embeddings_url: str, *, spec: str = 
                               progress)
         info = build_version_files(store, version_id, spec=spec, memory_budget=memory_budget,
                                    target_recall=target_recall, progress=progress, timings=timings)
-        manifest = finish_version(store, version_id, info, floors or ValidationFloors(), timings=timings,
-                                  canaries=canaries,
-                                  question_encoder=_load_question_encoder(question_encoder, fingerprint))
-        return manifest
+        asked = None
+        if question_encoder and canaries:
+            from rag_model.encoders import question_encoder_for
 
-
-def _load_question_encoder(model: str | None, fingerprint: EncoderFingerprint):
-    if not model:
-        return None
-    from rag_model.encoders import load_question_encoder
-
-    fp = fingerprint
-    return load_question_encoder(model, fp.kind, normalize=fp.normalize, max_length=fp.max_length)
+            asked = question_encoder_for(fingerprint, question_encoder)
+        return finish_version(store, version_id, info, floors or ValidationFloors(), timings=timings,
+                              canaries=canaries, question_encoder=asked)

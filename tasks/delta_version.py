@@ -11,38 +11,54 @@ back like one.
 Per page id the newest revision across the days wins, and only if it is newer than what the parent
 holds, so overlapping or repeated windows are harmless. Pages are cleaned and chunked by the code a
 full build uses (`tasks.delta_passages`), so the same text gets the same passage ids and hashes.
+
+`build_delta_version` runs the steps in the order every version is assembled (`tasks.assemble_version`):
+read the days, find what the parent serves of their pages, stage, write passages and tombstones, embed,
+build files, draft, validate, commit. Each runs through a `Steps` recorder, so a failure names its step;
+the refresh flow hands in one that also makes each step a Prefect task (`flows.refresh_delta`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rag_model.encoders import EncoderSpec, fingerprint_of
+from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
 from storage import layout
+from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import atomic_write
-from storage.manifest import AppliedDay, DumpFile, Lineage, Manifest, SegmentRef, SourceDump
+from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
-from storage.timing import timed
-from storage.verify import segment_manifests
+from storage.timing import Steps
+from storage.verify import pin_segment
 from tasks import embed
-from tasks.assemble_version import staged_build
-from tasks.delta_passages import ParentPage, newest_revisions, write_delta_passages
+from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
+from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.incr_dumps import IncrDay
-from tasks.lineage_rows import LineageRows, passage_columns
 from tasks.passage_table import write_passage_table
 from tasks.reuse_index import write_hash_index
-from tasks.validate import ValidationFloors, draft_manifest, finalize_version
+from tasks.validate import ValidationFloors
+
+T = TypeVar("T")
 
 
 class NothingToApply(Rejected):
-    """The days hold no revision newer than the parent's: no version is made."""
+    """The days hold no revision newer than the parent's: no version is made (an up-to-date night)."""
+
+
+class DeltaSteps(Steps):
+    """Runs each step of a delta under its name; the refresh flow's subclass makes each a Prefect task."""
+
+    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self(name):
+            return fn(*args, **kwargs)
 
 
 @dataclass
@@ -54,94 +70,106 @@ class _ParentRows:
 def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDay], files: Sequence[str], *,
                         spec: EncoderSpec, floors: ValidationFloors | None = None, canaries: str | None = None,
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
-                        shard_rows: int = 100_000, progress: bool = True) -> Manifest:
+                        shard_rows: int = 100_000, progress: bool = True,
+                        steps: DeltaSteps | None = None) -> Manifest:
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
-    commit the delta version (never promotes). A failure before the commit removes the staging area."""
+    commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
+    serves. A failure before the commit removes the staging area."""
+    steps = steps or DeltaSteps()
     parent = store.manifest(parent_id)
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     if fingerprint_of(spec).key != parent.encoder.key:
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
-    ancestors = [*segment_manifests(store, parent), parent]
-    timings: dict[str, float] = {}
-    with timed(timings, "parse_days_s"):
-        revisions = newest_revisions(list(files), store.s3_endpoint_url)
-    with timed(timings, "parent_pages_s"):
-        tombstones = LineageRows.tombstones_of(store, parent)
-        parent_rows = _parent_rows(store, ancestors, set(revisions.pages), tombstones)
+    ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
+    revisions = steps.run("parse_days", newest_revisions, list(files), store.s3_endpoint_url)
+    tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
     last = days[-1]
     version_id = store.begin_version(parent.source.wiki, last.date)
     with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
-        with timed(timings, "passages_s"):
-            source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
-                                files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
-            plan = write_delta_passages(revisions, parent_rows.pages,
-                                        store.version_url(version_id, layout.PASSAGES_DIR), source,
-                                        first_row_id=parent.next_row_id, s3_endpoint_url=store.s3_endpoint_url,
-                                        shard_rows=shard_rows)
-        if not plan.passages and not plan.drop_page_ids:
-            raise NothingToApply(f"the days {days[0].date}..{last.date} change nothing {parent_id} serves")
-        if not plan.passages:
-            raise NothingToApply(f"the days {days[0].date}..{last.date} only remove pages; a delta without "
-                                 "new passages is not supported yet: they are applied with the next day")
+        source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
+                            files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
+        plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
+                         store.version_url(version_id, layout.PASSAGES_DIR), source,
+                         first_row_id=parent.next_row_id, s3_endpoint_url=store.s3_endpoint_url,
+                         shard_rows=shard_rows)
+        _check_applies(plan, days, parent_id)
         dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
         all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
         _write_tombstones(store, version_id, all_tombstones)
-        with timed(timings, "embed_s"):
-            embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
-            embed.embed_passages(store.version_url(version_id, layout.PASSAGES_DIR), embeddings_url, spec,
-                                 reuse_from=[store.version_url(m.version) for m in reversed(ancestors)],
-                                 question_encoder=parent.question_encoder, batch_size=batch_size,
-                                 precision=precision, s3_endpoint_url=store.s3_endpoint_url, progress=progress)
-        with timed(timings, "build_s"):
-            info = derive_index(store, ancestors[0], embeddings_url,
-                                store.version_url(version_id, layout.INDEX_FILE), progress=progress)
-            write_passage_table(store.version_url(version_id, layout.PASSAGES_DIR),
-                                store.version_url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url,
-                                first_row_id=parent.next_row_id)
-            write_hash_index(store.version_url(version_id), store.s3_endpoint_url)
-        manifest = draft_manifest(store, version_id, index=info, timings=timings, parent=parent_id)
-        base = parent.lineage or Lineage(base_version=parent.version, base_dump=parent.source.dump_date)
-        applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
-                   for d in days]
-        manifest = manifest.model_copy(update={
-            "segments": [_segment_ref(store, m) for m in ancestors],
-            "first_row_id": parent.next_row_id,
-            "lineage": base.model_copy(update={"days": [*base.days, *applied]}),
-            "counts": {**manifest.counts, "tombstones": int(len(all_tombstones)),
-                       "live_passages": sum(m.counts.get("passages", 0) for m in ancestors)
-                       + plan.passages - int(len(all_tombstones))},
-            "changes": plan.dump(),
-        })
-        manifest = finalize_version(store, manifest, floors or ValidationFloors(), canaries=canaries,
-                                    question_encoder=question_encoder)
-    return manifest
+        steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
+                  progress=progress)
+        info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
+
+        def draft_and_validate() -> Manifest:
+            lineage = parent.effective_lineage
+            applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
+                       for d in days]
+            ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
+            manifest = draft_manifest(
+                store, version_id, index=info, timings=steps.timings, parent=parent_id,
+                counts={"tombstones": int(len(all_tombstones)),
+                        "live_passages": ancestors_rows + plan.passages - int(len(all_tombstones))},
+                segments=[*parent.segments, pin_segment(store, parent)], first_row_id=parent.next_row_id,
+                lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}), changes=plan.dump())
+            return validate_and_commit(store, manifest, floors or ValidationFloors(), canaries=canaries,
+                                       question_encoder=question_encoder)
+
+        return steps.run("validate", draft_and_validate)
 
 
-def _segment_ref(store: IndexStore, m: Manifest) -> SegmentRef:
-    data = store.manifest_bytes(m.version)
-    return SegmentRef(version=m.version, manifest_sha256=hashlib.sha256(data).hexdigest(),
-                      first_row_id=m.first_row_id, rows=m.counts.get("passages", 0))
+def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:
+    window = f"{days[0].date}..{days[-1].date}"
+    if not plan.passages and not plan.drop_page_ids:
+        raise NothingToApply(f"the days {window} change nothing {parent_id} serves")
+    if not plan.passages:
+        raise NothingToApply(f"the days {window} only remove pages; a delta without "
+                             "new passages is not supported yet: they are applied with the next day")
 
 
-def _parent_rows(store: IndexStore, ancestors: list[Manifest], touched: set[int],
-                 tombstones: np.ndarray) -> _ParentRows:
-    """What the parent serves of the touched pages: their newest revision and title, and their row ids."""
+def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, _ParentRows]:
+    """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
+    and their row ids."""
+    pins = FileCache.for_store(store.url).pins()
+    try:
+        tombstones = read_tombstones(pins, store, parent)
+    finally:
+        pins.release()
     pages: dict[int, ParentPage] = {}
     rows: dict[int, list[int]] = {}
     wanted = np.fromiter(touched, dtype=np.int64)
-    for _, table in passage_columns(store, ancestors, ["row_id", "page_id", "rev_id", "title"]):
+    for table in served_rows(store, parent, ["page_id", "rev_id", "title"]):
         page_ids = table.column("page_id").to_numpy()
         row_ids = table.column("row_id").to_numpy()
-        keep = np.isin(page_ids, wanted) & ~np.isin(row_ids, tombstones)
-        for i in np.flatnonzero(keep).tolist():
+        for i in np.flatnonzero(np.isin(page_ids, wanted)).tolist():
             page = int(page_ids[i])
             rows.setdefault(page, []).append(int(row_ids[i]))
             # Later segments hold later revisions of a page: the last seen is what the parent serves.
             pages[page] = ParentPage(rev_id=int(table.column("rev_id")[i].as_py()),
                                      title=table.column("title")[i].as_py())
-    return _ParentRows(pages=pages, rows=rows)
+    return tombstones, _ParentRows(pages=pages, rows=rows)
+
+
+def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
+           precision: str, progress: bool) -> dict:
+    """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
+    return embed.embed_passages(store.version_url(version_id, layout.PASSAGES_DIR),
+                                store.version_url(version_id, layout.EMBEDDINGS_DIR), spec,
+                                reuse_from=[store.version_url(m.version) for m in reversed(ancestors)],
+                                question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,
+                                precision=precision, s3_endpoint_url=store.s3_endpoint_url, progress=progress)
+
+
+def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], *, progress: bool) -> IndexInfo:
+    """The delta's index, derived from its lineage's base, its passage table and its reuse hash table."""
+    info = derive_index(store, ancestors[0], store.version_url(version_id, layout.EMBEDDINGS_DIR),
+                        store.version_url(version_id, layout.INDEX_FILE), progress=progress)
+    write_passage_table(store.version_url(version_id, layout.PASSAGES_DIR),
+                        store.version_url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url,
+                        first_row_id=ancestors[-1].next_row_id)
+    write_hash_index(store.version_url(version_id), store.s3_endpoint_url)
+    return info
 
 
 def _write_tombstones(store: IndexStore, version_id: str, tombstones: np.ndarray) -> None:

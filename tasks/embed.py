@@ -35,7 +35,7 @@ from rag_model.encoders import (
 )
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.cache import FileCache, Lease, store_root_url
+from storage.cache import FileCache, Pins, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
 from storage.layout import EMBED_COLUMNS
@@ -44,7 +44,6 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
-from tasks.passage_table import passage_shard_paths
 from tasks.reuse_index import hash_keys, open_source
 
 log = logging.getLogger(__name__)
@@ -156,16 +155,16 @@ def _json_or_empty(fs: Any, path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _verified_source(lease: Lease, fs: Any, root: str, path: str, digests: dict[str, str]) -> str | None:
+def _verified_source(pins: Pins, fs: Any, root: str, path: str, digests: dict[str, str]) -> str | None:
     """A local path holding the bytes a source shard's version names, or None (with one warning) when it
     is corrupt or unrecorded: its passages are then encoded again. Through the local file cache, so an
     unchanged shard is hashed (or, on S3, fetched) once, not on every night that reuses rows of it;
-    pinned by `lease` so that no other process evicts it before its rows are read."""
+    pinned by `pins` so that no other process evicts it before its rows are read."""
     rel = path[len(root) + 1:]
     try:
         if rel not in digests:
             raise Corrupt(f"{path}: no sha256 recorded for it in {root}")
-        return lease.path(fs, path, digests[rel], path)
+        return pins.path(fs, path, digests[rel], path)
     except Corrupt as exc:
         log.warning("reuse: %s; encoding its passages again", first_line(exc))
         return None
@@ -195,7 +194,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         fs, root = resolve(url, s3_endpoint_url)
         digests = _root_digests(fs, root)
         shard, row = source.table.lookup(keys[todo])
-        lease = FileCache.for_store(store_root_url(to_url(fs, root))).lease()
+        pins = FileCache.for_store(store_root_url(to_url(fs, root))).pins()
         try:
             for s in np.unique(shard[shard >= 0]).tolist():
                 npy_path = source.npy_paths[s]
@@ -204,9 +203,9 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
                 # Both halves of a source shard must be the bytes its version names: the vectors are
                 # copied from the .npy, and the passage shard is what says which passage each row is.
                 passages_path = join(root, layout.PASSAGES_DIR, layout.passage_shard(npy_path.rsplit("/", 1)[-1]))
-                if _verified_source(lease, fs, root, passages_path, digests) is None:
+                if _verified_source(pins, fs, root, passages_path, digests) is None:
                     continue
-                local = _verified_source(lease, fs, root, npy_path, digests)
+                local = _verified_source(pins, fs, root, npy_path, digests)
                 if local is None:
                     continue
                 which, rows = todo[shard == s], row[shard == s]
@@ -218,7 +217,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
                     raise EmbedError(str(exc)) from None
                 found[which] = True
         finally:
-            lease.release()
+            pins.release()
     if n_unique == len(hashes):  # no passage repeated in the shard: rows are already in order, skip a copy
         return found, vectors
     return found[row_to_unique], vectors[row_to_unique]
@@ -368,7 +367,7 @@ def list_passage_shards(passages_url: str, s3_endpoint_url: str | None = None) -
     if summary is not None and summary.shards:
         return [to_url(fs, join(root, check_file_name(s.name))) for s in summary.shards]
     try:
-        return [to_url(fs, p) for p in passage_shard_paths(fs, root)]
+        return [to_url(fs, p) for p in layout.passage_shard_paths(fs, root)]
     except RagindexError as exc:
         raise EmbedError(str(exc)) from None
 

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import resolve, staged_local_file, to_url
-
-
-def passage_shard_paths(fs: Any, directory: str) -> list[str]:
-    """Paths of the `part-NNNNN.parquet` shards in `directory`, in row order."""
-    try:
-        found = sorted(p.rstrip("/") for p in fs.ls(directory, detail=False))
-    except FileNotFoundError:
-        raise RagindexError(f"passages directory not found: {to_url(fs, directory)}") from None
-    shards = [p for p in found if layout.is_passage_part(p.rsplit("/", 1)[-1])]
-    if not shards:
-        raise RagindexError(f"no passage shards (part-*.parquet) in {to_url(fs, directory)}")
-    return shards
+from storage.fs import resolve, staged_local_file
 
 
 def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str | None = None,
@@ -36,7 +22,7 @@ def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str 
     # Exits run inside out: the IPC writer finishes the file before it is published.
     with staged_local_file(fs, path) as tmp, pa.OSFile(tmp, "wb") as sink, \
             pa.ipc.new_file(sink, layout.TABLE_SCHEMA) as writer:
-        for shard in passage_shard_paths(src_fs, src_dir):
+        for shard in layout.passage_shard_paths(src_fs, src_dir):
             with src_fs.open(shard, "rb") as f:
                 pf = pq.ParquetFile(f)
                 missing = set(columns) - set(pf.schema_arrow.names)

@@ -22,11 +22,10 @@ from rag_model.vectors import GT_K, exact_search_blocks, recall_at_k
 from storage import layout
 from storage.errors import RagindexError
 from storage.fs import resolve
-from storage.manifest import IndexInfo, Manifest, Validation
+from storage.manifest import Manifest, Validation
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary
 from storage.timing import timed
 from tasks.lineage_rows import LineageRows
-from tasks.passage_table import passage_shard_paths
 
 
 @dataclass(frozen=True)
@@ -46,39 +45,6 @@ def read_summaries(store, version_id: str) -> tuple[PassagesSummary, EmbeddingsS
     path = store.version_path
     return (PassagesSummary.read(store.fs, path(version_id, layout.PASSAGES_DIR, layout.PASSAGES_SUMMARY)),
             EmbeddingsSummary.read(store.fs, path(version_id, layout.EMBEDDINGS_DIR, layout.EMBEDDINGS_SUMMARY)))
-
-
-def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[str, float],
-                   parent: str | None) -> Manifest:
-    """The manifest of a staged version before validation (status provisionally `rejected`).
-
-    Timings are `<step>_s`: the summaries' own (the passages summary's `total_s`, its whole step,
-    becomes `passages_s`), overridden by the caller's for the same step.
-    """
-    passages, embeddings = read_summaries(store, version_id)
-    counts = {
-        "passages": passages.passages,
-        "embeddings": embeddings.rows,
-        "articles_seen": passages.articles.seen,
-        "articles_kept": passages.articles.kept,
-        "words": passages.words,
-        "encoded": embeddings.encoded,
-        "reused": embeddings.reused,
-    }
-    passage_timings = {("passages_s" if k == "total_s" else k): v for k, v in passages.timings.items()}
-    return Manifest(
-        version=store.version_path(version_id).rsplit("/", 1)[-1],
-        status="rejected",
-        parent=parent,
-        source=passages.source,
-        encoder=embeddings.fingerprint,
-        question_encoder=embeddings.question_encoder,
-        precision=embeddings.precision,
-        index=index,
-        counts=counts,
-        skipped=dict(passages.articles.skipped),
-        timings={**passage_timings, **embeddings.timings, **timings},
-    )
 
 
 def validate_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
@@ -111,8 +77,8 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
     counts = {
         "manifest_passages": manifest.counts.get("passages"),
         "passage_rows": _parquet_rows(store, vid),
-        "embeddings": own.shards.total,
-        "index_ntotal": int(own.segment.index.ntotal),
+        "embeddings": own.embeddings.total,
+        "index_ntotal": int(own.index.ntotal),
         "table_rows": _table_rows(store, vid),
     }
     checks["counts"] = counts
@@ -121,10 +87,10 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
     n = lineage.live
     if manifest.is_delta:
         failures += _lineage_problems(manifest, lineage, checks)
-    if own.segment.index.d != manifest.index.dim or own.shards.dim != manifest.encoder.dim:
-        failures.append(f"dimensions disagree: index {own.segment.index.d}, info {manifest.index.dim}, "
-                        f"embeddings {own.shards.dim}, encoder {manifest.encoder.dim}")
-    if own.shards.fingerprint.key != manifest.encoder.key:
+    if own.index.d != manifest.index.dim or own.embeddings.dim != manifest.encoder.dim:
+        failures.append(f"dimensions disagree: index {own.index.d}, info {manifest.index.dim}, "
+                        f"embeddings {own.embeddings.dim}, encoder {manifest.encoder.dim}")
+    if own.embeddings.fingerprint.key != manifest.encoder.key:
         failures.append("embeddings were made by a different encoder than the manifest names")
 
     previous = store.latest_ready(exclude=vid)
@@ -152,26 +118,6 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
         if hit < floors.canary_hit:
             failures.append(f"canary hit@{floors.canary_k} {hit:.3f} < floor {floors.canary_hit}")
     return "; ".join(failures) or None
-
-
-def finalize_version(store, manifest: Manifest, floors: ValidationFloors, *, canaries: str | None = None,
-                     question_encoder=None) -> Manifest:
-    """Checksum every file, validate, set the status and commit the manifest (last)."""
-    files = store.checksums(manifest.version)
-    index_path = store.version_path(manifest.version, layout.INDEX_FILE)
-    index_info = manifest.index.model_copy(
-        update={"bytes": store.fs.size(index_path) if store.fs.exists(index_path) else 0}
-    )
-    manifest = manifest.model_copy(update={"files": files, "index": index_info})
-    timings = dict(manifest.timings)
-    with timed(timings, "validate_s"):
-        validation = validate_version(store, manifest, floors, canaries=canaries,
-                                      question_encoder=question_encoder, verified_files=files)
-    manifest = manifest.model_copy(update={
-        "validation": validation, "status": "ready" if validation.passed else "rejected", "timings": timings,
-    })
-    store.commit_version(manifest)
-    return manifest
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -211,7 +157,7 @@ def _file_problems(store, manifest: Manifest, actual: dict[str, str]) -> list[st
 
 def _parquet_rows(store, vid: str) -> int:
     total = 0
-    for shard in passage_shard_paths(store.fs, store.version_path(vid, layout.PASSAGES_DIR)):
+    for shard in layout.passage_shard_paths(store.fs, store.version_path(vid, layout.PASSAGES_DIR)):
         with store.fs.open(shard, "rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
@@ -226,10 +172,10 @@ def _table_rows(store, vid: str) -> int:
 def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str, Any]) -> list[str]:
     """A delta's own checks: its rows continue its ancestors' ids, and tombstones only drop theirs."""
     problems = []
-    ancestors = lineage.parts[:-1]
-    expected_first = ancestors[-1].manifest.next_row_id
+    parent = lineage.segments[-2]
+    expected_first = parent.first_row_id + parent.rows
     tombstones = lineage.tombstones
-    checks["lineage"] = {"segments": len(lineage.parts), "tombstones": int(len(tombstones)),
+    checks["lineage"] = {"segments": len(lineage.segments), "tombstones": int(len(tombstones)),
                          "live_passages": lineage.live}
     if manifest.first_row_id != expected_first:
         problems.append(f"own rows start at row id {manifest.first_row_id}, its parent ends at {expected_first}")
@@ -262,8 +208,7 @@ def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors, checks: di
     self_rate = hits / len(ids)
     checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
     if lineage.manifest.is_delta:
-        own = lineage.own.segment
-        new = (ids >= own.first_row_id)
+        new = (ids >= lineage.own.first_row_id)
         checks["self_retrieval"]["new_rows_in_sample"] = int(new.sum())
     checks["recall_at_10"] = {"sample": len(ids), "recall": round(recall, 4),
                               "search_params": lineage.manifest.index.search_params}
@@ -294,11 +239,9 @@ def _canary_check(store, manifest: Manifest, lineage: LineageRows, floors: Valid
     if question_encoder is None:
         if not manifest.question_encoder:
             raise RagindexError("canaries need a question encoder, and the manifest names none")
-        from rag_model.encoders import load_question_encoder
+        from rag_model.encoders import question_encoder_for
 
-        enc = manifest.encoder
-        question_encoder = load_question_encoder(manifest.question_encoder, enc.kind, normalize=enc.normalize,
-                                                 max_length=enc.max_length)
+        question_encoder = question_encoder_for(manifest.encoder, manifest.question_encoder)
     vectors = question_encoder.encode([q for q, _ in items])
     _, found = search_segments(lineage.segments, vectors, floors.canary_k)
     titles = lineage.column("title", found.reshape(-1))

@@ -154,3 +154,44 @@ def test_full_delta_delta_rollback_full(prefect_api, mirror, tiny_dpr, gensim_ex
     deleted_rows = {k for k in served2 if int(k.split("_")[0]) == deleted.page_id}
     assert deleted_rows and _served(store, rebuilt["version"]) == \
         {k: v for k, v in served2.items() if k not in deleted_rows}
+
+
+def test_a_failed_delta_names_its_step_in_the_report_and_the_cli(prefect_api, mirror, tiny_dpr, gensim_excerpt,
+                                                                 tmp_path, capsys):
+    """A delta whose parent's passage table no longer matches its manifest fails in the step that reads it;
+    the one-line error and the run report (on the run the user started) both name that step."""
+    import httpx
+
+    from cli.main import main
+
+    store_url = str(tmp_path / "store")
+    store = IndexStore(store_url)
+    common = dict(wiki="enwiki", mirror=mirror.url, store_url=store_url, encoder=str(tiny_dpr.ctx_dir),
+                  encoder_kind="dpr", index_spec="flat", shard_rows=50, allow_count_change=True)
+    pages = _articles(gensim_excerpt, n=6)
+    mirror.add_run("enwiki", "20240101", pages)
+    full = refresh_index(**common)
+    edited = pages[0]
+    day = [HistPage(edited.page_id, edited.title, [(edited.revision + 100, edited.text + "\n\n" + ADDED)])]
+    make_incr_day(mirror.root, "enwiki", "20240102", history_xml("enwiki", day), maxrevid=edited.revision + 100)
+    table = store.version_path(full["version"], "passages.arrow")
+    with open(table, "r+b") as f:  # same size, one byte changed: only its sha256 tells
+        f.seek(-20, 2)
+        byte = f.read(1)
+        f.seek(-20, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["refresh", "--incremental", "--wiki", "enwiki", "--mirror", mirror.url, "--store", store_url,
+              "--encoder", str(tiny_dpr.ctx_dir), "--encoder-kind", "dpr", "--index-spec", "flat"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code != 0
+    assert "failed in step 'parent_pages'" in err[-1] and "passages.arrow" in err[-1]
+    assert store.current().version == full["version"] and len(store.list_versions()) == 1
+
+    wanted = {"limit": 5, "sort": "CREATED_DESC", "artifacts": {"key": {"any_": ["refresh-index-report"]}}}
+    reports = httpx.post(f"{prefect_api}/artifacts/filter", json=wanted)
+    report = reports.json()[0]
+    assert "refresh-index: failed" in report["data"] and "`parent_pages`" in report["data"]
+    run = httpx.get(f"{prefect_api}/flow_runs/{report['flow_run_id']}").json()
+    assert httpx.get(f"{prefect_api}/flows/{run['flow_id']}").json()["name"] == "refresh-index"

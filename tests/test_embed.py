@@ -319,7 +319,7 @@ def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
 
 
 def test_the_measured_precision_choice_reaches_the_summary_and_the_manifest(tmp_path, tiny_dpr):
-    from tasks import validate
+    from tasks import assemble_version
 
     spec = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "enc", "ctx", seed=11)))  # not cached yet
     write_passages(tmp_path / "p", make_articles(6))
@@ -341,8 +341,8 @@ def test_the_measured_precision_choice_reaches_the_summary_and_the_manifest(tmp_
         target = Path(store.version_path(vid, relpath))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(record))
-    draft = validate.draft_manifest(store, vid, index=IndexInfo(spec="flat", factory="Flat", dim=32), timings={},
-                                    parent=None)
+    draft = assemble_version.draft_manifest(store, vid, index=IndexInfo(spec="flat", factory="Flat", dim=32),
+                                            timings={}, parent=None)
     assert draft.precision is not None and draft.precision.chosen == choice["chosen"]
     assert Manifest.model_validate_json(draft.to_json()).precision == draft.precision
 

@@ -77,7 +77,7 @@ def test_rows_are_found_across_the_tables_record_batches(tmp_path):
     version = make_version(store, random_passages(300, seed=4), clustered_vectors(300, 8, seed=4), fingerprint_for(8),
                            shard_rows=64)
     index = VersionIndex.open(store, version)
-    assert len(index._parts[0].batches) >= 5  # one batch per passage shard at least
+    assert len(index.segments[0].batches) >= 5  # one batch per passage shard at least
     wanted = [299, 0, 64, 63, 128, 200, 5]
     assert [r["row_id"] for r in index.rows(wanted)] == wanted
     with pytest.raises(RagindexError, match="no row 300"):
