@@ -30,7 +30,7 @@ from storage.cache import FileCache, Pins
 from storage.errors import Rejected
 from storage.manifest import Manifest
 from storage.store import IndexStore
-from storage.verify import expected_sha256, read_verified, segment_manifests, verified_local_file
+from storage.verify import expected_sha256, read_verified, segment_manifests
 
 
 def lineage_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
@@ -49,7 +49,7 @@ def read_tombstones(pins: Pins, store: IndexStore, manifest: Manifest, own_check
         data = read_verified(store.fs, store.version_path(manifest.version, layout.TOMBSTONES),
                              expected_sha256(manifest, layout.TOMBSTONES), label)
         return load_tombstones(io.BytesIO(data), manifest.version)
-    return load_tombstones(verified_local_file(pins, store, manifest, layout.TOMBSTONES), manifest.version)
+    return load_tombstones(pins.version_file(store, manifest, layout.TOMBSTONES), manifest.version)
 
 
 def open_segments(store: IndexStore, manifest: Manifest, pins: Pins, *, table: bool = False,
@@ -76,11 +76,11 @@ def open_segments(store: IndexStore, manifest: Manifest, pins: Pins, *, table: b
 def _open_verified(pins: Pins, store: IndexStore, m: Manifest, tombstones: np.ndarray, table: bool,
                    embeddings: bool, passage_files: bool) -> Segment:
     """A committed version's own rows, every file checked against its manifest before it is used."""
-    index = read_index(verified_local_file(pins, store, m, layout.INDEX_FILE), mmap=True)
+    index = read_index(pins.version_file(store, m, layout.INDEX_FILE), mmap=True)
     rows = m.counts.get("passages", 0)
     batches: list[pa.RecordBatch] = []
     if table:
-        passages = map_passage_table(m.version, verified_local_file(pins, store, m, layout.PASSAGE_TABLE))
+        passages = map_passage_table(m.version, pins.version_file(store, m, layout.PASSAGE_TABLE))
         if passages.num_rows != rows or index.ntotal != passages.num_rows:
             raise Rejected(f"version {m.version} is inconsistent: {index.ntotal} vectors, "
                            f"{passages.num_rows} rows in {layout.PASSAGE_TABLE}, manifest counts {rows}")
@@ -90,7 +90,7 @@ def _open_verified(pins: Pins, store: IndexStore, m: Manifest, tombstones: np.nd
     return Segment(version=m.version, first_row_id=m.first_row_id, rows=rows, index=index, info=m.index,
                    dropped=dropped_positions(tombstones, m.first_row_id, rows),
                    embeddings=verified_embeddings(pins, store, m) if embeddings else None, batches=batches,
-                   passage_files=[(local, verified_local_file(pins, store, m, rel)) for rel in _passage_parts(m)]
+                   passage_files=[(local, pins.version_file(store, m, rel)) for rel in _passage_parts(m)]
                    if passage_files else [])
 
 
@@ -133,7 +133,7 @@ def served_rows(store: IndexStore, manifest: Manifest, columns: list[str]) -> It
     try:
         tombstones = read_tombstones(pins, store, manifest)
         for m in lineage_manifests(store, manifest):
-            table = map_passage_table(m.version, verified_local_file(pins, store, m, layout.PASSAGE_TABLE))
+            table = map_passage_table(m.version, pins.version_file(store, m, layout.PASSAGE_TABLE))
             table = table.select(["row_id", *[c for c in columns if c != "row_id"]])
             if len(tombstones):
                 table = table.filter(pa.array(~np.isin(table.column("row_id").to_numpy(), tombstones)))

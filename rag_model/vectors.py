@@ -24,7 +24,6 @@ from storage.errors import RagindexError
 from storage.fs import is_local, join, resolve
 from storage.manifest import EncoderFingerprint
 from storage.records import EmbeddingSidecar, EmbeddingsSummary
-from storage.verify import verified_local_file
 
 if TYPE_CHECKING:
     from storage.cache import Pins
@@ -198,12 +197,12 @@ def open_embeddings(url: str, s3_endpoint_url: str | None = None) -> EmbeddingSh
 
 
 def verified_embeddings(pins: Pins, store: IndexStore, manifest: Manifest) -> EmbeddingShards:
-    """A committed version's embedding shards, each file checked against its manifest (`verified_local_file`)
+    """A committed version's embedding shards, each file checked against its manifest (`Pins.version_file`)
     before it is read; their shapes were checked when that version was validated."""
     local = LocalFileSystem()
-    summary = EmbeddingsSummary.read(local, verified_local_file(pins, store, manifest,
+    summary = EmbeddingsSummary.read(local, pins.version_file(store, manifest,
                                                                 layout.EMBEDDINGS_SUMMARY_PATH))
-    paths = [verified_local_file(pins, store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")
+    paths = [pins.version_file(store, manifest, f"{layout.EMBEDDINGS_DIR}/{shard.name}")
              for shard in summary.shards]
     return EmbeddingShards(local, store.version_path(manifest.version, layout.EMBEDDINGS_DIR),
                            [shard.name for shard in summary.shards], [shard.rows for shard in summary.shards],

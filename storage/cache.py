@@ -36,7 +36,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import Corrupt, RagindexError
 from storage.fs import file_digest, is_local
-from storage.verify import check_digest
+from storage.manifest import Manifest
+from storage.verify import VersionFiles, check_digest, expected_sha256
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,13 @@ class Pins:
             self.cache._unpin(sha256)
             raise
         return local
+
+    def version_file(self, store: VersionFiles, manifest: Manifest, relpath: str) -> str:
+        """A local path to a committed version's file whose bytes match its manifest: in place for a local store,
+        else a cached copy; hashed once per unchanged file, pinned until `release`."""
+        expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
+        remote = store.version_path(manifest.version, relpath)
+        return self.path(store.fs, remote, expected, f"version {manifest.version}: {relpath}")
 
     def release(self) -> None:
         if self._released:

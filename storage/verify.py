@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import fsspec
 
@@ -17,9 +17,17 @@ from storage.errors import Corrupt, NotFound
 from storage.fs import file_digest
 from storage.manifest import Manifest, SegmentRef
 
-if TYPE_CHECKING:
-    from storage.cache import Pins
-    from storage.store import IndexStore
+
+class VersionFiles(Protocol):
+    """What verification reads of a store (`storage.store.IndexStore`, which imports this module)."""
+
+    fs: fsspec.AbstractFileSystem
+
+    def version_path(self, version_id: str, *parts: str) -> str: ...
+
+    def manifest_bytes(self, version_id: str) -> bytes: ...
+
+    def manifest(self, version_id: str, data: bytes | None = None) -> Manifest: ...
 
 
 def expected_sha256(manifest: Manifest, relpath: str) -> str:
@@ -60,7 +68,7 @@ def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: str, label
 
 
 def verify_version(
-    store: IndexStore, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None
+    store: VersionFiles, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None
 ) -> Manifest:
     """Verify `relpaths` of a version (default: every file its manifest lists) and return the manifest."""
     manifest = manifest or store.manifest(version_id)
@@ -73,7 +81,7 @@ def verify_version(
     return manifest
 
 
-def segment_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
+def segment_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]:
     """The ancestor manifests a delta version shares rows with, oldest first, each checked against the
     sha256 the delta recorded: a rewritten or replaced ancestor is `Corrupt`, never silently served."""
     found = []
@@ -92,14 +100,6 @@ def segment_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
     return found
 
 
-def pin_segment(store: IndexStore, manifest: Manifest) -> SegmentRef:
+def pin_segment(store: VersionFiles, manifest: Manifest) -> SegmentRef:
     """A committed version as a segment of a child delta, pinned by the sha256 of its manifest as stored."""
     return manifest.as_segment(hashlib.sha256(store.manifest_bytes(manifest.version)).hexdigest())
-
-
-def verified_local_file(pins: Pins, store: IndexStore, manifest: Manifest, relpath: str) -> str:
-    """A local path to a version file whose bytes match its manifest: in place for a local store, else a
-    cached copy; hashed once per unchanged file (`storage.cache`), pinned until `pins` is released."""
-    expected = expected_sha256(manifest, relpath)  # first: a name no checksum covers never touches a path
-    remote = store.version_path(manifest.version, relpath)
-    return pins.path(store.fs, remote, expected, f"version {manifest.version}: {relpath}")
