@@ -58,11 +58,11 @@ def stage(root: str, vectors: np.ndarray, titles: list[str] | None = None) -> tu
 
 
 def measure(store: IndexStore, vid: str, spec: str, queries: np.ndarray, exact: np.ndarray) -> dict:
-    url = store.version_url(vid, f"bench-{re.sub(r'[^a-z0-9]+', '-', spec.lower())}.faiss")
+    at = store.at(vid, f"bench-{re.sub(r'[^a-z0-9]+', '-', spec.lower())}.faiss")
     t = time.perf_counter()
-    info = build_index(store.version_url(vid, "embeddings"), url, spec=spec, progress=False)
+    info = build_index(store.at(vid, "embeddings"), at, spec=spec, progress=False)
     build_s = time.perf_counter() - t
-    index = read_index(url)
+    index = read_index(at)
     search(index, info, queries[:10], 10)  # warm up
     t = time.perf_counter()
     _, ids = search(index, info, queries, 10)

@@ -181,12 +181,13 @@ def step_passages(root: str, vid: str, units: list[dict], shard_rows: int) -> di
 def step_index(root: str, vid: str, index_url: str | None = None) -> dict:
     """auto, as build_version_files runs it (the store's trained/ kept and reused)."""
     from storage import layout
+    from storage.location import Location
     from tasks.build_index import build_index
 
     store = _store(root)
-    info = build_index(store.version_url(vid, layout.EMBEDDINGS_DIR),
-                       index_url or store.version_url(vid, layout.INDEX_FILE), spec="auto", progress=False,
-                       trained_url=f"{store.url}/{layout.TRAINED_DIR}")
+    info = build_index(store.at(vid, layout.EMBEDDINGS_DIR),
+                       Location(index_url) if index_url else store.at(vid, layout.INDEX_FILE), spec="auto",
+                       progress=False, trained=store.location.child(layout.TRAINED_DIR))
     return {"info": info.model_dump(mode="json")}
 
 
@@ -195,14 +196,13 @@ def step_table(root: str, vid: str) -> dict:
     from tasks.passage_table import write_passage_table
 
     store = _store(root)
-    return {"rows": write_passage_table(store.version_url(vid, layout.PASSAGES_DIR),
-                                        store.version_url(vid, layout.PASSAGE_TABLE))}
+    return {"rows": write_passage_table(store.at(vid, layout.PASSAGES_DIR), store.at(vid, layout.PASSAGE_TABLE))}
 
 
 def step_hash_table(root: str, vid: str) -> dict:
     from tasks.reuse_index import write_hash_index
 
-    return {"rows": write_hash_index(_store(root).version_url(vid))}
+    return {"rows": write_hash_index(_store(root).at(vid))}
 
 
 def step_validate(root: str, vid: str, info: dict) -> dict:

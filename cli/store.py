@@ -15,6 +15,7 @@ from cli.options import StoreOption
 from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
 from storage.layout import MANIFEST, STAGING_MARKER
+from storage.location import Location
 from storage.sizes import format_size
 from storage.store import IndexStore, Move
 
@@ -142,7 +143,8 @@ def build(
         raise Rejected(f"--min-recall must be in (0, 1], got {min_recall}")
     floors = ValidationFloors(allow_count_change=allow_count_change, recall_at_10=min_recall)
     manifest = build_version(
-        store, passages, embeddings, spec=index_spec or settings.index_spec,
+        store, Location(passages, settings.s3_endpoint_url), Location(embeddings, settings.s3_endpoint_url),
+        spec=index_spec or settings.index_spec,
         memory_budget=parse_size(memory_budget or settings.memory_budget), floors=floors, canaries=canaries,
         question_encoder=question_encoder or settings.question_encoder, progress=not as_json,
         target_recall=target_recall,

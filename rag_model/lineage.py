@@ -28,6 +28,7 @@ from rag_model.vectors import load_tombstones, open_embeddings, verified_embeddi
 from storage import layout
 from storage.cache import FileCache, Pins
 from storage.errors import Rejected
+from storage.location import Location
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from storage.verify import expected_sha256, read_verified, segment_manifests
@@ -76,7 +77,7 @@ def open_segments(store: IndexStore, manifest: Manifest, pins: Pins, *, table: b
 def _open_verified(pins: Pins, store: IndexStore, m: Manifest, tombstones: np.ndarray, table: bool,
                    embeddings: bool, passage_files: bool) -> Segment:
     """A committed version's own rows, every file checked against its manifest before it is used."""
-    index = read_index(pins.version_file(store, m, layout.INDEX_FILE), mmap=True)
+    index = read_index(Location(pins.version_file(store, m, layout.INDEX_FILE)), mmap=True)
     rows = m.counts.get("passages", 0)
     batches: list[pa.RecordBatch] = []
     if table:
@@ -97,8 +98,8 @@ def _open_verified(pins: Pins, store: IndexStore, m: Manifest, tombstones: np.nd
 def _open_checked(store: IndexStore, m: Manifest, tombstones: np.ndarray, embeddings: bool,
                   passage_files: bool) -> Segment:
     """The own rows of a version being validated, read from the store as they are (just checksummed)."""
-    shards = open_embeddings(store.version_url(m.version, layout.EMBEDDINGS_DIR), store.s3_endpoint_url)
-    index = read_index(store.version_url(m.version, layout.INDEX_FILE), s3_endpoint_url=store.s3_endpoint_url)
+    shards = open_embeddings(store.at(m.version, layout.EMBEDDINGS_DIR))
+    index = read_index(store.at(m.version, layout.INDEX_FILE))
     directory = store.version_path(m.version, layout.PASSAGES_DIR)
     return Segment(version=m.version, first_row_id=m.first_row_id, rows=shards.total, index=index, info=m.index,
                    dropped=dropped_positions(tombstones, m.first_row_id, shards.total),

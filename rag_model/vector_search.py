@@ -14,7 +14,7 @@ import numpy as np
 
 from storage.cache import FileCache, store_root_url
 from storage.errors import NotFound
-from storage.fs import is_local, resolve
+from storage.location import Location
 from storage.manifest import IndexInfo
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,10 @@ _PARAM_NAMES = ("nprobe", "efSearch", "quantizer_efSearch", "ht", "k_factor")
 
 
 def read_index(
-    url: str,
+    where: Location,
     *,
     mmap: bool = True,
     cache_dir: str | None = None,
-    s3_endpoint_url: str | None = None,
     sha256: str | None = None,
     cache: FileCache | None = None,
 ) -> faiss.Index:
@@ -40,14 +39,14 @@ def read_index(
     bytes are verified against it, once per unchanged file. `cache_dir` is the cache's base directory
     when no `cache` is given.
     """
-    fs, path = resolve(url, s3_endpoint_url)
+    fs, path = where.fs, where.path
     if not fs.exists(path):
-        raise NotFound(f"no index file at {url}")
-    if is_local(fs) and sha256 is None:
+        raise NotFound(f"no index file at {where}")
+    if where.is_local and sha256 is None:
         local = path  # nothing to verify against: map it in place
     else:
-        cache = cache or FileCache.for_store(store_root_url(url), base=cache_dir)
-        local = cache.verified_path(fs, path, sha256, url)
+        cache = cache or FileCache.for_store(store_root_url(where.url), base=cache_dir)
+        local = cache.verified_path(fs, path, sha256, where.url)
     if not mmap:
         return faiss.read_index(local)
     for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
@@ -58,10 +57,10 @@ def read_index(
             index = faiss.read_index(local, flag | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
             continue
-        log.info("read %s memory-mapped (%s): %s, %d vectors", url, name, type(index).__name__, index.ntotal)
+        log.info("read %s memory-mapped (%s): %s, %d vectors", where, name, type(index).__name__, index.ntotal)
         return index
     index = faiss.read_index(local)
-    log.info("read %s into memory (no mmap support for %s)", url, type(index).__name__)
+    log.info("read %s into memory (no mmap support for %s)", where, type(index).__name__)
     return index
 
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import is_local, join, resolve
+from storage.fs import is_local, join
+from storage.location import Location
 from storage.manifest import EncoderFingerprint
 from storage.records import EmbeddingSidecar, EmbeddingsSummary
 
@@ -160,9 +161,9 @@ class EmbeddingShards:
         return out
 
 
-def open_embeddings(url: str, s3_endpoint_url: str | None = None) -> EmbeddingShards:
+def open_embeddings(where: Location) -> EmbeddingShards:
     """Open an embeddings directory and check its summary, sidecars and shard shapes agree."""
-    fs, directory = resolve(url, s3_endpoint_url)
+    fs, directory, url = where.fs, where.path, where.url
     summary = EmbeddingsSummary.read(fs, join(directory, layout.EMBEDDINGS_SUMMARY))
     fingerprint, dim = summary.fingerprint, summary.dim
     names, rows = [], []

@@ -36,6 +36,7 @@ from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
 from storage.layout import MANIFEST, STAGING_MARKER
+from storage.location import Location
 from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
@@ -67,6 +68,7 @@ class IndexStore:
         self.s3_endpoint_url = s3_endpoint_url
         self.fs, self.root = resolve(url, s3_endpoint_url)
         self.url = to_url(self.fs, self.root)
+        self.location = Location(self.url, s3_endpoint_url)  # the root, as the steps below the store take it
         self._conditional_writes_ok = False
 
     def __repr__(self) -> str:
@@ -81,8 +83,12 @@ class IndexStore:
         return self.path("versions", names.check_version_id(version_id), *parts)
 
     def version_url(self, version_id: str, *parts: str) -> str:
-        """A URL for a version's files that tasks can hand to each other and `resolve`."""
+        """A URL for a version's files, as people and reports read it."""
         return to_url(self.fs, self.version_path(version_id, *parts))
+
+    def at(self, version_id: str, *parts: str) -> Location:
+        """A version's files as the steps that read and write them take them (with this store's endpoint)."""
+        return Location(self.version_url(version_id, *parts), self.s3_endpoint_url)
 
     def downloads_path(self, wiki: str, dump_date: str, *parts: str) -> str:
         return self.path("downloads", names.check_wiki(wiki), names.check_dump_date(dump_date), *parts)

@@ -24,7 +24,8 @@ from rag_model.lineage import served_page_ids
 from rag_model.vectors import open_embeddings
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, join, resolve
+from storage.fs import atomic_write, join
+from storage.location import Location
 from storage.manifest import IndexInfo, Lineage, Manifest, SegmentRef
 from storage.names import check_file_name
 from storage.records import PassagesSummary
@@ -35,14 +36,13 @@ from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors, read_summaries, validate_version
 
 
-def copy_tree(src_url: str, dst_fs: Any, dst_dir: str, s3_endpoint_url: str | None = None,
-              progress: bool = True) -> None:
+def copy_tree(src: Location, dst: Location, progress: bool = True) -> None:
     """Copy the files of a directory into the store (each whole or not at all)."""
-    src_fs, src_dir = resolve(src_url, s3_endpoint_url)
+    src_fs, src_dir, dst_fs, dst_dir = src.fs, src.path, dst.fs, dst.path
     try:
         files = sorted(p.rstrip("/") for p in src_fs.ls(src_dir, detail=False))
     except FileNotFoundError:
-        raise RagindexError(f"no directory at {src_url}") from None
+        raise RagindexError(f"no directory at {src}") from None
     files = [p for p in files if src_fs.isfile(p)]
     for p in tqdm(files, desc=f"copying {os.path.basename(src_dir)}", unit="file", disable=None if progress else True):
         name = check_file_name(p.rsplit("/", 1)[-1])
@@ -60,16 +60,15 @@ def build_version_files(store, version_id: str, *, spec: str = "auto", memory_bu
     beside the index build, one after the other on one thread.
     """
     timings = {} if timings is None else timings
-    url = store.version_url
+    at = store.at
     with ThreadPoolExecutor(max_workers=1) as pool, timed(timings, "build_s"):
-        table = pool.submit(write_passage_table, url(version_id, layout.PASSAGES_DIR),
-                            url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url)
-        hash_index = pool.submit(write_hash_index, url(version_id), store.s3_endpoint_url)
+        table = pool.submit(write_passage_table, at(version_id, layout.PASSAGES_DIR),
+                            at(version_id, layout.PASSAGE_TABLE))
+        hash_index = pool.submit(write_hash_index, at(version_id))
         with timed(timings, "index_s"):
-            info = build_index(url(version_id, layout.EMBEDDINGS_DIR), url(version_id, layout.INDEX_FILE),
+            info = build_index(at(version_id, layout.EMBEDDINGS_DIR), at(version_id, layout.INDEX_FILE),
                                spec=spec, memory_budget=memory_budget, target_recall=target_recall,
-                               s3_endpoint_url=store.s3_endpoint_url, progress=progress,
-                               trained_url=join(store.url, layout.TRAINED_DIR))
+                               progress=progress, trained=store.location.child(layout.TRAINED_DIR))
         table.result()
         hash_index.result()
     return info
@@ -180,25 +179,23 @@ def staged_build(store, version_id: str, owner: str) -> Iterator[None]:
         raise
 
 
-def build_version(store, passages_url: str, embeddings_url: str, *, spec: str = "auto",
+def build_version(store, passages: Location, embeddings: Location, *, spec: str = "auto",
                   memory_budget: int = 16 * 2**30, floors=None, canaries: str | None = None,
                   question_encoder: str | None = None, progress: bool = True, target_recall: float = 0.95):
     """`ragindex build`: stage a version from passage + embedding dirs, build, validate, commit.
 
     Never promotes. A failure before the commit removes the staging area (a kill leaves it to gc).
     """
-    src_fs, src_dir = resolve(passages_url, store.s3_endpoint_url)
-    source = PassagesSummary.read(src_fs, join(src_dir, layout.PASSAGES_SUMMARY)).source
+    source = PassagesSummary.read(passages.fs, join(passages.path, layout.PASSAGES_SUMMARY)).source
     # Fail on bad input before staging anything.
-    fingerprint = open_embeddings(embeddings_url, store.s3_endpoint_url).fingerprint
+    fingerprint = open_embeddings(embeddings).fingerprint
     version_id = store.begin_version(source.wiki, source.dump_date)
     with staged_build(store, version_id, owner=f"ragindex build {version_id}"):
         timings: dict[str, float] = {}
         with timed(timings, "copy_s"):
-            for sub, url in ((layout.PASSAGES_DIR, passages_url), (layout.EMBEDDINGS_DIR, embeddings_url)):
-                if url.rstrip("/") != store.version_url(version_id, sub):
-                    copy_tree(url, store.fs, store.version_path(version_id, sub), store.s3_endpoint_url,
-                              progress)
+            for sub, src in ((layout.PASSAGES_DIR, passages), (layout.EMBEDDINGS_DIR, embeddings)):
+                if src.url.rstrip("/") != store.version_url(version_id, sub):
+                    copy_tree(src, store.at(version_id, sub), progress)
         info = build_version_files(store, version_id, spec=spec, memory_budget=memory_budget,
                                    target_recall=target_recall, progress=progress, timings=timings)
         asked = None

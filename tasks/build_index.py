@@ -13,7 +13,7 @@ with faiss ids == global row_id, and trained indexes learn from a random sample.
   SQ8 < SQfp16 < Flat) that fits the memory budget and reaches the target recall, nprobe tuned on
   held-out queries against exact search.
 
-Train once, add many: with a `trained_url` (tasks.assemble_version passes the store's `trained/`), a
+Train once, add many: with a `trained` location (tasks.assemble_version passes the store's `trained/`), a
 trained empty index of the same encoder fingerprint and factory (tasks.trained_store) is reused
 instead of training; the build falls back to training, and replaces the stored one, when the reused
 index misses the target recall. `quantizer_reused`, `train_s` and `add_s` are in the index params.
@@ -34,7 +34,8 @@ import numpy as np
 from rag_model.vector_search import apply_search_params, augment_vectors, coarse_search_width, hnsw_coarse_quantizer
 from rag_model.vectors import GT_K, TUNE_K, EmbeddingShards, exact_search, open_embeddings, recall_at_k, sample_rows
 from storage.errors import RagindexError, Rejected
-from storage.fs import resolve, staged_local_file
+from storage.fs import staged_local_file
+from storage.location import Location
 from storage.manifest import IndexInfo
 from storage.timing import timed
 from tasks.index_spec import Plan, default_nlist, ivf_prefix, plan_index, refuse_if_over
@@ -158,7 +159,7 @@ def _reuse_quantizer(index: faiss.Index, quantizer: faiss.Index) -> None:
 
 def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
                 gt: tuple[np.ndarray, np.ndarray], neighbours: np.ndarray, progress: bool,
-                trained_url: str | None = None, s3_endpoint_url: str | None = None) -> Built:
+                trained: Location | None = None) -> Built:
     """`neighbours`: each query's PRESELECT_K exact neighbours (ids), deeper than `gt`, for preselection."""
     n, dim = shards.total, shards.dim
     if n <= AUTO_FLAT_MAX and n * dim * 4 <= budget:
@@ -166,9 +167,8 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
                     in_memory_bytes=n * dim * 4)
         return _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
     reused_recall = None
-    if trained_url is not None:
-        reused, reused_recall = _auto_from_trained(shards, budget, target_recall, queries, gt, progress, trained_url,
-                                                   s3_endpoint_url)
+    if trained is not None:
+        reused, reused_recall = _auto_from_trained(shards, budget, target_recall, queries, gt, progress, trained)
         if reused is not None:
             return reused
     nlist = default_nlist(n)
@@ -215,9 +215,9 @@ def _build_auto(shards: EmbeddingShards, budget: int, target_recall: float, quer
             built.timings["train_s"] = built.timings.get("train_s", 0.0) + train_s
             if reused_recall is not None:
                 info.params["retrained_after_reused_recall"] = round(reused_recall, 4)
-            if trained_url is not None and built.trained is not None:
-                save_trained(trained_url, shards.fingerprint.key, _auto_entry(n), plan.factory, built.trained, dim,
-                             info.params.get("train_size", 0), info.params["tuned_recall_at_10"], s3_endpoint_url)
+            if trained is not None and built.trained is not None:
+                save_trained(trained, shards.fingerprint.key, _auto_entry(n), plan.factory, built.trained, dim,
+                             info.params.get("train_size", 0), info.params["tuned_recall_at_10"])
             return built
         tried.append({"code": code, "full_recall_max_nprobe": info.params["tuned_recall_at_10"]})
         log.info("auto: %s reaches only %.3f recall; trying a larger code", code, info.params["tuned_recall_at_10"])
@@ -230,12 +230,12 @@ def _auto_entry(n: int) -> str:
 
 
 def _auto_from_trained(shards: EmbeddingShards, budget: int, target_recall: float, queries: np.ndarray,
-                       gt: tuple[np.ndarray, np.ndarray], progress: bool, trained_url: str,
-                       s3_endpoint_url: str | None) -> tuple[Built | None, float | None]:
+                       gt: tuple[np.ndarray, np.ndarray], progress: bool,
+                       trained: Location) -> tuple[Built | None, float | None]:
     """auto from the index trained by an earlier build of this fingerprint, if it still reaches the
     target; else (None, the recall it reached, or None when there was none to reuse)."""
     n, dim = shards.total, shards.dim
-    loaded = load_trained(trained_url, shards.fingerprint.key, _auto_entry(n), dim, s3_endpoint_url)
+    loaded = load_trained(trained, shards.fingerprint.key, _auto_entry(n), dim)
     if loaded is None:
         return None, None
     factory = loaded[1].factory
@@ -251,13 +251,13 @@ def _auto_from_trained(shards: EmbeddingShards, budget: int, target_recall: floa
 
 def _plan_with_trained(plan: Plan, shards: EmbeddingShards, budget: int, target_recall: float,
                        queries: np.ndarray, gt: tuple[np.ndarray, np.ndarray], progress: bool,
-                       trained_url: str | None, s3_endpoint_url: str | None) -> Built:
+                       trained: Location | None) -> Built:
     """An explicit spec's build, starting from the stored trained index when there is one that still
     reaches the target recall; a build that trains stores what it trained."""
     key, entry = shards.fingerprint.key, entry_name(plan.factory)
     reused_recall = None
-    if trained_url is not None and plan.metric == "ip" and not _new_index(plan).is_trained:
-        loaded = load_trained(trained_url, key, entry, plan.dim, s3_endpoint_url)
+    if trained is not None and plan.metric == "ip" and not _new_index(plan).is_trained:
+        loaded = load_trained(trained, key, entry, plan.dim)
         if loaded is not None:
             built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress, pretrained=loaded)
             reused_recall = built.info.params["tuned_recall_at_10"]
@@ -269,33 +269,32 @@ def _plan_with_trained(plan: Plan, shards: EmbeddingShards, budget: int, target_
     built = _build_plan(plan, shards, budget, target_recall, queries, gt, progress)
     if reused_recall is not None:
         built.info.params["retrained_after_reused_recall"] = reused_recall
-    if trained_url is not None and built.trained is not None:
-        save_trained(trained_url, key, entry, plan.factory, built.trained, plan.dim,
-                     built.info.params.get("train_size", 0), built.info.params["tuned_recall_at_10"], s3_endpoint_url)
+    if trained is not None and built.trained is not None:
+        save_trained(trained, key, entry, plan.factory, built.trained, plan.dim,
+                     built.info.params.get("train_size", 0), built.info.params["tuned_recall_at_10"])
     return built
 
 
 def build_index(
-    embeddings_url: str,
-    index_url: str,
+    embeddings: Location,
+    index_file: Location,
     *,
     spec: str = "auto",
     memory_budget: int = 16 * 2**30,
     target_recall: float = 0.95,
-    s3_endpoint_url: str | None = None,
     progress: bool = True,
-    trained_url: str | None = None,
+    trained: Location | None = None,
 ) -> IndexInfo:
-    """Build the index for the embedding shards at `embeddings_url` and write it to `index_url`.
+    """Build the index for the embedding shards at `embeddings` and write it to `index_file`.
 
-    With `trained_url` (a store's `trained/` directory) a trained index of the same encoder
+    With `trained` (a store's `trained/` directory) a trained index of the same encoder
     fingerprint and factory is reused instead of training, and what a build trains is kept there.
     """
     if not 0 < target_recall <= 1:
         raise Rejected(f"target recall must be in (0, 1], got {target_recall}")
     overall: dict[str, float] = {}
     with timed(overall, "build_s"):
-        shards = open_embeddings(embeddings_url, s3_endpoint_url)
+        shards = open_embeddings(embeddings)
         n, dim = shards.total, shards.dim
         plan = plan_index(spec, n, dim)
         if plan is not None and plan.in_memory_bytes is not None:
@@ -306,22 +305,21 @@ def build_index(
             gt = (np.ascontiguousarray(deep_s[:, :GT_K]), np.ascontiguousarray(deep_i[:, :GT_K]))
         if plan is None:
             index, info, timings, _ = _build_auto(shards, memory_budget, target_recall, queries, gt, deep_i,
-                                                  progress, trained_url, s3_endpoint_url)
+                                                  progress, trained)
         else:
             index, info, timings, _ = _plan_with_trained(plan, shards, memory_budget, target_recall, queries, gt,
-                                                         progress, trained_url, s3_endpoint_url)
+                                                         progress, trained)
         apply_search_params(index, info)
-        info.bytes = write_faiss_index(index, index_url, s3_endpoint_url)
+        info.bytes = write_faiss_index(index, index_file)
     info.params.update({k: round(v, 3) for k, v in timings.items()})
     info.params.update({**overall, "ntotal": int(index.ntotal), "bytes_per_vector": round(info.bytes / max(1, n), 2)})
     log.info("built %s (%s) over %d vectors: %s", spec, info.factory, n, info.search_params)
     return info
 
 
-def write_faiss_index(index: faiss.Index, url: str, s3_endpoint_url: str | None = None) -> int:
+def write_faiss_index(index: faiss.Index, where: Location) -> int:
     """Write an index whole or not at all (local temp + rename, or upload of a finished file)."""
-    fs, path = resolve(url, s3_endpoint_url)
-    with staged_local_file(fs, path) as tmp:
+    with staged_local_file(where.fs, where.path) as tmp:
         faiss.write_index(index, tmp)
         size = os.path.getsize(tmp)
     return size

@@ -163,12 +163,11 @@ def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: 
 
 def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], *, progress: bool) -> IndexInfo:
     """The delta's index, derived from its lineage's base, its passage table and its reuse hash table."""
-    info = derive_index(store, ancestors[0], store.version_url(version_id, layout.EMBEDDINGS_DIR),
-                        store.version_url(version_id, layout.INDEX_FILE), progress=progress)
-    write_passage_table(store.version_url(version_id, layout.PASSAGES_DIR),
-                        store.version_url(version_id, layout.PASSAGE_TABLE), store.s3_endpoint_url,
+    info = derive_index(store, ancestors[0], store.at(version_id, layout.EMBEDDINGS_DIR),
+                        store.at(version_id, layout.INDEX_FILE), progress=progress)
+    write_passage_table(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.PASSAGE_TABLE),
                         first_row_id=ancestors[-1].next_row_id)
-    write_hash_index(store.version_url(version_id), store.s3_endpoint_url)
+    write_hash_index(store.at(version_id))
     return info
 
 

@@ -19,33 +19,33 @@ from rag_model.vector_search import read_index
 from rag_model.vectors import open_embeddings
 from storage import layout
 from storage.cache import FileCache
+from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from storage.verify import expected_sha256
 from tasks.build_index import add_vectors, build_index, write_faiss_index
 
 
-def derive_index(store, base: Manifest, embeddings_url: str, index_url: str, *, progress: bool = True,
+def derive_index(store, base: Manifest, embeddings: Location, index_file: Location, *, progress: bool = True,
                  memory_budget: int = 16 * 2**30) -> IndexInfo:
-    """Build `index_url` over the vectors at `embeddings_url` the way `base` (a full version) indexes its rows."""
+    """Build `index_file` over the vectors at `embeddings` the way `base` (a full version) indexes its rows."""
     info = base.index
     if "IVF" not in info.factory:
         spec = info.spec if info.spec != "auto" else "flat"  # auto without IVF is exact Flat
-        built = build_index(embeddings_url, index_url, spec=spec, memory_budget=memory_budget,
-                            s3_endpoint_url=store.s3_endpoint_url, progress=progress)
+        built = build_index(embeddings, index_file, spec=spec, memory_budget=memory_budget, progress=progress)
         built.params["derived_from"] = base.version
         return built
     started = time.perf_counter()
     relpath = layout.INDEX_FILE
-    index = read_index(store.version_url(base.version, relpath), sha256=expected_sha256(base, relpath),
-                       cache=FileCache.for_store(store.url), s3_endpoint_url=store.s3_endpoint_url)
+    index = read_index(store.at(base.version, relpath), sha256=expected_sha256(base, relpath),
+                       cache=FileCache.for_store(store.url))
     ivf = faiss.extract_index_ivf(index)
     empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(empty, True)
     empty.this.disown()  # the index owns it now: Python must not free it too
     ivf.ntotal = index.ntotal = 0
-    shards = open_embeddings(embeddings_url, store.s3_endpoint_url)
+    shards = open_embeddings(embeddings)
     add_vectors(index, shards, None, progress)
-    size = write_faiss_index(index, index_url, store.s3_endpoint_url)
+    size = write_faiss_index(index, index_file)
     params = {**info.params, "derived_from": base.version, "quantizer_reused": True, "train_s": 0.0,
               "add_s": round(time.perf_counter() - started, 3), "ntotal": int(index.ntotal)}
     return info.model_copy(update={"params": params, "bytes": size})

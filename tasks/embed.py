@@ -39,6 +39,7 @@ from storage.cache import FileCache, Pins, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
 from storage.layout import EMBED_COLUMNS
+from storage.location import Location
 from storage.manifest import EncoderFingerprint
 from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
@@ -188,7 +189,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
         todo = np.flatnonzero(~found)
         if len(todo) == 0:
             break
-        source = open_source(url, key, s3_endpoint_url, _source_shards)
+        source = open_source(Location(url, s3_endpoint_url), key, _source_shards)
         if source is None:
             continue
         fs, root = resolve(url, s3_endpoint_url)

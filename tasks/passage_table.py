@@ -1,4 +1,4 @@
-"""The passage shards of a directory, and `passages.arrow`: the memory-mappable table serving reads."""
+"""`passages.arrow`: the memory-mappable table serving reads."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import pyarrow.parquet as pq
 
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import resolve, staged_local_file
+from storage.fs import staged_local_file
+from storage.location import Location
 
 
-def write_passage_table(passages_url: str, table_url: str, s3_endpoint_url: str | None = None,
+def write_passage_table(passages: Location, table_file: Location,
                         first_row_id: int = 0) -> int:
     """Write passages.arrow (Arrow IPC file, uncompressed, row i == row_id first_row_id + i) and return
     its row count."""
-    src_fs, src_dir = resolve(passages_url, s3_endpoint_url)
-    fs, path = resolve(table_url, s3_endpoint_url)
+    src_fs, src_dir = passages.fs, passages.path
+    fs, path = table_file.fs, table_file.path
     rows = 0
     columns = list(layout.TABLE_COLUMNS)
     # Exits run inside out: the IPC writer finishes the file before it is published.

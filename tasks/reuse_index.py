@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from storage import layout
 from storage.errors import RagindexError, first_line
-from storage.fs import atomic_write, file_digest, is_local, join, resolve
+from storage.fs import atomic_write, file_digest, is_local, join
+from storage.location import Location
 from storage.manifest import Manifest
 from storage.records import EmbeddingsSummary
 
@@ -154,14 +155,14 @@ def build_table(fs: Any, passage_paths: Sequence[str | None]) -> HashTable:
     return HashTable(all_keys[order], all_locations[order])
 
 
-def write_hash_index(version_url: str, s3_endpoint_url: str | None = None) -> int:
+def write_hash_index(version: Location) -> int:
     """Write the table of a (staged) version from its passage shards, in embeddings.json's shard order."""
-    fs, root = resolve(version_url, s3_endpoint_url)
+    fs, root = version.fs, version.path
     summary = EmbeddingsSummary.read(fs, join(root, layout.EMBEDDINGS_SUMMARY_PATH))
     paths = [join(root, layout.PASSAGES_DIR, layout.passage_shard(s.name)) for s in summary.shards]
     table = build_table(fs, paths)
     if len(table.keys) != summary.rows:
-        raise RagindexError(f"{version_url}: {len(table.keys)} content hashes for {summary.rows} embedding rows")
+        raise RagindexError(f"{version}: {len(table.keys)} content hashes for {summary.rows} embedding rows")
     for name, array in ((layout.HASH_KEYS, table.keys), (layout.HASH_ROWS, table.locations)):
         with atomic_write(fs, join(root, layout.EMBEDDINGS_DIR, name)) as f:
             np.save(f, array, allow_pickle=False)
@@ -220,15 +221,15 @@ class ReuseSource:
 _open: OrderedDict[tuple[str, str, str], ReuseSource | None] = OrderedDict()
 
 
-def open_source(url: str, key: str, s3_endpoint_url: str | None,
+def open_source(where: Location, key: str,
                 source_shards: Callable[[Any, str, str], list[tuple[str, str]] | None]) -> ReuseSource | None:
-    """The reuse source at version root `url` for fingerprint `key` (None: nothing to reuse there).
+    """The reuse source at version root `where` for fingerprint `key` (None: nothing to reuse there).
 
     `source_shards(fs, root, key)` gives the (passage shard, .npy) pairs the version's summary
     lists, or None when its vectors cannot be reused. Opened sources are kept per process, keyed
     by the summary's bytes, so every shard of a refresh shares one table.
     """
-    fs, root = resolve(url, s3_endpoint_url)
+    fs, root, url = where.fs, where.path, where.url
     summary_path = join(root, layout.EMBEDDINGS_SUMMARY_PATH)
     try:
         with fs.open(summary_path, "rb") as f:

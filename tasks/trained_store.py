@@ -25,7 +25,8 @@ from pydantic import Field
 
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, join, resolve
+from storage.fs import atomic_write, join
+from storage.location import Location
 from storage.records import Record
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,15 @@ def entry_name(factory: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", factory).strip("_") or "index"
 
 
-def _paths(trained_url: str, key: str, entry: str, s3_endpoint_url: str | None):
-    fs, root = resolve(trained_url, s3_endpoint_url)
+def _paths(trained: Location, key: str, entry: str):
+    fs, root = trained.fs, trained.path
     base = join(root, layout.trained_entry_dir(key))
     return fs, join(base, entry + ".faiss"), join(base, entry + ".json")
 
 
-def load_trained(trained_url: str, key: str, entry: str, dim: int,
-                 s3_endpoint_url: str | None = None) -> tuple[faiss.Index, TrainedRecord] | None:
+def load_trained(trained: Location, key: str, entry: str, dim: int) -> tuple[faiss.Index, TrainedRecord] | None:
     """The stored trained index of `entry` for fingerprint `key`, verified; None when there is none usable."""
-    fs, index_path, record_path = _paths(trained_url, key, entry, s3_endpoint_url)
+    fs, index_path, record_path = _paths(trained, key, entry)
     try:
         record = TrainedRecord.read(fs, record_path)
         with fs.open(index_path, "rb") as f:
@@ -77,10 +77,10 @@ def load_trained(trained_url: str, key: str, entry: str, dim: int,
     return index, record
 
 
-def save_trained(trained_url: str, key: str, entry: str, factory: str, trained: bytes, dim: int, train_size: int,
-                 recall: float | None, s3_endpoint_url: str | None = None) -> TrainedRecord:
+def save_trained(where: Location, key: str, entry: str, factory: str, trained: bytes, dim: int, train_size: int,
+                 recall: float | None) -> TrainedRecord:
     """Store a serialized trained empty index (index first, record last: a torn pair never verifies)."""
-    fs, index_path, record_path = _paths(trained_url, key, entry, s3_endpoint_url)
+    fs, index_path, record_path = _paths(where, key, entry)
     with atomic_write(fs, index_path) as f:
         f.write(trained)
     record = TrainedRecord(factory=factory, fingerprint_key=key, dim=dim, sha256=hashlib.sha256(trained).hexdigest(),

@@ -24,9 +24,8 @@ def staged(store: IndexStore, vectors: np.ndarray, shard_rows: int = 500) -> str
 
 
 def build(store, vid, spec, **kw):
-    info = bi.build_index(store.version_url(vid, "embeddings"), store.version_url(vid, "index.faiss"), spec=spec,
-                          s3_endpoint_url=store.s3_endpoint_url, progress=False, **kw)
-    return info, read_index(store.version_url(vid, "index.faiss"), s3_endpoint_url=store.s3_endpoint_url)
+    info = bi.build_index(store.at(vid, "embeddings"), store.at(vid, "index.faiss"), spec=spec, progress=False, **kw)
+    return info, read_index(store.at(vid, "index.faiss"))
 
 
 def exact_top(vectors, queries, k):
@@ -119,8 +118,7 @@ def test_passage_table_is_a_mappable_arrow_file_in_row_order(store, tmp_path):
     passages = random_passages(700)
     vid = store.begin_version("enwiki", "20240101")
     write_version_inputs(store, vid, passages, clustered_vectors(700, 8), fingerprint_for(8), shard_rows=256)
-    rows = write_passage_table(store.version_url(vid, "passages"), store.version_url(vid, "passages.arrow"),
-                               store.s3_endpoint_url)
+    rows = write_passage_table(store.at(vid, "passages"), store.at(vid, "passages.arrow"))
     assert rows == 700
     local = tmp_path / "passages.arrow"
     store.fs.get_file(store.version_path(vid, "passages.arrow"), str(local))
@@ -136,29 +134,28 @@ def test_read_index_memory_maps_local_and_caches_s3(store, tmp_path):
     vid = staged(store, vectors)
     info, _ = build(store, vid, "flat")
     cache = tmp_path / "cache"
-    a = read_index(store.version_url(vid, "index.faiss"), cache_dir=str(cache), s3_endpoint_url=store.s3_endpoint_url)
-    b = read_index(store.version_url(vid, "index.faiss"), mmap=False, cache_dir=str(cache),
-                   s3_endpoint_url=store.s3_endpoint_url)
+    a = read_index(store.at(vid, "index.faiss"), cache_dir=str(cache))
+    b = read_index(store.at(vid, "index.faiss"), mmap=False, cache_dir=str(cache))
     assert isinstance(a, faiss.IndexFlatIP) and a.ntotal == b.ntotal == 400
     assert np.array_equal(search(a, info, vectors[:5], 5)[1], search(b, info, vectors[:5], 5)[1])
     cached = list(cache.rglob("index.faiss"))
     assert len(cached) == (0 if store.s3_endpoint_url is None else 1)
     with pytest.raises(RagindexError):
-        read_index(store.version_url(vid, "missing.faiss"), s3_endpoint_url=store.s3_endpoint_url)
+        read_index(store.at(vid, "missing.faiss"))
 
 
 def test_a_second_build_of_the_same_fingerprint_reuses_the_trained_index_another_does_not(tmp_path, monkeypatch):
     monkeypatch.setattr(bi, "AUTO_FLAT_MAX", 2_000)  # exercise the IVF path at test scale
     store = IndexStore(str(tmp_path / "store"))
-    trained = store.url + "/trained"
+    trained = store.location.child("trained")
     vectors = clustered_vectors(6000, 32, seed=3, clusters=60)
     first = staged(store, vectors, shard_rows=2000)
     for spec in ("auto", "ivfsq:nlist=32"):
-        info, _ = build(store, first, spec, trained_url=trained)
+        info, _ = build(store, first, spec, trained=trained)
         assert info.params["quantizer_reused"] is False and info.params["train_s"] > 0
         # The next version of the same encoder: slightly different vectors, same fingerprint.
         second = staged(store, vectors + 0.01 * clustered_vectors(6000, 32, seed=4, clusters=60), shard_rows=2000)
-        again, index = build(store, second, spec, trained_url=trained)
+        again, index = build(store, second, spec, trained=trained)
         assert again.params["quantizer_reused"] is True and again.params["train_s"] == 0.0
         assert again.factory == info.factory and again.params["tuned_recall_at_10"] >= 0.95
         assert again.params["trained_sha256"] and index.ntotal == 6000
@@ -166,40 +163,40 @@ def test_a_second_build_of_the_same_fingerprint_reuses_the_trained_index_another
     other = store.begin_version("enwiki", "20240101")
     write_version_inputs(store, other, random_passages(6000), vectors, fingerprint_for(32, model_id="test/other"),
                          shard_rows=2000)
-    info, _ = build(store, other, "auto", trained_url=trained)
+    info, _ = build(store, other, "auto", trained=trained)
     assert info.params["quantizer_reused"] is False
 
 
 def test_a_stored_trained_index_that_does_not_verify_is_retrained_and_replaced(tmp_path):
     store = IndexStore(str(tmp_path / "store"))
-    trained = store.url + "/trained"
+    trained = store.location.child("trained")
     vectors = clustered_vectors(3000, 32, seed=5, clusters=40)
     vid = staged(store, vectors, shard_rows=1000)
-    build(store, vid, "ivfsq:nlist=16", trained_url=trained)
+    build(store, vid, "ivfsq:nlist=16", trained=trained)
     [faiss_file] = (tmp_path / "store" / "trained").rglob("*.faiss")
     assert faiss_file.name == "IVF16_SQ8.faiss"
     data = bytearray(faiss_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # no longer what its record's sha256 says
     faiss_file.write_bytes(bytes(data))
-    info, _ = build(store, vid, "ivfsq:nlist=16", trained_url=trained)
+    info, _ = build(store, vid, "ivfsq:nlist=16", trained=trained)
     assert info.params["quantizer_reused"] is False
-    info, _ = build(store, vid, "ivfsq:nlist=16", trained_url=trained)  # the replacement verifies
+    info, _ = build(store, vid, "ivfsq:nlist=16", trained=trained)  # the replacement verifies
     assert info.params["quantizer_reused"] is True
 
 
 def test_a_reused_trained_index_that_misses_the_target_recall_is_retrained_and_replaced(tmp_path):
     store = IndexStore(str(tmp_path / "store"))
-    trained = store.url + "/trained"
+    trained = store.location.child("trained")
     spec = "ivfpq:nlist=8,m=8,nbits=6"
     # PQ codebooks trained on data a thousand times larger: every vector of the next version encodes alike.
     huge = staged(store, 1000 * clustered_vectors(3000, 32, seed=6, clusters=40), shard_rows=1000)
-    build(store, huge, spec, trained_url=trained, target_recall=0.5)
+    build(store, huge, spec, trained=trained, target_recall=0.5)
     vid = staged(store, clustered_vectors(3000, 32, seed=7, clusters=40), shard_rows=1000)
     # PQ6 on 32-d reaches ~0.5 when trained on its own data, ~0.03 with the foreign codebooks.
-    info, _ = build(store, vid, spec, trained_url=trained, target_recall=0.45)
+    info, _ = build(store, vid, spec, trained=trained, target_recall=0.45)
     assert info.params["quantizer_reused"] is False and info.params["retrained_after_reused_recall"] < 0.2
     assert info.params["tuned_recall_at_10"] >= 0.45
-    again, _ = build(store, vid, spec, trained_url=trained, target_recall=0.45)
+    again, _ = build(store, vid, spec, trained=trained, target_recall=0.45)
     assert again.params["quantizer_reused"] is True  # the entry now holds what the retraining produced
 
 

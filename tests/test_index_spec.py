@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from flows.params import RefreshParams
 from flows.settings import Settings
 from storage.errors import Rejected
+from storage.location import Location
 from storage.store import IndexStore
 from tasks.build_index import build_index
 from tests.fixtures.versions import clustered_vectors, fingerprint_for, random_passages, write_version_inputs
@@ -37,7 +38,7 @@ def flow_accepts(spec: str, tmp_path) -> bool:
 def build_accepts(spec: str, embeddings, tmp_path) -> bool:
     store, vid = embeddings
     try:
-        build_index(store.version_url(vid, "embeddings"), str(tmp_path / "index.faiss"), spec=spec, progress=False)
+        build_index(store.at(vid, "embeddings"), Location(str(tmp_path / "index.faiss")), spec=spec, progress=False)
     except Rejected as exc:
         assert "index spec" in str(exc) and "\n" not in str(exc)
         return False

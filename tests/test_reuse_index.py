@@ -17,6 +17,7 @@ import pytest
 from rag_model.vectors import read_rows
 from storage import layout
 from storage.fs import resolve
+from storage.location import Location
 from storage.manifest import EncoderFingerprint, IndexInfo, Manifest, SourceDump
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, ShardEntry
 from tasks import reuse_index
@@ -118,8 +119,8 @@ def fresh_cache():
 def test_table_lookup_is_byte_identical_to_the_scan(corpus):
     roots, new_shards = corpus
     for root in roots:
-        assert write_hash_index(root) > 0
-    assert all(open_source(r, KEY, None, _source_shards).stored for r in roots)
+        assert write_hash_index(Location(root)) > 0
+    assert all(open_source(Location(r), KEY, _source_shards).stored for r in roots)
     total_found = 0
     for hashes in new_shards:
         found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
@@ -141,25 +142,25 @@ def test_a_version_without_a_table_still_reuses_and_builds_it_once(corpus, monke
         np.testing.assert_array_equal(found, ref_found)
         assert found.any() and vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
     assert built == [4, 3]  # once per earlier version for the whole refresh, not once per new shard
-    assert not open_source(roots[0], KEY, None, _source_shards).stored
+    assert not open_source(Location(roots[0]), KEY, _source_shards).stored
 
 
 def test_a_table_that_does_not_match_its_manifest_is_rebuilt_not_trusted(corpus):
     roots, new_shards = corpus
     root = Path(roots[0])
-    write_hash_index(roots[0])
+    write_hash_index(Location(roots[0]))
     files = {f"{layout.EMBEDDINGS_DIR}/{n}": _sha(root / layout.EMBEDDINGS_DIR / n)
              for n in (layout.HASH_KEYS, layout.HASH_ROWS)}
     manifest = Manifest(version="v2", status="ready", source=SourceDump(wiki="enwiki", dump_date="20260101"),
                         encoder=FINGERPRINT, index=IndexInfo(spec="flat", factory="Flat", dim=DIM), files=files)
     (root / layout.MANIFEST).write_text(manifest.to_json())
-    assert open_source(roots[0], KEY, None, _source_shards).stored
+    assert open_source(Location(roots[0]), KEY, _source_shards).stored
     reuse_index._open.clear()
     # Point every key at the wrong row: only the manifest's sha256 can tell.
     rows_path = root / layout.EMBEDDINGS_DIR / layout.HASH_ROWS
     locations = np.load(rows_path)
     np.save(rows_path, np.roll(locations, 1, axis=0))
-    assert not open_source(roots[0], KEY, None, _source_shards).stored
+    assert not open_source(Location(roots[0]), KEY, _source_shards).stored
     for hashes in new_shards:
         found, vectors = _reuse_vectors(hashes, roots[:1], KEY, DIM, None)
         ref_found, ref_vectors = scan_reuse(hashes, roots[:1])
