@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rag_model.encoders import EncoderSpec, load_document_encoder  # noqa: E402
 from rag_model.packed_linear import PackedLinear, packed_linear_available  # noqa: E402
 from rag_model.precision import MIN_PRECISION_COSINE, candidates, pick  # noqa: E402
+from storage.location import Location  # noqa: E402
 from tasks.embed import embed_passages  # noqa: E402
 from tests.fixtures.models import write_passages  # noqa: E402
 
@@ -260,7 +261,7 @@ def main() -> None:
         line("ragindex fp32", rates["fp32"], seconds, to_reference(fp32_vectors))
 
         started = time.perf_counter()
-        full = embed_passages(str(work / "v1" / "passages"), str(work / "v1" / "embeddings"), spec,
+        full = embed_passages(Location(work / "v1" / "passages"), Location(work / "v1" / "embeddings"), spec,
                               batch_size=args.batch_size, device=device, threads=args.threads, progress=False)
         ours_s = time.perf_counter() - started
         ours_rate = len(rows) / ours_s
@@ -334,8 +335,8 @@ def main() -> None:
         changed, n_changed = change_articles(articles, args.changed)
         rows2 = write_passages(work / "v2" / "passages", changed, args.shard_rows, limit=args.passages)
         started = time.perf_counter()
-        rebuild = embed_passages(str(work / "v2" / "passages"), str(work / "v2" / "embeddings"), spec,
-                                 reuse_from=[str(work / "v1")], batch_size=args.batch_size, device=device,
+        rebuild = embed_passages(Location(work / "v2" / "passages"), Location(work / "v2" / "embeddings"), spec,
+                                 reuse_from=[Location(work / "v1")], batch_size=args.batch_size, device=device,
                                  threads=args.threads, progress=False)
         re_s = time.perf_counter() - started
         time_frac, enc_frac = re_s / ours_s, rebuild["encoded"] / full["encoded"]

@@ -231,7 +231,7 @@ def step_reuse(root: str, old: str, new: str) -> dict:
     for shard in summary.shards:
         path = store.version_path(new, layout.PASSAGES_DIR, shard.name)
         hashes = pq.read_table(path, columns=["content_hash"]).column(0).combine_chunks()
-        mask, vectors = _reuse_vectors(hashes, [store.version_url(old)], key, DIM, None)
+        mask, vectors = _reuse_vectors(hashes, [store.at(old)], key, DIM)
         found += int(mask.sum())
         rows += len(mask)
         del vectors

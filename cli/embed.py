@@ -10,6 +10,7 @@ import typer
 
 from flows.settings import load_settings, open_store
 from storage.errors import RagindexError
+from storage.location import Location
 
 app = typer.Typer()
 
@@ -54,7 +55,7 @@ def embed(
     settings = load_settings()
     spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
                        normalize=normalize, max_length=max_length)
-    sources = list(reuse_from or [])
+    sources = [Location(root, settings.s3_endpoint_url) for root in reuse_from or []]
     if reuse_store:
         store = open_store(reuse_store, settings)
         sources += find_reuse_sources(store, fingerprint_of(spec))
@@ -63,10 +64,9 @@ def embed(
     run = partial(embed_passages_ray, ray_address=ray_address) if ray_address else partial(embed_passages,
                                                                                          compile=compile_)
     summary = run(
-        passages, out, spec, reuse_from=sources,
-        question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,
-        device=device, precision=precision, threads=threads, s3_endpoint_url=settings.s3_endpoint_url,
-        progress=True,
+        Location(passages, settings.s3_endpoint_url), Location(out, settings.s3_endpoint_url), spec,
+        reuse_from=sources, question_encoder=question_encoder or settings.question_encoder, batch_size=batch_size,
+        device=device, precision=precision, threads=threads, progress=True,
     )
     if as_json:
         print(json.dumps(summary))

@@ -45,7 +45,8 @@ from flows.settings import load_settings
 from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import RagindexError, Rejected, first_line
-from storage.fs import file_digest, is_temp_name, join, resolve
+from storage.fs import file_digest, is_temp_name, join
+from storage.location import Location
 from storage.names import check_file_name
 from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
@@ -216,17 +217,17 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
             futures = [parse(i) for i in range(len(units))]
             unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, p.s3_endpoint_url),
                                    lambda i: parse(i, refresh=True))
-            passages_url = store.version_url(version_id, layout.PASSAGES_DIR)
-            summary = PassagesSummary.load(assemble_task(unit_results, passages_url, ref, p), "passages summary")
+            passages_at = store.at(version_id, layout.PASSAGES_DIR)
+            summary = PassagesSummary.load(assemble_task(unit_results, passages_at.url, ref, p), "passages summary")
 
         # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
         with steps("embed"):
             reuse_from = embed.find_reuse_sources(store, fingerprint)
-            embeddings_url = store.version_url(version_id, layout.EMBEDDINGS_DIR)
+            embeddings_at = store.at(version_id, layout.EMBEDDINGS_DIR)
             if p.task_runner == "ray":
                 # One task, run here (the job's driver), submits one Ray Data job for the version's shards.
-                records = embed_ray_task([f"{passages_url}/{shard.name}" for shard in summary.shards],
-                                         embeddings_url, spec, reuse_from, p)
+                records = embed_ray_task([passages_at.child(shard.name) for shard in summary.shards],
+                                         embeddings_at, spec, reuse_from, p)
                 shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in records]
                 resumed = [r.skipped for r in shard_records]
             else:
@@ -237,8 +238,8 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
                     runs = embed_one.with_options(refresh_cache=True) if refresh else embed_one
                     shard = summary.shards[i]
                     return runs.submit(
-                        f"{passages_url}/{shard.name}", shard.sha256, embeddings_url, spec, fingerprint.key,
-                        reuse_from, p.batch_size, p.precision, CODE_VERSION, p.s3_endpoint_url, p.compile,
+                        passages_at.child(shard.name), shard.sha256, embeddings_at, spec, fingerprint.key,
+                        reuse_from, p.batch_size, p.precision, CODE_VERSION, p.compile,
                     )
 
                 futures = []
@@ -248,13 +249,13 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
                     fut.result()  # stop at the first failed shard: a re-run resumes from there
                     futures.append(fut)
                 results = _gather(futures, progress,
-                                  lambda r: _shard_output_intact(r, embeddings_url, p.s3_endpoint_url),
+                                  lambda r: _shard_output_intact(r, embeddings_at),
                                   lambda i: embed_at(i, refresh=True))
                 shard_records = [EmbeddedShard.load(r, "embedding shard record") for r in results]
                 resumed = [_cached(f) for f in futures]
         question = p.question_encoder or paired_question_encoder(spec.model, spec.kind)
-        embed.write_embeddings_summary(embeddings_url, spec, [r.dump() for r in shard_records], question,
-                                       steps.timings["embed_s"], s3_endpoint_url=p.s3_endpoint_url)
+        embed.write_embeddings_summary(embeddings_at, spec, [r.dump() for r in shard_records], question,
+                                       steps.timings["embed_s"])
 
         with steps("build"):
             index_info = build_index_task.submit(version_id, p).result()
@@ -357,13 +358,13 @@ def _cached(fut: Any) -> bool:
     return fut.state.name == "Cached"
 
 
-def _shard_output_intact(record: dict, embeddings_url: str, s3_endpoint_url: str | None) -> bool:
+def _shard_output_intact(record: dict, embeddings: Location) -> bool:
     """Whether an embedding shard's record still describes the store: its .npy has the record's sha256,
     and so does the sidecar beside it (which the embeddings summary is written from)."""
     try:
         shard = EmbeddedShard.load(record, "embedding shard record")
         name = check_file_name(shard.name)
-        fs, root = resolve(embeddings_url, s3_endpoint_url)
+        fs, root = embeddings.fs, embeddings.path
         sidecar = EmbeddingSidecar.read(fs, join(root, layout.sidecar(name)))
         return sidecar.sha256 == shard.sha256 and file_digest(fs, join(root, name)) == shard.sha256
     except (RagindexError, FileNotFoundError):

@@ -17,6 +17,7 @@ from flows.params import RefreshParams
 from flows.report import emit_promoted
 from flows.results import RESULT_SERIALIZER
 from rag_model.encoders import EncoderSpec
+from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote
 
@@ -63,31 +64,31 @@ def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: R
 @task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
       retries=1)
 def embed_shard_task(
-    shard_url: str,
+    shard: Location,
     shard_sha256: str,
-    out_dir: str,
+    out_dir: Location,
     spec: EncoderSpec,
     fingerprint_key: str,
-    reuse_from: list[str],
+    reuse_from: list[Location],
     batch_size: int,
     precision: str,
     code_version: str,
-    s3_endpoint_url: str | None,
     compile: bool = False,
 ) -> dict:
+    # shard_sha256, fingerprint_key and code_version are not used in the body: they are part of the cache key.
     return embed.embed_shard(
-        shard_url, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision,
-        s3_endpoint_url=s3_endpoint_url, progress=False, compile=compile,
+        shard, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision, progress=False,
+        compile=compile,
     )
 
 
 @task(name="embed-ray-data")
-def embed_ray_task(shards: list[str], out_dir: str, spec: EncoderSpec, reuse_from: list[str],
+def embed_ray_task(shards: list[Location], out_dir: Location, spec: EncoderSpec, reuse_from: list[Location],
                    p: RefreshParams) -> list[dict]:
     # Not cached per shard: each shard's sidecar is its resume point (finished shards are skipped).
     return embed_ray.embed_shards_ray(shards, out_dir, spec, ray_address=p.ray_address or "local",
                                       reuse_from=reuse_from, batch_size=p.batch_size, precision=p.precision,
-                                      s3_endpoint_url=p.s3_endpoint_url, progress=False)
+                                      progress=False)
 
 
 @task(name="build-index")

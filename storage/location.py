@@ -10,6 +10,7 @@ filesystem); its filesystem is made on first use.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -23,6 +24,9 @@ from storage.fs import is_local, join, resolve, to_url
 class Location:
     url: str  # a local path, file:// or s3:// URL
     s3_endpoint_url: str | None = None  # the S3-compatible endpoint that serves an s3:// URL (None: AWS's)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", os.fspath(self.url))  # a pathlib.Path names a local directory too
 
     @cached_property
     def _resolved(self) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -154,11 +154,10 @@ def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tupl
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
            precision: str, progress: bool) -> dict:
     """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
-    return embed.embed_passages(store.version_url(version_id, layout.PASSAGES_DIR),
-                                store.version_url(version_id, layout.EMBEDDINGS_DIR), spec,
-                                reuse_from=[store.version_url(m.version) for m in reversed(ancestors)],
+    return embed.embed_passages(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.EMBEDDINGS_DIR),
+                                spec, reuse_from=[store.at(m.version) for m in reversed(ancestors)],
                                 question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,
-                                precision=precision, s3_endpoint_url=store.s3_endpoint_url, progress=progress)
+                                precision=precision, progress=progress)
 
 
 def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], *, progress: bool) -> IndexInfo:

@@ -37,7 +37,7 @@ from rag_model.vectors import read_rows
 from storage import layout
 from storage.cache import FileCache, Pins, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
-from storage.fs import atomic_write, file_digest, join, load_json, resolve, to_url
+from storage.fs import atomic_write, file_digest, join, load_json
 from storage.layout import EMBED_COLUMNS
 from storage.location import Location
 from storage.manifest import EncoderFingerprint
@@ -171,8 +171,8 @@ def _verified_source(pins: Pins, fs: Any, root: str, path: str, digests: dict[st
         return None
 
 
-def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: int,
-                   s3_endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[Location], key: str,
+                   dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(mask of rows found, their vectors) for a shard's content hashes, from earlier version roots.
 
     Each earlier version's hash table (tasks.reuse_index: written at build time, or built once per
@@ -185,17 +185,17 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[str], key: str, dim: i
     n_unique = len(unique)
     found = np.zeros(n_unique, dtype=bool)
     vectors = np.zeros((n_unique, dim), dtype=np.float32)
-    for url in reuse_from:
+    for where in reuse_from:
         todo = np.flatnonzero(~found)
         if len(todo) == 0:
             break
-        source = open_source(Location(url, s3_endpoint_url), key, _source_shards)
+        source = open_source(where, key, _source_shards)
         if source is None:
             continue
-        fs, root = resolve(url, s3_endpoint_url)
+        fs, root = where.fs, where.path
         digests = _root_digests(fs, root)
         shard, row = source.table.lookup(keys[todo])
-        pins = FileCache.for_store(store_root_url(to_url(fs, root))).pins()
+        pins = FileCache.for_store(store_root_url(where.url)).pins()
         try:
             for s in np.unique(shard[shard >= 0]).tolist():
                 npy_path = source.npy_paths[s]
@@ -240,9 +240,9 @@ def _existing_matches(fs: Any, npy_path: str, sidecar_path: str, passages_sha: s
     return sidecar
 
 
-def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
-                batch_size: int = 64, device: str = "cpu", precision: str = "auto", threads: int | None = None,
-                s3_endpoint_url: str | None = None, progress: bool = True,
+def embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec, *,
+                reuse_from: Sequence[Location] = (), batch_size: int = 64, device: str = "cpu",
+                precision: str = "auto", threads: int | None = None, progress: bool = True,
                 encoder_calls: Callable[[int], None] | None = None, compile: bool = False) -> dict:
     """Embed one passage shard into `<out_dir>/<stem>.npy` + `<stem>.json`; returns an `EmbeddedShard` dict.
 
@@ -251,9 +251,9 @@ def embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *,
     """
     timing: dict[str, float] = {}
     with timed(timing, "seconds"):
-        record = _embed_shard(passages_shard_url, out_dir_url, spec, reuse_from=reuse_from, batch_size=batch_size,
-                              device=device, precision=precision, threads=threads, s3_endpoint_url=s3_endpoint_url,
-                              progress=progress, encoder_calls=encoder_calls, compile=compile)
+        record = _embed_shard(passages_shard, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size,
+                              device=device, precision=precision, threads=threads, progress=progress,
+                              encoder_calls=encoder_calls, compile=compile)
     return EmbeddedShard(**record, seconds=timing["seconds"]).dump()
 
 
@@ -274,14 +274,14 @@ class PreparedShard:
     todo: np.ndarray | None = None  # bool [rows]
 
 
-def prepare_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
-                  s3_endpoint_url: str | None) -> PreparedShard:
+def prepare_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec,
+                  reuse_from: Sequence[Location]) -> PreparedShard:
     """Read one passage shard, skip it if its output already verifies, else copy the vectors reuse finds."""
-    in_fs, in_path = resolve(passages_shard_url, s3_endpoint_url)
+    in_fs, in_path = passages_shard.fs, passages_shard.path
     name = check_file_name(in_path.rstrip("/").rsplit("/", 1)[-1])
     if not name.endswith(".parquet"):
-        raise EmbedError(f"not a passage shard (expected a .parquet file): {passages_shard_url}")
-    out_fs, out_root = resolve(out_dir_url, s3_endpoint_url)
+        raise EmbedError(f"not a passage shard (expected a .parquet file): {passages_shard}")
+    out_fs, out_root = out_dir.fs, out_dir.path
     table, passages_sha = _read_passage_shard(in_fs, in_path)
     fingerprint = fingerprint_of(spec)
     key, dim, rows = fingerprint.key, fingerprint.dim, table.num_rows
@@ -295,17 +295,16 @@ def prepare_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, 
     vectors = np.empty((rows, dim), dtype=np.float32)
     todo = np.ones(rows, dtype=bool)
     if reuse_from:
-        found, reused_vectors = _reuse_vectors(table.column("content_hash").combine_chunks(), reuse_from, key,
-                                               dim, s3_endpoint_url)
+        found, reused_vectors = _reuse_vectors(table.column("content_hash").combine_chunks(), reuse_from, key, dim)
         vectors[found] = reused_vectors[found]
         todo = ~found
     return PreparedShard(name, table, passages_sha, key, dim, done=None, vectors=vectors, todo=todo)
 
 
-def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str],
-                 batch_size: int, device: str, precision: str, threads: int | None, s3_endpoint_url: str | None,
+def _embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec, *, reuse_from: Sequence[Location],
+                 batch_size: int, device: str, precision: str, threads: int | None,
                  progress: bool, encoder_calls: Callable[[int], None] | None, compile: bool) -> dict:
-    shard = prepare_shard(passages_shard_url, out_dir_url, spec, reuse_from, s3_endpoint_url)
+    shard = prepare_shard(passages_shard, out_dir, spec, reuse_from)
     if shard.done is not None:
         return shard.done
     vectors, table, todo = shard.vectors, shard.table, shard.todo
@@ -326,8 +325,7 @@ def _embed_shard(passages_shard_url: str, out_dir_url: str, spec: EncoderSpec, *
 
             vectors[idx] = encoder.encode(titles, texts, batch_size=batch_size, on_batch=on_batch)
         measured = encoder.precision_choice.model_dump() if encoder.precision_choice else None
-    out_fs, out_root = resolve(out_dir_url, s3_endpoint_url)
-    record = write_embedding_shard(out_fs, out_root, shard.name, vectors, shard.passages_sha, shard.key, n_todo,
+    record = write_embedding_shard(out_dir.fs, out_dir.path, shard.name, vectors, shard.passages_sha, shard.key, n_todo,
                                    spec.model)
     return {**record, "precision": measured}
 
@@ -361,20 +359,20 @@ def write_embedding_shard(out_fs: Any, out_root: str, name: str, vectors: np.nda
 # -- all shards ---------------------------------------------------------------------------------------
 
 
-def list_passage_shards(passages_url: str, s3_endpoint_url: str | None = None) -> list[str]:
-    """URLs of a passages directory's shards, in order (from passages.json when present)."""
-    fs, root = resolve(passages_url, s3_endpoint_url)
+def list_passage_shards(passages: Location) -> list[Location]:
+    """A passages directory's shards, in order (from passages.json when present)."""
+    fs, root = passages.fs, passages.path
     summary = _read_if_valid(PassagesSummary, fs, join(root, layout.PASSAGES_SUMMARY))
     if summary is not None and summary.shards:
-        return [to_url(fs, join(root, check_file_name(s.name))) for s in summary.shards]
+        return [passages.child(check_file_name(s.name)) for s in summary.shards]
     try:
-        return [to_url(fs, p) for p in layout.passage_shard_paths(fs, root)]
+        return [passages.sibling(p) for p in layout.passage_shard_paths(fs, root)]
     except RagindexError as exc:
         raise EmbedError(str(exc)) from None
 
 
-def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: list[dict], question_encoder: str | None,
-                             seconds: float, s3_endpoint_url: str | None = None) -> dict:
+def write_embeddings_summary(out: Location, spec: EncoderSpec, shard_records: list[dict], question_encoder: str | None,
+                             seconds: float) -> dict:
     """Check every shard on disk agrees (fingerprint, dim, checksum), then write `embeddings.json`.
 
     The sidecars are read back rather than trusting the records: records may come from cached task
@@ -383,14 +381,14 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
     if not shard_records:
         raise EmbedError("no embedding shards to summarise")
     fingerprint = fingerprint_of(spec)
-    fs, root = resolve(out_url, s3_endpoint_url)
+    fs, root = out.fs, out.path
     records = [EmbeddedShard.load(r, "an embedding shard's record") for r in shard_records]
     first: tuple[str, int] | None = None
     for record in records:
         name = check_file_name(record.name)
         sidecar = _read_if_valid(EmbeddingSidecar, fs, join(root, layout.sidecar(name)))
         if sidecar is None:
-            raise EmbedError(f"embedding shard {name} has no sidecar in {out_url}: embed it again")
+            raise EmbedError(f"embedding shard {name} has no sidecar in {out}: embed it again")
         dim = sidecar.dim
         if first is None:
             first = (name, dim)
@@ -418,10 +416,10 @@ def write_embeddings_summary(out_url: str, spec: EncoderSpec, shard_records: lis
     return summary
 
 
-EmbedShards = Callable[..., list[dict]]  # (shards, out_url, spec, **shard options) -> EmbeddedShard dicts
+EmbedShards = Callable[..., list[dict]]  # (shards, out, spec, **shard options) -> EmbeddedShard dicts
 
 
-def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_from: Sequence[str] = (),
+def embed_passages(passages: Location, out: Location, spec: EncoderSpec, *, reuse_from: Sequence[Location] = (),
                    question_encoder: str | None = None, embed_shards: EmbedShards | None = None,
                    **shard_kwargs: Any) -> dict:
     """Embed every passage shard, then write embeddings.json.
@@ -431,10 +429,9 @@ def embed_passages(passages_url: str, out_url: str, spec: EncoderSpec, *, reuse_
     """
     timing: dict[str, float] = {}
     with timed(timing, "embed_s"):
-        records = _embed_all(passages_url, out_url, spec, reuse_from, embed_shards, shard_kwargs)
+        records = _embed_all(passages, out, spec, reuse_from, embed_shards, shard_kwargs)
         question_encoder = question_encoder or _paired_or_none(spec)
-    return write_embeddings_summary(out_url, spec, records, question_encoder, timing["embed_s"],
-                                    shard_kwargs.get("s3_endpoint_url"))
+    return write_embeddings_summary(out, spec, records, question_encoder, timing["embed_s"])
 
 
 def _paired_or_none(spec: EncoderSpec) -> str | None:
@@ -444,26 +441,25 @@ def _paired_or_none(spec: EncoderSpec) -> str | None:
         return None  # recorded as unknown; serving then needs one given explicitly
 
 
-def _embed_all(passages_url: str, out_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
+def _embed_all(passages: Location, out: Location, spec: EncoderSpec, reuse_from: Sequence[Location],
                embed_shards: EmbedShards | None, shard_kwargs: dict[str, Any]) -> list[dict]:
-    s3 = shard_kwargs.get("s3_endpoint_url")
-    shards = list_passage_shards(passages_url, s3)
+    shards = list_passage_shards(passages)
     fingerprint = fingerprint_of(spec)  # fail on a bad model before any work
     kwargs = dict(shard_kwargs, reuse_from=tuple(reuse_from))
     if embed_shards is not None:
-        records = embed_shards(shards, out_url, spec, **kwargs)
+        records = embed_shards(shards, out, spec, **kwargs)
     else:
         records = []
         progress = kwargs.get("progress", True)
         for shard in tqdm(shards, desc="embed shards", unit="shard", disable=None if progress else True):
-            records.append(embed_shard(shard, out_url, spec, **kwargs))
+            records.append(embed_shard(shard, out, spec, **kwargs))
     log.info("embedded %d shards with %s: %d encoded, %d reused", len(records), fingerprint.model_id,
              sum(r["encoded"] for r in records), sum(r["reused"] for r in records))
     return records
 
 
-def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit: int = 3) -> list[str]:
-    """Version roots (URLs), newest first, of ready versions embedded under the same fingerprint key.
+def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit: int = 3) -> list[Location]:
+    """Version roots, newest first, of ready versions embedded under the same fingerprint key.
 
     A delta version's own directory holds only its new rows: the segments it serves follow it, so a
     full build after a week of deltas still reuses the base's vectors."""
@@ -474,4 +470,4 @@ def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit
         for version in [m.version, *(s.version for s in reversed(m.segments))]:
             if version not in roots:
                 roots.append(version)
-    return [store.version_url(v) for v in roots]
+    return [store.at(v) for v in roots]

@@ -35,7 +35,8 @@ import pyarrow.compute as pc
 from rag_model.encoders import EncoderSpec
 from storage import layout
 from storage.errors import RagindexError, first_line
-from storage.fs import atomic_write, is_local, join, resolve
+from storage.fs import atomic_write, is_local, join
+from storage.location import Location
 from tasks.embed import EmbedError, embed_passages, load_encoder_checked, prepare_shard, write_embedding_shard
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,20 @@ def staged_path(out_root: str, name: str) -> str:
     return join(out_root, layout.RAY_STAGING_DIR, layout.embedding_shard(name))
 
 
-def plan_shards(shards: Sequence[str], out_url: str, spec: EncoderSpec, reuse_from: Sequence[str],
-                s3_endpoint_url: str | None) -> tuple[list[dict | ShardPlan], dict[str, np.ndarray]]:
+def plan_shards(shards: Sequence[Location], out: Location, spec: EncoderSpec,
+                reuse_from: Sequence[Location]) -> tuple[list[dict | ShardPlan], dict[str, np.ndarray]]:
     """Per shard, in order: its record when nothing is left to encode (done earlier, or all reused and
     written here), else the plan of its Ray work, with its reused vectors staged for the actor.
 
     Also the rows to encode of each partly reused shard (a planned shard absent there has all its rows
     encoded): kept beside the plans rather than in them, since the plans go to every actor.
     """
-    out_fs, out_root = resolve(out_url, s3_endpoint_url)
+    out_fs, out_root = out.fs, out.path
     planned: list[dict | ShardPlan] = []
     todo_rows: dict[str, np.ndarray] = {}
-    for url in shards:
+    for where in shards:
         start = time.perf_counter()
-        shard = prepare_shard(url, out_url, spec, reuse_from, s3_endpoint_url)
+        shard = prepare_shard(where, out, spec, reuse_from)
         n_todo = 0 if shard.done is not None else int(shard.todo.sum())
         if shard.done is not None or n_todo == 0:
             record = shard.done or write_embedding_shard(out_fs, out_root, shard.name, shard.vectors,
@@ -94,8 +95,7 @@ def plan_shards(shards: Sequence[str], out_url: str, spec: EncoderSpec, reuse_fr
         if staged:
             with atomic_write(out_fs, staged_path(out_root, shard.name)) as f:
                 np.save(f, shard.vectors, allow_pickle=False)
-        _, in_path = resolve(url, s3_endpoint_url)
-        planned.append(ShardPlan(name=shard.name, path=in_path, first_row_id=first, rows=len(row_ids),
+        planned.append(ShardPlan(name=shard.name, path=where.path, first_row_id=first, rows=len(row_ids),
                                  encode=n_todo, passages_sha=shard.passages_sha, key=shard.key, dim=shard.dim,
                                  staged=staged))
         if staged:
@@ -125,11 +125,11 @@ class ShardEncoder:
     """The callable class of the job: one per actor, the encoder loaded once; each call is all the rows of
     one shard that need encoding, and writes that shard."""
 
-    def __init__(self, spec: EncoderSpec, plans: dict[str, ShardPlan], out_url: str, batch_size: int,
-                 device: str, precision: str, threads: int | None, s3_endpoint_url: str | None) -> None:
+    def __init__(self, spec: EncoderSpec, plans: dict[str, ShardPlan], out: Location, batch_size: int,
+                 device: str, precision: str, threads: int | None) -> None:
         self.spec = spec
         self.plans = plans
-        self.out_fs, self.out_root = resolve(out_url, s3_endpoint_url)
+        self.out_fs, self.out_root = out.fs, out.path
         self.batch_size = batch_size
         dim = next(iter(plans.values())).dim
         self.encoder = load_encoder_checked(spec, dim, device=device, precision=precision, threads=threads)
@@ -178,7 +178,7 @@ def _pyarrow_fs(fs: Any) -> Any:
 
 
 def _run_job(plans: list[ShardPlan], todo_rows: dict[str, np.ndarray], passages_fs: Any, spec: EncoderSpec,
-             out_url: str, options: dict[str, Any], progress: bool) -> list[dict]:
+             out: Location, options: dict[str, Any], progress: bool) -> list[dict]:
     import ray
     import ray.data
 
@@ -197,7 +197,7 @@ def _run_job(plans: list[ShardPlan], todo_rows: dict[str, np.ndarray], passages_
     ds = ds.groupby("shard", num_partitions=len(plans)).map_groups(
         ShardEncoder, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(pool, len(plans))),
-        fn_constructor_kwargs={"spec": spec, "plans": {p.name: p for p in plans}, "out_url": out_url, **options},
+        fn_constructor_kwargs={"spec": spec, "plans": {p.name: p for p in plans}, "out": out, **options},
         **per_actor,
     )
     return [json.loads(row["record"]) for row in ds.take_all()]
@@ -218,11 +218,10 @@ def _user_error(exc: BaseException) -> RagindexError | None:
     return None
 
 
-def embed_shards_ray(shards: Sequence[str], out_url: str, spec: EncoderSpec, *, ray_address: str,
-                     reuse_from: Sequence[str] = (), batch_size: int = 64, device: str = "cpu",
-                     precision: str = "auto", threads: int | None = None, s3_endpoint_url: str | None = None,
-                     progress: bool = True) -> list[dict]:
-    """Embed `shards` into `out_url` as one Ray Data job; returns their `EmbeddedShard` dicts, in order.
+def embed_shards_ray(shards: Sequence[Location], out: Location, spec: EncoderSpec, *, ray_address: str,
+                     reuse_from: Sequence[Location] = (), batch_size: int = 64, device: str = "cpu",
+                     precision: str = "auto", threads: int | None = None, progress: bool = True) -> list[dict]:
+    """Embed `shards` into `out` as one Ray Data job; returns their `EmbeddedShard` dicts, in order.
 
     `device` is used where the cluster has no GPU; with GPUs every actor takes one and runs on CUDA.
     """
@@ -231,17 +230,15 @@ def embed_shards_ray(shards: Sequence[str], out_url: str, spec: EncoderSpec, *, 
     except ImportError as exc:
         raise EmbedError(f"--ray-address needs Ray Data, which is not installed ({first_line(exc)}): "
                          "install ragindex[ray]") from None
-    planned, todo_rows = plan_shards(shards, out_url, spec, reuse_from, s3_endpoint_url)
+    planned, todo_rows = plan_shards(shards, out, spec, reuse_from)
     plans = [p for p in planned if isinstance(p, ShardPlan)]
-    out_fs, out_root = resolve(out_url, s3_endpoint_url)
+    out_fs, out_root = out.fs, out.path
     done: dict[str, dict] = {}
     if plans:
         connect(ray_address)
-        passages_fs, _ = resolve(shards[0], s3_endpoint_url)
-        options = {"batch_size": batch_size, "device": device, "precision": precision, "threads": threads,
-                   "s3_endpoint_url": s3_endpoint_url}
+        options = {"batch_size": batch_size, "device": device, "precision": precision, "threads": threads}
         try:
-            records = _run_job(plans, todo_rows, passages_fs, spec, out_url, options, progress)
+            records = _run_job(plans, todo_rows, shards[0].fs, spec, out, options, progress)
         except Exception as exc:
             mine = _user_error(exc)
             if mine is not None:
@@ -260,8 +257,8 @@ def embed_shards_ray(shards: Sequence[str], out_url: str, spec: EncoderSpec, *, 
     return [done[layout.embedding_shard(p.name)] if isinstance(p, ShardPlan) else p for p in planned]
 
 
-def embed_passages_ray(passages_url: str, out_url: str, spec: EncoderSpec, *, ray_address: str,
+def embed_passages_ray(passages: Location, out: Location, spec: EncoderSpec, *, ray_address: str,
                        **options: Any) -> dict:
     """`tasks.embed.embed_passages` with the shards embedded as one Ray Data job on `ray_address`."""
-    return embed_passages(passages_url, out_url, spec, embed_shards=partial(embed_shards_ray, ray_address=ray_address),
+    return embed_passages(passages, out, spec, embed_shards=partial(embed_shards_ray, ray_address=ray_address),
                           **options)

@@ -18,6 +18,7 @@ from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encode
 from storage import layout
 from storage.errors import RagindexError
 from storage.layout import PASSAGE_SCHEMA
+from storage.location import Location
 from storage.manifest import IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
 from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
@@ -56,7 +57,7 @@ def spec(tiny_dpr) -> EncoderSpec:
 def test_shards_match_passages_row_for_row(tmp_path, spec):
     rows = write_passages(tmp_path / "passages", make_articles(12))
     counter = Counter()
-    summary = embed_passages(str(tmp_path / "passages"), str(tmp_path / "emb"), spec, progress=False,
+    summary = embed_passages(Location(tmp_path / "passages"), Location(tmp_path / "emb"), spec, progress=False,
                              precision="fp32", encoder_calls=counter, batch_size=4)
     shard_names = sorted(p.name for p in (tmp_path / "passages").glob("part-*.parquet"))
     assert len(shard_names) >= 3
@@ -85,7 +86,7 @@ def test_resume_skips_finished_shards_and_redoes_damaged_ones(tmp_path, spec):
     out = tmp_path / "emb"
     # An interruption in the middle of the run: earlier shards are complete, the current one absent.
     with pytest.raises(KeyboardInterrupt):
-        embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, batch_size=4,
+        embed_passages(Location(tmp_path / "passages"), Location(out), spec, progress=False, batch_size=4,
                        encoder_calls=Counter(fail_after=12))
     done = sorted(p.name for p in out.glob("*.npy"))
     assert done and len(done) < len(list((tmp_path / "passages").glob("*.parquet")))
@@ -93,7 +94,7 @@ def test_resume_skips_finished_shards_and_redoes_damaged_ones(tmp_path, spec):
     before = {n: (out / n).stat().st_mtime_ns for n in done}
 
     counter = Counter()
-    summary = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, batch_size=4,
+    summary = embed_passages(Location(tmp_path / "passages"), Location(out), spec, progress=False, batch_size=4,
                              encoder_calls=counter)
     assert summary["skipped_shards"] == len(done)
     assert counter.passages == summary["encoded"] == len(rows) - sum(8 for _ in done)
@@ -101,28 +102,28 @@ def test_resume_skips_finished_shards_and_redoes_damaged_ones(tmp_path, spec):
 
     # Everything done: nothing is encoded. A damaged .npy is redone, and only that one.
     counter = Counter()
-    again = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, encoder_calls=counter)
+    again = embed_passages(Location(tmp_path / "passages"), Location(out), spec, progress=False, encoder_calls=counter)
     assert counter.passages == 0 and again["skipped_shards"] == len(again["shards"])
     good = np.load(out / "part-00001.npy")
     damaged = bytearray((out / "part-00001.npy").read_bytes())
     damaged[-1] ^= 0xFF
     (out / "part-00001.npy").write_bytes(bytes(damaged))
     counter = Counter()
-    again = embed_passages(str(tmp_path / "passages"), str(out), spec, progress=False, encoder_calls=counter)
+    again = embed_passages(Location(tmp_path / "passages"), Location(out), spec, progress=False, encoder_calls=counter)
     assert counter.passages == 8 and again["skipped_shards"] == len(again["shards"]) - 1
     np.testing.assert_allclose(np.load(out / "part-00001.npy"), good, atol=1e-6)
 
     # Another encoder (same architecture, other weights) never counts as done.
     other = save_tiny_dpr_encoder(tmp_path / "other", "ctx", seed=99)
     counter = Counter()
-    embed_passages(str(tmp_path / "passages"), str(out), EncoderSpec(str(other)), progress=False,
+    embed_passages(Location(tmp_path / "passages"), Location(out), EncoderSpec(str(other)), progress=False,
                    encoder_calls=counter)
     assert counter.passages == len(rows)
 
 
 def _version_root(root: Path, articles: list[dict], spec: EncoderSpec, **kw) -> tuple[Path, list[dict]]:
     rows = write_passages(root / "passages", articles)
-    embed_passages(str(root / "passages"), str(root / "embeddings"), spec, progress=False, **kw)
+    embed_passages(Location(root / "passages"), Location(root / "embeddings"), spec, progress=False, **kw)
     return root, rows
 
 
@@ -140,8 +141,8 @@ def test_reuse_encodes_only_changed_passages(tmp_path, spec):
     assert 0 < len(fresh) < len(rows2) // 5
 
     counter = Counter()
-    summary = embed_passages(str(tmp_path / "v2" / "passages"), str(tmp_path / "v2" / "embeddings"), spec,
-                             reuse_from=[str(v1)], progress=False, encoder_calls=counter, precision="fp32")
+    summary = embed_passages(Location(tmp_path / "v2" / "passages"), Location(tmp_path / "v2" / "embeddings"), spec,
+                             reuse_from=[Location(v1)], progress=False, encoder_calls=counter, precision="fp32")
     assert counter.passages == summary["encoded"] == len(fresh)
     assert summary["reused"] == len(rows2) - len(fresh)
     vectors2 = load_vectors(tmp_path / "v2" / "embeddings")
@@ -157,8 +158,8 @@ def test_reuse_encodes_only_changed_passages(tmp_path, spec):
     # Vectors made by another encoder are never reused.
     other = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "other", "ctx", seed=5)))
     counter = Counter()
-    summary = embed_passages(str(tmp_path / "v2" / "passages"), str(tmp_path / "v3"), other,
-                             reuse_from=[str(v1)], progress=False, encoder_calls=counter)
+    summary = embed_passages(Location(tmp_path / "v2" / "passages"), Location(tmp_path / "v3"), other,
+                             reuse_from=[Location(v1)], progress=False, encoder_calls=counter)
     assert counter.passages == len(rows2) and summary["reused"] == 0
 
 
@@ -173,9 +174,10 @@ def test_reuse_reads_rows_from_s3(tmp_path, spec, moto_server, s3_bucket):
     changed[2]["text"] = "completely different words about music"
     rows2 = write_passages(tmp_path / "v2" / "passages", changed)
     counter = Counter()
-    out = f"s3://{s3_bucket}/v2/embeddings"
-    summary = embed_passages(str(tmp_path / "v2" / "passages"), out, spec, reuse_from=[f"s3://{s3_bucket}/v1"],
-                             s3_endpoint_url=moto_server, progress=False, encoder_calls=counter)
+    out = Location(f"s3://{s3_bucket}/v2/embeddings", moto_server)
+    summary = embed_passages(Location(tmp_path / "v2" / "passages"), out, spec,
+                             reuse_from=[Location(f"s3://{s3_bucket}/v1", moto_server)], progress=False,
+                             encoder_calls=counter)
     assert counter.passages == 1 and summary["reused"] == len(rows2) - 1
     got = []
     for shard in summary["shards"]:
@@ -199,8 +201,8 @@ def test_find_reuse_sources_picks_newest_ready_versions_with_the_same_fingerprin
         store.commit_version(Manifest(version=vid, status=status, source=source, encoder=fingerprint,
                                       index=IndexInfo(spec="flat", factory="Flat", dim=32)))
         made.append(vid)
-    assert find_reuse_sources(store, fp, limit=2) == [store.version_url(made[4]), store.version_url(made[3])]
-    assert find_reuse_sources(store, fp) == [store.version_url(v) for v in (made[4], made[3], made[0])]
+    assert find_reuse_sources(store, fp, limit=2) == [store.at(made[4]), store.at(made[3])]
+    assert find_reuse_sources(store, fp) == [store.at(v) for v in (made[4], made[3], made[0])]
     assert find_reuse_sources(store, other.model_copy(update={"weights_sha256": "1" * 64})) == []
 
 
@@ -216,7 +218,7 @@ def test_empty_shard_is_refused(tmp_path, spec):
     (tmp_path / "p").mkdir()
     pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "p" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"part-00000.parquet is empty"):
-        embed_shard(str(tmp_path / "p" / "part-00000.parquet"), str(tmp_path / "out"), spec)
+        embed_shard(Location(tmp_path / "p" / "part-00000.parquet"), Location(tmp_path / "out"), spec)
     assert _no_output(tmp_path / "out")
 
 
@@ -224,40 +226,41 @@ def test_wrong_schema_is_refused(tmp_path, spec):
     (tmp_path / "p").mkdir()
     pq.write_table(pa.table({"row_id": [0], "title": ["a"], "body": ["b"]}), tmp_path / "p" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"wrong schema: no column 'text'"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+        embed_passages(Location(tmp_path / "p"), Location(tmp_path / "out"), spec, progress=False)
     pq.write_table(pa.table({"row_id": ["0"], "title": ["a"], "text": ["b"], "content_hash": ["c"]}),
                    tmp_path / "p" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"column 'row_id' is string, expected int64"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+        embed_passages(Location(tmp_path / "p"), Location(tmp_path / "out"), spec, progress=False)
     (tmp_path / "p" / "part-00000.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(RagindexError, match=r"not a readable Parquet file"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), spec, progress=False)
+        embed_passages(Location(tmp_path / "p"), Location(tmp_path / "out"), spec, progress=False)
     assert _no_output(tmp_path / "out")
 
 
 def test_missing_or_unsupported_model_is_refused_before_any_output(tmp_path, tiny_dpr):
     write_passages(tmp_path / "p", make_articles(3))
     with pytest.raises(RagindexError, match=r"encoder model not found: .*nope"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), EncoderSpec(str(tmp_path / "nope")))
+        embed_passages(Location(tmp_path / "p"), Location(tmp_path / "out"), EncoderSpec(str(tmp_path / "nope")))
     with pytest.raises(RagindexError, match=r"not a DPRContextEncoder"):
-        embed_passages(str(tmp_path / "p"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.question_dir)))
+        embed_passages(Location(tmp_path / "p"), Location(tmp_path / "out"), EncoderSpec(str(tiny_dpr.question_dir)))
     with pytest.raises(RagindexError, match=r"passages directory not found: .*nothing"):
-        embed_passages(str(tmp_path / "nothing"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
+        embed_passages(Location(tmp_path / "nothing"), Location(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(RagindexError, match=r"no passage shards"):
-        embed_passages(str(tmp_path / "nothing"), str(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
+        embed_passages(Location(tmp_path / "nothing"), Location(tmp_path / "out"), EncoderSpec(str(tiny_dpr.ctx_dir)))
     assert _no_output(tmp_path / "out")
 
 
 def test_dimension_disagreeing_with_earlier_shards_is_refused(tmp_path, spec):
     write_passages(tmp_path / "p", make_articles(6), shard_rows=4)
     projected = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "proj", "ctx", seed=3, projection_dim=16)))
-    first = embed_shard(str(tmp_path / "p" / "part-00000.parquet"), str(tmp_path / "out"), spec, progress=False)
-    second = embed_shard(str(tmp_path / "p" / "part-00001.parquet"), str(tmp_path / "out"), projected,
+    first = embed_shard(Location(tmp_path / "p" / "part-00000.parquet"), Location(tmp_path / "out"), spec,
+                        progress=False)
+    second = embed_shard(Location(tmp_path / "p" / "part-00001.parquet"), Location(tmp_path / "out"), projected,
                          progress=False)
     assert (first["dim"], second["dim"]) == (32, 16)
     with pytest.raises(RagindexError, match=r"part-00001.npy has dim 16, but part-00000.npy has 32"):
-        write_embeddings_summary(str(tmp_path / "out"), spec, [first, second], None, 1.0)
+        write_embeddings_summary(Location(tmp_path / "out"), spec, [first, second], None, 1.0)
     assert not (tmp_path / "out" / "embeddings.json").exists()
 
 
@@ -323,7 +326,8 @@ def test_the_measured_precision_choice_reaches_the_summary_and_the_manifest(tmp_
 
     spec = EncoderSpec(str(save_tiny_dpr_encoder(tmp_path / "enc", "ctx", seed=11)))  # not cached yet
     write_passages(tmp_path / "p", make_articles(6))
-    summary = embed_passages(str(tmp_path / "p"), str(tmp_path / "emb"), spec, progress=False, precision="auto")
+    summary = embed_passages(Location(tmp_path / "p"), Location(tmp_path / "emb"), spec, progress=False,
+                             precision="auto")
     choice = summary["precision"]
     assert choice["requested"] == "auto"
     assert list(choice["passages_per_s"]) == ["fp32", "fp32-packed", "bf16", "bf16-autocast", "int8"]  # all measured
@@ -331,7 +335,7 @@ def test_the_measured_precision_choice_reaches_the_summary_and_the_manifest(tmp_
     # The fingerprint (and so reuse) does not depend on the choice.
     assert summary["fingerprint"] == fingerprint_of(spec).model_dump(mode="json")
     assert "precision" not in json.loads((tmp_path / "emb" / "part-00000.json").read_text())
-    fp32 = embed_passages(str(tmp_path / "p"), str(tmp_path / "fp32"), spec, progress=False, precision="fp32")
+    fp32 = embed_passages(Location(tmp_path / "p"), Location(tmp_path / "fp32"), spec, progress=False, precision="fp32")
     assert fp32["precision"] is None  # nothing was measured
     store = IndexStore(str(tmp_path / "store"))
     vid = store.begin_version("enwiki", "20240101")

@@ -19,6 +19,7 @@ import pytest
 from rag_model.encoders import EncoderSpec
 from storage.errors import RagindexError
 from storage.layout import PASSAGE_SCHEMA, RAY_STAGING_DIR
+from storage.location import Location
 from tasks.embed import embed_passages, embed_shard, list_passage_shards
 from tasks.embed_ray import ShardEncoder, ShardPlan, embed_passages_ray, keep_todo, plan_shards
 from tests.fixtures.models import write_passages
@@ -45,7 +46,7 @@ def refreshed_corpus(tmp_path: Path, spec: EncoderSpec) -> tuple[Path, Path]:
     articles = make_articles(16, seed=5)
     v1 = tmp_path / "v1"
     write_passages(v1 / "passages", articles[:12])
-    embed_passages(str(v1 / "passages"), str(v1 / "embeddings"), spec, progress=False, precision="fp32")
+    embed_passages(Location(v1 / "passages"), Location(v1 / "embeddings"), spec, progress=False, precision="fp32")
     changed = [dict(a) for a in articles]
     changed[10]["text"] += " fishing boat"
     write_passages(tmp_path / "v2" / "passages", changed)
@@ -63,8 +64,8 @@ def run_job_in_process(planned: list, todo_rows: dict, spec: EncoderSpec, out: P
         tables.append(table.append_column("path", pa.array([plan.path] * table.num_rows)))
     # Ray's batches do not follow files: hand keep_todo rows of every shard at once.
     kept = keep_todo(pa.concat_tables(tables), first_row_id, todo_rows)
-    encoder = ShardEncoder(spec, {p.name: p for p in plans}, str(out), batch_size=64, device="cpu",
-                           precision="fp32", threads=None, s3_endpoint_url=None)
+    encoder = ShardEncoder(spec, {p.name: p for p in plans}, Location(out), batch_size=64, device="cpu",
+                           precision="fp32", threads=None)
     done = {}
     for plan in plans:
         group = kept.filter(pc.equal(kept.column("shard"), plan.name))
@@ -75,15 +76,15 @@ def run_job_in_process(planned: list, todo_rows: dict, spec: EncoderSpec, out: P
 
 def test_job_steps_give_the_local_bytes_and_skip_finished_shards(tmp_path, spec):
     v1, passages = refreshed_corpus(tmp_path, spec)
-    local = embed_passages(str(passages), str(tmp_path / "local"), spec, reuse_from=[str(v1)], progress=False,
-                           precision="fp32")
-    shards = list_passage_shards(str(passages))
+    local = embed_passages(Location(passages), Location(tmp_path / "local"), spec, reuse_from=[Location(v1)],
+                           progress=False, precision="fp32")
+    shards = list_passage_shards(Location(passages))
     out = tmp_path / "ray"
     # A finished shard from an earlier, interrupted run: skipped, not planned, not encoded again.
-    embed_shard(shards[0], str(out), spec, reuse_from=[str(v1)], progress=False, precision="fp32")
+    embed_shard(shards[0], Location(out), spec, reuse_from=[Location(v1)], progress=False, precision="fp32")
     before = (out / "part-00000.npy").stat().st_mtime_ns
 
-    planned, todo_rows = plan_shards(shards, str(out), spec, [str(v1)], None)
+    planned, todo_rows = plan_shards(shards, Location(out), spec, [Location(v1)])
     plans = [p for p in planned if isinstance(p, ShardPlan)]
     assert planned[0]["skipped"] is True and planned[0]["encoded"] == 0
     # Every kind of shard is here: fully reused (written by the driver), partly reused (vectors staged,
@@ -106,13 +107,14 @@ def test_job_steps_give_the_local_bytes_and_skip_finished_shards(tmp_path, spec)
 
 def test_a_shard_split_across_calls_is_refused(tmp_path, spec):
     write_passages(tmp_path / "p", make_articles(3, seed=2), shard_rows=100)
-    planned, todo_rows = plan_shards(list_passage_shards(str(tmp_path / "p")), str(tmp_path / "out"), spec, [], None)
+    shards = list_passage_shards(Location(tmp_path / "p"))
+    planned, todo_rows = plan_shards(shards, Location(tmp_path / "out"), spec, [])
     (plan,) = planned
     table = pq.read_table(plan.path, columns=["row_id", "title", "text"])
     table = table.append_column("path", pa.array([plan.path] * table.num_rows))
     half = keep_todo(table.slice(0, table.num_rows // 2), {plan.name: plan.first_row_id}, todo_rows)
-    encoder = ShardEncoder(spec, {plan.name: plan}, str(tmp_path / "out"), batch_size=8, device="cpu",
-                           precision="fp32", threads=None, s3_endpoint_url=None)
+    encoder = ShardEncoder(spec, {plan.name: plan}, Location(tmp_path / "out"), batch_size=8, device="cpu",
+                           precision="fp32", threads=None)
     with pytest.raises(RagindexError, match=rf"^shard part-00000.parquet: got {half.num_rows} rows to encode in "
                                             rf"one call, expected {table.num_rows}$"):
         encoder(half)
@@ -126,7 +128,7 @@ def test_a_shard_whose_row_ids_have_gaps_is_refused_before_any_work(tmp_path, sp
     pq.write_table(table, tmp_path / "p" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"^passage shard part-00000.parquet: row_id does not run on from 0 "
                                             r"without gaps, so its rows cannot be matched back to their order$"):
-        plan_shards([str(tmp_path / "p" / "part-00000.parquet")], str(tmp_path / "out"), spec, [], None)
+        plan_shards([Location(tmp_path / "p" / "part-00000.parquet")], Location(tmp_path / "out"), spec, [])
     assert not (tmp_path / "out").exists()
 
 
@@ -162,10 +164,10 @@ def local_ray():
 
 def test_ray_data_job_gives_the_local_bytes(tmp_path, spec, local_ray):
     v1, passages = refreshed_corpus(tmp_path, spec)
-    local = embed_passages(str(passages), str(tmp_path / "local"), spec, reuse_from=[str(v1)], progress=False,
-                           precision="fp32")
-    remote = embed_passages_ray(str(passages), str(tmp_path / "ray"), spec, reuse_from=[str(v1)], progress=False,
-                                precision="fp32", ray_address="local")
+    local = embed_passages(Location(passages), Location(tmp_path / "local"), spec, reuse_from=[Location(v1)],
+                           progress=False, precision="fp32")
+    remote = embed_passages_ray(Location(passages), Location(tmp_path / "ray"), spec, reuse_from=[Location(v1)],
+                                progress=False, precision="fp32", ray_address="local")
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "local")
     assert 0 < remote["encoded"] == local["encoded"] < remote["rows"]
     assert remote["shards"] == local["shards"]
@@ -175,7 +177,7 @@ def test_ray_data_job_gives_the_local_bytes(tmp_path, spec, local_ray):
     (tmp_path / "bad").mkdir()
     pq.write_table(PASSAGE_SCHEMA.empty_table(), tmp_path / "bad" / "part-00000.parquet")
     with pytest.raises(RagindexError, match=r"^passage shard .*part-00000.parquet is empty$"):
-        embed_passages_ray(str(tmp_path / "bad"), str(tmp_path / "bad-out"), spec, ray_address="local")
+        embed_passages_ray(Location(tmp_path / "bad"), Location(tmp_path / "bad-out"), spec, ray_address="local")
 
 
 def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
@@ -183,10 +185,10 @@ def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
 
     spec = EncoderSpec(str(tiny_dpr.ctx_dir))
     write_passages(tmp_path / "p", make_articles(8, seed=9))
-    shards = list_passage_shards(str(tmp_path / "p"))
+    shards = list_passage_shards(Location(tmp_path / "p"))
     assert len(shards) >= 3
     out = tmp_path / "out"
-    first = embed_shard(shards[0], str(out), spec, progress=False, precision="fp32")
+    first = embed_shard(shards[0], Location(out), spec, progress=False, precision="fp32")
     finished = (out / "part-00000.json").read_bytes()
     main(["embed", "--passages", str(tmp_path / "p"), "--out", str(out), "--encoder", spec.model,
           "--precision", "fp32", "--ray-address", "local", "--json"])

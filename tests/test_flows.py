@@ -174,7 +174,7 @@ def test_crashed_run_resumes_only_unfinished_shards(prefect_api, mirror, tiny_dp
     real_embed_shard = tasks.embed.embed_shard
 
     def dies_in_third_shard(shard_url, *args, **kwargs):
-        if shard_url.endswith("part-00002.parquet"):  # every attempt, retries included
+        if str(shard_url).endswith("part-00002.parquet"):  # every attempt, retries included
             raise RuntimeError("worker lost in the third shard")
         return real_embed_shard(shard_url, *args, **kwargs)
 

@@ -15,6 +15,7 @@ import pytest
 from rag_model.query import query_store
 from rag_model.server import create_app
 from storage.errors import RagindexError, Rejected
+from storage.location import Location
 from storage.store import IndexStore
 from tests.fixtures.rag import TOPICS_A, TOPICS_B, build_version
 from tests.test_server import ServerThread, wait_for
@@ -155,7 +156,7 @@ def test_reuse_from_a_damaged_earlier_version_encodes_again(tmp_path, tiny_dpr, 
     articles = make_articles(12, seed=5)
     v1 = tmp_path / "v1"
     rows1 = write_passages(v1 / "passages", articles)
-    embed_passages(str(v1 / "passages"), str(v1 / "embeddings"), spec, progress=False, precision="fp32")
+    embed_passages(Location(v1 / "passages"), Location(v1 / "embeddings"), spec, progress=False, precision="fp32")
     good_vectors = load_vectors(v1 / "embeddings")
     source, endpoint = str(v1), None
     if where.startswith("s3"):
@@ -188,8 +189,8 @@ def test_reuse_from_a_damaged_earlier_version_encodes_again(tmp_path, tiny_dpr, 
     rows2 = write_passages(tmp_path / "v2" / "passages", articles)  # the same passages again
     shard0 = json.loads((v1 / "passages" / "passages.json").read_text())["shards"][0]["rows"]
     counter = Counter()
-    summary = embed_passages(str(tmp_path / "v2" / "passages"), str(tmp_path / "v2" / "embeddings"), spec,
-                             reuse_from=[source], s3_endpoint_url=endpoint, progress=False,
+    summary = embed_passages(Location(tmp_path / "v2" / "passages"), Location(tmp_path / "v2" / "embeddings"), spec,
+                             reuse_from=[Location(source, endpoint)], progress=False,
                              encoder_calls=counter, precision="fp32")
     assert counter.passages == summary["encoded"] == shard0  # only the damaged shard's rows, encoded again
     assert summary["reused"] == len(rows2) - shard0

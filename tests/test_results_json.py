@@ -78,7 +78,7 @@ def test_a_planted_pickle_runs_nothing_and_the_resumed_refresh_succeeds(prefect_
     real_embed_shard = tasks.embed.embed_shard
 
     def dies_in_third_shard(shard_url, *args, **kwargs):
-        if shard_url.endswith("part-00002.parquet"):
+        if str(shard_url).endswith("part-00002.parquet"):
             raise RuntimeError("worker lost in the third shard")
         return real_embed_shard(shard_url, *args, **kwargs)
 

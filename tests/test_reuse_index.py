@@ -123,7 +123,7 @@ def test_table_lookup_is_byte_identical_to_the_scan(corpus):
     assert all(open_source(Location(r), KEY, _source_shards).stored for r in roots)
     total_found = 0
     for hashes in new_shards:
-        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+        found, vectors = _reuse_vectors(hashes, [Location(r) for r in roots], KEY, DIM)
         ref_found, ref_vectors = scan_reuse(hashes, roots)
         np.testing.assert_array_equal(found, ref_found)
         assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
@@ -137,7 +137,7 @@ def test_a_version_without_a_table_still_reuses_and_builds_it_once(corpus, monke
     real_build = reuse_index.build_table
     monkeypatch.setattr(reuse_index, "build_table", lambda fs, paths: built.append(len(paths)) or real_build(fs, paths))
     for hashes in new_shards:
-        found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+        found, vectors = _reuse_vectors(hashes, [Location(r) for r in roots], KEY, DIM)
         ref_found, ref_vectors = scan_reuse(hashes, roots)
         np.testing.assert_array_equal(found, ref_found)
         assert found.any() and vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
@@ -162,7 +162,7 @@ def test_a_table_that_does_not_match_its_manifest_is_rebuilt_not_trusted(corpus)
     np.save(rows_path, np.roll(locations, 1, axis=0))
     assert not open_source(Location(roots[0]), KEY, _source_shards).stored
     for hashes in new_shards:
-        found, vectors = _reuse_vectors(hashes, roots[:1], KEY, DIM, None)
+        found, vectors = _reuse_vectors(hashes, [Location(roots[0])], KEY, DIM)
         ref_found, ref_vectors = scan_reuse(hashes, roots[:1])
         np.testing.assert_array_equal(found, ref_found)
         assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
@@ -211,20 +211,20 @@ def test_a_source_shard_is_hashed_once_across_runs_and_only_its_rows_are_read(co
                         or read_rows(fs, path, rows, dim))
     for _night in range(2):  # a fresh FileCache per call, as in a new process
         for hashes in new_shards:
-            found, vectors = _reuse_vectors(hashes, roots, KEY, DIM, None)
+            found, vectors = _reuse_vectors(hashes, [Location(r) for r in roots], KEY, DIM)
             ref_found, ref_vectors = scan_reuse(hashes, roots)
             np.testing.assert_array_equal(found, ref_found)
             assert vectors[found].tobytes() == ref_vectors[ref_found].tobytes()
     assert hashed and len(hashed) == len(set(hashed))  # each source file hashed once over both nights
     assert all(n < 70 for n in reads)  # rows, never whole shards (70-90 rows each)
 
-    before, _ = _reuse_vectors(new_shards[0], roots, KEY, DIM, None)
+    before, _ = _reuse_vectors(new_shards[0], [Location(r) for r in roots], KEY, DIM)
     victim = sorted(Path(roots[0], layout.EMBEDDINGS_DIR).glob("part-*.npy"))[0]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
     hashed.clear()
     with caplog.at_level(logging.WARNING):
-        after, _ = _reuse_vectors(new_shards[0], roots, KEY, DIM, None)
+        after, _ = _reuse_vectors(new_shards[0], [Location(r) for r in roots], KEY, DIM)
     assert str(victim) in hashed  # its stamp changed: hashed again, found corrupt, not reused
     assert "encoding its passages again" in caplog.text and after.sum() < before.sum()
