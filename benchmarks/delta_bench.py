@@ -40,11 +40,12 @@ RECALL_SLACK = 0.01
 def corpus(min_passages: int) -> list:
     """Excerpt articles, copied under new ids and titles until they make `min_passages` passages."""
     from flows.demo import gensim_excerpt
+    from storage.location import Location
     from tasks.chunk import chunk_article
     from tasks.parse import iter_pages
     from tests.fixtures.mirror import Page
 
-    articles = [p for p in iter_pages(str(gensim_excerpt())) if p.ns == 0 and not p.redirect]
+    articles = [p for p in iter_pages(Location(gensim_excerpt())) if p.ns == 0 and not p.redirect]
     # Passages per article before cleaning, which removes about half of them in the mixed copies.
     sizes = [len(chunk_article(p.page_id, p.rev_id, p.title, p.text)) for p in articles]
     pages, total, copy = [], 0, 0

@@ -62,9 +62,10 @@ def _page_xml(page, page_id: int) -> str:
 
 def build_input(dump: Path, repeat: int, directory: Path) -> tuple[Path, dict]:
     """The bench dump: `dump`'s pages `repeat` times (new ids), multistream + index. Returns (file, stats)."""
+    from storage.location import Location
     from tasks.parse import iter_pages
 
-    pages = list(iter_pages(str(dump)))
+    pages = list(iter_pages(Location(dump)))
     top = max(p.page_id for p in pages) + 1
     name = f"enwiki-20000101-pages-articles-multistream1.xml-p1p{top * repeat}.bz2"
     data = directory / name
@@ -156,11 +157,12 @@ def run_wikiextractor(data: Path, workers: int, work: Path) -> dict | None:
 
 
 def child(data: str, index: str, out: str, workers: int) -> None:
+    from storage.location import Location
     from storage.manifest import SourceDump
     from tasks.passages import write_passages
 
-    summary = write_passages([data, index], out, SourceDump(wiki="enwiki", dump_date="20000101"),
-                             workers=workers, progress=False)
+    summary = write_passages([Location(data), Location(index)], Location(out),
+                             SourceDump(wiki="enwiki", dump_date="20000101"), workers=workers, progress=False)
     print(json.dumps(summary))
 
 

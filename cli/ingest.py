@@ -70,6 +70,7 @@ def passages(
                             help="Dump job to read from a dumpstatus.json directory."),
 ) -> None:
     """Parse, clean and cut a dump into 100-word passage shards."""
+    from storage.location import Location
     from tasks.download import resolve_source, verify_in_place
     from tasks.passages import write_passages
 
@@ -77,6 +78,6 @@ def passages(
     endpoint = settings.s3_endpoint_url
     ref = resolve_source(source, endpoint, job=job)
     urls = [verify_in_place(f, endpoint, progress=True) for f in ref.files]
-    summary = write_passages(urls, out, ref.source(), workers=workers, shard_rows=shard_rows,
-                             s3_endpoint_url=endpoint)
+    summary = write_passages([Location(u, endpoint) for u in urls], Location(out, endpoint), ref.source(),
+                             workers=workers, shard_rows=shard_rows)
     Console().print(_summary_table(summary, out))

@@ -203,22 +203,21 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
 
         # parse + chunk: one cached task per unit, in parallel
         with steps("passages"):
-            units = passages.plan_units(files, workers=p.parse_workers(), s3_endpoint_url=p.s3_endpoint_url)
-            work_dir = store.version_url(version_id, layout.WORK_DIR)
+            units = passages.plan_units([store.location.reach(f) for f in files], workers=p.parse_workers())
+            work_dir = store.at(version_id, layout.WORK_DIR)
             progress = create_progress_artifact(0.0, description=f"parse + chunk of {len(units)} units")
             parse_one = parse_unit_task.with_options(result_storage=results_at)
 
             def parse(i: int, refresh: bool = False) -> Any:
                 runs = parse_one.with_options(refresh_cache=True) if refresh else parse_one
                 unit = units[i]
-                return runs.submit(unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION,
-                                   p.s3_endpoint_url)
+                return runs.submit(unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION)
 
             futures = [parse(i) for i in range(len(units))]
-            unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, p.s3_endpoint_url),
+            unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, work_dir),
                                    lambda i: parse(i, refresh=True))
             passages_at = store.at(version_id, layout.PASSAGES_DIR)
-            summary = PassagesSummary.load(assemble_task(unit_results, passages_at.url, ref, p), "passages summary")
+            summary = PassagesSummary.load(assemble_task(unit_results, passages_at, ref, p), "passages summary")
 
         # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
         with steps("embed"):

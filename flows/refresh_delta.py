@@ -94,7 +94,7 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     if existing is not None:
         return _existing_delta(p, store, existing, plan)
     with steps("download"):
-        files = [download_day_task(day, p) for day in days]
+        files = [store.location.reach(download_day_task(day, p)) for day in days]
     try:
         manifest = build_delta_version(
             store, parent.version, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,

@@ -47,18 +47,14 @@ def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
 
 @task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
       retries=1)
-def parse_unit_task(
-    unit: passages.WorkUnit, work_dir: str, input_id: str, code_version: str, s3_endpoint_url: str | None
-) -> dict:
+def parse_unit_task(unit: passages.WorkUnit, work_dir: Location, input_id: str, code_version: str) -> dict:
     # input_id and code_version are not used in the body: they are part of the cache key.
-    return passages.run_unit(unit, work_dir, s3_endpoint_url=s3_endpoint_url)
+    return passages.run_unit(unit, work_dir)
 
 
 @task(name="assemble-passages")
-def assemble_task(results: list[dict], out_url: str, ref: download.DumpRef, p: RefreshParams) -> dict:
-    return passages.assemble(
-        results, out_url, ref.source(), shard_rows=p.shard_rows, s3_endpoint_url=p.s3_endpoint_url
-    )
+def assemble_task(results: list[dict], out: Location, ref: download.DumpRef, p: RefreshParams) -> dict:
+    return passages.assemble(results, out, ref.source(), shard_rows=p.shard_rows)
 
 
 @task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,

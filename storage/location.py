@@ -53,6 +53,14 @@ class Location:
         """Another path of the same filesystem (as `fs` names it), reached the same way."""
         return Location(to_url(self.fs, path), self.s3_endpoint_url)
 
+    def reach(self, url: str) -> Location:
+        """Another URL, reached through the same endpoint (a record's file, named by its URL)."""
+        return Location(url, self.s3_endpoint_url)
+
+    def contains(self, other: Location) -> bool:
+        """Whether `other` lies below this location (same filesystem): where a record may point."""
+        return type(other.fs) is type(self.fs) and other.path.startswith(self.path.rstrip("/") + "/")
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (Location, (self.url, self.s3_endpoint_url))  # not the filesystem made on first use
 

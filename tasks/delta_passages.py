@@ -24,10 +24,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from storage.fs import file_digest, resolve
+from storage.fs import file_digest
 from storage.layout import UNIT_SCHEMA
+from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import UnitRecord
 from tasks.clean import CleanOptions
@@ -70,13 +72,12 @@ class DeltaPlan:
         return asdict(self) | {"drop_page_ids": len(self.drop_page_ids)}
 
 
-def newest_revisions(file_urls: Iterable[str], s3_endpoint_url: str | None = None,
-                     progress: bool = False) -> Revisions:
+def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revisions:
     """The newest revision of every page across the day files (read in the order given)."""
     newest: dict[int, Page] = {}
     seen = 0
-    for url in file_urls:
-        for page in tqdm(iter_pages(url, s3_endpoint_url=s3_endpoint_url), desc="adds-changes", unit="page",
+    for source in files:
+        for page in tqdm(iter_pages(source), desc="adds-changes", unit="page",
                          disable=None if progress else True, leave=False):
             seen += page.revisions
             if page.ns != 0:  # only its id, title and namespace matter: it may have left the main namespace
@@ -87,8 +88,8 @@ def newest_revisions(file_urls: Iterable[str], s3_endpoint_url: str | None = Non
     return Revisions(pages=newest, revisions_seen=seen)
 
 
-def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out_url: str,
-                         source: SourceDump, *, first_row_id: int, s3_endpoint_url: str | None = None,
+def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,
+                         source: SourceDump, *, first_row_id: int,
                          shard_rows: int = 100_000, options: CleanOptions | None = None,
                          progress: bool = False) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
@@ -142,14 +143,14 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
         plan.skipped = dict(sorted(skipped.items()))
         if plan.passages:
             pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), unit_path, compression="zstd")
-            fs, path = resolve(unit_path)
             record = UnitRecord(
                 unit={"ordinal": 0, "url": source.location, "start": None, "end": None},
-                options=options_key(options), ordinal=0, path=unit_path, sha256=file_digest(fs, path),
+                options=options_key(options), ordinal=0, path=unit_path,
+                sha256=file_digest(LocalFileSystem(), unit_path),
                 seen=len(revisions.pages), kept=kept, skipped=plan.skipped, passages=plan.passages, words=words,
                 seconds=0.0,
             ).dump()
-            assemble([record], out_url, source, shard_rows, s3_endpoint_url, first_row_id=first_row_id)
+            assemble([record], out, source, shard_rows, first_row_id=first_row_id)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return plan

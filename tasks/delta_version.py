@@ -33,6 +33,7 @@ from storage import layout
 from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import atomic_write
+from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
@@ -67,7 +68,7 @@ class _ParentRows:
     rows: dict[int, list[int]]  # page id -> its live row ids in the parent
 
 
-def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDay], files: Sequence[str], *,
+def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDay], files: Sequence[Location], *,
                         spec: EncoderSpec, floors: ValidationFloors | None = None, canaries: str | None = None,
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
                         shard_rows: int = 100_000, progress: bool = True,
@@ -83,7 +84,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
     ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
-    revisions = steps.run("parse_days", newest_revisions, list(files), store.s3_endpoint_url)
+    revisions = steps.run("parse_days", newest_revisions, list(files))
     tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
     last = days[-1]
     version_id = store.begin_version(parent.source.wiki, last.date)
@@ -91,8 +92,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
                             files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
         plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
-                         store.version_url(version_id, layout.PASSAGES_DIR), source,
-                         first_row_id=parent.next_row_id, s3_endpoint_url=store.s3_endpoint_url,
+                         store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
                          shard_rows=shard_rows)
         _check_applies(plan, days, parent_id)
         dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]

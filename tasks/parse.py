@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from storage.errors import RagindexError
-from storage.fs import resolve
+from storage.location import Location
 
 _READ = 1 << 20
 # A bz2 stream starts byte-aligned with "BZh" + block size digit + the block magic (pi in BCD).
@@ -158,10 +158,9 @@ class _Framed(io.RawIOBase):
         return 0
 
 
-def iter_pages(url: str, start: int | None = None, end: int | None = None,
-               s3_endpoint_url: str | None = None) -> Iterator[Page]:
-    """Every `<page>` of `url` (or of its bz2 streams in byte range [start, end)), in order."""
-    fs, path = resolve(url, s3_endpoint_url)
+def iter_pages(source: Location, start: int | None = None, end: int | None = None) -> Iterator[Page]:
+    """Every `<page>` of `source` (or of its bz2 streams in byte range [start, end)), in order."""
+    fs, path, url = source.fs, source.path, source.url
     name = file_name(url)
     try:
         raw = fs.open(path, "rb")
@@ -242,9 +241,9 @@ def _page(elem) -> Page:
 
 # --- where a multistream file may be cut ----------------------------------------------------------
 
-def stream_offsets_from_index(index_url: str, s3_endpoint_url: str | None = None) -> list[int]:
+def stream_offsets_from_index(index: Location) -> list[int]:
     """Sorted distinct stream offsets listed in a multistream `-index.txt.bz2` (`offset:page_id:title`)."""
-    fs, path = resolve(index_url, s3_endpoint_url)
+    fs, path = index.fs, index.path
     offsets: set[int] = set()
     try:
         with fs.open(path, "rb") as raw, bz2.open(raw, "rt", encoding="utf-8") as lines:
@@ -253,13 +252,13 @@ def stream_offsets_from_index(index_url: str, s3_endpoint_url: str | None = None
                 if head.isdigit():
                     offsets.add(int(head))
     except (OSError, EOFError) as exc:
-        raise DumpError(f"corrupt index file {file_name(index_url)}: {exc}") from None
+        raise DumpError(f"corrupt index file {file_name(index.url)}: {exc}") from None
     return sorted(offsets)
 
 
-def scan_stream_offsets(url: str, s3_endpoint_url: str | None = None) -> list[int]:
+def scan_stream_offsets(source: Location) -> list[int]:
     """Byte-aligned bz2 stream starts found by scanning for the stream header magic."""
-    fs, path = resolve(url, s3_endpoint_url)
+    fs, path = source.fs, source.path
     offsets = []
     overlap = 9
     with fs.open(path, "rb") as f:
@@ -272,13 +271,13 @@ def scan_stream_offsets(url: str, s3_endpoint_url: str | None = None) -> list[in
     return sorted(set(offsets))
 
 
-def starts_with_page(url: str, offset: int, s3_endpoint_url: str | None = None) -> bool:
+def starts_with_page(source: Location, offset: int) -> bool:
     """Whether the bz2 stream at `offset` begins with a `<page>`: a safe place to cut.
 
     Guards stream scanning against files whose streams split pages (e.g. pbzip2 output) and
     against a chance match of the magic inside compressed data.
     """
-    fs, path = resolve(url, s3_endpoint_url)
+    fs, path = source.fs, source.path
     decomp = bz2.BZ2Decompressor()
     with fs.open(path, "rb") as f:
         codec = xml_encoding(_first_bytes(f, compressed=True))
@@ -295,7 +294,6 @@ def starts_with_page(url: str, offset: int, s3_endpoint_url: str | None = None) 
     return out.decode(codec, errors="ignore").lstrip("\ufeff \t\r\n").startswith("<page")
 
 
-def file_size(url: str, s3_endpoint_url: str | None = None) -> int:
-    fs, path = resolve(url, s3_endpoint_url)
-    return fs.size(path)
+def file_size(source: Location) -> int:
+    return source.fs.size(source.path)
 

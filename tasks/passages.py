@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, join, to_url
 from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
+from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
 from storage.timing import timed
@@ -68,46 +69,44 @@ class WorkUnit:
 
 # --- planning -------------------------------------------------------------------------------------
 
-def plan_units(file_urls: list[str], workers: int, s3_endpoint_url: str | None = None,
-               min_unit_bytes: int = MIN_UNIT_BYTES) -> list[WorkUnit]:
+def plan_units(files: list[Location], workers: int, min_unit_bytes: int = MIN_UNIT_BYTES) -> list[WorkUnit]:
     """Cut the dump into about `4 * workers` units, by file and by bz2 stream offsets.
 
-    Cut points come from the multistream index when it is among `file_urls`, else (local files
-    only) from scanning for stream headers, each checked to start with a `<page>`.
+    Cut points come from the multistream index when it is among `files`, else (local files only)
+    from scanning for stream headers, each checked to start with a `<page>`.
     """
-    data = [u for u in file_urls if not is_index_file(u)]
+    data = [f for f in files if not is_index_file(f.url)]
     if not data:
         raise DumpError("no dump data files given (only index files)")
-    indexes = {file_name(u): u for u in file_urls if is_index_file(u)}
-    sizes = {u: file_size(u, s3_endpoint_url) for u in data}
+    indexes = {file_name(f.url): f for f in files if is_index_file(f.url)}
+    sizes = {f.url: file_size(f) for f in data}
     target = max(min_unit_bytes, sum(sizes.values()) // max(1, 4 * workers), 1)
     ranges: list[tuple[str, int | None, int | None]] = []
-    for url in data:
-        size = sizes[url]
+    for source in data:
+        url, size = source.url, sizes[source.url]
         if not is_bz2(url) or size <= target:
             ranges.append((url, None, None))
             continue
         index = indexes.get(index_name_for(file_name(url)))
         if index:
-            cuts, verify = stream_offsets_from_index(index, s3_endpoint_url), False
-        elif "://" not in url or url.startswith("file://"):
-            cuts, verify = scan_stream_offsets(url, s3_endpoint_url), True
+            cuts, verify = stream_offsets_from_index(index), False
+        elif source.is_local:
+            cuts, verify = scan_stream_offsets(source), True
         else:
             cuts, verify = [], False  # scanning S3 would read the whole object once more
-        bounds = _choose_bounds(url, [c for c in cuts if 0 < c < size], size, target, verify, s3_endpoint_url)
+        bounds = _choose_bounds(source, [c for c in cuts if 0 < c < size], size, target, verify)
         edges = [0, *bounds, None]
         ranges.extend((url, edges[i] or None, edges[i + 1]) for i in range(len(edges) - 1))
     return [WorkUnit(i, url, start, end) for i, (url, start, end) in enumerate(ranges)]
 
 
-def _choose_bounds(url: str, cuts: list[int], size: int, target: int, verify: bool,
-                   s3_endpoint_url: str | None) -> list[int]:
+def _choose_bounds(source: Location, cuts: list[int], size: int, target: int, verify: bool) -> list[int]:
     bounds: list[int] = []
     want = target
     for cut in cuts:
         if cut < want or size - cut < target // 4:
             continue
-        if verify and not starts_with_page(url, cut, s3_endpoint_url):
+        if verify and not starts_with_page(source, cut):
             continue
         bounds.append(cut)
         want = cut + target
@@ -137,16 +136,15 @@ def _wiki_of(url: str) -> str | None:
     return m.group(1) if m else None
 
 
-def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = None,
-             s3_endpoint_url: str | None = None) -> dict:
+def run_unit(unit: WorkUnit, work_dir: Location, options: CleanOptions | None = None) -> dict:
     """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
 
     The record (`storage.records.UnitRecord`, as a dict) is written after the Parquet file, so its
     presence means the unit is done; a re-run with the same unit and options reuses it while the
-    file still has the sha256 the record carries.
+    file still has the sha256 the record carries. The unit's file is reached through `work_dir`'s endpoint.
     """
     options = options or CleanOptions.for_wiki(_wiki_of(unit.url))
-    fs, work = resolve(work_dir_url, s3_endpoint_url)
+    fs, work = work_dir.fs, work_dir.path
     stem = f"unit-{unit.ordinal:06d}"
     record_path, parquet_path = join(work, stem + ".json"), join(work, stem + ".parquet")
     key = {"unit": asdict(unit), "options": options_key(options)}
@@ -155,7 +153,7 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
             done = UnitRecord.read(fs, record_path).dump()
         except RagindexError:
             done = None  # a torn or foreign record: redo the unit
-        if done and {k: done.get(k) for k in key} == key and unit_output_intact(done, s3_endpoint_url):
+        if done and {k: done.get(k) for k in key} == key and unit_output_intact(done, work_dir):
             return done
 
     timing: dict[str, float] = {}
@@ -166,7 +164,7 @@ def run_unit(unit: WorkUnit, work_dir_url: str, options: CleanOptions | None = N
     with timed(timing, "seconds"), atomic_write(fs, parquet_path) as f:
         writer = pq.ParquetWriter(f, UNIT_SCHEMA, compression="zstd")
         try:
-            pages = iter_pages(unit.url, unit.start, unit.end, s3_endpoint_url)
+            pages = iter_pages(work_dir.reach(unit.url), unit.start, unit.end)
             for done_page in clean_and_chunk(pages, options, cleaner):
                 seen += 1
                 if done_page.reason:
@@ -235,18 +233,19 @@ def add_rows(rows: dict[str, list], chunks: list[dict]) -> None:
             rows[name].append(chunk[name])
 
 
-def unit_output_intact(record: dict, s3_endpoint_url: str | None = None) -> bool:
-    """Whether a unit's record still describes its output: the Parquet file is there with the sha256
-    the record carries. A record without one, or whose file is gone or changed, is as good as absent."""
+def unit_output_intact(record: dict, work_dir: Location) -> bool:
+    """Whether a unit's record still describes its output: the Parquet file is inside `work_dir` with the
+    sha256 the record carries. A record without one, naming a file elsewhere (a cached result may only
+    point into its own work area), or whose file is gone or changed, is as good as absent."""
     try:
         done = UnitRecord.load(record, "a work unit's record")
     except RagindexError:
         return False
-    if not done.sha256:
+    output = work_dir.reach(done.path)
+    if not done.sha256 or not work_dir.contains(output):
         return False
-    fs, path = resolve(done.path, s3_endpoint_url)
     try:
-        return file_digest(fs, path) == done.sha256
+        return file_digest(output.fs, output.path) == done.sha256
     except FileNotFoundError:
         return False
 
@@ -270,9 +269,8 @@ def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
 
 # --- assembling the shards ------------------------------------------------------------------------
 
-def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_rows: int = 100_000,
-             s3_endpoint_url: str | None = None, timings: dict[str, float] | None = None,
-             first_row_id: int = 0) -> dict:
+def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_rows: int = 100_000,
+             timings: dict[str, float] | None = None, first_row_id: int = 0) -> dict:
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
     `passages.json` is removed first and written last, so a reader never sees a half-written set.
@@ -294,17 +292,17 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
         raise DumpError(f"no articles in {names}: {seen} pages seen, skipped: {reasons}")
 
-    fs, out = resolve(out_url, s3_endpoint_url)
-    summary_path = join(out, layout.PASSAGES_SUMMARY)
+    fs, out_dir = out.fs, out.path
+    summary_path = join(out_dir, layout.PASSAGES_SUMMARY)
     if fs.exists(summary_path):
         fs.rm(summary_path)
     shards: list[ShardEntry] = []
     written: list[str] = []
     try:
         with timed(step_timings, "assemble_s"):
-            for name, rows in _write_shards(fs, out, results, shard_rows, s3_endpoint_url, written, first_row_id):
-                shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out, name))))
-            _remove_stale_parts(fs, out, keep={s.name for s in shards})
+            for name, rows in _write_shards(out, results, shard_rows, written, first_row_id):
+                shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out_dir, name))))
+            _remove_stale_parts(fs, out_dir, keep={s.name for s in shards})
         if "parse_clean_chunk_s" in step_timings:
             step_timings["total_s"] = round(step_timings["parse_clean_chunk_s"] + step_timings["assemble_s"], 3)
         summary = PassagesSummary(
@@ -322,9 +320,10 @@ def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_r
     return summary
 
 
-def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_endpoint_url: str | None,
-                  written: list[str], first_row_id: int = 0):
-    """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order."""
+def _write_shards(out: Location, results: list[UnitRecord], shard_rows: int, written: list[str],
+                  first_row_id: int = 0):
+    """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order. The units'
+    files are reached through `out`'s endpoint."""
     next_row = first_row_id
     shard = 0
     pending: list[pa.RecordBatch] = []
@@ -332,8 +331,8 @@ def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_e
 
     def batches():
         for r in results:
-            ufs, upath = resolve(r.path, s3_endpoint_url)
-            with ufs.open(upath, "rb") as f:
+            unit_file = out.reach(r.path)
+            with unit_file.fs.open(unit_file.path, "rb") as f:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS)
 
     def with_row_ids(batch: pa.RecordBatch, first: int) -> pa.RecordBatch:
@@ -342,10 +341,10 @@ def _write_shards(fs, out: str, results: list[UnitRecord], shard_rows: int, s3_e
 
     def emit(batches_: list[pa.RecordBatch]) -> tuple[str, int]:
         name = layout.passage_part(shard)
-        path = join(out, name)
+        path = join(out.path, name)
         written.append(path)
         table = pa.Table.from_batches(batches_, schema=PASSAGE_SCHEMA)
-        with atomic_write(fs, path) as f:
+        with atomic_write(out.fs, path) as f:
             pq.write_table(table, f, compression="zstd", row_group_size=_FLUSH_ROWS)
         return name, table.num_rows
 
@@ -379,8 +378,8 @@ def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:
 
 # --- everything -----------------------------------------------------------------------------------
 
-def run_units(units: list[WorkUnit], work_dir_url: str, workers: int, options: CleanOptions,
-              s3_endpoint_url: str | None = None, progress: bool = True) -> list[dict]:
+def run_units(units: list[WorkUnit], work_dir: Location, workers: int, options: CleanOptions,
+              progress: bool = True) -> list[dict]:
     """Run units on a process pool (or in-process for one worker); results in ordinal order."""
     bar = tqdm(total=len(units), unit="unit", desc="passages", disable=None if progress else True)
     results: list[dict] = []
@@ -393,14 +392,14 @@ def run_units(units: list[WorkUnit], work_dir_url: str, workers: int, options: C
     try:
         if workers <= 1 or len(units) <= 1:
             for unit in units:
-                done(run_unit(unit, work_dir_url, options, s3_endpoint_url))
+                done(run_unit(unit, work_dir, options))
         else:
             # forkserver: safe in a threaded caller (a Prefect worker), and each worker is a fork of
             # one server that imported this module once, instead of a fresh interpreter per worker.
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["tasks.passages"])
             with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
-                pending = {pool.submit(run_unit, u, work_dir_url, options, s3_endpoint_url) for u in units}
+                pending = {pool.submit(run_unit, u, work_dir, options) for u in units}
                 try:
                     while pending:
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -415,10 +414,10 @@ def run_units(units: list[WorkUnit], work_dir_url: str, workers: int, options: C
     return sorted(results, key=lambda r: r["ordinal"])
 
 
-def write_passages(file_urls: list[str], out_url: str, source: SourceDump, workers: int | None = None,
-                   shard_rows: int = 100_000, s3_endpoint_url: str | None = None, progress: bool = True,
-                   options: CleanOptions | None = None, min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
-    """Dump files -> passage shards + passages.json in `out_url`; returns the passages.json dict."""
+def write_passages(files: list[Location], out: Location, source: SourceDump, workers: int | None = None,
+                   shard_rows: int = 100_000, progress: bool = True, options: CleanOptions | None = None,
+                   min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
+    """Dump files -> passage shards + passages.json in `out`; returns the passages.json dict."""
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -427,21 +426,21 @@ def write_passages(file_urls: list[str], out_url: str, source: SourceDump, worke
     options = options or CleanOptions.for_wiki(source.wiki)
     timings: dict[str, float] = {}
     with timed(timings, "parse_clean_chunk_s"):
-        units = plan_units(file_urls, workers, s3_endpoint_url, min_unit_bytes)
-    fs, out = resolve(out_url, s3_endpoint_url)
+        units = plan_units(files, workers, min_unit_bytes)
     # Unit outputs live beside the shards locally (a crashed run resumes from them); for S3 output
     # they stay on local disk, which is cheaper than a round trip per unit.
-    work_url = join(out, layout.WORK_DIR) if is_local(fs) else tempfile.mkdtemp(prefix="ragindex-units-")
+    # A local temp dir reached like `out`: the units' dump files are reached through its endpoint.
+    work = (out.child(layout.WORK_DIR) if out.is_local
+            else Location(tempfile.mkdtemp(prefix="ragindex-units-"), out.s3_endpoint_url))
     try:
         with timed(timings, "parse_clean_chunk_s"):
-            results = run_units(units, work_url, workers, options, s3_endpoint_url, progress)
+            results = run_units(units, work, workers, options, progress)
         timings["unit_s"] = round(sum(r["seconds"] for r in results), 3)  # summed over units: CPU, not wall
-        summary = assemble(results, out_url, source, shard_rows, s3_endpoint_url, timings=timings)
+        summary = assemble(results, out, source, shard_rows, timings=timings)
     except BaseException:
-        if not is_local(fs):  # a random temp dir cannot be resumed from: do not leave it behind
-            shutil.rmtree(work_url, ignore_errors=True)
+        if not out.is_local:  # a random temp dir cannot be resumed from: do not leave it behind
+            shutil.rmtree(work.path, ignore_errors=True)
         raise
-    wfs, wpath = resolve(work_url, s3_endpoint_url)
-    if wfs.exists(wpath):
-        wfs.rm(wpath, recursive=True)
+    if work.fs.exists(work.path):
+        work.fs.rm(work.path, recursive=True)
     return summary

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from storage.location import Location
 from tasks.clean import CleanOptions, clean_article, clean_wikitext, is_disambiguation
 from tasks.cleaner import GuardedCleaner
 from tasks.parse import iter_pages
@@ -113,7 +114,7 @@ def test_unbalanced_markup_does_not_swallow_the_article():
 def test_gensim_excerpt_cleans_to_plain_prose(gensim_excerpt):
     opts = CleanOptions()
     cleaned = {}
-    for page in iter_pages(str(gensim_excerpt)):
+    for page in iter_pages(Location(gensim_excerpt)):
         if page.ns == 0 and not page.redirect and not is_disambiguation(page.title, page.text, opts):
             cleaned[page.title] = clean_wikitext(page.text, opts)
             if len(cleaned) == 12:

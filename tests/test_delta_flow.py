@@ -11,6 +11,7 @@ from flows.refresh import refresh_index
 from flows.rollback import rollback_index
 from flows.settings import load_settings
 from rag_model.index import VersionIndex
+from storage.location import Location
 from storage.store import IndexStore
 from tasks.parse import iter_pages
 from tests.fixtures.history import HistPage, history_xml
@@ -22,7 +23,7 @@ ADDED = "In 2024 a delta version of the index learned this sentence about the qu
 
 def _articles(excerpt, n: int = 16) -> list[Page]:
     pages = []
-    for page in iter_pages(str(excerpt)):
+    for page in iter_pages(Location(excerpt)):
         if page.ns == 0 and not page.redirect and len(page.text) > 3000 and "may refer to" not in page.text:
             pages.append(Page(page.page_id, page.title, page.text[:6000], rev_id=page.rev_id))
         if len(pages) == n:

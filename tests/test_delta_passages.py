@@ -7,6 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 
+from storage.location import Location
 from storage.manifest import SourceDump
 from tasks.delta_passages import ParentPage, newest_revisions, write_delta_passages
 from tasks.download import resolve_source
@@ -39,13 +40,13 @@ def test_the_newest_revision_wins_across_revisions_and_days(tmp_path):
         HistPage(3, "Talk:Twice", [(104, "talk talk")], ns=1),
     ])
     day2 = _day(tmp_path, "d2.xml.bz2", [HistPage(2, "Later", [(105, _words("day two"))])])
-    revisions = newest_revisions([day1, day2])
+    revisions = newest_revisions([Location(day1), Location(day2)])
     assert revisions.revisions_seen == 5
     assert revisions.pages[1].rev_id == 102 and revisions.pages[1].text.startswith("second0")
     assert revisions.pages[2].rev_id == 105 and "two" in revisions.pages[2].text
     assert revisions.pages[3].ns == 1 and revisions.pages[3].text == ""  # kept only to see it left ns 0
     # Read in the other order, the same revisions win: ids decide, not file order.
-    assert {k: v.rev_id for k, v in newest_revisions([day2, day1]).pages.items()} == \
+    assert {k: v.rev_id for k, v in newest_revisions([Location(day2), Location(day1)]).pages.items()} == \
         {k: v.rev_id for k, v in revisions.pages.items()}
 
 
@@ -65,7 +66,7 @@ def test_pages_are_classified_against_the_parent(tmp_path):
               14: ParentPage(150, "Mercury (disambiguation)"), 15: ParentPage(100, "Stale"),
               17: ParentPage(150, "Left main")}
     out = tmp_path / "out"
-    plan = write_delta_passages(newest_revisions([day]), parent, str(out), SOURCE, first_row_id=1000)
+    plan = write_delta_passages(newest_revisions([Location(day)]), parent, Location(out), SOURCE, first_row_id=1000)
 
     assert plan.added == [[11, "Brand new"]]
     assert plan.changed == [[10, "Edited"]]
@@ -90,9 +91,10 @@ def test_a_day_gives_the_same_passages_as_a_full_build_of_the_same_text(tmp_path
         + "\n== See also ==\n* [[Tin]]"
     run = make_dump(tmp_path / "m", "enwiki", "20240101", [Page(7, "Lead", text, rev_id=300)])
     ref = resolve_source(str(run))
-    write_passages([f.url for f in ref.files], str(tmp_path / "full"), ref.source(), workers=1, progress=False)
+    write_passages([Location(f.url) for f in ref.files], Location(tmp_path / "full"), ref.source(), workers=1,
+                   progress=False)
     day = _day(tmp_path, "d.xml.bz2", [HistPage(7, "Lead", [(299, "older text"), (300, text)])])
-    write_delta_passages(newest_revisions([day]), {}, str(tmp_path / "delta"), SOURCE, first_row_id=0)
+    write_delta_passages(newest_revisions([Location(day)]), {}, Location(tmp_path / "delta"), SOURCE, first_row_id=0)
 
     def key(rows):
         return [(r["passage_id"], r["rev_id"], r["text"], r["content_hash"]) for r in rows]
@@ -103,6 +105,6 @@ def test_a_day_gives_the_same_passages_as_a_full_build_of_the_same_text(tmp_path
 def test_nothing_is_written_when_no_page_gains_passages(tmp_path):
     day = _day(tmp_path, "d.xml.bz2", [HistPage(13, "Gone", [(204, "#REDIRECT [[X]]")], redirect="X")])
     out = tmp_path / "out"
-    plan = write_delta_passages(newest_revisions([day]), {13: ParentPage(1, "Gone")}, str(out), SOURCE,
+    plan = write_delta_passages(newest_revisions([Location(day)]), {13: ParentPage(1, "Gone")}, Location(out), SOURCE,
                                 first_row_id=5)
     assert plan.passages == 0 and plan.drop_page_ids == [13] and not out.exists()

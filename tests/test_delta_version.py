@@ -15,6 +15,7 @@ from rag_model.encoders import EncoderSpec
 from rag_model.index import VersionIndex
 from storage import layout
 from storage.errors import Corrupt, Rejected
+from storage.location import Location
 from storage.store import IndexStore
 from tasks.delta_version import NothingToApply, build_delta_version
 from tasks.download import RemoteFile
@@ -28,13 +29,13 @@ def _words(tag: str, n: int = 150) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
 
-def _day(tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, str]:
+def _day(tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, Location]:
     path = tmp_path / f"enwiki-{date}-pages-meta-hist-incr.xml.bz2"
     path.write_bytes(bz2.compress(history_xml("enwiki", pages).encode()))
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     day = IncrDay(wiki="enwiki", date=date, maxrevid=max(r for p in pages for r, _ in p.revisions),
                   location=f"file://{tmp_path}", file=RemoteFile(name=path.name, url=str(path), md5=md5))
-    return day, str(path)
+    return day, Location(path)
 
 
 @pytest.fixture

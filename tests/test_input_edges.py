@@ -7,6 +7,7 @@ import pytest
 from storage import names
 from storage.errors import InvalidName
 from storage.fs import atomic_write
+from storage.location import Location
 from tests.fixtures.mirror import page_xml, sample_pages
 
 
@@ -125,7 +126,7 @@ def test_a_utf16_export_is_read_whole_and_by_stream_ranges(tmp_path, codec):
                        .encode(codec))
     ref = resolve_source(str(export))
     assert ref.wiki == "dewiki"
-    assert [(p.title, p.text) for p in iter_pages(str(export))] == [(p.title, p.text) for p in pages]
+    assert [(p.title, p.text) for p in iter_pages(Location(export))] == [(p.title, p.text) for p in pages]
 
     multi = tmp_path / "Special-Export.xml.bz2"
     offsets = []
@@ -136,11 +137,11 @@ def test_a_utf16_export_is_read_whole_and_by_stream_ranges(tmp_path, codec):
             out.write(bz2.compress("".join(page_xml(p) for p in pages[i:i + 2]).encode(piece)))
         out.write(bz2.compress(FOOTER.encode(piece)))
     assert resolve_source(str(multi)).wiki == "dewiki"
-    middle = list(iter_pages(str(multi), start=offsets[1], end=offsets[2]))
+    middle = list(iter_pages(Location(multi), start=offsets[1], end=offsets[2]))
     assert [p.title for p in middle] == [pages[2].title, pages[3].title] and middle[0].text == pages[2].text
-    head = [p.title for p in iter_pages(str(multi), end=offsets[1])]
+    head = [p.title for p in iter_pages(Location(multi), end=offsets[1])]
     assert head == [pages[0].title, pages[1].title]
-    units = plan_units([str(multi)], workers=4, min_unit_bytes=1)
+    units = plan_units([Location(multi)], workers=4, min_unit_bytes=1)
     assert len(units) > 1  # cut at stream starts, each found to begin with a <page> in UTF-16
-    read = [p.title for u in units for p in iter_pages(u.url, u.start, u.end)]
+    read = [p.title for u in units for p in iter_pages(Location(u.url), u.start, u.end)]
     assert read == [p.title for p in pages]

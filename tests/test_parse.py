@@ -6,6 +6,7 @@ import bz2
 
 import pytest
 
+from storage.location import Location
 from tasks.parse import (
     DumpError,
     iter_pages,
@@ -18,7 +19,7 @@ from tests.fixtures.mirror import Page, dump_xml, make_dump, sample_pages, write
 
 
 def _ids(url, start=None, end=None):
-    return [p.page_id for p in iter_pages(str(url), start, end)]
+    return [p.page_id for p in iter_pages(Location(url), start, end)]
 
 
 def test_page_fields(tmp_path):
@@ -28,7 +29,7 @@ def test_page_fields(tmp_path):
              Page(8, "Module:X", "return {}", model="Scribunto")]
     path = tmp_path / "d.xml"
     path.write_text(dump_xml("enwiki", pages))
-    got = list(iter_pages(str(path)))
+    got = list(iter_pages(Location(path)))
     assert [(p.page_id, p.rev_id, p.title, p.ns, p.redirect, p.model) for p in got] == [
         (5, 55, "Five & <five>", 0, False, "wikitext"), (6, 607, "Talk:Six", 1, False, "wikitext"),
         (7, 707, "Seven", 0, True, "wikitext"), (8, 807, "Module:X", 0, False, "Scribunto")]
@@ -40,7 +41,7 @@ def test_multistream_ranges_cover_the_file_exactly(tmp_path):
     path = tmp_path / "enwiki-20240101-pages-articles-multistream.xml.bz2"
     index = write_multistream(path, "enwiki", pages, pages_per_stream=2)
     offsets = sorted({int(line.split(":")[0]) for line in index})
-    assert scan_stream_offsets(str(path))[1:-1] == offsets  # header stream first, footer last
+    assert scan_stream_offsets(Location(path))[1:-1] == offsets  # header stream first, footer last
 
     edges = [0, offsets[2], offsets[4], None]
     pieces = [_ids(path, edges[i] or None, edges[i + 1]) for i in range(3)]
@@ -52,15 +53,16 @@ def test_plan_units_by_index_and_by_scanning_agree(tmp_path):
     run = make_dump(tmp_path, "enwiki", "20240101", sample_pages(30), parts=2, pages_per_stream=3)
     files = sorted(str(p) for p in run.glob("*.bz2"))
     data = [f for f in files if "-index" not in f]
-    by_index = plan_units(files, workers=3, min_unit_bytes=0)
-    by_scan = plan_units(data, workers=3, min_unit_bytes=0)
+    by_index = plan_units([Location(f) for f in files], workers=3, min_unit_bytes=0)
+    by_scan = plan_units([Location(f) for f in data], workers=3, min_unit_bytes=0)
     assert by_index == by_scan
     assert len(by_index) > 2 and [u.ordinal for u in by_index] == list(range(len(by_index)))
     index = next(f for f in files if "-index1" in f)
-    assert {u.start for u in by_index if u.url == data[0] and u.start} <= set(stream_offsets_from_index(index))
+    listed = set(stream_offsets_from_index(Location(index)))
+    assert {u.start for u in by_index if u.url == data[0] and u.start} <= listed
     ids = [i for u in by_index for i in _ids(u.url, u.start, u.end)]
     assert ids == [p.page_id for p in sample_pages(30)]
-    assert plan_units(files, workers=3) == [type(by_index[0])(0, data[0], None, None),
+    assert plan_units([Location(f) for f in files], workers=3) == [type(by_index[0])(0, data[0], None, None),
                                             type(by_index[0])(1, data[1], None, None)]  # small: whole files
 
 
@@ -70,9 +72,9 @@ def test_scanning_never_cuts_inside_a_page(tmp_path):
     path = tmp_path / "enwiki-20240101-pages-articles.xml.bz2"
     step = len(blob) // 5
     path.write_bytes(b"".join(bz2.compress(blob[i:i + step]) for i in range(0, len(blob), step)))
-    offsets = scan_stream_offsets(str(path))
-    assert len(offsets) >= 5 and not any(starts_with_page(str(path), o) for o in offsets[1:])
-    units = plan_units([str(path)], workers=4, min_unit_bytes=0)
+    offsets = scan_stream_offsets(Location(path))
+    assert len(offsets) >= 5 and not any(starts_with_page(Location(path), o) for o in offsets[1:])
+    units = plan_units([Location(path)], workers=4, min_unit_bytes=0)
     assert [(u.start, u.end) for u in units] == [(None, None)]
     assert len(_ids(path)) == 20  # BZ2File reads every concatenated stream
 

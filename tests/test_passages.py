@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.layout import PASSAGE_SCHEMA
+from storage.location import Location
 from storage.manifest import SourceDump
 from tasks.clean import CleanOptions
 from tasks.download import resolve_source
@@ -46,7 +47,7 @@ def test_shards_and_summary_follow_the_contract(tmp_path):
     ref = resolve_source(str(run))
     out = tmp_path / "out"
 
-    summary = write_passages([f.url for f in ref.files], str(out), ref.source(), workers=1, shard_rows=7,
+    summary = write_passages([Location(f.url) for f in ref.files], Location(out), ref.source(), workers=1, shard_rows=7,
                              progress=False)
 
     assert json.loads((out / "passages.json").read_text()) == summary
@@ -78,10 +79,10 @@ def test_shards_and_summary_follow_the_contract(tmp_path):
     assert {"parse_clean_chunk_s", "assemble_s", "total_s"} <= set(summary["timings"])
 
 
-def _ids_for(files: list[str], workers: int, work, out) -> list[tuple]:
+def _ids_for(files: list[Location], workers: int, work, out) -> list[tuple]:
     units = plan_units(files, workers, min_unit_bytes=0)
-    results = [run_unit(u, str(work)) for u in units]
-    assemble(results, str(out), SOURCE, shard_rows=5)
+    results = [run_unit(u, Location(work)) for u in units]
+    assemble(results, Location(out), SOURCE, shard_rows=5)
     return [(r["row_id"], r["passage_id"], r["content_hash"]) for r in _table(out)], len(units)
 
 
@@ -89,7 +90,7 @@ def _ids_for(files: list[str], workers: int, work, out) -> list[tuple]:
 def dump_files(tmp_path_factory):
     run = make_dump(tmp_path_factory.mktemp("det"), "enwiki", "20240101", sample_pages(16, words=90), parts=2,
                     pages_per_stream=1)
-    return sorted(str(p) for p in run.glob("*.bz2"))
+    return [Location(p) for p in sorted(run.glob("*.bz2"))]
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -104,39 +105,39 @@ def test_ids_are_stable_across_worker_counts(dump_files, tmp_path_factory, worke
 
 
 def test_process_pool_matches_single_worker(dump_files, tmp_path):
-    one = write_passages(dump_files, str(tmp_path / "one"), SOURCE, workers=1, progress=False, min_unit_bytes=0)
-    two = write_passages(dump_files, str(tmp_path / "two"), SOURCE, workers=2, progress=False, min_unit_bytes=0)
+    one = write_passages(dump_files, Location(tmp_path / "one"), SOURCE, workers=1, progress=False, min_unit_bytes=0)
+    two = write_passages(dump_files, Location(tmp_path / "two"), SOURCE, workers=2, progress=False, min_unit_bytes=0)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
     assert one["articles"] == two["articles"] and one["passages"] == two["passages"] > 0
 
 
 def test_unit_is_reused_when_done(dump_files, tmp_path):
     unit = plan_units(dump_files, 1)[0]
-    first = run_unit(unit, str(tmp_path))
+    first = run_unit(unit, Location(tmp_path))
     parquet = tmp_path / "unit-000000.parquet"
     mtime = parquet.stat().st_mtime_ns
-    assert run_unit(unit, str(tmp_path)) == first
+    assert run_unit(unit, Location(tmp_path)) == first
     assert parquet.stat().st_mtime_ns == mtime
 
 
 def test_unit_whose_output_changed_is_redone_not_reused(dump_files, tmp_path):
     unit = plan_units(dump_files, 1)[0]
-    first = run_unit(unit, str(tmp_path))
+    first = run_unit(unit, Location(tmp_path))
     parquet = tmp_path / "unit-000000.parquet"
     good = parquet.read_bytes()
     parquet.write_bytes(good[:-8] + b"\0" * 8)  # same size, other bytes: its record no longer describes it
-    assert unit_output_intact(first) is False
-    again = run_unit(unit, str(tmp_path))
-    assert parquet.read_bytes() == good and unit_output_intact(again)
+    assert unit_output_intact(first, Location(tmp_path)) is False
+    again = run_unit(unit, Location(tmp_path))
+    assert parquet.read_bytes() == good and unit_output_intact(again, Location(tmp_path))
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     parquet.unlink()
-    assert unit_output_intact(first) is False
+    assert unit_output_intact(first, Location(tmp_path)) is False
 
 
 def test_rerun_replaces_stale_shards(dump_files, tmp_path):
     out = tmp_path / "out"
-    many = write_passages(dump_files, str(out), SOURCE, workers=1, shard_rows=2, progress=False)
-    few = write_passages(dump_files, str(out), SOURCE, workers=1, shard_rows=1000, progress=False)
+    many = write_passages(dump_files, Location(out), SOURCE, workers=1, shard_rows=2, progress=False)
+    few = write_passages(dump_files, Location(out), SOURCE, workers=1, shard_rows=1000, progress=False)
     assert len(many["shards"]) > 1 and len(few["shards"]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "passages.json"]
 
@@ -147,7 +148,7 @@ def test_dump_without_articles_is_an_error_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DumpError, match=r"no articles in enwiki-20240101-pages-articles-multistream.xml.bz2: "
                                         r"2 pages seen, skipped: namespace=1, redirect=1"):
-        write_passages([str(p) for p in run.glob("*.bz2")], str(out), SOURCE, workers=1, progress=False)
+        write_passages([Location(p) for p in run.glob("*.bz2")], Location(out), SOURCE, workers=1, progress=False)
     assert not (out / "passages.json").exists() and not list(out.glob("part-*"))
 
 
@@ -158,12 +159,13 @@ def test_corrupt_input_fails_and_leaves_no_summary(tmp_path):
     data.write_bytes(blob[: len(blob) * 2 // 3])
     out = tmp_path / "out"
     with pytest.raises(DumpError, match=rf"truncated bz2 data in {data.name} near byte \d+"):
-        write_passages([str(data)], str(out), SOURCE, workers=1, progress=False)
+        write_passages([Location(data)], Location(out), SOURCE, workers=1, progress=False)
     assert not (out / "passages.json").exists() and not list(out.glob("part-*"))
 
     # The failed unit had a page in flight in this thread's cleaner; the next run must not see its reply.
     good = make_dump(tmp_path / "g", "enwiki", "20240101", sample_pages(3, start_id=500))
-    write_passages([str(p) for p in good.glob("*.bz2")], str(tmp_path / "good"), SOURCE, workers=1, progress=False)
+    write_passages([Location(p) for p in good.glob("*.bz2")], Location(tmp_path / "good"), SOURCE, workers=1,
+                   progress=False)
     rows = _table(tmp_path / "good")
     assert [w for r in rows if r["page_id"] == 500 for w in r["text"].split()] == sample_pages(1, 500)[0].text.split()
 
@@ -174,7 +176,7 @@ def test_slow_or_huge_page_is_skipped_and_the_run_goes_on(tmp_path):
     pages[3] = Page(13, "Huge", "word " * 120_000)
     run = make_dump(tmp_path / "m", "enwiki", "20240101", pages, pages_per_stream=5)
     options = CleanOptions(max_page_chars=500_000, page_timeout_s=0.3)
-    summary = write_passages([str(p) for p in run.glob("*.bz2")], str(tmp_path / "out"), SOURCE, workers=1,
+    summary = write_passages([Location(p) for p in run.glob("*.bz2")], Location(tmp_path / "out"), SOURCE, workers=1,
                              progress=False, options=options)
     assert summary["articles"] == {"seen": 5, "kept": 3, "skipped": {"timeout": 1, "too_large": 1}}
     assert [r["page_id"] for r in _table(tmp_path / "out") if r["passage_id"].endswith("_0")] == [10, 12, 14]
@@ -182,7 +184,7 @@ def test_slow_or_huge_page_is_skipped_and_the_run_goes_on(tmp_path):
 
 def test_gensim_excerpt_end_to_end(gensim_excerpt, tmp_path):
     ref = resolve_source(str(gensim_excerpt))
-    summary = write_passages([f.url for f in ref.files], str(tmp_path / "out"), ref.source(), workers=1,
+    summary = write_passages([Location(f.url) for f in ref.files], Location(tmp_path / "out"), ref.source(), workers=1,
                              progress=False)
     articles = summary["articles"]
     assert articles["seen"] == 206 and articles["skipped"]["redirect"] > 50
@@ -204,14 +206,13 @@ def test_s3_source_and_output(tmp_path, s3_bucket, moto_server):
 
     ref = resolve_source(f"s3://{s3_bucket}/dumps/enwiki/20240101", moto_server)
     assert (ref.wiki, ref.dump_date) == ("enwiki", "20240101") and all(f.sha1 for f in ref.files)
-    files = [f.url for f in ref.files]
-    assert len(plan_units(files, 4, moto_server, min_unit_bytes=0)) > 1
-    out = f"s3://{s3_bucket}/passages"
-    summary = write_passages(files, out, ref.source(), workers=1, s3_endpoint_url=moto_server, progress=False,
-                             min_unit_bytes=0)
+    files = [Location(f.url, moto_server) for f in ref.files]
+    assert len(plan_units(files, 4, min_unit_bytes=0)) > 1
+    out = Location(f"s3://{s3_bucket}/passages", moto_server)
+    summary = write_passages(files, out, ref.source(), workers=1, progress=False, min_unit_bytes=0)
 
-    local = write_passages([str(p) for p in sorted(run.glob("*.bz2"))], str(tmp_path / "local"), ref.source(),
-                           workers=1, progress=False)
+    local = write_passages([Location(p) for p in sorted(run.glob("*.bz2"))], Location(tmp_path / "local"),
+                           ref.source(), workers=1, progress=False)
     assert [s["sha256"] for s in summary["shards"]] == [s["sha256"] for s in local["shards"]]
     with fs.open(f"{s3_bucket}/passages/passages.json", "rb") as f:
         assert json.loads(f.read()) == summary
