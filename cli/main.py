@@ -6,8 +6,9 @@ Every failure a user can cause ends as one line on stderr and a non-zero exit, n
 
 from __future__ import annotations
 
-import os
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 import click
 import typer
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from typer.exceptions import TyperException
 
 from cli import demo, embed, ingest, refresh, serve, store
+from cli.options import debug_requested
 from storage.errors import RagindexError, first_line
 
 app = typer.Typer(
@@ -26,6 +28,24 @@ app = typer.Typer(
 )
 for _part in (ingest, embed, store, refresh, serve, demo):
     app.add_typer(_part.app)  # no name: the part's commands join the top level
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        try:
+            print(f"ragindex {package_version('ragindex')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("ragindex (not installed: no package metadata)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the installed version and exit."
+    ),
+) -> None:
+    pass  # the app's options only; its help is the Typer's
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -47,13 +67,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except (RagindexError, ValidationError, OSError, ValueError) as exc:
-        if os.environ.get("RAGINDEX_DEBUG"):
+        if debug_requested():
             raise
         fail(_one_line(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as exc:  # an unexpected failure is still one line, with a way to see more
-        if os.environ.get("RAGINDEX_DEBUG"):
+        if debug_requested():
             raise
         fail(f"unexpected {type(exc).__name__}: {_one_line(exc)} (set RAGINDEX_DEBUG=1 for a traceback)")
     if isinstance(rv, int) and rv:

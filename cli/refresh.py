@@ -1,14 +1,66 @@
-"""`ragindex refresh`: the whole refresh-index flow, run in this process."""
+"""`ragindex refresh`: the whole refresh-index flow, run in this process.
+
+The flow runs against PREFECT_API_URL, or else a temporary Prefect server that Prefect starts for
+this process. Either way its logs go to the API (the run page) in full; the terminal gets only the
+runs' progress, and a failure ends as the command's one error line (see `quiet_prefect_console`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import typer
 
-from cli.options import StoreOption
+from cli.options import StoreOption, debug_requested
 
 app = typer.Typer()
+
+# How Prefect words a run that ended well; any other "Finished in state ..." is a failure.
+_FINISHED = "Finished in state "
+_FINISHED_WELL = (_FINISHED + "Completed", _FINISHED + "Cached")
+
+
+class RunFailuresOffConsole(logging.Filter):
+    """On Prefect's console handler: pass the runs' progress, drop what a failure adds.
+
+    Dropped: any record carrying a traceback, a flow or task run's ERROR lines and its
+    "Finished in state Failed/Crashed" line, and the temporary server's start and stop notices
+    (INFO on the bare `prefect` logger; the stop comes at exit, after the command's error line).
+    Prefect's API handler sits on the run loggers themselves and never sees this filter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return False
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            message = record.getMessage()
+            failed_finish = message.startswith(_FINISHED) and not message.startswith(_FINISHED_WELL)
+            return record.levelno < logging.ERROR and not failed_finish
+        return record.name != "prefect" or record.levelno >= logging.WARNING
+
+
+def quiet_prefect_console() -> None:
+    """Make the runs of this process end on the command's one line, not on Prefect's tracebacks.
+
+    Call before the first flow runs. Adds `RunFailuresOffConsole` to Prefect's console handler
+    (configuring Prefect's logging first if importing prefect has not yet) and turns off the
+    temporary server's telemetry, whose failures offline the server child prints on this
+    process's stderr. With RAGINDEX_DEBUG set, everything shows.
+    """
+    if debug_requested():
+        return
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server child's environment
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, RunFailuresOffConsole) for f in handler.filters
+        ):
+            handler.addFilter(RunFailuresOffConsole())
 
 
 @app.command("refresh")
@@ -51,12 +103,16 @@ def refresh(
     ray_address: str = typer.Option(None, help="Ray cluster address (auto, ray://host:10001)."),
 ) -> None:
     """Download, parse, embed, build, validate and promote a new index version."""
-    from flows.refresh import refresh_index
+    from flows.settings import load_settings
 
     if source and date:
         raise typer.BadParameter("give either --source or --date, not both (with --source, --wiki names its wiki)")
     if full and incremental:
         raise typer.BadParameter("give either --full or --incremental, not both")
+    load_settings()  # a bad RAGINDEX_* value fails here, before a Prefect server starts
+    quiet_prefect_console()
+    from flows.refresh import refresh_index
+
     outcome = refresh_index(
         wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,

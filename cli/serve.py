@@ -3,14 +3,94 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import socket
 import sys
+import traceback
+from datetime import UTC, datetime
+from typing import Any
 
 import typer
 
 from cli.options import StoreOption
-from storage.errors import RagindexError
+from storage.errors import RagindexError, first_line
 
 app = typer.Typer()
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_BARE = re.compile(r'[^\s"=\\]+')  # a logfmt value that needs no quotes
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One `key=value` line per record: `ts`, `level`, `logger`, then the record's `event` and its
+    `fields` (what the serving code passes as `extra`) or, for any other record, its `msg`.
+
+    An exception is its type and first line (`error=`); its traceback is kept for `--log-level debug`.
+    """
+
+    def __init__(self, tracebacks: bool = False) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        pairs: dict[str, Any] = {"ts": ts.replace("+00:00", "Z"), "level": record.levelname.lower(),
+                                 "logger": record.name}
+        event = getattr(record, "event", None)
+        if event:
+            pairs["event"] = event
+            pairs.update(getattr(record, "fields", None) or {})
+        else:
+            pairs["msg"] = record.getMessage()
+        line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in pairs.items())
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line += f" error={_logfmt_value(f'{type(exc).__name__}: {first_line(exc)}')}"
+            if self.tracebacks:
+                line += "\n" + "".join(traceback.format_exception(exc)).rstrip()
+        return line
+
+
+def _logfmt_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+def configure_server_logging(level: str) -> None:
+    """stderr gets one logfmt line per record: ragindex's own loggers (`ragindex.serving` events,
+    `ragindex.access`) and rag_model's at `level`, every other library's at warning or above."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, LogfmtFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LogfmtFormatter(tracebacks=numeric <= logging.DEBUG))
+        root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, numeric))
+    for name in ("ragindex", "rag_model"):
+        logging.getLogger(name).setLevel(numeric)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to serve on, or one line saying why it cannot be.
+
+    Bound before anything expensive loads, and handed to uvicorn, so a busy port is found at once
+    and nothing else can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "busy"
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RagindexError(f"cannot listen on {host}:{port}: {exc.strerror or first_line(exc)}") from None
+    return sock
 
 
 @app.command("query")
@@ -33,7 +113,7 @@ def query(
 
     settings = load_settings()
     answer = query_store(
-        open_store(store, settings), text, k, version,
+        open_store(store, settings, must_exist=True), text, k, version,
         question_encoder or settings.question_encoder, question_encoder_kind,
         cache_dir=settings.cache_base, cache_max_bytes=settings.cache_max_bytes,
     )
@@ -83,14 +163,17 @@ def serve(
     max_connections: int | None = typer.Option(
         None, "--max-connections", help="Connections (and requests in flight) before answering 503 (default: 256)."
     ),
+    log_level: str = typer.Option(
+        "info", "--log-level", help="debug, info, warning or error. At info: one line per swap, refusal and "
+        "rollback, and one access line per request, on stderr."
+    ),
 ) -> None:
     """Serve /v1/retrieve and /v1/generate over the CURRENT version, hot-swapping on every promote."""
-    import uvicorn
-
     from flows.settings import load_settings, open_store
-    from rag_model.http_limits import ConnectionLimits, server_config
-    from rag_model.server import create_app
+    from rag_model.http_limits import ConnectionLimits
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise RagindexError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
     if question_encoder_kind not in (None, "dpr", "mean"):
         raise RagindexError(f"--question-encoder-kind must be dpr or mean, not {question_encoder_kind!r}")
     if port is not None and not 0 <= port <= 65535:
@@ -108,23 +191,33 @@ def serve(
         keep_alive_s=settings.keep_alive if keep_alive is None else keep_alive,
         max_connections=settings.max_connections if max_connections is None else max_connections,
     )
-    st = open_store(store, settings)
-    # The settings default names a hub checkpoint; only an explicit choice turns generation on.
-    chosen_rag = rag_model or (settings.rag_model if "rag_model" in settings.model_fields_set else None)
-    app_ = create_app(
-        st,
-        question_encoder=question_encoder or settings.question_encoder,
-        question_encoder_kind=question_encoder_kind,
-        rag_model=chosen_rag,
-        admin_token=settings.admin_token,
-        poll_seconds=poll_seconds or settings.poll_seconds,
-        cache_dir=cache_dir or settings.cache_base,
-        cache_max_bytes=settings.cache_max_bytes,
-        ready_grace_seconds=settings.ready_grace_seconds,
-    )
-    bind_host = host or settings.host
-    bind_port = settings.port if port is None else port
-    print(f"ragindex serving {st.url} on http://{bind_host}:{bind_port} "
-          f"(generation {'on: ' + chosen_rag if chosen_rag else 'off'}; "
-          f"admin {'on' if settings.admin_token else 'off'})", file=sys.stderr)
-    uvicorn.Server(server_config(app_, bind_host, bind_port, limits)).run()
+    st = open_store(store, settings, must_exist=True)
+    # Bound before anything expensive loads (and handed to uvicorn): a busy port is one line, at once.
+    with listen_socket(host or settings.host, settings.port if port is None else port) as sock:
+        import uvicorn
+
+        from rag_model.http_limits import server_config
+        from rag_model.server import create_app
+
+        configure_server_logging(log_level.lower())
+        # The settings default names a hub checkpoint; only an explicit choice turns generation on.
+        chosen_rag = rag_model or (settings.rag_model if "rag_model" in settings.model_fields_set else None)
+        app_ = create_app(
+            st,
+            question_encoder=question_encoder or settings.question_encoder,
+            question_encoder_kind=question_encoder_kind,
+            rag_model=chosen_rag,
+            admin_token=settings.admin_token,
+            poll_seconds=poll_seconds or settings.poll_seconds,
+            cache_dir=cache_dir or settings.cache_base,
+            cache_max_bytes=settings.cache_max_bytes,
+            ready_grace_seconds=settings.ready_grace_seconds,
+        )
+        bind_host, bind_port = sock.getsockname()[:2]  # --port 0: the port the system chose
+        shown_host = f"[{bind_host}]" if ":" in bind_host else bind_host
+        print(f"ragindex serving {st.url} on http://{shown_host}:{bind_port} "
+              f"(generation {'on: ' + chosen_rag if chosen_rag else 'off'}; "
+              f"admin {'on' if settings.admin_token else 'off'})", file=sys.stderr)
+        # uvicorn's own lines only from warning up (its access log is off): the access log is ours.
+        uvicorn_level = "error" if log_level.lower() == "error" else "warning"
+        uvicorn.Server(server_config(app_, bind_host, bind_port, limits, log_level=uvicorn_level)).run(sockets=[sock])

@@ -8,9 +8,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from storage.errors import NotFound, RagindexError
+from storage.fs import is_local
 from storage.sizes import parse_size
 from storage.store import IndexStore
 
@@ -72,11 +74,61 @@ class Settings(BaseSettings):
         return f"{self.xdg_cache_home.rstrip('/')}/ragindex" if self.xdg_cache_home else None
 
 
+class SettingsError(RagindexError):
+    """A `RAGINDEX_*` (or other) environment variable whose value the settings cannot take."""
+
+
 @lru_cache(maxsize=1)
 def load_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a bad value is a `SettingsError` naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_variable_error(exc)) from None
 
 
-def open_store(url: str | None = None, settings: Settings | None = None) -> IndexStore:
+def _variable_error(exc: ValidationError) -> str:
+    """`RAGINDEX_MEMORY_BUDGET: not a size: 'lots' (...)`: the variable a user set, not the field it fills."""
+    errors = exc.errors()
+    err = errors[0]
+    name = str(err["loc"][0]) if err.get("loc") else "?"
+    field = Settings.model_fields.get(name)
+    if field is None:  # pydantic names a field read through its alias by the alias: the variable itself
+        variable = name
+    elif isinstance(field.validation_alias, str):
+        variable = field.validation_alias
+    else:
+        variable = f"{Settings.model_config['env_prefix']}{name}".upper()
+    cause = (err.get("ctx") or {}).get("error")
+    # A validator's own message quotes the value; pydantic's type errors do not.
+    message = str(cause) if cause is not None else f"{err['msg']} (got {err.get('input')!r})"
+    more = f" (and {len(errors) - 1} more bad setting(s))" if len(errors) > 1 else ""
+    return f"{variable}: {message}{more}"
+
+
+def open_store(url: str | None = None, settings: Settings | None = None, *, must_exist: bool = False) -> IndexStore:
+    """The store at `url` (default: RAGINDEX_STORE_URL).
+
+    `must_exist` is for commands that only read or move what a store holds (versions, query, serve,
+    promote, rollback, gc, pin): a root that does not exist is then a `NotFound` naming it, so a typo
+    is not mistaken for an empty store. A root that exists but holds no version yet is fine. On S3,
+    where a prefix exists only through the objects under it, the bucket must exist. Commands that
+    create a store (download, build, refresh, demo) leave it False.
+    """
     s = settings or load_settings()
-    return IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url)
+    store = IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url)
+    if must_exist:
+        check_store_exists(store)
+    return store
+
+
+def check_store_exists(store: IndexStore) -> None:
+    """`NotFound` unless the store's root is a directory (locally) or its bucket exists (on S3)."""
+    if is_local(store.fs):
+        if not store.fs.isdir(store.root):
+            what = "is not a directory" if store.fs.exists(store.root) else "does not exist"
+            raise NotFound(f"store {store.url} {what} (download, build, refresh and demo create a store)")
+        return
+    bucket = store.root.split("/", 1)[0]
+    if not store.fs.exists(bucket):
+        raise NotFound(f"store {store.url}: bucket {bucket!r} does not exist")

@@ -38,6 +38,9 @@ from storage.manifest import Manifest
 from storage.store import IndexStore
 
 log = logging.getLogger(__name__)
+# Swaps, refusals and rollbacks: one record each, its `extra` an `event` name and its `fields`
+# (versions `from` / `to`, timings in seconds), for the edge to format (`ragindex serve`: logfmt).
+events = logging.getLogger("ragindex.serving")
 
 
 class NotReady(RagindexError):
@@ -196,7 +199,10 @@ class HotSwapRetriever(RagRetriever):
                     error=_swap_error(exc), error_kind=type(exc).__name__,
                 )
                 self.last_failure = result
-                log.error("swap to %s refused, still serving %s: %s", version_id, previous, result.error)
+                events.error("swap to %s refused, still serving %s: %s", version_id, previous, result.error,
+                             extra={"event": "swap_refused", "fields": {
+                                 "from": previous, "to": version_id, "error_kind": result.error_kind,
+                                 "error": result.error, "total_s": result.seconds}})
                 self._notify(result)
                 return result
             if self.expected_fingerprint_key is None:
@@ -208,7 +214,10 @@ class HotSwapRetriever(RagRetriever):
                 load_seconds=load_s, warmup_seconds=warm_s,
             )
             self.last_swap = result
-            log.info("now serving %s (was %s), swap took %.2fs", version_id, previous, result.seconds)
+            events.info("now serving %s (was %s), swap took %.2fs", version_id, previous, result.seconds,
+                        extra={"event": "swap", "fields": {
+                            "from": previous, "to": version_id, "load_s": load_s, "warm_up_s": warm_s,
+                            "total_s": result.seconds}})
             self._notify(result)
             return result
 

@@ -38,13 +38,15 @@ from rag_model.retriever import (
     NotReady,
     RetrievalResult,
     SwapResult,
+    events,
     paired_question_encoder_factory,
 )
 from rag_model.watcher import CurrentWatcher
 from storage.errors import Conflict, InvalidName, NotFound, RagindexError, Rejected
 from storage.store import IndexStore
 
-log = logging.getLogger(__name__)
+# One record per request: method, path (never its query string or headers), status, duration.
+access_log = logging.getLogger("ragindex.access")
 
 MAX_QUERY_CHARS = 2000
 MAX_K = 100
@@ -317,6 +319,10 @@ def create_app(
 
         def do() -> tuple[Any, SwapResult | None]:
             pointer = serving.store.rollback(version, actor="ragindex-server", reason="POST /v1/admin/rollback")
+            events.warning("CURRENT rolled back from %s to %s (generation %d)", pointer.previous, pointer.version,
+                           pointer.generation, extra={"event": "rollback", "fields": {
+                               "from": pointer.previous, "to": pointer.version, "generation": pointer.generation,
+                               "actor": "ragindex-server"}})
             return pointer, serving.watcher.check(True)
 
         pointer, result = await run_in_threadpool(do)
@@ -421,6 +427,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class _MetricsMiddleware:
+    """Counts and times every request for /metrics, and writes its access log line."""
+
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app = app
         self.metrics = metrics
@@ -441,7 +449,13 @@ class _MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            seconds = time.perf_counter() - start
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"  # templates only: bounded label values
             self.metrics.requests.labels(route=name, status=str(status)).inc()
-            self.metrics.latency.labels(route=name).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(route=name).observe(seconds)
+            client = scope.get("client")
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1000, extra={
+                "event": "request", "fields": {
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": seconds * 1000, "client": client[0] if client else None}})

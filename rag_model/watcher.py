@@ -7,14 +7,11 @@ index every few seconds); it is retried when CURRENT moves again or on an explic
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
-from rag_model.retriever import HotSwapRetriever, SwapResult
+from rag_model.retriever import HotSwapRetriever, SwapResult, events
 from storage.store import IndexStore
-
-log = logging.getLogger(__name__)
 
 
 class CurrentWatcher:
@@ -43,7 +40,8 @@ class CurrentWatcher:
                 pointer = self.store.current()
             except Exception as exc:  # a flaky store must not stop serving what is loaded
                 self.last_error = f"cannot read CURRENT from {self.store.url}: {exc}"
-                log.warning(self.last_error)
+                events.warning(self.last_error, extra={"event": "current_unreadable", "fields": {
+                    "store": self.store.url, "error": str(exc), "serving": self.retriever.version}})
                 return None
             self.last_error = None
             if pointer is None:
@@ -87,6 +85,7 @@ class CurrentWatcher:
             try:
                 self.check()
             except Exception:
-                log.exception("watcher check failed; will retry")
+                events.exception("watcher check failed; will retry", extra={
+                    "event": "watcher_failed", "fields": {"serving": self.retriever.version}})
             self._wake.wait(self.poll_seconds)
             self._wake.clear()

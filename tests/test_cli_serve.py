@@ -78,6 +78,7 @@ def test_query_bad_input_is_one_line(cli_store, capsys, argv, fragment):
 
 
 def test_query_without_current(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()  # a store that exists but holds nothing yet (one that does not exist is refused)
     assert run(["query", "x", "--store", str(tmp_path / "empty")]) == 2
     assert "no CURRENT version" in capsys.readouterr().err
 

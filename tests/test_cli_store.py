@@ -83,6 +83,7 @@ def test_build_versions_promote_rollback_gc(cli_env, capsys):
 
 
 def test_errors_are_one_line_and_nonzero(cli_env, capsys):
+    (cli_env / "store").mkdir()  # an empty store: what each command says of one that does not exist is elsewhere
     passages, embeddings = inputs(cli_env, 150)
     cases = [
         (["promote", "no-such-version"], "no version"),
