@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench deploy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*_bench.py; do $(BIN)/python $$b || exit 1; done
+
+# The deployments of prefect.yaml on the server PREFECT_API_URL names (the schedule is the server's to
+# run: `prefect server start` with its services). The process work pool they name is created only when
+# the server lacks it, so re-deploying keeps a pool's settings. RAGINDEX_PROJECT_DIR is where the worker
+# runs the flows from: this checkout.
+deploy: $(STAMP)
+	$(BIN)/prefect work-pool inspect ragindex >/dev/null 2>&1 || $(BIN)/prefect work-pool create ragindex --type process
+	RAGINDEX_PROJECT_DIR=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf $(VENV) var

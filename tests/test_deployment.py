@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from storage.store import IndexStore
 from tests.fixtures.mirror import sample_pages
+from tests.fixtures.prefect import PREFECT, ROOT, prefect_cli
 from tests.fixtures.processes import stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-# Generous watch timeouts: once, on a heavily loaded machine, the second nightly run had not started
-# 300 s after the first one completed (the deployment has concurrency_limit 1 and the SQLite-backed
-# test server logs "database is locked" under load); alone, the whole test takes about a minute.
-def _run(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.mark.slow
@@ -41,8 +28,8 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_d
         "RAGINDEX_INDEX_SPEC": "flat",
         "RAGINDEX_MIRROR": mirror.url,
     }
-    _run(["work-pool", "create", "ragindex", "--type", "process", "--overwrite"], env)
-    deployed = _run(["--no-prompt", "deploy", "--all"], env)
+    prefect_cli(["work-pool", "create", "ragindex", "--type", "process", "--overwrite"], env)
+    deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env)
     assert "refresh-index/nightly" in deployed.stdout and "rollback-index/manual" in deployed.stdout
 
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
@@ -50,19 +37,20 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_d
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         # The nightly deployment resolves `latest` against the mirror from the worker's settings.
-        _run(["deployment", "run", "refresh-index/nightly", "-p", "shard_rows=40", "-p", "allow_count_change=true",
-              "--watch", "--watch-timeout", "900"], env, timeout=930)
+        prefect_cli(["deployment", "run", "refresh-index/nightly", "-p", "shard_rows=40",
+                     "-p", "allow_count_change=true", "--watch", "--watch-timeout", "900"], env, timeout=930)
         store = IndexStore(store_url)
         first = store.current()
         assert first is not None and store.manifest(first.version).source.dump_date == "20240101"
 
         mirror.add_run("enwiki", "20240201", sample_pages(7))
-        _run(["deployment", "run", "refresh-index/nightly", "-p", "allow_count_change=true",
-              "--watch", "--watch-timeout", "900"], env, timeout=930)
+        prefect_cli(["deployment", "run", "refresh-index/nightly", "-p", "allow_count_change=true",
+                     "--watch", "--watch-timeout", "900"], env, timeout=930)
         second = store.current()
         assert second.version != first.version and second.previous == first.version
 
-        _run(["deployment", "run", "rollback-index/manual", "--watch", "--watch-timeout", "120"], env, timeout=150)
+        prefect_cli(["deployment", "run", "rollback-index/manual", "--watch", "--watch-timeout", "120"], env,
+                    timeout=150)
         assert store.current().version == first.version
     finally:
         stop_process(worker, timeout=30)
