@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from flows.settings import Settings, parse_size
 from storage.errors import Rejected
 from storage.fs import is_local, resolve
+from storage.layout import RESULTS_DIR
 from storage.names import check_dump_date, check_wiki
 from storage.store import IndexStore
 from tasks.index_spec import check_index_spec
@@ -159,7 +160,7 @@ class RefreshParams(BaseModel):
         from flows.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
         store = self.store()
-        base = store.path("prefect-results")
+        base = store.path(RESULTS_DIR)
         if is_local(store.fs):
             block: Any = JsonOnlyLocalResults(basepath=base)
         else:

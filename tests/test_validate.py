@@ -113,7 +113,7 @@ def test_a_failed_build_leaves_no_version_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         build_version(store, scratch.version_url(src, "passages"), scratch.version_url(src, "embeddings"),
                       spec="flat", progress=False)
-    assert store.list_versions() == [] and store._version_dirs() == []
+    assert store.list_versions() == [] and store.version_ids() == []
     monkeypatch.undo()
     m = build_version(store, scratch.version_url(src, "passages"), scratch.version_url(src, "embeddings"),
                       spec="flat", progress=False)
