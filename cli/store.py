@@ -15,6 +15,7 @@ from flows.settings import load_settings, open_store, parse_size
 from storage.catalog import read_catalog
 from storage.errors import Rejected
 from storage.store import IndexStore, Move
+from tasks.validation_floors import DEFAULT_MIN_RECALL
 
 app = typer.Typer()
 
@@ -47,7 +48,9 @@ def build(
     allow_count_change: bool = typer.Option(
         False, "--allow-count-change", help="Accept a passage count beyond ±20% of the previous ready version."
     ),
-    min_recall: float = typer.Option(0.90, "--min-recall", help="recall@10 floor of the validation gate."),
+    min_recall: float = typer.Option(
+        DEFAULT_MIN_RECALL, "--min-recall", help="recall@10 floor of the validation gate."
+    ),
     target_recall: float = typer.Option(0.95, "--target-recall", help="Recall nprobe/efSearch are tuned for."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:

@@ -11,8 +11,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.sizes import parse_size
+from storage.sizes import format_size, parse_size
 from storage.store import IndexStore
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET
 
 DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-multiset-base"
 DEFAULT_DPR_QUESTION = "facebook/dpr-question_encoder-multiset-base"
@@ -32,7 +33,7 @@ class Settings(BaseSettings):
     encoder_kind: Literal["dpr", "mean"] = "dpr"
     question_encoder: str | None = None
     index_spec: str = "auto"
-    memory_budget: str = "16GiB"
+    memory_budget: str = format_size(DEFAULT_MEMORY_BUDGET)
     rag_model: str = "facebook/rag-sequence-nq"
     admin_token: str | None = None
     poll_seconds: float = Field(10.0, gt=0)

@@ -57,6 +57,10 @@ EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"
 # What validation requires besides the shards the summaries list.
 REQUIRED_FILES = (INDEX_FILE, PASSAGE_TABLE, PASSAGES_SUMMARY_PATH, EMBEDDINGS_SUMMARY_PATH)
 
+# Rows per passage shard (and so per embedding shard) when the caller does not say: the unit that
+# embedding resumes and verifies whole.
+DEFAULT_SHARD_ROWS = 100_000
+
 _PASSAGE_PART = re.compile(r"^part-(\d{5})\.parquet$")
 
 # The passage-shard contract: this column order, these types.

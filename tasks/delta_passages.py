@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from storage.fs import file_digest, resolve
-from storage.layout import UNIT_SCHEMA
+from storage.layout import DEFAULT_SHARD_ROWS, UNIT_SCHEMA
 from storage.manifest import SourceDump
 from storage.records import UnitRecord
 from tasks.clean import CleanOptions
@@ -89,7 +89,7 @@ def newest_revisions(file_urls: Iterable[str], s3_endpoint_url: str | None = Non
 
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out_url: str,
                          source: SourceDump, *, first_row_id: int, s3_endpoint_url: str | None = None,
-                         shard_rows: int = 100_000, options: CleanOptions | None = None,
+                         shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
                          progress: bool = False) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 

@@ -22,10 +22,11 @@ from storage.cache import FileCache
 from storage.manifest import IndexInfo, Manifest
 from storage.verify import expected_sha256
 from tasks.build_index import add_vectors, build_index, write_faiss_index
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET
 
 
 def derive_index(store, base: Manifest, embeddings_url: str, index_url: str, *, progress: bool = True,
-                 memory_budget: int = 16 * 2**30) -> IndexInfo:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> IndexInfo:
     """Build `index_url` over the vectors at `embeddings_url` the way `base` (a full version) indexes its rows."""
     info = base.index
     if "IVF" not in info.factory:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from storage import layout
 from storage.errors import RagindexError
 from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
-from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
+from storage.layout import DEFAULT_SHARD_ROWS, PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.manifest import SourceDump
 from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
 from storage.timing import timed
@@ -270,7 +270,7 @@ def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
 
 # --- assembling the shards ------------------------------------------------------------------------
 
-def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_rows: int = 100_000,
+def assemble(unit_results: list[dict], out_url: str, source: SourceDump, shard_rows: int = DEFAULT_SHARD_ROWS,
              s3_endpoint_url: str | None = None, timings: dict[str, float] | None = None,
              first_row_id: int = 0) -> dict:
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
@@ -416,7 +416,7 @@ def run_units(units: list[WorkUnit], work_dir_url: str, workers: int, options: C
 
 
 def write_passages(file_urls: list[str], out_url: str, source: SourceDump, workers: int | None = None,
-                   shard_rows: int = 100_000, s3_endpoint_url: str | None = None, progress: bool = True,
+                   shard_rows: int = DEFAULT_SHARD_ROWS, s3_endpoint_url: str | None = None, progress: bool = True,
                    options: CleanOptions | None = None, min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
     """Dump files -> passage shards + passages.json in `out_url`; returns the passages.json dict."""
     workers = workers or os.cpu_count() or 1
