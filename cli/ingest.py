@@ -10,6 +10,7 @@ from rich.table import Table
 
 from cli.options import StoreOption
 from flows.settings import load_settings, open_store
+from storage.layout import DEFAULT_SHARD_ROWS
 
 app = typer.Typer()
 
@@ -65,7 +66,7 @@ def passages(
                                help="Dump file, mirror-like dump dir, file:// or s3:// URL of either."),
     out: str = typer.Option(..., "--out", help="Output directory for part-*.parquet + passages.json."),
     workers: int = typer.Option(None, "--workers", min=1, help="Worker processes (default: all cores)."),
-    shard_rows: int = typer.Option(100_000, "--shard-rows", min=1, help="Rows per Parquet shard."),
+    shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-rows", min=1, help="Rows per Parquet shard."),
     job: str = typer.Option("articlesmultistreamdump", "--job",
                             help="Dump job to read from a dumpstatus.json directory."),
 ) -> None:

@@ -14,6 +14,7 @@ import os
 import typer
 
 from cli.options import StoreOption, debug_requested
+from storage.layout import DEFAULT_SHARD_ROWS
 
 app = typer.Typer()
 
@@ -84,7 +85,7 @@ def refresh(
     question_encoder: str = typer.Option(None, help="Question encoder paired with the document encoder."),
     index_spec: str = typer.Option(None, help="auto, flat, hnsw, ivfpq, ivfsq or a faiss factory string."),
     memory_budget: str = typer.Option(None, help="Memory budget for the index, e.g. 16GiB."),
-    shard_rows: int = typer.Option(100_000, help="Passages per shard."),
+    shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="Passages per shard."),
     canaries: str = typer.Option(None, help="JSONL of {question, title} that must be found."),
     allow_count_change: bool = typer.Option(False, help="Accept a passage count outside +-20% of the last."),
     force: bool = typer.Option(False, help="Build even if a version of this dump already exists."),

@@ -8,102 +8,23 @@ from datetime import timedelta
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from cli.options import StoreOption
+from cli.versions_table import print_versions
 from flows.settings import load_settings, open_store, parse_size
+from storage import retention
+from storage.catalog import read_catalog
 from storage.errors import Rejected
-from storage.layout import MANIFEST, STAGING_MARKER
 from storage.location import Location
-from storage.sizes import format_size
 from storage.store import IndexStore, Move
+from tasks.validation_floors import DEFAULT_MIN_RECALL
 
 app = typer.Typer()
 
 
 def versions_report(store: IndexStore) -> dict[str, Any]:
-    """What `ragindex versions --json` prints: CURRENT, pins and every visible version.
-
-    Per version: its lineage (`mode` full or delta, `parent`, `base_dump`, the applied adds-changes
-    `days`), `own_bytes` (the files of its own directory; `bytes` is the same number, kept for
-    existing readers), `shared_bytes` (the own bytes of its segments: what a delta serves but
-    does not store) and `live_passages` (what it serves, its segments' rows included)."""
-    current = store.current()
-    pinned = store.pinned()
-    manifests, corrupt = store.scan_versions()
-    sizes = _own_bytes(store)
-    present = {m.version for m in manifests} | {c.version for c in corrupt}
-    rows = []
-    for c in corrupt:  # first: they need an operator (gc removes them)
-        rows.append({
-            "version": c.version, "status": "corrupt", "passages": None, "index_spec": None, "factory": None,
-            "bytes": sizes.get(c.version, 0), "created_at": None,
-            "current": bool(current and current.version == c.version),
-            "previous": bool(current and current.previous == c.version),
-            "pinned": c.version in pinned, "reason": c.reason, "path": c.path,
-            "mode": None, "parent": None, "base_dump": None, "days": [], "segments": [], "missing_segments": [],
-            "own_bytes": sizes.get(c.version, 0), "shared_bytes": None, "live_passages": None,
-        })
-    for m in reversed(manifests):  # newest first
-        segments = [s.version for s in m.segments]
-        rows.append({
-            "version": m.version,
-            "status": m.status,
-            "passages": m.counts.get("passages"),
-            "index_spec": m.index.spec,
-            "factory": m.index.factory,
-            "bytes": sizes.get(m.version, 0),
-            "created_at": m.created_at.isoformat(),
-            "current": bool(current and current.version == m.version),
-            "previous": bool(current and current.previous == m.version),
-            "pinned": m.version in pinned,
-            "reason": m.validation.reason if m.validation else None,
-            "path": store.version_url(m.version, MANIFEST),
-            "mode": "delta" if m.is_delta else "full",
-            "parent": m.parent,
-            "base_dump": m.lineage.base_dump if m.lineage else m.source.dump_date,
-            "days": [d.date for d in m.lineage.days] if m.lineage else [],
-            "segments": segments,
-            "missing_segments": [v for v in segments if v not in present],
-            "own_bytes": sizes.get(m.version, 0),
-            "shared_bytes": sum(sizes.get(v, 0) for v in segments),
-            "live_passages": m.live_passages,
-        })
-    return {
-        "store": store.url,
-        "current": current.model_dump(mode="json") if current else None,
-        "versions": rows,
-    }
-
-
-def _own_bytes(store: IndexStore) -> dict[str, int]:
-    """Bytes of each version directory's files but its manifest and staging marker (what
-    `IndexStore.version_bytes` counts), from one listing of the store's versions rather than a size
-    request per file. The manifest records checksums, not sizes, so the listing is the source."""
-    base = store.path("versions")
-    try:
-        infos = store.fs.find(base, detail=True)
-    except FileNotFoundError:
-        return {}
-    sizes: dict[str, int] = {}
-    for path, info in infos.items():
-        rel = path.rstrip("/")[len(base) + 1:]
-        version, _, inner = rel.partition("/")
-        if info.get("type") == "directory" or not inner or inner in (MANIFEST, STAGING_MARKER):
-            continue
-        sizes[version] = sizes.get(version, 0) + int(info.get("size") or 0)
-    return sizes
-
-
-def lineage_text(row: dict[str, Any]) -> str:
-    """`full (dump 20240101)` or `delta of <parent> (base 20240101 + 3 days → 20240104)`."""
-    if row["mode"] != "delta":
-        return f"full (dump {row['base_dump']})"
-    days = row["days"]
-    applied = f" + {len(days)} day{'s' if len(days) != 1 else ''} → {days[-1]}" if days else ""
-    missing = f"; missing segment(s): {', '.join(row['missing_segments'])}" if row["missing_segments"] else ""
-    return f"delta of {row['parent']} (base {row['base_dump']}{applied}){missing}"
+    """What `ragindex versions --json` prints: CURRENT, pins and every visible version (storage.catalog)."""
+    return read_catalog(store).to_json()
 
 
 def _warn_history(pointer: Move) -> None:
@@ -129,7 +50,9 @@ def build(
     allow_count_change: bool = typer.Option(
         False, "--allow-count-change", help="Accept a passage count beyond ±20% of the previous ready version."
     ),
-    min_recall: float = typer.Option(0.90, "--min-recall", help="recall@10 floor of the validation gate."),
+    min_recall: float = typer.Option(
+        DEFAULT_MIN_RECALL, "--min-recall", help="recall@10 floor of the validation gate."
+    ),
     target_recall: float = typer.Option(0.95, "--target-recall", help="Recall nprobe/efSearch are tuned for."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -166,42 +89,11 @@ def versions(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """List versions, newest first, with CURRENT / previous / pinned marks, lineage, own and shared size."""
-    report = versions_report(open_store(store_url))
+    store = open_store(store_url, must_exist=True)
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(versions_report(store), indent=2))
         return
-    table = Table(title=f"versions in {report['store']}")
-    # Lineage and shared size only mean something once there is a delta: a store of full versions
-    # keeps the table it always had (narrow enough for a corrupt manifest's whole path).
-    deltas = any(row["mode"] == "delta" for row in report["versions"])
-    columns = ["", "version", "status", "passages", *(["lineage"] if deltas else []), "index", "size",
-               *(["shared"] if deltas else []), "created"]
-    for col in columns:
-        # The id is what an operator copies into promote / rollback, the mark what they look for:
-        # neither is ever cut or wrapped; narrow terminals fold the other columns instead.
-        table.add_column(col, justify="right" if col in ("passages", "size", "shared") else "left",
-                         no_wrap=col in ("", "version"), overflow="fold")
-    for row in report["versions"]:
-        marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("previous", row["previous"]),
-                                            ("pinned", row["pinned"])) if on)
-        status = row["status"] if row["status"] == "ready" else f"[red]{row['status']}[/red]"
-        if row["status"] == "corrupt":
-            cells = {"index": f"manifest unreadable: {row['path']}", "size": format_size(row["own_bytes"])}
-        else:
-            # A delta serves its segments' rows besides its own: what it serves, then what it stores.
-            cells = {
-                "passages": (f"{row['live_passages']} ({row['passages']} own)" if row["mode"] == "delta"
-                             else str(row["passages"])),
-                "lineage": lineage_text(row), "index": f"{row['index_spec']} ({row['factory']})",
-                "size": format_size(row["own_bytes"]),
-                "shared": format_size(row["shared_bytes"]) if row["shared_bytes"] else "",
-                "created": row["created_at"][:19].replace("T", " "),
-            }
-        cells.update({"": marks, "version": row["version"], "status": status})
-        table.add_row(*(cells.get(col, "") for col in columns))
-    Console().print(table)
-    if not report["versions"]:
-        print("no versions yet: run `ragindex build` or `ragindex refresh`")
+    print_versions(read_catalog(store))
 
 
 @app.command("promote")
@@ -216,7 +108,7 @@ def promote(
     """Point CURRENT at a validated version (compare-and-swap)."""
     from tasks.promote import promote_version
 
-    pointer = promote_version(open_store(store_url), version, reason=reason,
+    pointer = promote_version(open_store(store_url, must_exist=True), version, reason=reason,
                               expected_generation=expected_generation)
     if not pointer.moved:
         print(f"{pointer.version} is already CURRENT (generation {pointer.generation}, "
@@ -237,7 +129,7 @@ def rollback(
     """Point CURRENT back at an earlier ready version."""
     from tasks.promote import rollback_version
 
-    pointer = rollback_version(open_store(store_url), version, reason=reason)
+    pointer = rollback_version(open_store(store_url, must_exist=True), version, reason=reason)
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
     _warn_history(pointer)
 
@@ -253,7 +145,8 @@ def gc(
     """Delete old versions (never one a kept delta shares rows with), abandoned staging and unused downloads."""
     if stale_hours < 0:
         raise Rejected(f"--stale-hours must be >= 0, got {stale_hours}")
-    report = open_store(store_url).gc(keep, stale_after=timedelta(hours=stale_hours), dry_run=dry_run)
+    store = open_store(store_url, must_exist=True)
+    report = retention.gc(store, keep, stale_after=timedelta(hours=stale_hours), dry_run=dry_run)
     data = {"dry_run": dry_run, **report.__dict__}
     if as_json:
         print(json.dumps(data, indent=2))
@@ -280,7 +173,7 @@ def pin(
     store_url: StoreOption = None,
 ) -> None:
     """Protect a version from gc."""
-    open_store(store_url).pin(version)
+    open_store(store_url, must_exist=True).pin(version)
     print(f"pinned {version}")
 
 
@@ -290,5 +183,5 @@ def unpin(
     store_url: StoreOption = None,
 ) -> None:
     """Let gc delete a version again."""
-    open_store(store_url).unpin(version)
+    open_store(store_url, must_exist=True).unpin(version)
     print(f"unpinned {version}")

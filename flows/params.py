@@ -16,9 +16,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from flows.settings import Settings, parse_size
 from storage.errors import Rejected
 from storage.fs import is_local, resolve
+from storage.layout import DEFAULT_SHARD_ROWS, RESULTS_DIR
 from storage.names import check_dump_date, check_wiki
 from storage.store import IndexStore
 from tasks.index_spec import check_index_spec
+from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
 
 class RefreshParams(BaseModel):
@@ -37,16 +39,16 @@ class RefreshParams(BaseModel):
     question_encoder: str | None = None
     index_spec: str
     memory_budget: str
-    min_recall: float = Field(0.90, ge=0, le=1)
-    min_self_retrieval: float = Field(0.98, ge=0, le=1)
-    count_tolerance: float = Field(0.20, ge=0)
+    min_recall: float = Field(DEFAULT_MIN_RECALL, ge=0, le=1)
+    min_self_retrieval: float = Field(DEFAULT_MIN_SELF_RETRIEVAL, ge=0, le=1)
+    count_tolerance: float = Field(DEFAULT_COUNT_TOLERANCE, ge=0)
     allow_count_change: bool = False
     canaries: str | None = None
     promote: bool = True
     force: bool = False
     task_runner: Literal["threads", "ray"] = "threads"
     ray_address: str | None = None
-    shard_rows: int = Field(100_000, ge=1)
+    shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
     batch_size: int = Field(64, ge=1, le=4096)
     # auto: the fastest variant measured within tolerance of fp32 on this machine; a fixed one is reproducible.
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
@@ -159,7 +161,7 @@ class RefreshParams(BaseModel):
         from flows.results import JsonOnlyLocalResults, JsonOnlyRemoteResults
 
         store = self.store()
-        base = store.path("prefect-results")
+        base = store.path(RESULTS_DIR)
         if is_local(store.fs):
             block: Any = JsonOnlyLocalResults(basepath=base)
         else:

@@ -54,6 +54,7 @@ from storage.store import IndexStore
 from storage.timing import timed
 from tasks import download, embed, passages
 from tasks.promote import promote_unfinished
+from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
 # -- the flow ------------------------------------------------------------------------------------
 
@@ -71,9 +72,9 @@ def refresh_index(
     question_encoder: str | None = None,
     index_spec: str | None = None,
     memory_budget: str | None = None,
-    min_recall: float = 0.90,
-    min_self_retrieval: float = 0.98,
-    count_tolerance: float = 0.20,
+    min_recall: float = DEFAULT_MIN_RECALL,
+    min_self_retrieval: float = DEFAULT_MIN_SELF_RETRIEVAL,
+    count_tolerance: float = DEFAULT_COUNT_TOLERANCE,
     allow_count_change: bool = False,
     canaries: str | None = None,
     promote: bool = True,
@@ -81,7 +82,7 @@ def refresh_index(
     allow_unverified: bool = False,
     task_runner: str = "threads",
     ray_address: str | None = None,
-    shard_rows: int = 100_000,
+    shard_rows: int = layout.DEFAULT_SHARD_ROWS,
     batch_size: int = 64,
     precision: str = "auto",
     compile: bool = False,

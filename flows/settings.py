@@ -13,8 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from storage.errors import NotFound, RagindexError
 from storage.fs import is_local
-from storage.sizes import parse_size
+from storage.sizes import format_size, parse_size
 from storage.store import IndexStore
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET
 
 DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-multiset-base"
 DEFAULT_DPR_QUESTION = "facebook/dpr-question_encoder-multiset-base"
@@ -34,7 +35,7 @@ class Settings(BaseSettings):
     encoder_kind: Literal["dpr", "mean"] = "dpr"
     question_encoder: str | None = None
     index_spec: str = "auto"
-    memory_budget: str = "16GiB"
+    memory_budget: str = format_size(DEFAULT_MEMORY_BUDGET)
     rag_model: str = "facebook/rag-sequence-nq"
     admin_token: str | None = None
     poll_seconds: float = Field(10.0, gt=0)

@@ -26,6 +26,7 @@ from transformers.models.rag.retrieval_rag import Index
 from rag_model.lineage import open_segments
 from rag_model.segments import Segment, search_segments
 from storage.cache import FileCache
+from storage.catalog import LineageSummary
 from storage.errors import RagindexError, Rejected
 from storage.layout import PASSAGE_TABLE
 from storage.manifest import Manifest
@@ -223,10 +224,7 @@ class VersionIndex(Index):
             "question_encoder": m.question_encoder,
             "index": {"spec": m.index.spec, "factory": m.index.factory, "metric": m.index.metric,
                       "search_params": m.index.search_params},
-            "lineage": {"mode": "delta" if m.is_delta else "full", "parent": m.parent,
-                        "base_dump": m.effective_lineage.base_dump,
-                        "days": [d.date for d in m.effective_lineage.days],
-                        "segments": [s.version for s in m.segments]},
+            "lineage": LineageSummary.of(m).to_json(),
         }
 
     # -- transformers' RAG Index interface -------------------------------------------------------

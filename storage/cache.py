@@ -36,6 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import Corrupt, RagindexError
 from storage.fs import file_digest, is_local
+from storage.layout import split_version_url
 from storage.manifest import Manifest
 from storage.verify import VersionFiles, check_digest, expected_sha256
 
@@ -58,8 +59,8 @@ def default_cache_base() -> str:
 
 def store_root_url(url: str) -> str:
     """The store a version file's URL belongs to (what the cache is kept per), else its directory."""
-    head, sep, _ = url.rpartition("/versions/")
-    return head if sep else url.rsplit("/", 1)[0]
+    split = split_version_url(url)
+    return split[0] if split else url.rsplit("/", 1)[0]
 
 
 def store_key(store_url: str) -> str:

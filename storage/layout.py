@@ -1,4 +1,5 @@
-"""The version layout: every file and directory name inside `versions/<id>/`, and the passage columns.
+"""The store layout: every file and directory name inside `versions/<id>/`, the store-level
+directories beside `versions/` that other modules write into, and the passage columns.
 
 Every other module asks this one for a name instead of spelling it, so the layout (which delta
 versions will change) is written down in one place:
@@ -18,6 +19,10 @@ versions will change) is written down in one place:
       tombstones.npy                    a delta's: int64 sorted row ids of its ancestors it no longer serves
       passages.arrow                    TABLE_SCHEMA, uncompressed Arrow IPC, memory-mapped by serving
       _work/                            unit outputs of an unfinished build (removed before validation)
+    trained/<fingerprint key>/...       trained IVF quantizers (tasks.trained_store)
+    prefect-results/                    JSON-only task results of refresh runs (flows.results)
+
+(storage.store lists the rest of the store root: downloads, CURRENT, history, pins, locks.)
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ import pyarrow as pa
 from storage.errors import RagindexError
 from storage.fs import to_url
 
+VERSIONS_DIR = "versions"
 MANIFEST = "manifest.json"
 STAGING_MARKER = "_staging.json"
+# In a version's directory but not part of its data: what its checksums and sizes leave out.
+BOOKKEEPING_FILES = (MANIFEST, STAGING_MARKER)
 PASSAGES_DIR = "passages"
 EMBEDDINGS_DIR = "embeddings"
 WORK_DIR = "_work"
@@ -45,11 +53,17 @@ HASH_ROWS = "hash_rows.npy"
 TOMBSTONES = "tombstones.npy"
 # Beside versions/, not inside one: <store>/trained/<fingerprint key>/<entry>.faiss|.json (tasks.trained_store).
 TRAINED_DIR = "trained"
+# Beside versions/ too: Prefect's persisted task results, which name the versions they were made for.
+RESULTS_DIR = "prefect-results"
 
 PASSAGES_SUMMARY_PATH = f"{PASSAGES_DIR}/{PASSAGES_SUMMARY}"
 EMBEDDINGS_SUMMARY_PATH = f"{EMBEDDINGS_DIR}/{EMBEDDINGS_SUMMARY}"
 # What validation requires besides the shards the summaries list.
 REQUIRED_FILES = (INDEX_FILE, PASSAGE_TABLE, PASSAGES_SUMMARY_PATH, EMBEDDINGS_SUMMARY_PATH)
+
+# Rows per passage shard (and so per embedding shard) when the caller does not say: the unit that
+# embedding resumes and verifies whole.
+DEFAULT_SHARD_ROWS = 100_000
 
 _PASSAGE_PART = re.compile(r"^part-(\d{5})\.parquet$")
 
@@ -99,6 +113,13 @@ def sidecar(embedding_shard_name: str) -> str:
 def passage_shard(embedding_shard_name: str) -> str:
     """The passage shard an embedding shard was computed from."""
     return stem(embedding_shard_name) + ".parquet"
+
+
+def split_version_url(url: str) -> tuple[str, str] | None:
+    """`<root>/versions/<id>/...` -> (`<root>`, `<id>`); None for a URL outside any version directory.
+    The last `/versions/` counts, so a store whose own root path contains one still splits right."""
+    root, sep, rest = url.rpartition(f"/{VERSIONS_DIR}/")
+    return (root, rest.split("/", 1)[0]) if sep else None
 
 
 def trained_entry_dir(fingerprint_key: str) -> str:

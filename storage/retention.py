@@ -23,18 +23,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage.errors import CorruptManifest, NotFound, Rejected
-from storage.layout import MANIFEST, STAGING_MARKER
+from storage.layout import MANIFEST, RESULTS_DIR, STAGING_MARKER, VERSIONS_DIR
+from storage.manifest import Manifest
 from storage.pointer import read_json
+from storage.store import IndexStore
 
-if TYPE_CHECKING:
-    from storage.manifest import Manifest
-    from storage.store import IndexStore
-
-RESULTS_DIR = "prefect-results"
-_VERSION_REF = re.compile(rb"versions/([a-z0-9._-]{1,200})/")
+_VERSION_REF = re.compile(VERSIONS_DIR.encode() + rb"/([a-z0-9._-]{1,200})/")
 _MAX_RESULT_BYTES = 1 << 20  # result records are small; a bigger file is not one of ours
 
 
@@ -64,7 +61,10 @@ class _Needs:
 _UNKNOWN = _Needs(None, None)
 
 
-def collect(store: IndexStore, keep: int, stale_after: timedelta, dry_run: bool) -> GcReport:
+def gc(store: IndexStore, keep: int, stale_after: timedelta = timedelta(hours=6), dry_run: bool = False) -> GcReport:
+    """Delete versions beyond the newest `keep` ready ones that are not CURRENT, previous or
+    pinned, corrupt manifests, staging areas with no activity for `stale_after` (left by crashed
+    builds), downloads no kept or in-progress version uses, and task results of gone versions."""
     if keep < 1:
         raise Rejected("gc --keep must be at least 1")
     report = GcReport()
@@ -99,7 +99,7 @@ def collect(store: IndexStore, keep: int, stale_after: timedelta, dry_run: bool)
     used = {d for n in kept_needs for d in n.downloads or ()}
     alive = set(kept)
     visible = {m.version for m in versions} | corrupt_ids
-    for version_id in store._version_dirs():
+    for version_id in store.version_ids():
         if version_id in visible:
             continue
         if store.has_version(version_id):  # committed since the scan: a version, not abandoned staging
@@ -137,7 +137,7 @@ def _remove_manifest_unless(store: IndexStore, version_id: str, dry_run: bool, m
     deleted after the lock is released."""
     if dry_run:
         return not keep_it()
-    with store._pointer_lock(f"gc {version_id}"):
+    with store.pointer_lock(f"gc {version_id}"):
         if keep_it():
             return False
         path = store.version_path(version_id, manifest)
@@ -169,7 +169,7 @@ def _protected(store: IndexStore, known: dict[str, _Needs] | None = None) -> _Pr
     `known` (the scan gc planned from) was taken, and, transitively, the segments of all of them."""
     known = dict(known or {})
     roots = _protected_roots(store)
-    for version_id in store._version_dirs():
+    for version_id in store.version_ids():
         if version_id not in known and store.has_version(version_id):
             roots.add(version_id)  # appeared after the scan: a new version, maybe a delta on a doomed one
     ids, everything = _closure(roots, known, store)

@@ -11,7 +11,7 @@ Layout under one root URL (local path or s3://bucket/prefix):
     pins/<id>                          pinned versions survive gc
     locks/build.json                   one build at a time per store (a lease: storage.lock)
     locks/pointer.json                 a short lease that promote, rollback, pin and gc take
-    prefect-results/                   JSON-only task results of refresh runs (flows.results)
+    trained/, prefect-results/         beside versions/: storage.layout
 
 A little over ~400 lines: every move of CURRENT (promote, rollback, the no-op, history repair) and
 the reads it depends on stay in one class, so the compare-and-swap rules are read in one place;
@@ -35,12 +35,11 @@ from pydantic import Field, ValidationError
 from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
-from storage.layout import MANIFEST, STAGING_MARKER
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
 from storage.lock import Lease
 from storage.manifest import HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
-from storage.retention import GcReport, collect
 from storage.verify import verify_version
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class IndexStore:
         return join(self.root, *parts)
 
     def version_path(self, version_id: str, *parts: str) -> str:
-        return self.path("versions", names.check_version_id(version_id), *parts)
+        return self.path(VERSIONS_DIR, names.check_version_id(version_id), *parts)
 
     def version_url(self, version_id: str, *parts: str) -> str:
         """A URL for a version's files, as people and reports read it."""
@@ -126,7 +125,7 @@ class IndexStore:
     def find_staging(self, build_key: str) -> str | None:
         """The newest staging version begun with `build_key` (a crashed build to resume), if any."""
         found = []
-        for version_id in self._version_dirs():
+        for version_id in self.version_ids():
             if self.has_version(version_id):
                 continue
             marker, _ = read_json(self.fs, self.version_path(version_id, STAGING_MARKER))
@@ -187,7 +186,7 @@ class IndexStore:
         """Every visible version, oldest first, and apart from them those whose manifest is corrupt:
         one bad manifest must not hide (or block gc and rollback of) all the others."""
         manifests, corrupt = [], []
-        for version_id in self._version_dirs():
+        for version_id in self.version_ids():
             try:
                 manifests.append(self.manifest(version_id))
             except NotFound:
@@ -208,7 +207,7 @@ class IndexStore:
         base = self.version_path(version_id)
         found = self.fs.find(base)
         rel = [p[len(base) + 1:] for p in (x.rstrip("/") for x in found) if p.startswith(base + "/")]
-        return sorted(r for r in rel if r not in (MANIFEST, STAGING_MARKER))
+        return sorted(r for r in rel if r not in BOOKKEEPING_FILES)
 
     def checksums(self, version_id: str) -> dict[str, str]:
         return {rel: self.file_sha256(version_id, rel) for rel in self.version_files(version_id)}
@@ -216,8 +215,9 @@ class IndexStore:
     def version_bytes(self, version_id: str) -> int:
         return sum(self.fs.size(self.version_path(version_id, rel)) for rel in self.version_files(version_id))
 
-    def _version_dirs(self) -> list[str]:
-        base = self.path("versions")
+    def version_ids(self) -> list[str]:
+        """Every well-named directory under versions/: committed, staging or abandoned alike."""
+        base = self.path(VERSIONS_DIR)
         try:
             entries = self.fs.ls(base, detail=False)
         except FileNotFoundError:
@@ -252,7 +252,7 @@ class IndexStore:
         now). A concurrent promote in between raises `Conflict`; CURRENT is never torn. Promoting
         the version that is already CURRENT changes nothing (and keeps `previous`).
         """
-        with self._pointer_lock(f"{action} {version_id}"):
+        with self.pointer_lock(f"{action} {version_id}"):
             return self._move(version_id, expected_generation, actor, reason, action)
 
     def rollback(
@@ -260,7 +260,7 @@ class IndexStore:
     ) -> Move:
         """Promote an earlier version; by default the newest ready one older than CURRENT, so that
         rolling back twice goes two versions back, never forward to the one just left."""
-        with self._pointer_lock(f"rollback {version_id or ''}".strip()):
+        with self.pointer_lock(f"rollback {version_id or ''}".strip()):
             current = self.current()
             if version_id is None:
                 version_id = self._rollback_target(current)
@@ -353,7 +353,7 @@ class IndexStore:
         except Exception as exc:
             log.warning("could not repair history entry %d: %s", seen.generation, first_line(exc))
 
-    def _pointer_lock(self, what: str) -> Lease:
+    def pointer_lock(self, what: str) -> Lease:
         """Serialises moves of CURRENT with gc's deletions, so that gc never deletes a version that a
         concurrent promote is about to name (held for one move, or one deletion: short)."""
         self.require_conditional_writes()
@@ -379,7 +379,7 @@ class IndexStore:
     # -- pins and retention --------------------------------------------------------------------
 
     def pin(self, version_id: str) -> None:
-        with self._pointer_lock(f"pin {version_id}"):  # so that gc cannot delete it meanwhile
+        with self.pointer_lock(f"pin {version_id}"):  # so that gc cannot delete it meanwhile
             self.manifest(version_id)  # must exist
             with atomic_write(self.fs, self.path("pins", names.check_version_id(version_id))) as f:
                 f.write(_now().isoformat().encode())
@@ -397,12 +397,6 @@ class IndexStore:
             return set()
         found = {p.rstrip("/").rsplit("/", 1)[-1] for p in entries}
         return {n for n in found if not n.startswith(".")}  # skip atomic_write temp files
-
-    def gc(self, keep: int, stale_after: timedelta = timedelta(hours=6), dry_run: bool = False) -> GcReport:
-        """Delete versions beyond the newest `keep` ready ones that are not CURRENT, previous or
-        pinned, corrupt manifests, staging areas with no activity for `stale_after` (left by crashed
-        builds), downloads no kept or in-progress version uses, and task results of gone versions."""
-        return collect(self, keep, stale_after, dry_run)
 
     # -- one build at a time -------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from storage.names import check_file_name
 from storage.records import PassagesSummary
 from storage.timing import timed
 from tasks.build_index import build_index
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET
 from tasks.passage_table import write_passage_table
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors, read_summaries, validate_version
@@ -50,7 +51,7 @@ def copy_tree(src: Location, dst: Location, progress: bool = True) -> None:
             shutil.copyfileobj(src, dst, 1 << 22)
 
 
-def build_version_files(store, version_id: str, *, spec: str = "auto", memory_budget: int = 16 * 2**30,
+def build_version_files(store, version_id: str, *, spec: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         target_recall: float = 0.95, progress: bool = True,
                         timings: dict[str, float] | None = None) -> IndexInfo:
     """Build index.faiss, passages.arrow and the reuse hash table of a staged version from its
@@ -180,7 +181,7 @@ def staged_build(store, version_id: str, owner: str) -> Iterator[None]:
 
 
 def build_version(store, passages: Location, embeddings: Location, *, spec: str = "auto",
-                  memory_budget: int = 16 * 2**30, floors=None, canaries: str | None = None,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET, floors=None, canaries: str | None = None,
                   question_encoder: str | None = None, progress: bool = True, target_recall: float = 0.95):
     """`ragindex build`: stage a version from passage + embedding dirs, build, validate, commit.
 

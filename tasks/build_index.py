@@ -38,7 +38,7 @@ from storage.fs import staged_local_file
 from storage.location import Location
 from storage.manifest import IndexInfo
 from storage.timing import timed
-from tasks.index_spec import Plan, default_nlist, ivf_prefix, plan_index, refuse_if_over
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET, Plan, default_nlist, ivf_prefix, plan_index, refuse_if_over
 from tasks.index_tuning import tune
 from tasks.trained_store import TrainedRecord, entry_name, load_trained, save_trained
 
@@ -280,7 +280,7 @@ def build_index(
     index_file: Location,
     *,
     spec: str = "auto",
-    memory_budget: int = 16 * 2**30,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     target_recall: float = 0.95,
     progress: bool = True,
     trained: Location | None = None,

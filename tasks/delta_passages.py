@@ -28,7 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from storage.fs import file_digest
-from storage.layout import UNIT_SCHEMA
+from storage.layout import DEFAULT_SHARD_ROWS, UNIT_SCHEMA
 from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import UnitRecord
@@ -90,7 +90,7 @@ def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revis
 
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,
                          source: SourceDump, *, first_row_id: int,
-                         shard_rows: int = 100_000, options: CleanOptions | None = None,
+                         shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
                          progress: bool = False) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 

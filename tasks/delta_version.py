@@ -71,7 +71,7 @@ class _ParentRows:
 def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDay], files: Sequence[Location], *,
                         spec: EncoderSpec, floors: ValidationFloors | None = None, canaries: str | None = None,
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
-                        shard_rows: int = 100_000, progress: bool = True,
+                        shard_rows: int = layout.DEFAULT_SHARD_ROWS, progress: bool = True,
                         steps: DeltaSteps | None = None) -> Manifest:
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent

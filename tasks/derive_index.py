@@ -23,10 +23,11 @@ from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from storage.verify import expected_sha256
 from tasks.build_index import add_vectors, build_index, write_faiss_index
+from tasks.index_spec import DEFAULT_MEMORY_BUDGET
 
 
 def derive_index(store, base: Manifest, embeddings: Location, index_file: Location, *, progress: bool = True,
-                 memory_budget: int = 16 * 2**30) -> IndexInfo:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> IndexInfo:
     """Build `index_file` over the vectors at `embeddings` the way `base` (a full version) indexes its rows."""
     info = base.index
     if "IVF" not in info.factory:

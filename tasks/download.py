@@ -10,8 +10,8 @@ files of `tasks.incr_dumps`) matches, so a file under its
 final name in `downloads/<wiki>/<date>/` is always complete and verified. Network trouble is retried
 here (backoff, resumed transfers) and only here: the flow's Prefect tasks do not retry on top.
 
-A little over ~400 lines: locating a dump (mirror or local/S3 layout) and fetching it share the
-mirror's layout, `DumpRef` and the HTTP client.
+Locating a dump (mirror or local/S3 layout) and fetching it share the mirror's layout and `DumpRef`;
+the HTTP client is `tasks.mirror_http`, shared with `tasks.incr_dumps`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import httpx
 from tqdm import tqdm
 
 from storage import names
-from storage.errors import InvalidName, NotFound, RagindexError, Rejected
+from storage.errors import InvalidName, NotFound, Rejected
 from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
+from tasks.mirror_http import DownloadError, MirrorHttp, listed_dates
 from tasks.parse import decoded_head, index_name_for
 
 JOBS = ("articlesmultistreamdump", "articlesdump")
@@ -40,13 +41,6 @@ DUMPSTATUS = "dumpstatus.json"
 UNDATED = "00000000"
 _DUMP_NAME = re.compile(r"^([a-z][a-z0-9_]*?wik[a-z]*)-(\d{8}|latest)-")
 _DATA_NAME = re.compile(r"-pages-(?:articles|meta-current|meta-history)[^/]*\.xml(?:[^/]*\.bz2)?$")
-_DIR_LINK = re.compile(r'href="(\d{8})/?"')
-
-
-class DownloadError(RagindexError):
-    """The mirror could not be reached, or refused a file, after all retries."""
-
-
 @dataclass
 class RemoteFile:
     name: str
@@ -116,47 +110,6 @@ def _job_done(status: dict, job: str) -> bool:
 
 # --- mirror ---------------------------------------------------------------------------------------
 
-class _Http:
-    """GETs to one mirror. Redirects are followed only while they stay on the mirror's host: a
-    mirror (or anyone who can answer for it) must not send the build worker to another server."""
-
-    def __init__(self, user_agent: str, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 30.0,
-                 host: str | None = None):
-        self.host = host
-        self.client = httpx.Client(headers={"User-Agent": user_agent}, timeout=timeout_s,
-                                   follow_redirects=True, event_hooks={"request": [self._stay_on_host]})
-        self.retries = retries
-        self.backoff_s = backoff_s
-
-    def close(self) -> None:
-        self.client.close()
-
-    def _stay_on_host(self, request: httpx.Request) -> None:
-        # Runs for every request the client sends, the redirected ones included.
-        if self.host is None:
-            self.host = request.url.host
-        elif request.url.host != self.host:
-            raise Rejected(f"refusing a redirect from the mirror {self.host} to another host: {request.url}")
-
-    def get(self, url: str) -> httpx.Response | None:
-        """The response, or None on 404. Transient failures are retried with backoff."""
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.client.get(url)
-            except httpx.HTTPError as exc:
-                if attempt == self.retries:
-                    raise DownloadError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
-            else:
-                if response.status_code == 404:
-                    return None
-                if response.status_code < 400:
-                    return response
-                if response.status_code < 500 and response.status_code != 429 or attempt == self.retries:
-                    raise DownloadError(f"{url}: HTTP {response.status_code}")
-            time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
-
-
 def resolve_dump(wiki: str, date: str, mirror: str, user_agent: str,
                  job: str = "articlesmultistreamdump", retries: int = 3, backoff_s: float = 1.0) -> DumpRef:
     """Locate `<mirror>/<wiki>/<date>/`; `latest` = the newest dated run whose `job` is done.
@@ -167,13 +120,12 @@ def resolve_dump(wiki: str, date: str, mirror: str, user_agent: str,
     if job not in JOBS:
         raise InvalidName(f"unknown dump job {job!r}: expected one of {', '.join(JOBS)}")
     mirror = mirror.rstrip("/")
-    http = _Http(user_agent, retries, backoff_s, host=httpx.URL(mirror).host)
-    try:
+    with MirrorHttp(user_agent, retries, backoff_s, host=httpx.URL(mirror).host) as http:
         if date == "latest":
             listing = http.get(f"{mirror}/{wiki}/")
             if listing is None:
                 raise NotFound(f"no wiki {wiki!r} on {mirror}")
-            dates = sorted(set(_DIR_LINK.findall(listing.text)), reverse=True)
+            dates = sorted(listed_dates(listing), reverse=True)
             for candidate in dates:
                 status = _status(http, mirror, wiki, candidate)
                 if status is not None and _job_done(status, job):
@@ -184,11 +136,9 @@ def resolve_dump(wiki: str, date: str, mirror: str, user_agent: str,
         if status is None:
             raise NotFound(f"no dump {wiki} {date} on {mirror}")
         return _mirror_ref(mirror, wiki, date, status, job)
-    finally:
-        http.close()
 
 
-def _status(http: _Http, mirror: str, wiki: str, date: str) -> dict | None:
+def _status(http: MirrorHttp, mirror: str, wiki: str, date: str) -> dict | None:
     url = f"{mirror}/{wiki}/{date}/{DUMPSTATUS}"
     response = http.get(url)
     if response is None:
@@ -350,11 +300,8 @@ def download_dump(ref: DumpRef, store: IndexStore, user_agent: str, retries: int
     if unverifiable and not allow_unverified:
         raise Rejected(f"the mirror publishes neither size nor sha1 for {', '.join(unverifiable)}: nothing could "
                        "be verified; pass --allow-unverified (allow_unverified=true) to download it anyway")
-    http = _Http(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(ref.location).host)
-    try:
-        return [_fetch(http, f, store, ref.wiki, ref.dump_date, progress) for f in ref.files]
-    finally:
-        http.close()
+    with MirrorHttp(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(ref.location).host) as http:
+        return [fetch_verified(http, f, store, ref.wiki, ref.dump_date, progress) for f in ref.files]
 
 
 def verify_in_place(f: RemoteFile, s3_endpoint_url: str | None, progress: bool) -> str:
@@ -391,7 +338,7 @@ def _expected_digest(f: RemoteFile) -> tuple[str, str] | None:
     return None
 
 
-def _fetch(http: _Http, f: RemoteFile, store: IndexStore, wiki: str, date: str, progress: bool) -> str:
+def fetch_verified(http: MirrorHttp, f: RemoteFile, store: IndexStore, wiki: str, date: str, progress: bool) -> str:
     """Download `f` into `downloads/<wiki>/<date>/`, renamed to its final name only once verified."""
     names.check_file_name(f.name)
     final = store.downloads_path(wiki, date, f.name)
@@ -428,7 +375,7 @@ def _fetch(http: _Http, f: RemoteFile, store: IndexStore, wiki: str, date: str, 
     return to_url(store.fs, final)
 
 
-def _transfer(http: _Http, f: RemoteFile, partial: str, progress: bool) -> bool:
+def _transfer(http: MirrorHttp, f: RemoteFile, partial: str, progress: bool) -> bool:
     """Bring `partial` up to the whole file, resuming with Range requests, retrying with backoff.
 
     Returns whether any bytes were kept from an earlier attempt (a resumed transfer).

@@ -10,8 +10,8 @@ Beside the full runs (`<mirror>/<wiki>/<date>/`), Wikimedia publishes one small 
 
 A date absent from the listing is skipped (the next day's window covers the gap); the first listed
 day that is not finished ends the chain, since applying a later day over the hole would lose edits.
-Downloads go through `tasks.download` (`_fetch`): resumed, retried, renamed into
-`downloads/<wiki>/<date>/` only once the md5 matches.
+Requests go through `tasks.mirror_http`, downloads through `tasks.download.fetch_verified`: resumed,
+retried, renamed into `downloads/<wiki>/<date>/` only once the md5 matches.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import httpx
 from storage import names
 from storage.errors import NotFound, Rejected
 from storage.store import IndexStore
-from tasks.download import _DIR_LINK, RemoteFile, _fetch, _Http
+from tasks.download import RemoteFile, fetch_verified
+from tasks.mirror_http import MirrorHttp, listed_dates
 
 DONE = "done:all"
 _MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](\S+)")
@@ -62,12 +63,11 @@ def pending_days(mirror: str, wiki: str, after: str | None, user_agent: str, *, 
     for bound in (after, until):
         if bound is not None:
             names.check_dump_date(bound)
-    http = _Http(user_agent, retries, backoff_s, timeout_s=timeout_s, host=httpx.URL(root).host)
-    try:
+    with MirrorHttp(user_agent, retries, backoff_s, timeout_s=timeout_s, host=httpx.URL(root).host) as http:
         listing = http.get(f"{root}/")
         if listing is None:
             raise NotFound(f"no adds-changes (incr) directory for {wiki} on the mirror: {root}/ not found")
-        dates = sorted(d for d in set(_DIR_LINK.findall(listing.text))
+        dates = sorted(d for d in listed_dates(listing)
                        if (after is None or d > after) and (until is None or d <= until))
         days: list[IncrDay] = []
         for date in dates:
@@ -79,11 +79,9 @@ def pending_days(mirror: str, wiki: str, after: str | None, user_agent: str, *, 
         # maxrevids should rise day by day; one that does not is kept in date order all the same:
         # overlapping windows only repeat revisions, which applying a day tolerates.
         return IncrChain(days, stopped_at=None, stop_reason=None, listed=len(dates))
-    finally:
-        http.close()
 
 
-def _unfinished(http: _Http, location: str) -> str | None:
+def _unfinished(http: MirrorHttp, location: str) -> str | None:
     """Why the day is not finished (None when its status.txt says done:all)."""
     response = http.get(f"{location}/status.txt")
     if response is None:
@@ -92,7 +90,7 @@ def _unfinished(http: _Http, location: str) -> str | None:
     return None if status == DONE else f"status.txt: {status[:60]!r}"
 
 
-def _day(http: _Http, root: str, wiki: str, date: str) -> IncrDay:
+def _day(http: MirrorHttp, root: str, wiki: str, date: str) -> IncrDay:
     location = f"{root}/{date}"
     name = pages_file_name(wiki, date)
     names.check_file_name(name)
@@ -100,7 +98,7 @@ def _day(http: _Http, root: str, wiki: str, date: str) -> IncrDay:
                    file=RemoteFile(name=name, url=f"{location}/{name}", md5=_md5_of(http, location, wiki, date, name)))
 
 
-def _maxrevid(http: _Http, location: str) -> int:
+def _maxrevid(http: MirrorHttp, location: str) -> int:
     url = f"{location}/maxrevid.txt"
     response = http.get(url)
     if response is None:
@@ -111,7 +109,7 @@ def _maxrevid(http: _Http, location: str) -> int:
     return int(text)
 
 
-def _md5_of(http: _Http, location: str, wiki: str, date: str, name: str) -> str:
+def _md5_of(http: MirrorHttp, location: str, wiki: str, date: str, name: str) -> str:
     url = f"{location}/{wiki}-{date}-md5sums.txt"
     response = http.get(url)
     if response is None:
@@ -133,8 +131,5 @@ def download_day(day: IncrDay, store: IndexStore, user_agent: str, *, retries: i
     if not day.file.md5:
         # pending_days always finds one; an IncrDay built elsewhere must not slip through unverified.
         raise Rejected(f"no md5 known for {day.file.name}: an adds-changes day is never downloaded unverified")
-    http = _Http(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(day.location).host)
-    try:
-        return _fetch(http, day.file, store, day.wiki, day.date, progress)
-    finally:
-        http.close()
+    with MirrorHttp(user_agent, retries, backoff_s, timeout_s=60.0, host=httpx.URL(day.location).host) as http:
+        return fetch_verified(http, day.file, store, day.wiki, day.date, progress)

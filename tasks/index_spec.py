@@ -18,6 +18,9 @@ import faiss
 from storage.errors import Rejected
 from storage.sizes import format_size
 
+# What an index may take in memory when nobody says (settings: RAGINDEX_MEMORY_BUDGET).
+DEFAULT_MEMORY_BUDGET = 16 * 2**30
+
 NAMED_SPECS = ("auto", "flat", "hnsw", "ivfpq", "ivfsq")
 CHECK_DIM = 768  # DPR's dimension: every common factory component divides it
 CHECK_ROWS = 1_000_000

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from storage import layout
 from storage.errors import RagindexError
 from storage.fs import atomic_write, file_digest, join, to_url
-from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
+from storage.layout import DEFAULT_SHARD_ROWS, PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
@@ -269,7 +269,7 @@ def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
 
 # --- assembling the shards ------------------------------------------------------------------------
 
-def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_rows: int = 100_000,
+def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_rows: int = DEFAULT_SHARD_ROWS,
              timings: dict[str, float] | None = None, first_row_id: int = 0) -> dict:
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
@@ -415,7 +415,7 @@ def run_units(units: list[WorkUnit], work_dir: Location, workers: int, options: 
 
 
 def write_passages(files: list[Location], out: Location, source: SourceDump, workers: int | None = None,
-                   shard_rows: int = 100_000, progress: bool = True, options: CleanOptions | None = None,
+                   shard_rows: int = DEFAULT_SHARD_ROWS, progress: bool = True, options: CleanOptions | None = None,
                    min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
     """Dump files -> passage shards + passages.json in `out`; returns the passages.json dict."""
     workers = workers or os.cpu_count() or 1

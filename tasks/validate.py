@@ -26,14 +26,16 @@ from storage.manifest import Manifest, Validation
 from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary
 from storage.timing import timed
 from tasks.lineage_rows import LineageRows
+from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
 
 @dataclass(frozen=True)
 class ValidationFloors:
-    count_tolerance: float = 0.20  # passages may change by at most this fraction vs the previous ready version
+    # passages may change by at most this fraction vs the previous ready version
+    count_tolerance: float = DEFAULT_COUNT_TOLERANCE
     allow_count_change: bool = False  # the explicit override of count_tolerance
-    self_retrieval: float = 0.98
-    recall_at_10: float = 0.90
+    self_retrieval: float = DEFAULT_MIN_SELF_RETRIEVAL
+    recall_at_10: float = DEFAULT_MIN_RECALL
     canary_hit: float = 0.8
     canary_k: int = 10
     sample: int = 1000

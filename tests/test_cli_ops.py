@@ -105,7 +105,6 @@ def test_an_empty_store_is_not_an_error(clean_settings, tmp_path, capsys):
     assert code == 2 and "no CURRENT version" in one_error_line(err)  # past the existence check
 
 
-@pytest.mark.xfail(strict=True, reason="cli/store.py must open its store with open_store(..., must_exist=True)")
 @pytest.mark.parametrize("argv", [["versions"], ["promote", "enwiki-20240101-20240101t000000z"], ["rollback"],
                                   ["gc", "--keep", "1"], ["pin", "enwiki-20240101-20240101t000000z"],
                                   ["unpin", "enwiki-20240101-20240101t000000z"]])

@@ -8,6 +8,7 @@ import json
 from datetime import timedelta
 
 from storage.fs import atomic_write
+from storage.retention import gc
 from storage.verify import segment_manifests
 from tests.fixtures.versions import commit_delta
 from tests.test_store import commit_stub
@@ -31,9 +32,9 @@ def test_a_kept_delta_keeps_its_ancestors_and_only_they_outlive_the_keep_window(
     d2 = commit_delta(store, d1, ["20240103", "20240104"])
     assert [s.version for s in store.manifest(d2).segments] == [base, d1]
 
-    dry = store.gc(keep=1, dry_run=True, **GC)
+    dry = gc(store, keep=1, dry_run=True, **GC)
     assert dry.deleted_versions == [unrelated] and dry.kept_as_segment == [base, d1] and len(_versions(store)) == 4
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_versions == [unrelated]
     assert report.kept == [base, d1, d2] and report.kept_as_segment == [base, d1] and report.kept_in_doubt == []
     assert _versions(store) == [base, d1, d2] and not store.fs.exists(store.version_path(unrelated))
@@ -42,7 +43,7 @@ def test_a_kept_delta_keeps_its_ancestors_and_only_they_outlive_the_keep_window(
     assert store.fs.exists(store.version_path(base, "data.bin"))
 
     newer = commit_stub(store, date="20240201")  # a new full version: nothing kept names the chain any more
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert sorted(report.deleted_versions) == sorted([base, d1, d2]) and report.kept_as_segment == []
     assert _versions(store) == [newer]
     assert not any(store.fs.exists(store.version_path(v)) for v in (base, d1, d2))
@@ -63,7 +64,7 @@ def test_deltas_are_deleted_before_the_ancestors_they_share_rows_with(store, mon
         return real_rm_file(path, *args, **kwargs)
 
     monkeypatch.setattr(store.fs, "rm_file", recording_rm_file)
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert removed == [d2, d1, base]
     assert report.deleted_versions == [base, d1, d2]  # reported oldest first, as ever
 
@@ -76,21 +77,21 @@ def test_a_protected_delta_keeps_its_segments(store):
     store.promote(delta)  # CURRENT delta, previous old
     doomed = commit_stub(store, date="20240201")
     newest = commit_stub(store, date="20240201", payload=b"newest")
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_versions == [doomed]
     assert report.kept_as_segment == [base] and sorted(report.kept) == sorted([base, old, delta, newest])
 
     store.promote(newest)  # CURRENT newest, previous delta: still protected, and so its base
-    assert store.gc(keep=1, **GC).deleted_versions == [old]
+    assert gc(store, keep=1, **GC).deleted_versions == [old]
     assert _versions(store) == [base, delta, newest]
     store.pin(delta)
     later, latest = commit_stub(store, date="20240301"), commit_stub(store, date="20240302")
     store.promote(later)
     store.promote(latest)  # delta is neither CURRENT nor previous now, but pinned
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_versions == [newest] and report.kept_as_segment == [base]
     store.unpin(delta)
-    assert sorted(store.gc(keep=1, **GC).deleted_versions) == sorted([base, delta])
+    assert sorted(gc(store, keep=1, **GC).deleted_versions) == sorted([base, delta])
 
 
 def test_a_delta_promoted_on_a_doomed_version_while_gc_runs_keeps_it(store, monkeypatch):
@@ -108,7 +109,7 @@ def test_a_delta_promoted_on_a_doomed_version_while_gc_runs_keeps_it(store, monk
         return result
 
     monkeypatch.setattr(store, "scan_versions", scan_then_a_refresh_lands)
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     monkeypatch.undo()
     assert report.deleted_versions == [] and set(_versions(store)) == {old, newest, late[0]}
     assert [m.version for m in segment_manifests(store, store.manifest(late[0]))] == [old]
@@ -119,14 +120,14 @@ def test_downloads_of_a_kept_lineage_survive_and_go_with_it(store):
     delta = commit_delta(store, base, ["20240102", "20240103", "20240104"])
     for date in ("20231201", "20240101", "20240102", "20240103", "20240104"):
         _download(store, date)
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_downloads == ["enwiki/20231201"]  # the base dump and every applied day stay
     for date in ("20240101", "20240102", "20240103", "20240104"):
         assert store.fs.exists(store.downloads_path("enwiki", date, "file.bz2")), date
 
     commit_stub(store, date="20240201")
     _download(store, "20240201")
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert sorted(report.deleted_versions) == sorted([base, delta])
     assert sorted(report.deleted_downloads) == [f"enwiki/{d}" for d in ("20240101", "20240102", "20240103",
                                                                        "20240104")]
@@ -142,7 +143,7 @@ def test_a_current_delta_whose_manifest_is_unreadable_keeps_everything(store):
     _download(store, "20231201")
     with atomic_write(store.fs, store.version_path(delta, "manifest.json")) as f:
         f.write(b'{"version": "truncated')  # which versions does it share rows with? nobody can say
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_versions == [] and report.deleted_corrupt == [] and report.deleted_downloads == []
     assert report.kept_in_doubt == [base, other] and report.kept_as_segment == []
     assert set(_versions(store)) == {base, other, newest}
@@ -162,7 +163,7 @@ def test_a_manifest_that_fails_validation_is_still_read_for_its_segments(store):
     doc["status"] = "half-written"  # no longer a valid manifest, but its segments are still legible
     with atomic_write(store.fs, path) as f:
         f.write(json.dumps(doc).encode())
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_versions == [other] and report.kept_as_segment == [base] and report.kept_in_doubt == []
     assert report.deleted_downloads == ["enwiki/20231201"]  # its lineage's days and base are legible too
     assert store.fs.exists(store.version_path(base, "data.bin"))
@@ -173,10 +174,10 @@ def test_a_corrupt_ancestor_of_a_kept_delta_is_not_collected(store):
     delta = commit_delta(store, base, ["20240102"])
     with atomic_write(store.fs, store.version_path(base, "manifest.json")) as f:
         f.write(b"[1, 2")
-    report = store.gc(keep=1, **GC)
+    report = gc(store, keep=1, **GC)
     assert report.deleted_corrupt == [] and report.kept_as_segment == [base]
     assert store.fs.exists(store.version_path(base, "data.bin"))
     commit_stub(store, date="20240201")
-    report = store.gc(keep=1, **GC)  # nothing kept names it any more: corrupt manifests go, as ever
+    report = gc(store, keep=1, **GC)  # nothing kept names it any more: corrupt manifests go, as ever
     assert report.deleted_versions == [delta] and report.deleted_corrupt == [base]
     assert not store.fs.exists(store.version_path(base))

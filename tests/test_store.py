@@ -18,6 +18,7 @@ from storage.errors import Conflict, InvalidName, NotFound, Rejected
 from storage.fs import atomic_write
 from storage.manifest import IndexInfo, Manifest, SourceDump
 from storage.pointer import create_json, read_json, swap_json
+from storage.retention import gc
 from storage.store import IndexStore
 from tests.fixtures.versions import fingerprint_for
 
@@ -177,8 +178,8 @@ def test_a_build_killed_before_its_manifest_leaves_no_version_and_gc_cleans_it(s
     dead = proc.stdout.strip()
     assert [m.version for m in store.list_versions()] == [kept]
     assert store.fs.exists(store.version_path(dead, "index.faiss"))
-    assert store.gc(keep=5).deleted_staging == []  # fresh staging may still be a live build
-    report = store.gc(keep=5, stale_after=timedelta(0))
+    assert gc(store, keep=5).deleted_staging == []  # fresh staging may still be a live build
+    report = gc(store, keep=5, stale_after=timedelta(0))
     assert report.deleted_staging == [dead] and report.deleted_versions == []
     assert not store.fs.exists(store.version_path(dead))
     assert [m.version for m in store.list_versions()] == [kept]
@@ -194,27 +195,27 @@ def test_gc_keeps_newest_current_previous_pinned_and_used_downloads(store):
     store.promote(v[2])  # CURRENT = v2, previous = v1
     store.pin(v[0])
     assert store.pinned() == {v[0]}
-    report = store.gc(keep=1, stale_after=timedelta(0), dry_run=True)
+    report = gc(store, keep=1, stale_after=timedelta(0), dry_run=True)
     assert report.deleted_versions == [v[3]] and sorted(report.kept) == sorted([v[0], v[1], v[2], v[4]])
     assert report.deleted_downloads == ["enwiki/20220101"]
     assert len(store.list_versions()) == 5  # dry run
-    store.gc(keep=1, stale_after=timedelta(0))
+    gc(store, keep=1, stale_after=timedelta(0))
     assert [m.version for m in store.list_versions()] == [v[0], v[1], v[2], v[4]]
     assert store.fs.exists(store.downloads_path("enwiki", old_date, "dump.xml.bz2"))  # the pinned one uses it
     assert not store.fs.exists(store.downloads_path("enwiki", "20220101"))
     store.unpin(v[0])
     with pytest.raises(NotFound):
         store.unpin(v[0])
-    store.gc(keep=1, stale_after=timedelta(0))
+    gc(store, keep=1, stale_after=timedelta(0))
     assert [m.version for m in store.list_versions()] == [v[1], v[2], v[4]]
     assert not store.fs.exists(store.downloads_path("enwiki", old_date))
     with pytest.raises(Rejected):
-        store.gc(keep=0)
+        gc(store, keep=0)
 
 
 def test_commit_refuses_a_version_whose_staging_gc_removed(store):
     vid = store.begin_version("enwiki", "20240101")
-    store.gc(keep=1, stale_after=timedelta(0))
+    gc(store, keep=1, stale_after=timedelta(0))
     manifest = Manifest(version=vid, status="ready", source=SourceDump(wiki="enwiki", dump_date="20240101"),
                         encoder=fingerprint_for(4), index=IndexInfo(spec="flat", factory="Flat", dim=4))
     with pytest.raises(NotFound):

@@ -17,6 +17,7 @@ import pytest
 from cli.store import versions_report
 from storage.errors import Conflict, CorruptManifest, NotFound
 from storage.fs import atomic_write
+from storage.retention import gc
 from tests.test_store import commit_stub
 
 
@@ -28,7 +29,7 @@ def test_promoting_the_current_version_again_changes_nothing(store):
     assert (again.version, again.previous, again.generation) == (b, a, 2)
     assert store.current().previous == a and len(store.history()) == 2
     assert not again.moved
-    assert store.gc(keep=1, stale_after=timedelta(0)).deleted_versions == []  # a is still previous
+    assert gc(store, keep=1, stale_after=timedelta(0)).deleted_versions == []  # a is still previous
     assert store.rollback().version == a
 
 
@@ -57,7 +58,7 @@ def test_rollback_skips_rejected_versions(store):
 def test_rejected_versions_do_not_count_toward_keep(store):
     a, b = commit_stub(store), commit_stub(store)
     r1, r2 = commit_stub(store, status="rejected"), commit_stub(store, status="rejected")
-    report = store.gc(keep=2, stale_after=timedelta(0))
+    report = gc(store, keep=2, stale_after=timedelta(0))
     assert sorted(report.deleted_versions) == sorted([r1, r2])
     assert [m.version for m in store.list_versions()] == [a, b]
 
@@ -81,7 +82,7 @@ def test_gc_never_deletes_a_version_a_concurrent_promote_names(store):
 
     racer = threading.Thread(target=promote_when_gc_has_started)
     racer.start()
-    report = store.gc(keep=1, stale_after=timedelta(0))
+    report = gc(store, keep=1, stale_after=timedelta(0))
     racer.join(60)
     current = store.current()
     assert store.manifest(current.version).status == "ready", (outcome, report.deleted_versions)
@@ -118,8 +119,8 @@ def test_one_corrupt_manifest_blocks_nothing_else(store):
     with pytest.raises(CorruptManifest, match=f"{b}.*manifest.json"):
         store.promote(b)
     assert store.rollback().version == a  # past the corrupt one
-    gc = store.gc(keep=1, stale_after=timedelta(0))
-    assert gc.deleted_corrupt == [b] and not store.fs.exists(store.version_path(b))
+    report = gc(store, keep=1, stale_after=timedelta(0))
+    assert report.deleted_corrupt == [b] and not store.fs.exists(store.version_path(b))
     assert {m.version for m in store.list_versions()} == {a, c}
 
 
@@ -136,7 +137,7 @@ def test_gc_collects_task_results_that_only_dead_versions_used(store):
     for name, data in results.items():
         with atomic_write(store.fs, store.path("prefect-results", name)) as f:
             f.write(data)
-    report = store.gc(keep=1, stale_after=timedelta(0))
+    report = gc(store, keep=1, stale_after=timedelta(0))
     assert report.deleted_versions == [dead]
     assert sorted(report.deleted_results) == ["dead-json", "dead-pickle"]
     assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path("prefect-results"), detail=False)) == [

@@ -112,7 +112,7 @@ def test_a_failed_build_leaves_no_version_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "commit_version", explode)
     with pytest.raises(RuntimeError, match="injected"):
         build_version(store, scratch.at(src, "passages"), scratch.at(src, "embeddings"), spec="flat", progress=False)
-    assert store.list_versions() == [] and store._version_dirs() == []
+    assert store.list_versions() == [] and store.version_ids() == []
     monkeypatch.undo()
     m = build_version(store, scratch.at(src, "passages"), scratch.at(src, "embeddings"), spec="flat", progress=False)
     assert m.status == "ready" and store.list_versions()[0].version == m.version

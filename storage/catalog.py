@@ -1,0 +1,169 @@
+"""The catalogue of a store: CURRENT, the pins, and every version with its lineage, sizes and the
+passages it serves, the ones whose manifest cannot be read included.
+
+One typed read for everything that shows a store (`ragindex versions`, its `--json`, a web UI), so
+none of them walks the store or interprets a manifest on its own. Sizes come from one listing of
+`versions/`, not a size request per file: the manifest records checksums, not sizes, and a store
+keeps many versions of thousands of shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, VERSIONS_DIR
+from storage.manifest import Manifest, Pointer
+from storage.store import CorruptVersion, IndexStore
+
+
+@dataclass(frozen=True)
+class LineageSummary:
+    """Where a version's rows come from: a full build of one dump, or a delta over its segments."""
+
+    mode: Literal["full", "delta"]
+    parent: str | None  # a delta's parent; for a full build, the version whose vectors it reused
+    base_dump: str  # the full dump the lineage started from (a full build's own dump)
+    days: tuple[str, ...]  # the adds-changes days applied on top of base_dump, oldest first
+    segments: tuple[str, ...]  # the versions whose rows a delta serves besides its own
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> LineageSummary:
+        lineage = manifest.effective_lineage
+        return cls(
+            mode="delta" if manifest.is_delta else "full",
+            parent=manifest.parent,
+            base_dump=lineage.base_dump,
+            days=tuple(d.date for d in lineage.days),
+            segments=tuple(s.version for s in manifest.segments),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "parent": self.parent, "base_dump": self.base_dump, "days": list(self.days),
+                "segments": list(self.segments)}
+
+
+# What a version whose manifest cannot be read shows for its lineage.
+_UNKNOWN_LINEAGE = {"mode": None, "parent": None, "base_dump": None, "days": [], "segments": []}
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One version as the catalogue lists it. Everything read from its manifest is None (or empty)
+    when the manifest cannot be read (`status` "corrupt")."""
+
+    version: str
+    status: str  # ready / rejected, or corrupt
+    current: bool
+    previous: bool
+    pinned: bool
+    reason: str | None  # why it was rejected, or why its manifest cannot be read
+    path: str  # URL of its manifest
+    own_bytes: int  # its own directory's files: what deleting it frees
+    passages: int | None = None  # its own rows
+    live_passages: int | None = None  # the rows it serves, its segments' included, minus tombstones
+    index_spec: str | None = None
+    factory: str | None = None
+    created_at: datetime | None = None
+    lineage: LineageSummary | None = None
+    missing_segments: tuple[str, ...] = ()  # segments whose directory is gone: it cannot be served
+    shared_bytes: int | None = None  # its segments' own bytes: what it serves but does not store
+
+    @property
+    def corrupt(self) -> bool:
+        return self.status == "corrupt"
+
+    def lineage_text(self) -> str:
+        """`full (dump 20240101)` or `delta of <parent> (base 20240101 + 3 days → 20240104)`."""
+        lineage = self.lineage
+        if lineage is None:
+            return ""
+        if lineage.mode != "delta":
+            return f"full (dump {lineage.base_dump})"
+        days = lineage.days
+        applied = f" + {len(days)} day{'s' if len(days) != 1 else ''} → {days[-1]}" if days else ""
+        missing = f"; missing segment(s): {', '.join(self.missing_segments)}" if self.missing_segments else ""
+        return f"delta of {lineage.parent} (base {lineage.base_dump}{applied}){missing}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The row `ragindex versions --json` prints (scripts read these keys)."""
+        return {
+            "version": self.version, "status": self.status, "passages": self.passages,
+            "index_spec": self.index_spec, "factory": self.factory,
+            "bytes": self.own_bytes,  # the same number, under the name existing readers know
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "current": self.current, "previous": self.previous, "pinned": self.pinned,
+            "reason": self.reason, "path": self.path,
+            **(self.lineage.to_json() if self.lineage else _UNKNOWN_LINEAGE),
+            "missing_segments": list(self.missing_segments),
+            "own_bytes": self.own_bytes, "shared_bytes": self.shared_bytes, "live_passages": self.live_passages,
+        }
+
+
+@dataclass(frozen=True)
+class Catalog:
+    store: str  # the store's URL
+    current: Pointer | None
+    versions: tuple[VersionEntry, ...]  # corrupt ones first (they need an operator), then newest first
+
+    @property
+    def has_deltas(self) -> bool:
+        return any(v.lineage is not None and v.lineage.mode == "delta" for v in self.versions)
+
+    def to_json(self) -> dict[str, Any]:
+        """What `ragindex versions --json` prints."""
+        return {
+            "store": self.store,
+            "current": self.current.model_dump(mode="json") if self.current else None,
+            "versions": [v.to_json() for v in self.versions],
+        }
+
+
+def read_catalog(store: IndexStore) -> Catalog:
+    """The store as it is now: one read of CURRENT and the pins, every manifest, one listing for sizes."""
+    current = store.current()
+    pinned = store.pinned()
+    manifests, corrupt = store.scan_versions()
+    sizes = _own_bytes(store)
+    present = {m.version for m in manifests} | {c.version for c in corrupt}
+
+    def marks(version_id: str) -> dict[str, bool]:
+        return {"current": bool(current and current.version == version_id),
+                "previous": bool(current and current.previous == version_id),
+                "pinned": version_id in pinned}
+
+    def listed(m: Manifest) -> VersionEntry:
+        lineage = LineageSummary.of(m)
+        return VersionEntry(
+            version=m.version, status=m.status, **marks(m.version),
+            reason=m.validation.reason if m.validation else None, path=store.version_url(m.version, MANIFEST),
+            own_bytes=sizes.get(m.version, 0), passages=m.counts.get("passages"), live_passages=m.live_passages,
+            index_spec=m.index.spec, factory=m.index.factory, created_at=m.created_at, lineage=lineage,
+            missing_segments=tuple(v for v in lineage.segments if v not in present),
+            shared_bytes=sum(sizes.get(v, 0) for v in lineage.segments),
+        )
+
+    def unreadable(c: CorruptVersion) -> VersionEntry:
+        return VersionEntry(version=c.version, status="corrupt", **marks(c.version), reason=c.reason, path=c.path,
+                            own_bytes=sizes.get(c.version, 0))
+
+    entries = [unreadable(c) for c in corrupt] + [listed(m) for m in reversed(manifests)]
+    return Catalog(store=store.url, current=current, versions=tuple(entries))
+
+
+def _own_bytes(store: IndexStore) -> dict[str, int]:
+    """Bytes of each version directory's files but its manifest and staging marker (what
+    `IndexStore.version_bytes` counts for one version), from one listing of the whole `versions/`."""
+    base = store.path(VERSIONS_DIR)
+    try:
+        infos = store.fs.find(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    sizes: dict[str, int] = {}
+    for path, info in infos.items():
+        version, _, inner = path.rstrip("/")[len(base) + 1:].partition("/")
+        if info.get("type") == "directory" or not inner or inner in BOOKKEEPING_FILES:
+            continue
+        sizes[version] = sizes.get(version, 0) + int(info.get("size") or 0)
+    return sizes
