@@ -6,6 +6,10 @@ new index plug into an already-trained question encoder and generator, and lets 
 earlier vectors by content hash.
 
 The kind (`dpr` or `mean`) always comes from configuration; nothing is guessed from a model's name.
+
+A little over ~450 lines: the question side (its loader and `question_encoder_for`, the one way to get
+the question encoder a version's vectors are asked with) stays beside the document side whose
+fingerprint it must match; model files, batching and precision are already modules of their own.
 """
 
 from __future__ import annotations
