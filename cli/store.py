@@ -14,6 +14,7 @@ from rich.table import Table
 from cli.options import StoreOption
 from flows.settings import load_settings, open_store, parse_size
 from storage.errors import Rejected
+from storage.holds import Hold
 from storage.layout import MANIFEST, STAGING_MARKER
 from storage.sizes import format_size
 from storage.store import IndexStore, Move
@@ -73,6 +74,7 @@ def versions_report(store: IndexStore) -> dict[str, Any]:
         "store": store.url,
         "current": current.model_dump(mode="json") if current else None,
         "versions": rows,
+        "holds": [h.model_dump(mode="json") for h in store.holds()],
     }
 
 
@@ -200,6 +202,7 @@ def versions(
     Console().print(table)
     if not report["versions"]:
         print("no versions yet: run `ragindex build` or `ragindex refresh`")
+    _print_holds([Hold.model_validate(h) for h in report["holds"]])
 
 
 @app.command("promote")
@@ -214,14 +217,15 @@ def promote(
     """Point CURRENT at a validated version (compare-and-swap)."""
     from tasks.promote import promote_version
 
-    pointer = promote_version(open_store(store_url), version, reason=reason,
-                              expected_generation=expected_generation)
+    store = open_store(store_url)
+    pointer = promote_version(store, version, reason=reason, expected_generation=expected_generation)
     if not pointer.moved:
         print(f"{pointer.version} is already CURRENT (generation {pointer.generation}, "
               f"previous {pointer.previous}): nothing changed")
         return
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, previous {pointer.previous})")
     _warn_history(pointer)
+    _print_holds(store.holds(), file=sys.stderr)
 
 
 @app.command("rollback")
@@ -238,6 +242,29 @@ def rollback(
     pointer = rollback_version(open_store(store_url), version, reason=reason)
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
     _warn_history(pointer)
+    if pointer.hold:
+        print(f"{pointer.hold.describe()}: automatic refreshes promote nothing until `ragindex resume`")
+
+
+@app.command("resume")
+def resume(
+    store_url: StoreOption = None,
+    reason: str | None = typer.Option(None, "--reason", help="Why, kept in each released hold."),
+) -> None:
+    """Release every rollback hold: automatic refreshes may promote again, the content rolled back from included."""
+    released = open_store(store_url).release_holds(reason=reason)
+    for hold in released:
+        print(f"released {hold.describe()}")
+    if not released:
+        print("no rollback hold is active: nothing to release")
+
+
+def _print_holds(holds: list[Hold], file: Any = None) -> None:
+    """The active holds, and what they mean (a manual promote is an operator's act: it leaves them as they are)."""
+    for hold in holds:
+        print(f"held: {hold.describe()}", file=file)
+    if holds:
+        print("automatic refreshes promote nothing until `ragindex resume`", file=file)
 
 
 @app.command("gc")
