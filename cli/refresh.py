@@ -93,6 +93,13 @@ def refresh(
         False, "--allow-unverified", help="Download mirror files that have neither a size nor a sha1."
     ),
     no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate, but leave CURRENT."),
+    allow_older: bool = typer.Option(
+        False, "--allow-older", help="Promote even a version whose knowledge (dump, or newest applied day) is older "
+        "than CURRENT's; without it such a version is built and kept, not promoted."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Release every rollback hold first (as `ragindex resume` does): this run may promote."
+    ),
     precision: str = typer.Option(
         "auto", help="auto (the fastest measured within tolerance of fp32), fp32, bf16, fp16 or int8."
     ),
@@ -119,7 +126,7 @@ def refresh(
         encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
-        promote=not no_promote, precision=precision, compile=compile_,
+        promote=not no_promote, allow_older=allow_older, resume=resume, precision=precision, compile=compile_,
         task_runner=task_runner, ray_address=ray_address, mirror=mirror,
         mode="full" if full else "incremental" if incremental else "auto",
     )

@@ -15,6 +15,7 @@ from flows.settings import load_settings, open_store, parse_size
 from storage import retention
 from storage.catalog import read_catalog
 from storage.errors import Rejected
+from storage.holds import Hold
 from storage.location import Location
 from storage.store import IndexStore, Move
 from tasks.validation_floors import DEFAULT_MIN_RECALL
@@ -23,7 +24,8 @@ app = typer.Typer()
 
 
 def versions_report(store: IndexStore) -> dict[str, Any]:
-    """What `ragindex versions --json` prints: CURRENT, pins and every visible version (storage.catalog)."""
+    """What `ragindex versions --json` prints: CURRENT, pins, every visible version and the active rollback
+    holds (storage.catalog)."""
     return read_catalog(store).to_json()
 
 
@@ -93,7 +95,9 @@ def versions(
     if as_json:
         print(json.dumps(versions_report(store), indent=2))
         return
-    print_versions(read_catalog(store))
+    catalog = read_catalog(store)
+    print_versions(catalog)
+    _print_holds(list(catalog.holds))
 
 
 @app.command("promote")
@@ -108,14 +112,15 @@ def promote(
     """Point CURRENT at a validated version (compare-and-swap)."""
     from tasks.promote import promote_version
 
-    pointer = promote_version(open_store(store_url, must_exist=True), version, reason=reason,
-                              expected_generation=expected_generation)
+    store = open_store(store_url, must_exist=True)
+    pointer = promote_version(store, version, reason=reason, expected_generation=expected_generation)
     if not pointer.moved:
         print(f"{pointer.version} is already CURRENT (generation {pointer.generation}, "
               f"previous {pointer.previous}): nothing changed")
         return
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, previous {pointer.previous})")
     _warn_history(pointer)
+    _print_holds(store.holds(), file=sys.stderr)
 
 
 @app.command("rollback")
@@ -132,6 +137,29 @@ def rollback(
     pointer = rollback_version(open_store(store_url, must_exist=True), version, reason=reason)
     print(f"CURRENT -> {pointer.version} (generation {pointer.generation}, rolled back from {pointer.previous})")
     _warn_history(pointer)
+    if pointer.hold:
+        print(f"{pointer.hold.describe()}: automatic refreshes promote nothing until `ragindex resume`")
+
+
+@app.command("resume")
+def resume(
+    store_url: StoreOption = None,
+    reason: str | None = typer.Option(None, "--reason", help="Why, kept in each released hold."),
+) -> None:
+    """Release every rollback hold: automatic refreshes may promote again, the content rolled back from included."""
+    released = open_store(store_url).release_holds(reason=reason)
+    for hold in released:
+        print(f"released {hold.describe()}")
+    if not released:
+        print("no rollback hold is active: nothing to release")
+
+
+def _print_holds(holds: list[Hold], file: Any = None) -> None:
+    """The active holds, and what they mean (a manual promote is an operator's act: it leaves them as they are)."""
+    for hold in holds:
+        print(f"held: {hold.describe()}", file=file)
+    if holds:
+        print("automatic refreshes promote nothing until `ragindex resume`", file=file)
 
 
 @app.command("gc")

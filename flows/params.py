@@ -46,6 +46,11 @@ class RefreshParams(BaseModel):
     canaries: str | None = None
     promote: bool = True
     force: bool = False
+    # Release every rollback hold before planning (what `ragindex resume` does), so this run may promote.
+    resume: bool = False
+    # Promote a version whose knowledge is older than CURRENT's (an older dump, or a dump older than the
+    # serving lineage's newest applied day); without it such a version is built, kept and not promoted.
+    allow_older: bool = False
     task_runner: Literal["threads", "ray"] = "threads"
     ray_address: str | None = None
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)

@@ -12,6 +12,11 @@ trusted only while the files it names still hold the sha256 it carries (else tha
 computed again), half-written temp files of the killed run are removed from the staging version
 before it is resumed, and a committed version whose promote never happened is promoted (the rule:
 `promote_unfinished`).
+
+Every promote is automatic (`tasks.promote.promote_planned`): a compare-and-swap on the generation of
+CURRENT the run planned from, refused while a rollback hold is active, and refused for knowledge older
+than CURRENT's unless `allow_older`. A run that leaves CURRENT alone on purpose says why in its status:
+`held` (the run succeeds), `conflict` and `older` (the run fails with that one line, after its report).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.params import RefreshParams
-from flows.refresh_delta import choose_mode, run_delta
+from flows.refresh_delta import ModePlan, catch_up, choose_mode, current_version, held_outcome, run_delta
 from flows.refresh_tasks import (
     CODE_VERSION,
     FlowSteps,
@@ -44,16 +49,17 @@ from flows.report import RefreshOutcome, write_report
 from flows.settings import load_settings
 from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
-from storage.errors import RagindexError, Rejected, first_line
+from storage.errors import Conflict, RagindexError, Rejected, first_line
 from storage.fs import file_digest, is_temp_name, join
 from storage.location import Location
+from storage.manifest import Content
 from storage.names import check_file_name
 from storage.pointer import delete_json
 from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
 from tasks import download, embed, passages
-from tasks.promote import promote_unfinished
+from tasks.promote import owed_promote
 from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
 # -- the flow ------------------------------------------------------------------------------------
@@ -79,6 +85,8 @@ def refresh_index(
     canaries: str | None = None,
     promote: bool = True,
     force: bool = False,
+    resume: bool = False,
+    allow_older: bool = False,
     allow_unverified: bool = False,
     task_runner: str = "threads",
     ray_address: str | None = None,
@@ -94,6 +102,14 @@ def refresh_index(
     `mode` auto (the nightly run): a full dump newer than the serving lineage's base is built in
     full; otherwise the finished adds-changes days after the lineage's watermark become one delta
     version; otherwise the run is up to date. `full` / `incremental` force one of the two.
+
+    While a rollback hold is active (any rollback makes one), the run promotes nothing: the content rolled
+    back from is not built again (status `held`), new content is built and validated and kept unpromoted
+    (status `held`). `resume` releases every hold first, as `ragindex resume` does. A version whose
+    knowledge is older than CURRENT's (its dump, or newest applied day) is built and kept, not promoted
+    (status `older`, the run fails), unless `allow_older`; in auto mode the days after such a full dump
+    are applied on top of it first, and that delta is promoted (`refresh_delta.catch_up`). A run whose
+    CURRENT moved while it built does not promote (status `conflict`, the run fails).
 
     Every parameter left empty takes its value from the `RAGINDEX_*` settings. Bad parameters
     fail here, before any work starts, with one readable line.
@@ -111,6 +127,10 @@ def refresh_index(
     write_report(RefreshOutcome(**outcome))
     if outcome["status"] == "rejected":
         raise Rejected(f"version {outcome['version']} rejected: {outcome['reason']}")
+    if outcome["status"] == "conflict":
+        raise Conflict(outcome["reason"])
+    if outcome["status"] == "older":
+        raise Rejected(outcome["reason"])
     return outcome
 
 
@@ -138,6 +158,9 @@ def build_version_flow(p: RefreshParams) -> dict:
 
 def _build_version(p: RefreshParams, steps: FlowSteps) -> RefreshOutcome:
     store = p.store()
+    released = store.release_holds(actor="refresh-index", reason="resume=true") if p.resume else []
+    for hold in released:
+        get_run_logger().info("released %s", hold.describe())
     with timed(steps.timings, "total_s"):
         with steps("resolve"):
             plan = choose_mode(p, store)
@@ -152,38 +175,48 @@ def _build_version(p: RefreshParams, steps: FlowSteps) -> RefreshOutcome:
                 # Record the identity in the manifest too, so that the next run can recognise this dump.
                 ref = replace(published, files=[replace(f, sha1=sha1)
                                                 for f, sha1 in zip(published.files, dump_sha1, strict=True)])
-                existing = _up_to_date(store, dump_sha1, fingerprint.key, p.index_spec)
-            if existing and not p.force:
-                outcome = _existing(p, steps, store, existing, ref)
+                content = Content.full(dump_sha1, fingerprint.key, p.index_spec)
+                held = held_outcome(store, content, f"the dump {ref.wiki} {ref.dump_date} with this encoder and "
+                                    "index spec (not built again)", dump=ref.source().model_dump())
+                existing = store.ready_with(content)
+            if held is not None:
+                outcome = held
+            elif existing and not p.force:
+                outcome = _existing(p, steps, store, existing.version, ref, plan)
             else:
                 with steps("download"):
                     # Verified against what the source published: a sha1 computed above needs no second pass.
                     files = download_task(published, p)
-                outcome = _build(p, steps, store, ref, files, dump_sha1)
+                outcome = _build(p, steps, store, ref, files, dump_sha1, plan)
+            if outcome.status == "older":
+                outcome = catch_up(p, steps, store, plan, outcome)
     outcome.timings = steps.timings
+    outcome.holds = [h.describe() for h in store.holds()]
+    outcome.released_holds = [h.describe() for h in released]
     return outcome
 
 
 def _existing(p: RefreshParams, steps: FlowSteps, store: IndexStore, version_id: str,
-              ref: download.DumpRef) -> RefreshOutcome:
+              ref: download.DumpRef, plan: ModePlan) -> RefreshOutcome:
     """A ready version already holds this dump, encoder and index spec: promote it if it is still owed
     its promote (`promote_unfinished`), else the run is up to date."""
     holds = f"version {version_id} already holds this dump, encoder and index spec"
-    owed = promote_unfinished(store.current(), store.history(), version_id)
+    owed = owed_promote(store, version_id)
     if owed and p.promote:
         with steps.holding("lock", store.build_lock(owner=f"refresh-index:promote:{version_id}")):
-            current = store.current()  # again, under the lock: another run may have finished it meanwhile
-            owed = promote_unfinished(current, store.history(), version_id)
-            if owed:
+            # Again, under the lock: another run may have finished it meanwhile.
+            if owed_promote(store, version_id):
                 # A kill inside commit_version, after the manifest, leaves the staging marker beside it.
                 delete_json(store.fs, store.version_path(version_id, layout.STAGING_MARKER))
                 with steps("promote"):
-                    promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}, unfinished promote",
-                                 expected_generation=current.generation if current else 0)
-                return RefreshOutcome(status="promoted", version=version_id, current=_current(store),
-                                      reason=f"{holds} and was never promoted: promoted it",
-                                      dump=ref.source().model_dump())
-    current = _current(store)
+                    done = promote_task(version_id, p, planned_generation=plan.generation,
+                                        reason=f"refresh-index: {ref.wiki} {ref.dump_date}, unfinished promote")
+                outcome = RefreshOutcome(status="promoted", version=version_id, reason=holds,
+                                         dump=ref.source().model_dump())
+                outcome.settle(done, f"{holds} and is owed its promote: promoted it")
+                outcome.current = current_version(store)
+                return outcome
+    current = current_version(store)
     if current != version_id:
         holds += ("; not promoted (promote=false)" if owed else
                   f"; CURRENT is {current}, which replaced it on purpose, so it is not promoted again")
@@ -192,7 +225,7 @@ def _existing(p: RefreshParams, steps: FlowSteps, store: IndexStore, version_id:
 
 
 def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.DumpRef, files: list[str],
-           dump_sha1: list[str]) -> RefreshOutcome:
+           dump_sha1: list[str], plan: ModePlan) -> RefreshOutcome:
     logger = get_run_logger()
     spec = p.encoder_spec()
     fingerprint = fingerprint_of(spec)
@@ -273,11 +306,11 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
     outcome = RefreshOutcome.from_manifest(manifest, counts=counts, dump=ref.source().model_dump())
     if outcome.status == "built" and p.promote:
         with steps("promote"):
-            promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}")
-        outcome.status, outcome.reason = "promoted", "validation passed"
+            outcome.settle(promote_task(version_id, p, reason=f"refresh-index: {ref.wiki} {ref.dump_date}",
+                                        planned_generation=plan.generation), "validation passed")
     elif outcome.status == "built":
         outcome.reason = "validation passed; not promoted (promote=false)"
-    outcome.current = _current(store)
+    outcome.current = current_version(store)
     return outcome
 
 
@@ -301,15 +334,6 @@ def _build_key(dump_sha1: list[str], fingerprint_key: str, p: RefreshParams) -> 
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _up_to_date(store: IndexStore, dump_sha1: list[str], fingerprint_key: str, spec: str) -> str | None:
-    wanted = sorted(dump_sha1)
-    for m in reversed(store.list_versions()):
-        have = sorted(f.sha1 or "" for f in m.source.files)
-        if m.status == "ready" and have == wanted and m.encoder.key == fingerprint_key and m.index.spec == spec:
-            return m.version
-    return None
 
 
 def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -> str:
@@ -369,8 +393,3 @@ def _shard_output_intact(record: dict, embeddings: Location) -> bool:
         return sidecar.sha256 == shard.sha256 and file_digest(fs, join(root, name)) == shard.sha256
     except (RagindexError, FileNotFoundError):
         return False
-
-
-def _current(store: IndexStore) -> str | None:
-    pointer = store.current()
-    return pointer.version if pointer else None

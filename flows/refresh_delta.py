@@ -6,23 +6,29 @@ full build (which reuses the embeddings of unchanged passages); otherwise every 
 adds-changes day after the lineage's watermark, up to the first unfinished one, becomes one delta
 version on top of CURRENT (`tasks.delta_version`); otherwise the run is up to date. `full` and
 `incremental` force a mode. A named dump (`source`, or a date other than `latest`) is always a full build.
+
+The plan records CURRENT's generation; every promote of the run is a compare-and-swap on it
+(`tasks.promote.promote_planned`), so a rollback, or any move of CURRENT, during the build wins and the
+run's version is kept unpromoted. Content that an active rollback hold covers (the same days on the
+same base, or the same dump, encoder and index spec) is neither built nor promoted again; new content
+is built and validated but waits, unpromoted, until the operator releases the holds (`ragindex resume`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from flows.params import RefreshParams
 from flows.refresh_tasks import FlowSteps, download_day_task, promote_task, resolve_days_task
 from flows.report import RefreshOutcome
 from storage.errors import NotFound, Rejected
-from storage.manifest import Manifest
+from storage.manifest import Content, Manifest, Pointer
 from storage.store import IndexStore
 from tasks import download
 from tasks.delta_version import NothingToApply, build_delta_version
 from tasks.incr_dumps import IncrChain
-from tasks.promote import promote_unfinished
+from tasks.promote import held_reason, owed_promote
 
 
 @dataclass
@@ -31,16 +37,26 @@ class ModePlan:
     reason: str
     parent: Manifest | None = None
     chain: IncrChain | None = None
+    generation: int = 0  # CURRENT's when the run planned: what every promote of the run swaps on
+    # A nightly full build of a dump newer than the lineage's base: if it knows less than CURRENT (the
+    # lineage has applied days past the dump's date), the days after it are applied on top (`catch_up`).
+    catch_up: bool = False
 
 
 def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
+    pointer = store.current()
+    plan = _choose(p, store, pointer)
+    plan.generation = pointer.generation if pointer else 0
+    return plan
+
+
+def _choose(p: RefreshParams, store: IndexStore, pointer: Pointer | None) -> ModePlan:
     named = bool(p.source) or p.dump_date != "latest"
     if named or p.mode == "full":
         if p.mode == "incremental":
             raise Rejected("--incremental applies a mirror's adds-changes days to CURRENT: "
                            "it cannot be combined with --source or --date")
         return ModePlan("full", "a dump was named" if named else "a full build was asked for")
-    pointer = store.current()
     parent = store.manifest(pointer.version) if pointer else None
     if parent is None or parent.source.wiki != p.wiki:
         if p.mode == "incremental":
@@ -54,7 +70,7 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
             full = None
         if full is not None and full.dump_date > lineage.base_dump:
             return ModePlan("full", f"full dump {full.dump_date} is newer than the serving lineage's base "
-                                    f"{lineage.base_dump}")
+                                    f"{lineage.base_dump}", catch_up=True)
     try:
         chain = resolve_days_task(p, lineage.watermark)
     except NotFound as exc:
@@ -72,14 +88,42 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
     return ModePlan("up-to-date", f"no finished adds-changes day after {lineage.watermark}{stop}", parent=parent)
 
 
-def existing_delta(store: IndexStore, parent: Manifest, dates: list[str]) -> Manifest | None:
-    """A ready version that already applies exactly these days to `parent` (a rerun, or a rolled-back night)."""
-    want = [d.date for d in parent.effective_lineage.days] + dates
-    for m in store.list_versions():
-        if m.status == "ready" and m.parent == parent.version and m.lineage \
-                and [d.date for d in m.lineage.days] == want:
-            return m
-    return None
+def catch_up(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan,
+             older: RefreshOutcome) -> RefreshOutcome:
+    """A nightly full build refused as `older`: full dumps finish days after their date, while the nightly
+    kept applying adds-changes days past it. The finished days after the dump become one delta on the new
+    full version, and that delta, which knows as much as CURRENT or more, is what the run promotes (on
+    the generation it planned from). Without such days the run stays `older`."""
+    base = store.manifest(older.version) if older.version else None
+    if not plan.catch_up or base is None:
+        return older
+    try:
+        chain = resolve_days_task(p, base.source.dump_date)
+    except NotFound:
+        return older
+    if not chain.days:
+        return older
+    reason = f"full dump {base.source.dump_date} caught up with the adds-changes days to {chain.days[-1].date}"
+    caught = run_delta(p, steps, store, ModePlan("delta", reason, parent=base, chain=chain,
+                                                 generation=plan.generation))
+    return older if caught.status == "up-to-date" else caught
+
+
+def held_outcome(store: IndexStore, content: Content, subject: str, **fields: Any) -> RefreshOutcome | None:
+    """A run whose content an active rollback hold covers ends here, before it downloads or builds anything:
+    status `held`, naming the version rolled back from (while it exists)."""
+    active = store.holds()
+    hold = next((h for h in reversed(active) if h.content == content), None)
+    if hold is None:
+        return None
+    return RefreshOutcome(status="held", version=hold.left if store.has_version(hold.left) else None,
+                          current=current_version(store), reason=held_reason(subject, content, active),
+                          lineage=hold.lineage.model_dump() if hold.lineage else None, **fields)
+
+
+def current_version(store: IndexStore) -> str | None:
+    pointer = store.current()
+    return pointer.version if pointer else None
 
 
 def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan) -> RefreshOutcome:
@@ -90,7 +134,15 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=plan.reason,
                               mode="delta", lineage=parent.effective_lineage.model_dump() if parent else None)
     days = plan.chain.days
-    existing = existing_delta(store, parent, [d.date for d in days])
+    lineage = parent.effective_lineage
+    # Same base, same days (by maxrevid): the same content, whichever parent or id it was built under.
+    content = Content.delta(lineage.base_version, [(d.date, d.maxrevid) for d in [*lineage.days, *days]])
+    dates = ", ".join(d.date for d in [*lineage.days, *days])
+    held = held_outcome(store, content, f"the days {dates} on {lineage.base_version} (not built again)",
+                        mode="delta")
+    if held is not None:
+        return held
+    existing = store.ready_with(content)
     if existing is not None:
         return _existing_delta(p, store, existing, plan)
     with steps("download"):
@@ -105,25 +157,27 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
     if outcome.status == "built" and p.promote:
         with steps("promote"):
-            promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}")
-        outcome.status = "promoted"
-    pointer = store.current()
-    outcome.current = pointer.version if pointer else None
+            outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",
+                                        planned_generation=plan.generation))
+    outcome.current = current_version(store)
     return outcome
 
 
 def _existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:
     """The same rule as a full build that finds its dump already built (`promote_unfinished`): promote a
-    delta still owed its promote; never re-promote one CURRENT was moved away from on purpose."""
-    holds = f"version {existing.version} already applies these days to {existing.parent}"
+    delta still owed its promote; never re-promote one CURRENT was moved away from on purpose (unless the
+    operator released the rollback's hold)."""
+    holds = f"version {existing.version} already applies these days to {existing.effective_lineage.base_version}"
     lineage = existing.lineage.model_dump() if existing.lineage else None
-    if p.promote and promote_unfinished(store.current(), store.history(), existing.version):
-        promote_task(existing.version, p, reason=f"refresh-index: {p.wiki} delta, unfinished promote")
-        return RefreshOutcome(status="promoted", version=existing.version, current=existing.version, mode="delta",
-                              reason=f"{holds} and was never promoted: promoted it", lineage=lineage,
-                              changes=existing.changes)
-    pointer = store.current()
-    current = pointer.version if pointer else None
+    if p.promote and owed_promote(store, existing.version):
+        done = promote_task(existing.version, p, reason=f"refresh-index: {p.wiki} delta, unfinished promote",
+                            planned_generation=plan.generation)
+        outcome = RefreshOutcome(status="promoted", version=existing.version, mode="delta", reason=holds,
+                                 lineage=lineage, changes=existing.changes)
+        outcome.settle(done, f"{holds} and is owed its promote: promoted it")
+        outcome.current = current_version(store)
+        return outcome
+    current = current_version(store)
     if current != existing.version:
         holds += f"; CURRENT is {current}, which replaced it on purpose, so it is not promoted again"
     return RefreshOutcome(status="up-to-date", version=existing.version, current=current, reason=holds,

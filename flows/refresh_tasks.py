@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from flows.params import RefreshParams
@@ -102,12 +102,19 @@ def validate_task(version_id: str, index_info: IndexInfo, timings: dict[str, flo
 
 
 @task(name="promote")
-def promote_task(version_id: str, p: RefreshParams, reason: str, expected_generation: int | None = None) -> str:
+def promote_task(version_id: str, p: RefreshParams, reason: str, planned_generation: int) -> dict[str, str]:
+    """An automatic promote (`tasks.promote.promote_planned`): `{"status", "reason"}`, status `promoted`, or
+    why not (`conflict`, `held`, `older`) as an outcome rather than a failed task: a refresh that leaves
+    CURRENT alone on purpose still finished its work."""
     store = p.store()
-    pointer = promote.promote_version(store, version_id, actor="refresh-index", reason=reason,
-                                      expected_generation=expected_generation)
+    try:
+        pointer = promote.promote_planned(store, version_id, planned_generation=planned_generation,
+                                          allow_older=p.allow_older, actor="refresh-index", reason=reason)
+    except promote.NotPromoted as exc:
+        get_run_logger().warning("%s", exc)
+        return {"status": exc.status, "reason": str(exc)}
     emit_promoted(pointer, store.url)
-    return version_id
+    return {"status": "promoted", "reason": reason}
 
 
 # -- adds-changes days: delta versions ---------------------------------------------------------------

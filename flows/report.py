@@ -15,7 +15,10 @@ from storage.manifest import Manifest, Pointer
 class RefreshOutcome:
     """What a run did, returned by the flow and written into its report artifact."""
 
-    status: str  # "promoted" / "built" (not promoted) / "up-to-date" / "rejected" / "failed"
+    # "promoted" / "built" (not promoted: promote=false) / "up-to-date" / "rejected" / "failed", or not
+    # promoted on purpose: "held" (a rollback hold is active), "conflict" (CURRENT moved while the run
+    # built), "older" (older knowledge than CURRENT's, without allow_older)
+    status: str
     version: str | None
     reason: str
     current: str | None = None
@@ -30,6 +33,8 @@ class RefreshOutcome:
     lineage: dict[str, Any] | None = None  # a delta's base and the adds-changes days applied
     changes: dict[str, Any] | None = None  # pages a delta added, changed, moved, redirected, emptied
     failed_step: str | None = None  # the step a failed run stopped in
+    holds: list[str] = field(default_factory=list)  # the rollback holds active when the run ended, one line each
+    released_holds: list[str] = field(default_factory=list)  # the holds this run released (resume=true)
 
     @classmethod
     def from_manifest(cls, m: Manifest, reason: str = "", **fields: Any) -> RefreshOutcome:
@@ -46,6 +51,14 @@ class RefreshOutcome:
         for name, value in fields.items():
             setattr(outcome, name, value)
         return outcome
+
+    def settle(self, done: dict[str, str], promoted: str | None = None) -> RefreshOutcome:
+        """Take in what `promote_task` did: promoted (then `promoted` is the reason, if given), or why not."""
+        if done["status"] == "promoted":
+            self.status, self.reason = "promoted", promoted or self.reason
+        else:
+            self.status, self.reason = done["status"], done["reason"]
+        return self
 
 
 def emit_promoted(pointer: Pointer, store_url: str, rollback: bool = False) -> None:
@@ -76,6 +89,13 @@ def write_report(o: RefreshOutcome) -> None:
         days = ", ".join(f"{d['date']} (maxrevid {d['maxrevid']})" for d in o.lineage.get("days", []))
         lines.append(f"- **lineage**: base `{o.lineage.get('base_version')}` (dump {o.lineage.get('base_dump')}); "
                      f"days applied: {days or 'none'}")
+    if o.released_holds:
+        lines += ["", "## Rollback holds released by this run (resume=true)", ""]
+        lines += [f"- {h}" for h in o.released_holds]
+    if o.holds:
+        lines += ["", "## Rollback holds", "", "Automatic refreshes promote nothing until `ragindex resume` "
+                  "(or `-p resume=true`) releases them.", ""]
+        lines += [f"- {h}" for h in o.holds]
     if o.changes:
         lines += ["", "## Pages changed", "", "| change | pages | examples |", "|---|---:|---|"]
         for kind in ("added", "changed", "moved", "redirected", "emptied"):

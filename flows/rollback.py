@@ -14,7 +14,8 @@ from tasks.promote import rollback_version
 def rollback_index(version: str | None = None, store_url: str | None = None, reason: str | None = None) -> dict:
     """Roll serving back to `version` (default: the version before CURRENT).
 
-    A missing or rejected version is refused and CURRENT stays as it was.
+    A missing or rejected version is refused and CURRENT stays as it was. The version left is held:
+    no automatic refresh promotes anything until `ragindex resume` (or refresh-index `resume=true`).
     """
     store = open_store(store_url, load_settings())
     before = store.current()
@@ -28,9 +29,13 @@ def rollback_index(version: str | None = None, store_url: str | None = None, rea
             f"- **to**: `{pointer.version}`",
             f"- **generation**: {pointer.generation}",
             f"- **store**: `{store.url}`",
+            *([f"- **hold**: {pointer.hold.describe()}; automatic refreshes promote nothing until "
+               "`ragindex resume`"] if pointer.hold else []),
         ]),
         key="rollback-index-report",
         description=f"rolled back to {pointer.version}",
     )
     print(f"rollback-index: CURRENT is now {pointer.version} (generation {pointer.generation})")
+    if pointer.hold:
+        print(f"rollback-index: {pointer.hold.describe()}; automatic refreshes promote nothing until `ragindex resume`")
     return pointer.model_dump(mode="json")

@@ -326,8 +326,10 @@ def create_app(
             return pointer, serving.watcher.check(True)
 
         pointer, result = await run_in_threadpool(do)
+        # store.rollback is the one rollback path (the server may not import tasks/): it made the hold.
         return {"current": pointer.model_dump(mode="json"), "swap": result.to_dict() if result else None,
-                "serving": serving.retriever.version}
+                "serving": serving.retriever.version,
+                "hold": pointer.hold.model_dump(mode="json") if pointer.hold else None}
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> dict:

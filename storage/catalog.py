@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, VERSIONS_DIR
 from storage.manifest import Manifest, Pointer
 from storage.store import CorruptVersion, IndexStore
@@ -106,6 +107,7 @@ class Catalog:
     store: str  # the store's URL
     current: Pointer | None
     versions: tuple[VersionEntry, ...]  # corrupt ones first (they need an operator), then newest first
+    holds: tuple[Hold, ...] = ()  # the active rollback holds (storage.holds), oldest first
 
     @property
     def has_deltas(self) -> bool:
@@ -117,6 +119,7 @@ class Catalog:
             "store": self.store,
             "current": self.current.model_dump(mode="json") if self.current else None,
             "versions": [v.to_json() for v in self.versions],
+            "holds": [h.model_dump(mode="json") for h in self.holds],
         }
 
 
@@ -149,7 +152,7 @@ def read_catalog(store: IndexStore) -> Catalog:
                             own_bytes=sizes.get(c.version, 0))
 
     entries = [unreadable(c) for c in corrupt] + [listed(m) for m in reversed(manifests)]
-    return Catalog(store=store.url, current=current, versions=tuple(entries))
+    return Catalog(store=store.url, current=current, versions=tuple(entries), holds=tuple(store.holds()))
 
 
 def _own_bytes(store: IndexStore) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -117,6 +118,38 @@ class Lineage(BaseModel):
         """The newest date this lineage has seen: adds-changes days after it are still to apply."""
         return self.days[-1].date if self.days else self.base_dump
 
+    def describe(self) -> str:
+        """`dump 20240101`, or `dump 20240101 + 2 days to 20240104`: what the lineage knows, in words."""
+        if not self.days:
+            return f"dump {self.base_dump}"
+        return f"dump {self.base_dump} + {len(self.days)} day{'s' if len(self.days) != 1 else ''} to {self.watermark}"
+
+
+class Content(BaseModel):
+    """What a version knows, whatever its id: two versions with equal Content serve the same knowledge.
+
+    A delta: its lineage's base version and the adds-changes days applied to it, each by date and
+    maxrevid (the base pins the dump, the encoder and the index spec). A full version: the sha1 of
+    each of its dump's files, its encoder fingerprint key and its index spec. This is how a run
+    recognises content it already built (and must not build again), or that a rollback holds.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    base_version: str | None = None
+    days: tuple[tuple[str, int], ...] = ()
+    dump_sha1: tuple[str, ...] = ()
+    encoder_key: str | None = None
+    index_spec: str | None = None
+
+    @classmethod
+    def full(cls, dump_sha1: Iterable[str], encoder_key: str, index_spec: str) -> Content:
+        return cls(dump_sha1=tuple(sorted(dump_sha1)), encoder_key=encoder_key, index_spec=index_spec)
+
+    @classmethod
+    def delta(cls, base_version: str, days: Iterable[tuple[str, int]]) -> Content:
+        return cls(base_version=base_version, days=tuple(days))
+
 
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
@@ -149,6 +182,12 @@ class Manifest(BaseModel):
     def effective_lineage(self) -> Lineage:
         """Where this version's knowledge comes from; a full version is the base of its own lineage."""
         return self.lineage or Lineage(base_version=self.version, base_dump=self.source.dump_date)
+
+    @property
+    def content(self) -> Content:
+        if self.is_delta and self.lineage:
+            return Content.delta(self.lineage.base_version, [(d.date, d.maxrevid) for d in self.lineage.days])
+        return Content.full([f.sha1 or "" for f in self.source.files], self.encoder.key, self.index.spec)
 
     def as_segment(self, manifest_sha256: str) -> SegmentRef:
         """This version's own rows as a segment of a child delta, pinned by the sha256 of its stored manifest."""

@@ -8,14 +8,16 @@ Layout under one root URL (local path or s3://bucket/prefix):
     versions/<id>/...                  what a version holds: storage.layout
     CURRENT                            {"version", "previous", "generation", "updated_at"}
     history/<generation>.json          one per promote / rollback, never rewritten
+    holds/<generation>.json            one per rollback: what it left, held from automatic promotes (storage.holds)
     pins/<id>                          pinned versions survive gc
     locks/build.json                   one build at a time per store (a lease: storage.lock)
     locks/pointer.json                 a short lease that promote, rollback, pin and gc take
     trained/, prefect-results/         beside versions/: storage.layout
 
-A little over ~400 lines: every move of CURRENT (promote, rollback, the no-op, history repair) and
+A little under ~500 lines: every move of CURRENT (promote, rollback, the no-op, history repair) and
 the reads it depends on stay in one class, so the compare-and-swap rules are read in one place;
-leases and retention are already their own modules (storage.lock, storage.retention).
+leases, retention and rollback holds are their own modules (storage.lock, storage.retention,
+storage.holds).
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from storage import holds as hold_records
 from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
+from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
 from storage.lock import Lease
-from storage.manifest import HistoryEntry, Manifest, Pointer
+from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
 from storage.verify import verify_version
 
@@ -199,6 +203,11 @@ class IndexStore:
         ready = [m for m in self.list_versions() if m.status == "ready" and m.version != exclude]
         return ready[-1] if ready else None
 
+    def ready_with(self, content: Content) -> Manifest | None:
+        """The newest ready version that holds exactly `content` (`Manifest.content`), if any."""
+        found = [m for m in self.list_versions() if m.status == "ready" and m.content == content]
+        return found[-1] if found else None
+
     def file_sha256(self, version_id: str, relpath: str) -> str:
         return file_digest(self.fs, self.version_path(version_id, relpath))
 
@@ -259,14 +268,36 @@ class IndexStore:
         self, version_id: str | None = None, *, actor: str | None = None, reason: str | None = None
     ) -> Move:
         """Promote an earlier version; by default the newest ready one older than CURRENT, so that
-        rolling back twice goes two versions back, never forward to the one just left."""
+        rolling back twice goes two versions back, never forward to the one just left.
+
+        Every rollback (CLI, flow, server) comes here, and holds what it left (`storage.holds`): no
+        automatic refresh promotes anything while a hold is active, until `release_holds`."""
         with self.pointer_lock(f"rollback {version_id or ''}".strip()):
             current = self.current()
             if version_id is None:
                 version_id = self._rollback_target(current)
             if current is not None and current.version == version_id:
                 raise Rejected(f"version {version_id} is already CURRENT")
-            return self._move(version_id, current.generation if current else 0, actor, reason, "rollback")
+            generation = current.generation if current else 0
+            hold = self._hold_of(current, version_id, generation + 1, actor, reason) if current else None
+            if hold is not None:
+                hold_records.write_pending(self, hold)
+            try:
+                move = self._move(version_id, generation, actor, reason, "rollback")
+            except BaseException:
+                if hold is not None:
+                    hold_records.discard_pending(self, hold)
+                raise
+            move.hold = hold
+            return move
+
+    def _hold_of(self, current: Pointer, to: str, generation: int, actor: str | None, reason: str | None) -> Hold:
+        try:
+            left = self.manifest(current.version)
+        except (NotFound, CorruptManifest):
+            left = None  # rolled back from an unreadable version: held all the same, content unknown
+        return Hold.of(current.version, left, generation=generation, to=to, actor=actor or default_actor(),
+                       reason=reason, at=_now())
 
     def _rollback_target(self, current: Pointer | None) -> str:
         if current is None:
@@ -361,6 +392,20 @@ class IndexStore:
                      ttl=timedelta(seconds=30), wait=30.0, where=f"CURRENT of {self.url}",
                      holder="another promote, rollback or gc")
 
+    def history_entry(self, generation: int) -> HistoryEntry | None:
+        data, _ = read_json(self.fs, self._history_path(generation))
+        return HistoryEntry.model_validate(data) if data else None
+
+    # -- rollback holds ------------------------------------------------------------------------
+
+    def holds(self, include_released: bool = False) -> list[Hold]:
+        """The active rollback holds (with `include_released`, released ones too), oldest first."""
+        return [h for h in hold_records.read_holds(self) if include_released or h.active]
+
+    def release_holds(self, actor: str | None = None, reason: str | None = None) -> list[Hold]:
+        """Release every active hold (`ragindex resume`): automatic refreshes may promote again."""
+        return hold_records.release(self, actor or default_actor(), reason, _now())
+
     def history(self) -> list[HistoryEntry]:
         base = self.path("history")
         try:
@@ -433,6 +478,7 @@ class Move(Pointer):
 
     moved: bool = Field(True, exclude=True)  # False: the version was already CURRENT, nothing changed
     history_written: bool = Field(True, exclude=True)  # False: CURRENT moved but its history entry did not land
+    hold: Hold | None = Field(None, exclude=True)  # a rollback's: what it left and now holds
 
 
 def _now() -> datetime:

@@ -153,11 +153,13 @@ def finish_version(store, version_id: str, index: IndexInfo, floors: ValidationF
 def reconciled_deletions(store, version_id: str) -> int | None:
     """Pages CURRENT's delta lineage serves that the full build staged as `version_id` no longer has: the
     deletions adds-changes days cannot show, counted when a full dump reconciles them (None unless
-    CURRENT is a delta of the same wiki)."""
+    CURRENT is a delta of the same wiki, and the dump is not older than its newest day: the pages an older
+    dump lacks are pages it predates, not deletions)."""
     pointer = store.current()
     current = store.manifest(pointer.version) if pointer else None
-    wiki = read_summaries(store, version_id)[0].source.wiki
-    if current is None or not current.is_delta or current.source.wiki != wiki:
+    source = read_summaries(store, version_id)[0].source
+    if current is None or not current.is_delta or current.source.wiki != source.wiki \
+            or source.dump_date < current.effective_lineage.watermark:
         return None
     fresh = [np.empty(0, dtype=np.int64)]
     for shard in layout.passage_shard_paths(store.fs, store.version_path(version_id, layout.PASSAGES_DIR)):

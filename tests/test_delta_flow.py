@@ -140,14 +140,15 @@ def test_full_delta_delta_rollback_full(prefect_api, mirror, tiny_dpr, gensim_ex
     assert _served(store, d1.version) == served1
 
     # A newer full dump of the end state, without one page the deltas never saw deleted: a full build,
-    # which reuses every vector and counts the deletion it reconciles.
+    # which reuses every vector and counts the deletion it reconciles (once the operator lifts the
+    # rollback's hold: while it is active nothing is promoted).
     latest = {edited.page_id: (edited.title, day3[0].revisions[-1][1]),
               twice.page_id: (twice.title, twice.text + " Second edit."),
               moved.page_id: (moved.title + " (renamed)", moved.text), 990001: ("Fox (new article)", new_text)}
     end_state = [Page(p.page_id, *latest.get(p.page_id, (p.title, p.text)), rev_id=rev + 20)
                  for p in [*pages, Page(990001, "", "")] if p.page_id not in {redirected.page_id, deleted.page_id}]
     mirror.add_run("enwiki", "20240201", end_state)
-    rebuilt = refresh_index(**common)
+    rebuilt = refresh_index(**common, resume=True)
     assert rebuilt["status"] == "promoted" and rebuilt["mode"] == "full"
     m = store.manifest(rebuilt["version"])
     assert not m.is_delta and m.counts["deletions_reconciled"] == 1

@@ -82,9 +82,9 @@ def test_refresh_promotes_then_is_up_to_date_then_reuses_then_rolls_back(prefect
     assert pointer.version == first["version"] and pointer.previous == third["version"]
     assert [h.action for h in store.history()] == ["promote", "promote", "rollback"]
 
-    # The latest dump is already built, and the operator rolled back from it: it is not re-promoted.
+    # The latest dump is already built, and the operator rolled back from it: it is held, not re-promoted.
     after = refresh_index(wiki="enwiki", dump_date="latest", mirror=mirror.url, **common)
-    assert after["status"] == "up-to-date" and after["version"] == third["version"]
+    assert after["status"] == "held" and after["version"] == third["version"]
     assert store.current().version == first["version"] and store.current().generation == 3
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.refresh import promote_unfinished, refresh_index
+from flows.refresh import refresh_index
 from storage import layout
 from storage.store import IndexStore
+from tasks.promote import promote_unfinished
 from tests.fixtures.mirror import serve_mirror
 
 WIKI, DATE = "enwiki", "20240101"

@@ -237,6 +237,8 @@ def test_promote_rollback_and_refusal_reach_the_server(tmp_path, tiny_question_e
         r = c.post("/v1/admin/rollback", json={}, headers=auth)  # rollback through the API
         assert r.status_code == 200, r.text
         assert r.json()["serving"] == a.version and r.json()["current"]["version"] == a.version
+        assert r.json()["hold"]["left"] == b.version  # the API's rollback holds what it left, as every rollback
+        assert [(h.left, h.actor) for h in store.holds()] == [(b.version, "ragindex-server")]
         assert c.post("/v1/retrieve", json={"query": "paris"}).json()["version"] == a.version
 
         store.promote(b.version)
