@@ -213,3 +213,34 @@ def unpin(
     """Let gc delete a version again."""
     open_store(store_url, must_exist=True).unpin(version)
     print(f"unpinned {version}")
+
+
+@app.command("compact")
+def compact(
+    version: str | None = typer.Argument(None, help="Delta version to compact (default: CURRENT)."),
+    store_url: StoreOption = None,
+    no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate it, but leave CURRENT."),
+) -> None:
+    """Merge a delta's segments into one version (no encoding, no retraining); promote it when it compacts
+    CURRENT (compare-and-swap on the generation read, refused while a rollback hold is active)."""
+    from tasks.compact_version import compact_version
+    from tasks.promote import promote_planned
+
+    store = open_store(store_url, must_exist=True)
+    pointer = store.current()
+    target = version or (pointer.version if pointer else None)
+    if target is None:
+        raise Rejected("nothing is CURRENT: name the version to compact")
+    manifest = compact_version(store, target)
+    if manifest.status != "ready":
+        reason = manifest.validation.reason if manifest.validation else "validation failed"
+        raise Rejected(f"compaction {manifest.version} of {target} was rejected: {reason}")
+    print(f"compacted {target} ({manifest.counts['segments_merged']} segments, "
+          f"{manifest.counts['tombstones_dropped']} tombstoned rows dropped) into {manifest.version}: "
+          f"{manifest.counts['passages']} passages, nothing encoded")
+    if no_promote or pointer is None or pointer.version != target:
+        print(f"promote it with: ragindex promote {manifest.version}")
+        return
+    move = promote_planned(store, manifest.version, planned_generation=pointer.generation, actor="ragindex compact",
+                           reason=f"compaction of {target}")
+    print(f"CURRENT -> {move.version} (generation {move.generation}, previous {move.previous})")

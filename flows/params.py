@@ -63,6 +63,8 @@ class RefreshParams(BaseModel):
     compile: bool = False
     max_workers: int | None = Field(None, ge=1)
     progress_seconds: float = Field(10.0, gt=0)  # RAGINDEX_PROGRESS_SECONDS; not a flow parameter
+    compact_segments: int = Field(32, ge=1)  # RAGINDEX_COMPACT_SEGMENTS; not a flow parameter
+    compact_tombstone_share: float = Field(0.2, gt=0, le=1)  # RAGINDEX_COMPACT_TOMBSTONE_SHARE; likewise
     # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
     mode: Literal["auto", "full", "incremental"] = "auto"
 
@@ -90,6 +92,8 @@ class RefreshParams(BaseModel):
             s3_endpoint_url=settings.s3_endpoint_url,
             user_agent=settings.user_agent,
             progress_seconds=settings.progress_seconds,
+            compact_segments=settings.compact_segments,
+            compact_tombstone_share=settings.compact_tombstone_share,
         )
 
     @field_validator("wiki")

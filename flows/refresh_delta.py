@@ -19,13 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prefect import get_run_logger
+
 from flows.params import RefreshParams
 from flows.refresh_tasks import EmbedProgress, FlowSteps, download_day_task, promote_task, resolve_days_task
 from flows.report import RefreshOutcome
-from storage.errors import NotFound, Rejected
+from storage.errors import NotFound, RagindexError, Rejected, first_line
 from storage.manifest import Content, Manifest, Pointer
 from storage.store import IndexStore
+from storage.timing import Steps
 from tasks import download
+from tasks.compact_version import CompactionPolicy, compact_version
 from tasks.delta_version import NothingToApply, build_delta_version
 from tasks.incr_dumps import IncrChain
 from tasks.promote import held_reason, owed_promote
@@ -83,7 +87,7 @@ def _choose(p: RefreshParams, store: IndexStore, pointer: Pointer | None) -> Mod
         dates = f"{chain.days[0].date}..{chain.days[-1].date}" if len(chain.days) > 1 else chain.days[0].date
         return ModePlan("delta", f"{len(chain.days)} adds-changes day(s) {dates} after {lineage.watermark}{stop}",
                         parent=parent, chain=chain)
-    if p.mode == "auto" and not parent.is_delta:
+    if p.mode == "auto" and parent.lineage is None:  # a full version, not a delta or a compaction of one
         return ModePlan("full", f"no finished adds-changes day after {lineage.watermark}{stop}")
     return ModePlan("up-to-date", f"no finished adds-changes day after {lineage.watermark}{stop}", parent=parent)
 
@@ -161,8 +165,35 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
         with steps("promote"):
             outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",
                                         planned_generation=plan.generation))
+        if outcome.status == "promoted":
+            outcome.compaction = compact_if_due(p, store, manifest)
     outcome.current = current_version(store)
     return outcome
+
+
+def compact_if_due(p: RefreshParams, store: IndexStore, delta: Manifest) -> dict[str, Any] | None:
+    """After a delta is promoted: when its lineage is past the compaction budget (`RAGINDEX_COMPACT_SEGMENTS`,
+    `RAGINDEX_COMPACT_TOMBSTONE_SHARE`), merge it into one version and promote that on the generation the
+    delta's promote made. A failed compaction leaves the delta serving and the run successful; it says why."""
+    due = CompactionPolicy(p.compact_segments, p.compact_tombstone_share).due(delta)
+    pointer = store.current()
+    if due is None or pointer is None or pointer.version != delta.version:
+        return None
+    logger = get_run_logger()
+    logger.info("compacting %s: %s", delta.version, due)
+    steps = Steps()
+    try:
+        compacted = compact_version(store, delta.version, floors=p.floors(), canaries=p.canaries,
+                                    shard_rows=p.shard_rows, progress=False, steps=steps)
+    except RagindexError as exc:
+        logger.warning("compaction of %s failed: %s", delta.version, first_line(exc))
+        return {"status": "failed", "due": due, "reason": first_line(exc)}
+    done = {"status": "rejected", "reason": compacted.validation.reason if compacted.validation else ""}
+    if compacted.status == "ready":
+        done = promote_task(compacted.version, p, reason=f"refresh-index: compaction of {delta.version} ({due})",
+                            planned_generation=pointer.generation)
+    return {**done, "due": due, "version": compacted.version, "segments_merged": compacted.counts["segments_merged"],
+            "tombstones_dropped": compacted.counts["tombstones_dropped"], "timings": steps.timings}
 
 
 def _existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:

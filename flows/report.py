@@ -35,6 +35,7 @@ class RefreshOutcome:
     failed_step: str | None = None  # the step a failed run stopped in
     holds: list[str] = field(default_factory=list)  # the rollback holds active when the run ended, one line each
     released_holds: list[str] = field(default_factory=list)  # the holds this run released (resume=true)
+    compaction: dict[str, Any] | None = None  # a compaction this run made after its delta (flows.refresh_delta)
 
     @classmethod
     def from_manifest(cls, m: Manifest, reason: str = "", **fields: Any) -> RefreshOutcome:
@@ -89,6 +90,11 @@ def write_report(o: RefreshOutcome) -> None:
         days = ", ".join(f"{d['date']} (maxrevid {d['maxrevid']})" for d in o.lineage.get("days", []))
         lines.append(f"- **lineage**: base `{o.lineage.get('base_version')}` (dump {o.lineage.get('base_dump')}); "
                      f"days applied: {days or 'none'}")
+    if o.compaction:
+        c = o.compaction
+        lines.append(f"- **compaction**: {c['status']} `{c.get('version')}` ({c['due']}; "
+                     f"{c.get('segments_merged', 0)} segments merged, {c.get('tombstones_dropped', 0)} tombstoned "
+                     f"rows dropped){': ' + c['reason'] if c.get('reason') else ''}")
     if o.released_holds:
         lines += ["", "## Rollback holds released by this run (resume=true)", ""]
         lines += [f"- {h}" for h in o.released_holds]

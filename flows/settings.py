@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     cache_max_size: str = "20GiB"
     # How often a refresh run reports embedding progress (log line with rate and time left, progress artifact).
     progress_seconds: float = Field(10.0, gt=0)
+    # A delta lineage past either budget is compacted into one version after the run's promote.
+    compact_segments: int = Field(32, ge=1)
+    compact_tombstone_share: float = Field(0.2, gt=0, le=1)
     ready_grace_seconds: float = Field(60.0, ge=0)  # /readyz fails after CURRENT is unservable this long
 
     @field_validator("memory_budget", "cache_max_size")

@@ -173,6 +173,9 @@ class Manifest(BaseModel):
     first_row_id: int = 0
     lineage: Lineage | None = None
     changes: dict[str, Any] = Field(default_factory=dict)  # what a delta added/changed/moved/dropped
+    # A compaction (tasks.compact_version): the delta whose segments this one version merges. It has no
+    # segments of its own, and that delta's lineage: it knows what the delta knows.
+    compacted_from: str | None = None
 
     @property
     def is_delta(self) -> bool:
@@ -185,7 +188,7 @@ class Manifest(BaseModel):
 
     @property
     def content(self) -> Content:
-        if self.is_delta and self.lineage:
+        if self.lineage is not None:  # a delta, or a compaction of one: the knowledge of its lineage
             return Content.delta(self.lineage.base_version, [(d.date, d.maxrevid) for d in self.lineage.days])
         return Content.full([f.sha1 or "" for f in self.source.files], self.encoder.key, self.index.spec)
 

@@ -78,9 +78,10 @@ def build_version_files(store, version_id: str, *, spec: str = "auto", memory_bu
 def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[str, float], parent: str | None,
                    counts: dict[str, int] | None = None, segments: list[SegmentRef] | None = None,
                    first_row_id: int = 0, lineage: Lineage | None = None,
-                   changes: dict[str, Any] | None = None) -> Manifest:
+                   changes: dict[str, Any] | None = None, compacted_from: str | None = None) -> Manifest:
     """The manifest of a staged version before validation (status provisionally `rejected`), from its
-    own summaries; a delta also names its segments, first row id, lineage and changes.
+    own summaries; a delta also names its segments, first row id, lineage and changes, a compaction the
+    delta it compacts and its lineage.
 
     `counts` add to (or override) the summaries' counts. Timings are `<step>_s`: the summaries' own (the
     passages summary's `total_s`, its whole step, becomes `passages_s`), overridden by the caller's for
@@ -113,6 +114,7 @@ def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[st
         first_row_id=first_row_id,
         lineage=lineage,
         changes=changes or {},
+        compacted_from=compacted_from,
     )
 
 
@@ -158,7 +160,7 @@ def reconciled_deletions(store, version_id: str) -> int | None:
     pointer = store.current()
     current = store.manifest(pointer.version) if pointer else None
     source = read_summaries(store, version_id)[0].source
-    if current is None or not current.is_delta or current.source.wiki != source.wiki \
+    if current is None or current.lineage is None or current.source.wiki != source.wiki \
             or source.dump_date < current.effective_lineage.watermark:
         return None
     fresh = [np.empty(0, dtype=np.int64)]

@@ -386,16 +386,17 @@ def list_passage_shards(passages: Location) -> list[Location]:
         raise EmbedError(str(exc)) from None
 
 
-def write_embeddings_summary(out: Location, spec: EncoderSpec, shard_records: list[dict], question_encoder: str | None,
-                             seconds: float) -> dict:
+def write_embeddings_summary(out: Location, encoder: EncoderSpec | EncoderFingerprint, shard_records: list[dict],
+                             question_encoder: str | None, seconds: float) -> dict:
     """Check every shard on disk agrees (fingerprint, dim, checksum), then write `embeddings.json`.
 
     The sidecars are read back rather than trusting the records: records may come from cached task
-    results of an earlier run, and the summary is what build and reuse trust later.
+    results of an earlier run, and the summary is what build and reuse trust later. `encoder`: the spec
+    the shards were encoded with, or the fingerprint of the version their vectors were copied from.
     """
     if not shard_records:
         raise EmbedError("no embedding shards to summarise")
-    fingerprint = fingerprint_of(spec)
+    fingerprint = encoder if isinstance(encoder, EncoderFingerprint) else fingerprint_of(encoder)
     fs, root = out.fs, out.path
     records = [EmbeddedShard.load(r, "an embedding shard's record") for r in shard_records]
     first: tuple[str, int] | None = None
@@ -411,7 +412,7 @@ def write_embeddings_summary(out: Location, spec: EncoderSpec, shard_records: li
             raise EmbedError(f"embedding shard {name} has dim {dim}, but {first[0]} has {first[1]}")
         if dim != fingerprint.dim or sidecar.fingerprint_key != fingerprint.key:
             raise EmbedError(f"embedding shard {name} (dim {dim}) was made by another encoder than "
-                             f"{spec.model} (dim {fingerprint.dim})")
+                             f"{fingerprint.model_id} (dim {fingerprint.dim})")
         if sidecar.sha256 != record.sha256 or sidecar.rows != record.rows:
             raise EmbedError(f"embedding shard {name} changed on disk since it was embedded")
     summary = EmbeddingsSummary(

@@ -1,0 +1,202 @@
+"""Compaction: a delta lineage becomes one version that serves the same rows, with the same answers, without
+encoding or retraining; gc frees the merged segments only when no kept version refers to them; rolling back
+across a compaction is a pointer move."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+
+import faiss
+import numpy as np
+import pytest
+
+from rag_model.encoders import EncoderSpec
+from rag_model.index import VersionIndex
+from storage import layout, retention
+from storage.errors import NotFound
+from storage.location import Location
+from storage.manifest import Lineage, Manifest
+from storage.store import IndexStore
+from tasks.compact_version import CompactionPolicy, NothingToCompact, compact_version
+from tasks.delta_version import build_delta_version
+from tasks.download import RemoteFile
+from tasks.incr_dumps import IncrDay
+from tasks.promote import promote_version, rollback_version
+from tests.fixtures.history import HistPage, history_xml
+from tests.fixtures.versions import make_version, random_passages
+
+
+def _words(tag: str, n: int = 150) -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+def _day(store: IndexStore, tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, Location]:
+    path = tmp_path / f"enwiki-{date}-pages-meta-hist-incr.xml.bz2"
+    path.write_bytes(bz2.compress(history_xml("enwiki", pages).encode()))
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    day = IncrDay(wiki="enwiki", date=date, maxrevid=max(r for p in pages for r, _ in p.revisions),
+                  location=f"file://{tmp_path}", file=RemoteFile(name=path.name, url=str(path), md5=md5))
+    return day, Location(path)
+
+
+def _lineage_of_three_deltas(store: IndexStore, tmp_path, tiny_dpr, fingerprint) -> tuple[str, list[str]]:
+    """An IVF base of 40 articles, then three promoted deltas: edits, a new page edited again, a redirect."""
+    passages = random_passages(120, pages=40)
+    vectors = np.random.default_rng(0).standard_normal((120, fingerprint.dim)).astype(np.float32)
+    base = make_version(store, passages, vectors, fingerprint, spec="IVF4,Flat", wiki="enwiki", promote=True)
+    spec = EncoderSpec(str(tiny_dpr.ctx_dir), "dpr")
+    days = [
+        [HistPage(3, "Article 3", [(5000, _words("edited"))]), HistPage(77, "Brand new", [(5001, _words("new"))])],
+        [HistPage(77, "Brand new", [(5002, _words("again"))]), HistPage(5, "Article 5", [(5003, _words("five"))])],
+        [HistPage(9, "Article 9", [(5004, "#REDIRECT [[Article 5]]")], redirect="Article 5"),
+         HistPage(12, "Article 12", [(5005, _words("twelve"))])],
+    ]
+    parent, deltas = base, []
+    for i, pages in enumerate(days):
+        (tmp_path / f"d{i}").mkdir()
+        day, path = _day(store, tmp_path / f"d{i}", f"2024010{i + 2}", pages)
+        m = build_delta_version(store, parent, [day], [path], spec=spec, progress=False)
+        promote_version(store, m.version, actor="tests")
+        parent = m.version
+        deltas.append(m.version)
+    return base, deltas
+
+
+@pytest.fixture
+def lineage(store, tmp_path, tiny_dpr, tiny_ctx_fingerprint):
+    base, deltas = _lineage_of_three_deltas(store, tmp_path, tiny_dpr, tiny_ctx_fingerprint)
+    return store, base, deltas
+
+
+def test_compaction_serves_the_same_rows_and_answers_from_one_segment(lineage):
+    store, base, deltas = lineage
+    delta = store.manifest(deltas[-1])
+    compacted = compact_version(store, delta.version, progress=False)
+
+    assert compacted.status == "ready" and not compacted.is_delta and compacted.segments == []
+    assert compacted.compacted_from == delta.version and compacted.parent == delta.version
+    assert compacted.lineage == delta.lineage and compacted.content == delta.content  # the same knowledge
+    assert compacted.counts["passages"] == delta.live_passages
+    assert compacted.counts["encoded"] == 0 and compacted.counts["segments_merged"] == 4
+    assert compacted.counts["tombstones_dropped"] == delta.counts["tombstones"] > 0
+    assert not any(f == layout.TOMBSTONES for f in compacted.files)
+    # The base's trained quantizer, never retrained.
+    own = faiss.read_index(store.version_path(compacted.version, layout.INDEX_FILE)) \
+        if store.location.is_local else None
+    if own is not None:
+        base_index = faiss.read_index(store.version_path(base, layout.INDEX_FILE))
+        np.testing.assert_array_equal(faiss.extract_index_ivf(own).quantizer.reconstruct_n(0, 4),
+                                      faiss.extract_index_ivf(base_index).quantizer.reconstruct_n(0, 4))
+    assert compacted.index.params["quantizer_reused"] and compacted.index.params["derived_from"] == base
+
+    before, after = VersionIndex.open(store, delta.version), VersionIndex.open(store, compacted.version)
+    assert len(after.segments) == 1 and len(before.segments) == 4 and after.size == before.size
+    queries = np.random.default_rng(7).standard_normal((30, delta.encoder.dim)).astype(np.float32)
+
+    def answers(index: VersionIndex) -> list[list[tuple]]:
+        return [[(h.page_id, h.passage_id, h.rev_id, h.text, round(h.score, 4)) for h in hits]
+                for hits in index.search(queries, 10)]
+
+    assert answers(after) == answers(before)
+    pages = {r["page_id"]: r for r in after.rows(list(range(after.size)))}
+    assert 9 not in pages and pages[77]["rev_id"] == 5002 and pages[3]["rev_id"] == 5000  # redirect gone, edits kept
+
+
+def test_a_delta_on_a_compaction_and_rollback_across_it_are_pointer_moves(lineage, tmp_path, tiny_dpr):
+    store, base, deltas = lineage
+    compacted = compact_version(store, deltas[-1], progress=False)
+    promote_version(store, compacted.version, actor="tests")
+    day, path = _day(store, tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
+    after = build_delta_version(store, compacted.version, [day], [path],
+                                spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"), progress=False)
+    assert [s.version for s in after.segments] == [compacted.version]
+    assert after.lineage.base_version == base and [d.date for d in after.lineage.days][-1] == "20240105"
+    promote_version(store, after.version, actor="tests")
+
+    move = rollback_version(store, deltas[-1], actor="tests", reason="across the compaction")
+    assert move.version == deltas[-1] and store.current().version == deltas[-1]
+    assert VersionIndex.open(store, deltas[-1]).size == store.manifest(deltas[-1]).live_passages
+
+
+def test_gc_frees_merged_segments_only_when_no_kept_version_refers_to_them(lineage, tmp_path, tiny_dpr):
+    store, base, deltas = lineage
+    compacted = compact_version(store, deltas[-1], progress=False)
+    promote_version(store, compacted.version, actor="tests")
+    # CURRENT the compaction, previous the last delta: that delta still needs every merged segment.
+    report = retention.gc(store, keep=1)
+    assert not report.deleted_versions
+    day, path = _day(store, tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
+    after = build_delta_version(store, compacted.version, [day], [path],
+                                spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"), progress=False)
+    promote_version(store, after.version, actor="tests")
+    # CURRENT a delta of the compaction, previous the compaction: nothing kept refers to the old lineage.
+    report = retention.gc(store, keep=1)
+    assert sorted(report.deleted_versions) == sorted([base, *deltas])
+    assert {m.version for m in store.list_versions()} == {compacted.version, after.version}
+    assert VersionIndex.open(store, after.version).size == after.live_passages
+
+
+def test_only_a_ready_delta_is_compacted(lineage):
+    store, base, _ = lineage
+    with pytest.raises(NothingToCompact, match="one segment already"):
+        compact_version(store, base, progress=False)
+    with pytest.raises(NotFound):
+        compact_version(store, "enwiki-20240101-20990101t000000z", progress=False)
+    assert all(not m.compacted_from for m in store.list_versions())
+
+
+def _manifest_with(segments: int, tombstones: int, live: int) -> Manifest:
+    from storage.manifest import IndexInfo, SegmentRef, SourceDump
+    from tests.fixtures.versions import fingerprint_for
+
+    refs = [SegmentRef(version=f"v{i}", manifest_sha256="0" * 64, first_row_id=i, rows=1) for i in range(segments - 1)]
+    return Manifest(version="v", status="ready", source=SourceDump(wiki="enwiki", dump_date="20240101"),
+                    encoder=fingerprint_for(8), index=IndexInfo(spec="flat", factory="Flat", metric="ip", dim=8),
+                    counts={"tombstones": tombstones, "live_passages": live}, segments=refs,
+                    lineage=Lineage(base_version="v0", base_dump="20240101"))
+
+
+def test_the_policy_says_when_a_lineage_is_due():
+    policy = CompactionPolicy(max_segments=32, max_tombstone_share=0.2)
+    assert policy.due(_manifest_with(32, 0, 100)) is None
+    assert "33 segments (budget 32)" in policy.due(_manifest_with(33, 0, 100))
+    assert policy.due(_manifest_with(3, 20, 80)) is None
+    assert "21% of its rows are tombstoned" in policy.due(_manifest_with(3, 21, 79))
+
+
+@pytest.mark.parametrize("store_backend", ["local"], indirect=True)
+def test_the_nightly_compacts_a_lineage_past_its_budget(prefect_api, mirror, tiny_dpr, gensim_excerpt, store,
+                                                        store_url, monkeypatch, request):
+    """Through refresh-index: a delta past RAGINDEX_COMPACT_SEGMENTS is promoted, then compacted and the
+    compaction promoted in the same run; the next night is up to date on it."""
+    from flows.refresh import refresh_index
+    from flows.settings import load_settings
+    from tests.fixtures.incr_mirror import make_incr_day
+    from tests.test_delta_flow import _articles, _served
+
+    monkeypatch.setenv("RAGINDEX_COMPACT_SEGMENTS", "1")
+    load_settings.cache_clear()
+    request.addfinalizer(load_settings.cache_clear)
+    common = dict(wiki="enwiki", mirror=mirror.url, store_url=store_url, encoder=str(tiny_dpr.ctx_dir),
+                  encoder_kind="dpr", index_spec="flat", shard_rows=50, allow_count_change=True)
+    pages = _articles(gensim_excerpt, n=8)
+    mirror.add_run("enwiki", "20240101", pages)
+    full = refresh_index(**common)
+    rev = max(p.revision for p in pages) + 1
+    day = [HistPage(pages[0].page_id, pages[0].title, [(rev, pages[0].text + "\n\nA compacted sentence .")])]
+    make_incr_day(mirror.root, "enwiki", "20240102", history_xml("enwiki", day), maxrevid=rev)
+
+    night = refresh_index(**common)
+    assert night["status"] == "promoted" and night["mode"] == "delta"
+    compaction = night["compaction"]
+    assert compaction["status"] == "promoted" and "2 segments (budget 1)" in compaction["due"]
+    compacted = store.manifest(compaction["version"])
+    assert store.current().version == compacted.version and night["current"] == compacted.version
+    assert compacted.compacted_from == night["version"] and not compacted.is_delta
+    assert _served(store, compacted.version) == _served(store, night["version"])
+    assert [h.action for h in store.history()][-2:] == ["promote", "promote"]
+    assert store.manifest(full["version"]).status == "ready"
+
+    idle = refresh_index(**common)
+    assert idle["status"] == "up-to-date" and store.current().version == compacted.version
