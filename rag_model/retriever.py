@@ -177,10 +177,12 @@ class HotSwapRetriever(RagRetriever):
 
     # -- swapping ------------------------------------------------------------------------------
 
-    def swap_to(self, store: IndexStore, version_id: str, force: bool = False) -> SwapResult:
+    def swap_to(self, store: IndexStore, version_id: str, force: bool = False, rehash: bool = False) -> SwapResult:
         """Load `version_id` off the request path, check it, warm it up, then replace the reference.
 
-        On any failure the serving version stays as it was and the failure is recorded and returned.
+        `force` re-opens the version already serving; `rehash` hashes every file again instead of trusting
+        the records of unchanged ones (a reload). On any failure the serving version stays as it was and
+        the failure is recorded and returned.
         """
         with self._swap_lock:
             previous = self.version
@@ -189,7 +191,7 @@ class HotSwapRetriever(RagRetriever):
             start = time.perf_counter()
             try:
                 loaded = VersionIndex.open(store, version_id, with_embeddings=self.with_embeddings,
-                                           cache=self.cache_for(store))
+                                           cache=self.cache_for(store), rehash=rehash)
                 load_s = time.perf_counter() - start
                 self._check_compatible(loaded)
                 warm_s = loaded.warm_up(self.warmup_rounds) if self.warmup_rounds else 0.0

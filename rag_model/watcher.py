@@ -31,10 +31,11 @@ class CurrentWatcher:
         self._check_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def check(self, retry: bool = False) -> SwapResult | None:
+    def check(self, retry: bool = False, reverify: bool = False) -> SwapResult | None:
         """Read CURRENT once and swap if it names another version. Returns the swap's result, if any.
 
-        `retry` also retries a version that failed to load at this generation."""
+        `retry` also retries a version that failed to load at this generation; `reverify` (a reload)
+        re-opens even the version serving, every file hashed again."""
         with self._check_lock:
             try:
                 pointer = self.store.current()
@@ -51,12 +52,14 @@ class CurrentWatcher:
             if pointer.version == self.retriever.version:
                 self._failed = None
                 self.behind_since = None
-                return None
+                if not reverify:
+                    return None
+                return self.retriever.swap_to(self.store, pointer.version, force=True, rehash=True)
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
             if not retry and self._failed == (pointer.generation, pointer.version):
                 return None
-            result = self.retriever.swap_to(self.store, pointer.version)
+            result = self.retriever.swap_to(self.store, pointer.version, rehash=reverify)
             self._failed = None if result.ok else (pointer.generation, pointer.version)
             if result.ok:
                 self.behind_since = None
