@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
+from rag_model.periodic import Periodic
 from rag_model.retriever import HotSwapRetriever, SwapResult, events
 from storage.cache import PinnedFile
 from storage.fs import file_digest
@@ -49,7 +50,10 @@ class PassRecord:
         return asdict(self)
 
 
-class ServedBytesChecker:
+class ServedBytesChecker(Periodic):
+    thread_name = "ragindex-served-bytes"
+    failure_event = "served_bytes_check_failed"
+
     def __init__(self, store: IndexStore, retriever: HotSwapRetriever, *,
                  interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
                  bytes_per_second: float = DEFAULT_BYTES_PER_SECOND,
@@ -57,17 +61,15 @@ class ServedBytesChecker:
         if interval_seconds < 0 or bytes_per_second <= 0 or stat_seconds <= 0:
             raise ValueError("re-verification needs interval >= 0 (0: no re-hash passes), a positive rate "
                              "and a positive stat period")
+        super().__init__(retriever, stat_seconds)
         self.store = store
-        self.retriever = retriever
         self.interval_seconds = interval_seconds
         self.bytes_per_second = bytes_per_second
         self.stat_seconds = stat_seconds
         self.problem: str | None = None  # served bytes that no longer match and could not be re-verified
         self.last_pass: PassRecord | None = None
         self._next_pass = time.monotonic() + interval_seconds
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         retriever.swap_listeners.append(self._on_swap)
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -141,33 +143,11 @@ class ServedBytesChecker:
         if result.ok:  # whatever serves now was verified just now
             self.problem = None
 
-    # -- the thread ------------------------------------------------------------------------------------
-
-    def start(self) -> ServedBytesChecker:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ragindex-served-bytes", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.check_stamps()
-                if self.interval_seconds and time.monotonic() >= self._next_pass:
-                    self.rehash_pass()
-                    self._next_pass = time.monotonic() + self.interval_seconds
-            except _Stopped:
-                return
-            except Exception:
-                events.exception("served-bytes check failed; will retry", extra={
-                    "event": "served_bytes_check_failed", "fields": {"serving": self.retriever.version}})
-            self._stop.wait(self.stat_seconds)
+    def tick(self) -> None:
+        self.check_stamps()
+        if self.interval_seconds and time.monotonic() >= self._next_pass:
+            self.rehash_pass()
+            self._next_pass = time.monotonic() + self.interval_seconds
 
     def status(self) -> dict:
         return {"problem": self.problem, "stat_seconds": self.stat_seconds,
