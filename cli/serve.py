@@ -167,8 +167,8 @@ def serve(
         3600.0, "--reverify-seconds", help="Re-hash the served version's private copies this often, in seconds "
         "(0: never; they are stat'ed every few seconds either way)."),
     reverify_mib_per_second: float = typer.Option(
-        64.0, "--reverify-mib-per-second", help="Read budget of a re-hash pass in MiB/s (CPU: about a tenth of "
-        "one core's sha256)."),
+        64.0, "--reverify-mib-per-second", help="Read budget of a re-hash pass in MiB/s (CPU: ~4% of one core "
+        "while a pass runs)."),
     log_level: str = typer.Option(
         "info", "--log-level", help="debug, info, warning or error. At info: one line per swap, refusal and "
         "rollback, and one access line per request, on stderr."

@@ -106,7 +106,7 @@ class HotSwapRetriever(RagRetriever):
         # Deliberately not calling RagRetriever.__init__: it requires `datasets` and builds its own index.
         self._init_retrieval = False
         self._current: VersionIndex | None = None
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()  # re-entered by `reopen`
         self._config_lock = threading.Lock()
         self._local = threading.local()
         self.question_encoder = question_encoder
@@ -222,6 +222,14 @@ class HotSwapRetriever(RagRetriever):
                             "total_s": result.seconds}})
             self._notify(result)
             return result
+
+    def reopen(self, store: IndexStore, version_id: str) -> SwapResult | None:
+        """Open `version_id` again, every file hashed again, if it is still the version serving (None if
+        another version swapped in meanwhile: a late check of an old version must not swap it back)."""
+        with self._swap_lock:
+            if self.version != version_id:
+                return None
+            return self.swap_to(store, version_id, force=True, rehash=True)
 
     def cache_for(self, store: IndexStore) -> FileCache:
         """The one local file cache of `store` (per store and user), shared by every version opened from it."""

@@ -54,7 +54,7 @@ class CurrentWatcher(Periodic):
                 self.behind_since = None
                 if not reverify:
                     return None
-                return self.retriever.swap_to(self.store, pointer.version, force=True, rehash=True)
+                return self.retriever.reopen(self.store, pointer.version)
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
             if not retry and self._failed == (pointer.generation, pointer.version):
