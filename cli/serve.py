@@ -163,6 +163,12 @@ def serve(
     max_connections: int | None = typer.Option(
         None, "--max-connections", help="Connections (and requests in flight) before answering 503 (default: 256)."
     ),
+    reverify_seconds: float = typer.Option(
+        3600.0, "--reverify-seconds", help="Re-hash the served version's private copies this often, in seconds "
+        "(0: never; they are stat'ed every few seconds either way)."),
+    reverify_mib_per_second: float = typer.Option(
+        64.0, "--reverify-mib-per-second", help="Read budget of a re-hash pass in MiB/s (CPU: ~4% of one core "
+        "while a pass runs)."),
     log_level: str = typer.Option(
         "info", "--log-level", help="debug, info, warning or error. At info: one line per swap, refusal and "
         "rollback, and one access line per request, on stderr."
@@ -180,6 +186,10 @@ def serve(
         raise RagindexError(f"--port must be between 0 and 65535, got {port}")
     if poll_seconds is not None and poll_seconds <= 0:
         raise RagindexError(f"--poll-seconds must be positive, got {poll_seconds}")
+    if reverify_seconds < 0:
+        raise RagindexError(f"--reverify-seconds must be 0 or more, got {reverify_seconds}")
+    if reverify_mib_per_second <= 0:
+        raise RagindexError(f"--reverify-mib-per-second must be positive, got {reverify_mib_per_second}")
     for flag, value in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout),
                         ("--keep-alive", keep_alive), ("--max-connections", max_connections)):
         if value is not None and value <= 0:
@@ -212,6 +222,8 @@ def serve(
             cache_dir=cache_dir or settings.cache_base,
             cache_max_bytes=settings.cache_max_bytes,
             ready_grace_seconds=settings.ready_grace_seconds,
+            reverify_seconds=reverify_seconds,
+            reverify_bytes_per_second=reverify_mib_per_second * 2**20,
         )
         bind_host, bind_port = sock.getsockname()[:2]  # --port 0: the port the system chose
         shown_host = f"[{bind_host}]" if ":" in bind_host else bind_host

@@ -6,6 +6,12 @@ looked up by `row_id` without the table ever being copied into the heap. Only th
 searches and look-ups touch become resident, and they are file-backed: two versions side by side
 during a swap do not double anonymous memory.
 
+Trust: every mapped file is a private read-only copy in the local file cache (`storage.cache`),
+verified against its manifest when it is opened, never the store's own file: a store file changed or
+truncated in place later changes nothing that is served (a mapped file truncated under a process
+kills it with SIGBUS). `served_files` names the copies so they can be re-hashed while served
+(`rag_model.served_bytes`).
+
 The class implements transformers' RAG `Index` interface (`get_doc_dicts`, `get_top_docs`,
 `init_index`, `is_initialized`) so `RagRetriever` machinery and RAG models use it like their own
 indexes. `get_top_docs` needs the document vectors (RAG scores documents with them); those come
@@ -25,7 +31,7 @@ from transformers.models.rag.retrieval_rag import Index
 
 from rag_model.lineage import open_segments
 from rag_model.segments import Segment, search_segments
-from storage.cache import FileCache
+from storage.cache import FileCache, PinnedFile
 from storage.catalog import LineageSummary
 from storage.errors import RagindexError, Rejected
 from storage.layout import PASSAGE_TABLE
@@ -78,6 +84,7 @@ class VersionIndex(Index):
         self.dim = manifest.encoder.dim
         self._embedding_shards: dict[int, list[tuple[int, np.ndarray]]] = {}
         self._embedding_lock = threading.Lock()
+        self.served_files: tuple[PinnedFile, ...] = ()  # the verified copies this version maps and reads
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -89,19 +96,20 @@ class VersionIndex(Index):
         cache_dir: str | None = None,
         with_embeddings: bool = False,
         cache: FileCache | None = None,
+        rehash: bool = False,
     ) -> VersionIndex:
         """Open a ready version of `store`, every file it maps verified against the manifest first.
 
-        Files reach local disk through the one cache (`storage.cache`): a remote store's are copied
-        there (they must be local files to be memory-mapped), a local store's are mapped in place; each
-        is hashed once and re-hashed only when it changed. `Corrupt` names the first file that does
-        not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
+        Files are copied into the one local cache (`storage.cache`) and served from those private
+        read-only copies, a local store's as well as a remote one's; a copy is hashed when it is made and
+        again only when it changed (always, with `rehash`: a reload). `Corrupt` names the first file that
+        does not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
         so their files are checked against exactly the manifests it was built and validated on.
         `cache_dir` is the cache's base directory when no `cache` is given."""
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        pins = (cache or FileCache.for_store(store.url, base=cache_dir)).pins()
+        pins = (cache or FileCache.for_store(store.url, base=cache_dir)).pins(private=True, rehash=rehash)
         try:
             segments, _ = open_segments(store, manifest, pins, table=True, embeddings=with_embeddings)
             opened = cls(version_id, manifest, segments)
@@ -112,6 +120,7 @@ class VersionIndex(Index):
             pins.release()
             raise
         # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
+        opened.served_files = tuple(pins.files)
         weakref.finalize(opened, pins.release)
         return opened
 

@@ -106,7 +106,7 @@ class HotSwapRetriever(RagRetriever):
         # Deliberately not calling RagRetriever.__init__: it requires `datasets` and builds its own index.
         self._init_retrieval = False
         self._current: VersionIndex | None = None
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()  # re-entered by `reopen`
         self._config_lock = threading.Lock()
         self._local = threading.local()
         self.question_encoder = question_encoder
@@ -177,10 +177,12 @@ class HotSwapRetriever(RagRetriever):
 
     # -- swapping ------------------------------------------------------------------------------
 
-    def swap_to(self, store: IndexStore, version_id: str, force: bool = False) -> SwapResult:
+    def swap_to(self, store: IndexStore, version_id: str, force: bool = False, rehash: bool = False) -> SwapResult:
         """Load `version_id` off the request path, check it, warm it up, then replace the reference.
 
-        On any failure the serving version stays as it was and the failure is recorded and returned.
+        `force` re-opens the version already serving; `rehash` hashes every file again instead of trusting
+        the records of unchanged ones (a reload). On any failure the serving version stays as it was and
+        the failure is recorded and returned.
         """
         with self._swap_lock:
             previous = self.version
@@ -189,7 +191,7 @@ class HotSwapRetriever(RagRetriever):
             start = time.perf_counter()
             try:
                 loaded = VersionIndex.open(store, version_id, with_embeddings=self.with_embeddings,
-                                           cache=self.cache_for(store))
+                                           cache=self.cache_for(store), rehash=rehash)
                 load_s = time.perf_counter() - start
                 self._check_compatible(loaded)
                 warm_s = loaded.warm_up(self.warmup_rounds) if self.warmup_rounds else 0.0
@@ -220,6 +222,14 @@ class HotSwapRetriever(RagRetriever):
                             "total_s": result.seconds}})
             self._notify(result)
             return result
+
+    def reopen(self, store: IndexStore, version_id: str) -> SwapResult | None:
+        """Open `version_id` again, every file hashed again, if it is still the version serving (None if
+        another version swapped in meanwhile: a late check of an old version must not swap it back)."""
+        with self._swap_lock:
+            if self.version != version_id:
+                return None
+            return self.swap_to(store, version_id, force=True, rehash=True)
 
     def cache_for(self, store: IndexStore) -> FileCache:
         """The one local file cache of `store` (per store and user), shared by every version opened from it."""

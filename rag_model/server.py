@@ -41,6 +41,12 @@ from rag_model.retriever import (
     events,
     paired_question_encoder_factory,
 )
+from rag_model.served_bytes import (
+    DEFAULT_BYTES_PER_SECOND,
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_STAT_SECONDS,
+    ServedBytesChecker,
+)
 from rag_model.watcher import CurrentWatcher
 from storage.errors import Conflict, InvalidName, NotFound, RagindexError, Rejected
 from storage.store import IndexStore
@@ -197,6 +203,7 @@ class Serving:
     watcher: CurrentWatcher
     batcher: SearchBatcher
     metrics: ServerMetrics
+    checker: ServedBytesChecker  # keeps the served version's bytes verified while it is served
     service: Any = None  # rag_model.model.RagService when a RAG model is configured
     admin_token: str | None = None
     started_at: float = field(default_factory=time.time)
@@ -218,9 +225,14 @@ def create_app(
     service: Any = None,
     ready_grace_seconds: float = 60.0,
     cache_max_bytes: int | None = None,
+    reverify_seconds: float = DEFAULT_INTERVAL_SECONDS,
+    reverify_bytes_per_second: float = DEFAULT_BYTES_PER_SECOND,
+    reverify_stat_seconds: float = DEFAULT_STAT_SECONDS,
 ) -> FastAPI:
     """Build the app. Loading the RAG model (if any) happens here; the index loads in the watcher
-    thread once the app starts, so `/readyz` says when it can answer."""
+    thread once the app starts, so `/readyz` says when it can answer. The served copies are stat'ed every
+    `reverify_stat_seconds` and re-hashed every `reverify_seconds` (0: never) at `reverify_bytes_per_second`
+    (`rag_model.served_bytes`)."""
     metrics = ServerMetrics()
     if service is None and rag_model:
         from rag_model.model import RagService
@@ -241,6 +253,8 @@ def create_app(
         store=store,
         retriever=retriever,
         watcher=CurrentWatcher(store, retriever, poll_seconds),
+        checker=ServedBytesChecker(store, retriever, interval_seconds=reverify_seconds,
+                                   bytes_per_second=reverify_bytes_per_second, stat_seconds=reverify_stat_seconds),
         batcher=SearchBatcher(retriever, metrics, max_batch=max_batch),
         metrics=metrics,
         service=service,
@@ -252,9 +266,11 @@ def create_app(
     async def lifespan(app: FastAPI):
         serving.batcher.start()
         serving.watcher.start()
+        serving.checker.start()
         try:
             yield
         finally:
+            serving.checker.stop()
             serving.watcher.stop()
             serving.batcher.stop()
 
@@ -307,9 +323,15 @@ def create_app(
         return status if _is_admin(serving, credentials) else _without_paths(status, serving.store.url)
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin)],
-              summary="Read CURRENT now and swap to it (retrying a version that failed before)")
+              summary="Read CURRENT now and (re-)open it, every file hashed again, even the version serving")
     async def reload() -> dict:
-        result = await run_in_threadpool(serving.watcher.check, True)
+        serving_before = serving.retriever.version
+        result = await run_in_threadpool(serving.watcher.check, True, True)
+        if result and not result.ok and result.version == serving_before:
+            # The store's files no longer verify; whether what is served still does is another question.
+            mismatched = await run_in_threadpool(serving.checker.mismatched_now)
+            if mismatched:
+                serving.checker.problem = f"served bytes of {result.version} no longer match: {', '.join(mismatched)}"
         return {"swap": result.to_dict() if result else None, "serving": serving.retriever.version}
 
     @app.post("/v1/admin/rollback", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -342,6 +364,9 @@ def create_app(
         version = serving.retriever.version
         if version is None:
             return JSONResponse({"ready": False, "version": None}, status_code=503)
+        if serving.checker.problem:  # answering, but from bytes no longer verified
+            return JSONResponse({"ready": False, "version": version, "error": serving.checker.problem},
+                                status_code=503)
         behind = serving.watcher.behind_for()
         if behind > serving.ready_grace_seconds:  # still answering, but not from the version CURRENT names
             failure = serving.retriever.last_failure
@@ -375,6 +400,7 @@ def _index_status(serving: Serving) -> dict:
         "last_error": r.last_failure.error if r.last_failure else None,  # one line: the last refused version
         "behind_seconds": round(serving.watcher.behind_for(), 3),  # not serving CURRENT for this long
         "watcher": {"poll_seconds": serving.watcher.poll_seconds, "last_error": serving.watcher.last_error},
+        "served_bytes": serving.checker.status(),
         "generation_enabled": serving.service is not None,
     }
 

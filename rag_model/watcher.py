@@ -10,31 +10,32 @@ from __future__ import annotations
 import threading
 import time
 
+from rag_model.periodic import Periodic
 from rag_model.retriever import HotSwapRetriever, SwapResult, events
 from storage.store import IndexStore
 
 
-class CurrentWatcher:
+class CurrentWatcher(Periodic):
+    thread_name = "ragindex-current-watcher"
+    failure_event = "watcher_failed"
+
     def __init__(self, store: IndexStore, retriever: HotSwapRetriever, poll_seconds: float = 10.0) -> None:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be positive, got {poll_seconds}")
+        super().__init__(retriever, poll_seconds)
         self.store = store
-        self.retriever = retriever
-        self.poll_seconds = poll_seconds
         self.last_error: str | None = None  # reading CURRENT failed (store unreachable): keep serving
         self.generation: int | None = None
         self.current_version: str | None = None  # what CURRENT named at the last successful read
         self.behind_since: float | None = None  # monotonic time since CURRENT names a version not serving
         self._failed: tuple[int, str] | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
         self._check_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
-    def check(self, retry: bool = False) -> SwapResult | None:
+    def check(self, retry: bool = False, reverify: bool = False) -> SwapResult | None:
         """Read CURRENT once and swap if it names another version. Returns the swap's result, if any.
 
-        `retry` also retries a version that failed to load at this generation."""
+        `retry` also retries a version that failed to load at this generation; `reverify` (a reload)
+        re-opens even the version serving, every file hashed again."""
         with self._check_lock:
             try:
                 pointer = self.store.current()
@@ -51,41 +52,27 @@ class CurrentWatcher:
             if pointer.version == self.retriever.version:
                 self._failed = None
                 self.behind_since = None
-                return None
+                if not reverify:
+                    return None
+                return self.retriever.reopen(self.store, pointer.version)
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
             if not retry and self._failed == (pointer.generation, pointer.version):
                 return None
-            result = self.retriever.swap_to(self.store, pointer.version)
+            result = self.retriever.swap_to(self.store, pointer.version, rehash=reverify)
             self._failed = None if result.ok else (pointer.generation, pointer.version)
             if result.ok:
                 self.behind_since = None
             return result
+
+    @property
+    def poll_seconds(self) -> float:
+        return self.period_seconds
 
     def behind_for(self) -> float:
         """Seconds this process has not been serving the version CURRENT names (0 when it is)."""
         since = self.behind_since
         return 0.0 if since is None else time.monotonic() - since
 
-    def start(self) -> CurrentWatcher:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ragindex-current-watcher", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.check()
-            except Exception:
-                events.exception("watcher check failed; will retry", extra={
-                    "event": "watcher_failed", "fields": {"serving": self.retriever.version}})
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+    def tick(self) -> None:
+        self.check()

@@ -1,20 +1,26 @@
 """The one local cache of store files: verified against the manifest once, re-hashed only when changed.
 
-Serving memory-maps files, so an S3 version's files are copied to local disk first; a local store's
-files are mapped in place. Either way each file is hashed once and compared with the sha256 its
-manifest names, and the verified digest is recorded beside it together with the file's
-(size, mtime_ns, ctime_ns, inode): a later load of the same unchanged file trusts the record instead
-of re-reading gigabytes, and any change to the file makes it hashed (and refused) again.
+Serving memory-maps files, and a mapped file must never change under it: bytes written into a mapped
+store file in place are served unverified, and a mapped file truncated in place kills the process
+with SIGBUS. So serving (`private=True`) maps only private read-only copies in this cache, which
+nothing but this cache writes (an S3 store's files are copied here anyway, to be mapped at all);
+readers that do not keep files mapped (builds, validation) read a local store's files in place.
+Either way each file is hashed once and compared with the sha256 its manifest names, and the verified
+digest is recorded beside it together with the file's (size, mtime_ns, ctime_ns, inode): a later load
+of the same unchanged file trusts the record instead of re-reading gigabytes, and any change to the
+file makes it hashed (and refused) again; `rehash=True` (a reload) trusts no record.
 
 Layout, one directory per store and user (`<base>/<sha256(store url)[:16]>/`, mode 0700, refused
 when another user owns it, so nobody can plant files in it):
 
-    blobs/<sha256>/<name>             a copy of a remote file, keyed by its content
+    blobs/<sha256>/<name>             a copy (mode 0444) of a remote or served file, keyed by its content
     blobs/<sha256>/<name>.verified    {"sha256", "size", "mtime_ns", "ctime_ns", "inode"}; its mtime = last use
     local/<sha256(path)[:32]>.json    the same record for a file of a local store, verified in place
 
 Copies are bounded by `max_bytes`: least recently used first, never a file a `Pins` holds (an open
-`VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes).
+`VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes). A copy
+is only ever replaced or removed by name (rename, unlink), never written or truncated in place, so a
+process that maps one keeps its verified bytes even if another evicts or replaces it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +94,11 @@ def _stamp(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
+def file_stamp(path: str) -> dict[str, int]:
+    """What changes when a file is written, truncated or replaced: (size, mtime_ns, ctime_ns, inode)."""
+    return _stamp(os.stat(path))
+
+
 class FileCache:
     """Verified local paths for store files. Safe for threads of one process; processes share the disk."""
 
@@ -105,32 +117,60 @@ class FileCache:
     ) -> FileCache:
         return cls(os.path.join(base or default_cache_base(), store_key(store_url)), max_bytes, hasher)
 
-    def pins(self) -> Pins:
-        """A set of files this caller is about to use, kept from eviction until it is released."""
-        return Pins(self)
+    def pins(self, private: bool = False, rehash: bool = False) -> Pins:
+        """A set of files this caller is about to use, kept from eviction until it is released.
+        `private`: private copies even of a local store's files (for mapping); `rehash`: trust no record."""
+        return Pins(self, private, rehash)
 
     # -- one file ----------------------------------------------------------------------------------
 
-    def verified_path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str) -> str:
-        """A local path whose bytes have sha256 `sha256`: in place for a local file, else a cached copy.
+    def verified_path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str,
+                      private: bool = False, rehash: bool = False) -> str:
+        """A local path whose bytes have sha256 `sha256`: in place for a local file, else (and always when
+        `private`) a cached read-only copy that no store writer can touch; `rehash` hashes it even when its
+        record says it is unchanged.
 
         `sha256=None` (a file no manifest covers yet, e.g. during validation) copies a remote file and keys
         it by the digest it turns out to have. `Corrupt` when the bytes are not the expected ones."""
-        if is_local(fs):
-            return self._verified_in_place(path, sha256, label)
-        return self._verified_copy(fs, path, sha256, label)
+        if not is_local(fs):
+            return self._verified_copy(fs, path, sha256, label, rehash)
+        if private and sha256 is not None:
+            return self._private_copy_of_local(path, sha256, label, rehash)
+        return self._verified_in_place(path, sha256, label, rehash)
 
-    def _verified_in_place(self, path: str, sha256: str | None, label: str) -> str:
+    def _private_copy_of_local(self, path: str, sha256: str, label: str, rehash: bool) -> str:
+        """A verified copy of a local store's file, and the store's file itself still the verified one (a
+        store file changed since is refused, whatever copy exists). When the copy is made, it is what is
+        hashed: the store's file counts as verified too if its stamp did not move while it was read."""
+        target = os.path.join(self.root, "blobs", sha256, os.path.basename(path))
+        if self._still_verified(target, sha256, rehash):
+            self._verified_in_place(path, sha256, label, rehash)
+            return target
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            raise Corrupt(f"{label}: file is missing") from None
+        target = self._verified_copy(LocalFileSystem(), path, sha256, label)
+        if file_stamp(path) == _stamp(before):
+            _write_record(self._record_path(path), {"path": path, "sha256": sha256, **_stamp(before)})
+        else:  # written while it was copied: the copy is good, the store's file must be checked on its own
+            self._verified_in_place(path, sha256, label, rehash=True)
+        return target
+
+    def _record_path(self, path: str) -> str:
+        return os.path.join(self.root, "local", hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+
+    def _verified_in_place(self, path: str, sha256: str | None, label: str, rehash: bool = False) -> str:
         try:
             st = os.stat(path)
         except FileNotFoundError:
             raise Corrupt(f"{label}: file is missing") from None
-        record_path = os.path.join(self.root, "local", hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+        record_path = self._record_path(path)
         record = _read_record(record_path)
         stamp = _stamp(st)
-        if record and record.get("path") == path and all(record.get(k) == v for k, v in stamp.items()) and (
-            sha256 is None or record.get("sha256") == sha256
-        ):
+        if not rehash and record and record.get("path") == path and all(
+            record.get(k) == v for k, v in stamp.items()
+        ) and (sha256 is None or record.get("sha256") == sha256):
             return path
         actual = self.hasher(path)
         if sha256 is not None:
@@ -138,11 +178,12 @@ class FileCache:
         _write_record(record_path, {"path": path, "sha256": actual, **stamp})
         return path
 
-    def _verified_copy(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str) -> str:
+    def _verified_copy(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str | None, label: str,
+                       rehash: bool = False) -> str:
         name = os.path.basename(path)
         if sha256 is not None:
             target = os.path.join(self.root, "blobs", sha256, name)
-            if self._still_verified(target, sha256):
+            if self._still_verified(target, sha256, rehash):
                 return target
         tmp_dir = os.path.join(self.root, "tmp")
         os.makedirs(tmp_dir, mode=0o700, exist_ok=True)
@@ -157,7 +198,8 @@ class FileCache:
                 check_digest(actual, sha256, label)
             target = os.path.join(self.root, "blobs", actual, name)
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            os.replace(tmp, target)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, target)  # by name: a process mapping the copy it replaces keeps that one
             _write_record(target + SIDECAR, {"sha256": actual, **_stamp(os.stat(target))})
         finally:
             if os.path.exists(tmp):
@@ -166,15 +208,17 @@ class FileCache:
         self.evict(keep={actual})
         return target
 
-    def _still_verified(self, target: str, sha256: str) -> bool:
-        """True when `target` exists with the record it was verified with; re-hashes it when it changed."""
+    def _still_verified(self, target: str, sha256: str, rehash: bool = False) -> bool:
+        """True when `target` exists with the record it was verified with; re-hashes it when it changed
+        (always, with `rehash`)."""
         try:
             st = os.stat(target)
         except FileNotFoundError:
             return False
         record = _read_record(target + SIDECAR)
         stamp = _stamp(st)
-        if not (record and record.get("sha256") == sha256 and all(record.get(k) == v for k, v in stamp.items())):
+        if rehash or not (record and record.get("sha256") == sha256
+                          and all(record.get(k) == v for k, v in stamp.items())):
             if self.hasher(target) != sha256:
                 log.warning("cached copy %s no longer matches its sha256; fetching it again", target)
                 return False
@@ -252,13 +296,34 @@ class FileCache:
         return removed
 
 
+@dataclass(frozen=True)
+class PinnedFile:
+    """A verified local path a `Pins` handed out: what it must still hash to, and what to call it."""
+
+    path: str
+    sha256: str
+    label: str
+    stamp: dict[str, int]  # (size, mtime_ns, ctime_ns, inode) when it was verified
+
+    def changed(self) -> bool:
+        """True when the file is gone or is no longer the file (or the bytes) it was when verified:
+        a write, a truncation or a replacement changes its ctime, size or inode."""
+        try:
+            return file_stamp(self.path) != self.stamp
+        except FileNotFoundError:
+            return True
+
+
 class Pins:
     """Files in use by one opened version: pinned against eviction until `release`. (Not a lock: the
     store's leases are `storage.lock.Lease`.)"""
 
-    def __init__(self, cache: FileCache) -> None:
+    def __init__(self, cache: FileCache, private: bool = False, rehash: bool = False) -> None:
         self.cache = cache
+        self.private = private
+        self.rehash = rehash
         self.digests: list[str] = []
+        self.files: list[PinnedFile] = []  # every verified local path handed out, for re-verification
         self._released = False
 
     def path(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str, label: str) -> str:
@@ -266,11 +331,12 @@ class Pins:
         self.cache._pin(sha256)
         self.digests.append(sha256)
         try:
-            local = self.cache.verified_path(fs, path, sha256, label)
+            local = self.cache.verified_path(fs, path, sha256, label, self.private, self.rehash)
         except BaseException:
             self.digests.pop()
             self.cache._unpin(sha256)
             raise
+        self.files.append(PinnedFile(local, sha256, label, file_stamp(local)))
         return local
 
     def version_file(self, store: VersionFiles, manifest: Manifest, relpath: str) -> str:

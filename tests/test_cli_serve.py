@@ -137,9 +137,17 @@ def test_serve_cuts_off_slow_clients_with_its_options(cli_store, tmp_path):
         stop_process(proc, timeout=20)
 
 
-@pytest.mark.parametrize("option", ["--header-timeout", "--body-timeout", "--keep-alive", "--max-connections"])
+@pytest.mark.parametrize("option", ["--header-timeout", "--body-timeout", "--keep-alive", "--max-connections",
+                                    "--reverify-mib-per-second"])
 def test_serve_refuses_a_limit_that_is_not_positive(cli_store, capsys, option):
     store, _, _ = cli_store
     assert run(["serve", "--store", store.url, option, "0"]) == 2
     err = capsys.readouterr().err
     assert f"{option} must be positive" in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_negative_reverify_period(cli_store, capsys):
+    store, _, _ = cli_store
+    assert run(["serve", "--store", store.url, "--reverify-seconds", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--reverify-seconds must be 0 or more" in err and "Traceback" not in err
