@@ -173,6 +173,9 @@ class Manifest(BaseModel):
     first_row_id: int = 0
     lineage: Lineage | None = None
     changes: dict[str, Any] = Field(default_factory=dict)  # what a delta added/changed/moved/dropped
+    # What made a delta other than adds-changes days: "takedown" (tasks.takedown), whose only change is
+    # tombstoning the rows of pages taken down.
+    kind: str | None = None
 
     @property
     def is_delta(self) -> bool:
@@ -182,6 +185,11 @@ class Manifest(BaseModel):
     def effective_lineage(self) -> Lineage:
         """Where this version's knowledge comes from; a full version is the base of its own lineage."""
         return self.lineage or Lineage(base_version=self.version, base_dump=self.source.dump_date)
+
+    @property
+    def mode(self) -> str:
+        """`full`, `delta`, or the kind of delta (`takedown`): what a UI shows a version as."""
+        return self.kind or ("delta" if self.is_delta else "full")
 
     @property
     def content(self) -> Content:
@@ -219,7 +227,7 @@ class Pointer(BaseModel):
 
 class HistoryEntry(BaseModel):
     generation: int
-    action: Literal["promote", "rollback"]
+    action: Literal["promote", "rollback", "takedown"]  # takedown: the promote of a takedown version
     from_version: str | None
     to_version: str
     actor: str

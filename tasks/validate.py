@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from rag_model.segments import search_segments
 from rag_model.vectors import GT_K, exact_search_blocks, recall_at_k
 from storage import layout
+from storage.denylist import denied_page_ids
 from storage.errors import RagindexError
 from storage.fs import resolve
 from storage.manifest import Manifest, Validation
@@ -87,6 +88,7 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
     if len(set(counts.values())) != 1:
         failures.append("counts disagree: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     n = lineage.live
+    failures += _denied_problems(store, manifest, lineage, checks)
     if manifest.is_delta:
         failures += _lineage_problems(manifest, lineage, checks)
     if own.index.d != manifest.index.dim or own.embeddings.dim != manifest.encoder.dim:
@@ -169,6 +171,19 @@ def _table_rows(store, vid: str) -> int:
     with store.fs.open(store.version_path(vid, layout.PASSAGE_TABLE), "rb") as f:
         reader = pa.ipc.open_file(f)
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def _denied_problems(store, manifest: Manifest, lineage: LineageRows, checks: dict[str, Any]) -> list[str]:
+    """A version serving a page taken down (`storage.denylist`) is rejected, however it was made."""
+    denied = denied_page_ids(store, manifest.source.wiki)
+    if not denied:
+        return []
+    served = lineage.pages_among(denied)
+    checks["denied"] = {"denied_pages": len(denied), "served": served[:20]}
+    if not served:
+        return []
+    more = f" (+{len(served) - 1} more)" if len(served) > 1 else ""
+    return [f"serves page {served[0]}{more}, taken down (`ragindex takedown --lift {served[0]}` lifts it)"]
 
 
 def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str, Any]) -> list[str]:
