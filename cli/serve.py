@@ -198,6 +198,7 @@ def serve(
 
         from rag_model.http_limits import server_config
         from rag_model.server import create_app
+        from tasks.takedown import take_down
 
         configure_server_logging(log_level.lower())
         # The settings default names a hub checkpoint; only an explicit choice turns generation on.
@@ -212,6 +213,7 @@ def serve(
             cache_dir=cache_dir or settings.cache_base,
             cache_max_bytes=settings.cache_max_bytes,
             ready_grace_seconds=settings.ready_grace_seconds,
+            takedown=take_down,
         )
         bind_host, bind_port = sock.getsockname()[:2]  # --port 0: the port the system chose
         shown_host = f"[{bind_host}]" if ":" in bind_host else bind_host
