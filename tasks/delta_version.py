@@ -153,9 +153,6 @@ def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> 
     window = f"{days[0].date}..{days[-1].date}"
     if not plan.passages and not plan.drop_page_ids:
         raise NothingToApply(f"the days {window} change nothing {parent_id} serves")
-    if not plan.passages:
-        raise NothingToApply(f"the days {window} only remove pages; a delta without "
-                             "new passages is not supported yet: they are applied with the next day")
 
 
 def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, ParentRows]:
