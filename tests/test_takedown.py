@@ -205,3 +205,16 @@ def test_full_build_passages_leave_denied_pages_out(tmp_path):
     assert table.column("page_id").to_pylist() == [1, 3] and table.column("row_id").to_pylist() == [0, 1]
     assert summary["passages"] == 2 and summary["articles"]["skipped"] == {"denied": 1}
     assert summary["articles"]["kept"] == 2
+
+
+def test_no_automatic_promote_of_a_version_built_before_a_takedown(store, tiny_ctx_fingerprint):
+    from tasks.promote import NotPromoted, promote_planned
+
+    passages = random_passages(60, pages=20)
+    vectors = np.random.default_rng(0).standard_normal((60, tiny_ctx_fingerprint.dim)).astype(np.float32)
+    first = make_version(store, passages, vectors, tiny_ctx_fingerprint, wiki="enwiki", promote=True)
+    kept = make_version(store, passages[:-3], vectors[:-3], tiny_ctx_fingerprint, wiki="enwiki")  # not promoted
+    taken = take_down(store, "Article 2", "legal")
+    with pytest.raises(NotPromoted, match=f"version {kept} was built before page 2 .*taken down") as refused:
+        promote_planned(store, kept, planned_generation=store.current().generation, actor="t", reason="r")
+    assert refused.value.status == "denied" and store.current().version == taken.version != first

@@ -47,7 +47,8 @@ def test_api_takedown_takes_the_page_out_of_every_replica(replicas):
                       headers={"Authorization": f"Bearer {TOKEN}"})
     assert missing.status_code == 404 and "no page 'Atlantis'" in missing.json()["detail"]
     assert "\n" not in missing.json()["detail"]
-    no_reason = c1.post("/v1/admin/takedown", json={"page": "Eiffel Tower"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    no_reason = c1.post("/v1/admin/takedown", json={"page": "Eiffel Tower"},
+                        headers={"Authorization": f"Bearer {TOKEN}"})
     assert no_reason.status_code == 422
     assert denylist.denied_page_ids(store, "enwiki") == frozenset() and store.current().version == a.version
 
