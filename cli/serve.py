@@ -139,7 +139,7 @@ def serve(
     host: str | None = typer.Option(None, "--host", help="Interface (default: RAGINDEX_HOST, 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default: RAGINDEX_PORT)."),
     poll_seconds: float | None = typer.Option(
-        None, "--poll-seconds", help="How often to check CURRENT, in seconds (default: 10)."
+        None, "--poll-seconds", help="How often to check CURRENT and the deny-list, in seconds (default: 5)."
     ),
     question_encoder: str | None = typer.Option(
         None, "--question-encoder", help="ID|PATH (default: the one the version pairs with its encoder)."

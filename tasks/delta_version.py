@@ -24,11 +24,10 @@ import dataclasses
 import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from rag_model.encoders import EncoderSpec, fingerprint_of
 from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
 from storage import layout
 from storage.cache import FileCache
@@ -40,7 +39,6 @@ from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest,
 from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
-from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
@@ -49,6 +47,9 @@ from tasks.incr_dumps import IncrDay
 from tasks.passage_table import write_passage_table
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors
+
+if TYPE_CHECKING:
+    from rag_model.encoders import EncoderSpec
 
 T = TypeVar("T")
 
@@ -84,6 +85,8 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
     serves. A failure before the commit removes the staging area."""
+    from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
+
     steps = steps or DeltaSteps()
     parent = store.manifest(parent_id)
     if parent.status != "ready":
@@ -181,6 +184,7 @@ def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
            precision: str, progress: bool) -> dict:
     """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
+    from tasks import embed
     return embed.embed_passages(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.EMBEDDINGS_DIR),
                                 spec, reuse_from=[store.at(m.version) for m in reversed(ancestors)],
                                 question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,

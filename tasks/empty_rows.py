@@ -4,7 +4,8 @@ A delta whose days only remove pages, and a takedown version (`tasks.takedown`),
 rows and add none. Writing an empty shard of each kind, rather than none, keeps them on the one
 assembly path: the index derived over no vectors, the empty passage table and reuse hash table,
 validation's counts (0 = 0 = 0 = 0) and serving's segments all work as for any delta, and nothing
-needs the document encoder (its fingerprint is the parent's, checked like every shard's).
+needs the document encoder (its fingerprint is the parent's, checked like every shard's): a takedown
+never imports torch, which would cost it seconds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import pyarrow.parquet as pq
 from storage import layout
 from storage.fs import atomic_write, file_digest, join
 from storage.manifest import Manifest, SourceDump
-from storage.records import EmbeddingsSummary, PassagesSummary, ShardEntry
+from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, ShardEntry
 from storage.store import IndexStore
-from tasks.embed import write_embedding_shard
 
 
 def write_empty_rows(store: IndexStore, version_id: str, parent: Manifest, source: SourceDump,
@@ -39,11 +39,17 @@ def write_empty_rows(store: IndexStore, version_id: str, parent: Manifest, sourc
     _write(store, join(passages_dir, layout.PASSAGES_SUMMARY), json.dumps(summary.dump(), indent=2).encode())
 
     fingerprint = parent.encoder
-    record = write_embedding_shard(store.fs, embeddings_dir, name, np.zeros((0, fingerprint.dim), dtype=np.float32),
-                                   passages_sha, fingerprint.key, encoded=0, model=fingerprint.model_id)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((0, fingerprint.dim), dtype=np.float32), allow_pickle=False)
+    vectors = layout.embedding_shard(name)
+    _write(store, join(embeddings_dir, vectors), buffer.getvalue())
+    vectors_sha = file_digest(store.fs, join(embeddings_dir, vectors))
+    sidecar = EmbeddingSidecar(passages_sha256=passages_sha, fingerprint_key=fingerprint.key, rows=0,
+                               dim=fingerprint.dim, sha256=vectors_sha)
+    _write(store, join(embeddings_dir, layout.sidecar(vectors)), json.dumps(sidecar.dump(), indent=2).encode())
     embeddings = EmbeddingsSummary(fingerprint=fingerprint, question_encoder=parent.question_encoder,
-                                   dim=fingerprint.dim, rows=0,
-                                   shards=[ShardEntry(name=record["name"], rows=0, sha256=record["sha256"])])
+                                   dim=fingerprint.dim, rows=0, shards=[ShardEntry(name=vectors, rows=0,
+                                                                                   sha256=vectors_sha)])
     _write(store, join(embeddings_dir, layout.EMBEDDINGS_SUMMARY), json.dumps(embeddings.dump(), indent=2).encode())
 
 
