@@ -173,18 +173,6 @@ def test_a_rollback_past_a_takedown_does_not_serve_the_page(lineage, tmp_path, t
     assert 5 not in served_page_ids(store, d) and 9 in served_page_ids(store, d)
 
 
-def test_days_that_only_remove_pages_make_a_delta(lineage, tmp_path, tiny_dpr):
-    """A delta with no new rows (zero own passages) works: what a takedown version is made of too."""
-    store, _, delta = lineage
-    d = _apply_day(store, delta, tmp_path, tiny_dpr, "20240103",
-                   [HistPage(8, "Article 8", [(7000, "#REDIRECT [[Article 9]]")], redirect="Article 9")])
-    assert d.status == "ready", d.validation.reason
-    assert d.counts["passages"] == 0 and d.counts["tombstones"] == 6  # page 3's 3 old rows, page 8's 3
-    with store.fs.open(store.version_path(d.version, layout.TOMBSTONES), "rb") as f:
-        assert np.load(f).tolist() == [6, 7, 8, 21, 22, 23]
-    assert 8 not in _served_by_search(store, d.version) and VersionIndex.open(store, d.version).size == 121 - 3
-
-
 def test_full_build_passages_leave_denied_pages_out(tmp_path):
     """The one place every build's passages get their row ids (`tasks.passages.assemble`) drops denied pages."""
     import pyarrow as pa
