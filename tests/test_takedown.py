@@ -4,9 +4,6 @@ filter (a rollback past a takedown does not bring the page back)."""
 
 from __future__ import annotations
 
-import bz2
-import hashlib
-
 import numpy as np
 import pytest
 
@@ -18,25 +15,11 @@ from storage.errors import RagindexError
 from storage.location import Location
 from storage.store import IndexStore
 from tasks.delta_version import build_delta_version
-from tasks.download import RemoteFile
-from tasks.incr_dumps import IncrDay
 from tasks.takedown import take_down
-from tests.fixtures.history import HistPage, history_xml
+from tests.fixtures.history import HistPage
 from tests.fixtures.versions import make_version, random_passages
 from tests.test_cli_store import run
-
-
-def _words(tag: str, n: int = 150) -> str:
-    return " ".join(f"{tag}{i}" for i in range(n))
-
-
-def _day(tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, Location]:
-    path = tmp_path / f"enwiki-{date}-pages-meta-hist-incr.xml.bz2"
-    path.write_bytes(bz2.compress(history_xml("enwiki", pages).encode()))
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    day = IncrDay(wiki="enwiki", date=date, maxrevid=max(r for p in pages for r, _ in p.revisions),
-                  location=f"file://{tmp_path}", file=RemoteFile(name=path.name, url=str(path), md5=md5))
-    return day, Location(path)
+from tests.test_delta_version import _day, _words
 
 
 def _apply_day(store: IndexStore, parent: str, tmp_path, tiny_dpr, date: str, pages: list[HistPage]):
