@@ -34,6 +34,7 @@ from flows.params import RefreshParams
 from flows.refresh_delta import ModePlan, catch_up, choose_mode, current_version, held_outcome, run_delta
 from flows.refresh_tasks import (
     CODE_VERSION,
+    EmbedProgress,
     FlowSteps,
     assemble_task,
     build_index_task,
@@ -273,6 +274,7 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
                     return runs.submit(
                         passages_at.child(shard.name), shard.sha256, embeddings_at, spec, fingerprint.key,
                         reuse_from, p.batch_size, p.precision, CODE_VERSION, p.compile,
+                        EmbedProgress(progress, i, len(summary.shards), p.progress_seconds),
                     )
 
                 futures = []

@@ -45,6 +45,7 @@ from tasks.derive_index import derive_index
 from tasks.empty_rows import write_empty_rows
 from tasks.incr_dumps import IncrDay
 from tasks.passage_table import write_passage_table
+from tasks.progress import Progress
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors
 
@@ -81,10 +82,11 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                         spec: EncoderSpec, floors: ValidationFloors | None = None, canaries: str | None = None,
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
                         shard_rows: int = layout.DEFAULT_SHARD_ROWS, progress: bool = True,
+                        on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 10.0,
                         steps: DeltaSteps | None = None) -> Manifest:
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
-    serves. A failure before the commit removes the staging area."""
+    serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
     from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
 
     steps = steps or DeltaSteps()
@@ -111,7 +113,8 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         _check_applies(plan, days, parent_id)
         if plan.passages:
             steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
-                      precision=precision, progress=progress)
+                      precision=precision, progress=progress, on_progress=on_progress,
+                      progress_every_s=progress_every_s)
         else:  # the days only remove pages: nothing to embed
             write_empty_rows(store, version_id, parent, source, plan.skipped)
         lineage = parent.effective_lineage
@@ -182,13 +185,15 @@ def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple
 
 
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
-           precision: str, progress: bool) -> dict:
+           precision: str, progress: bool, on_progress: Callable[[Progress], None] | None,
+           progress_every_s: float) -> dict:
     """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
     from tasks import embed
     return embed.embed_passages(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.EMBEDDINGS_DIR),
                                 spec, reuse_from=[store.at(m.version) for m in reversed(ancestors)],
                                 question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,
-                                precision=precision, progress=progress)
+                                precision=precision, progress=progress, on_progress=on_progress,
+                                progress_every_s=progress_every_s)
 
 
 def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], *, progress: bool) -> IndexInfo:
