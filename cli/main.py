@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from typer.exceptions import TyperException
 
-from cli import demo, embed, ingest, refresh, serve, store
+from cli import demo, embed, ingest, refresh, serve, store, takedown
 from cli.options import debug_requested
 from storage.errors import RagindexError, first_line
 
@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for _part in (ingest, embed, store, refresh, serve, demo):
+for _part in (ingest, embed, store, takedown, refresh, serve, demo):
     app.add_typer(_part.app)  # no name: the part's commands join the top level
 
 

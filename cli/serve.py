@@ -139,7 +139,7 @@ def serve(
     host: str | None = typer.Option(None, "--host", help="Interface (default: RAGINDEX_HOST, 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default: RAGINDEX_PORT)."),
     poll_seconds: float | None = typer.Option(
-        None, "--poll-seconds", help="How often to check CURRENT, in seconds (default: 10)."
+        None, "--poll-seconds", help="How often to check CURRENT and the deny-list, in seconds (default: 5)."
     ),
     question_encoder: str | None = typer.Option(
         None, "--question-encoder", help="ID|PATH (default: the one the version pairs with its encoder)."
@@ -208,6 +208,7 @@ def serve(
 
         from rag_model.http_limits import server_config
         from rag_model.server import create_app
+        from tasks.takedown import take_down
 
         configure_server_logging(log_level.lower())
         # The settings default names a hub checkpoint; only an explicit choice turns generation on.
@@ -224,6 +225,7 @@ def serve(
             ready_grace_seconds=settings.ready_grace_seconds,
             reverify_seconds=reverify_seconds,
             reverify_bytes_per_second=reverify_mib_per_second * 2**20,
+            takedown=take_down,
         )
         bind_host, bind_port = sock.getsockname()[:2]  # --port 0: the port the system chose
         shown_host = f"[{bind_host}]" if ":" in bind_host else bind_host

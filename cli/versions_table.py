@@ -38,7 +38,7 @@ def _passages(row: VersionEntry) -> str:
     if row.corrupt:
         return ""
     # A delta serves its segments' rows besides its own: what it serves, then what it stores.
-    return f"{row.live_passages} ({row.passages} own)" if row.lineage.mode == "delta" else str(row.passages)
+    return f"{row.live_passages} ({row.passages} own)" if row.lineage.mode != "full" else str(row.passages)
 
 
 def _mode(row: VersionEntry) -> str:

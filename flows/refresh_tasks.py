@@ -19,6 +19,7 @@ from flows.params import RefreshParams
 from flows.report import emit_promoted
 from flows.results import RESULT_SERIALIZER
 from rag_model.encoders import EncoderSpec
+from storage.denylist import denied_page_ids
 from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote
@@ -58,7 +59,9 @@ def parse_unit_task(unit: passages.WorkUnit, work_dir: Location, input_id: str, 
 
 @task(name="assemble-passages")
 def assemble_task(results: list[dict], out: Location, ref: download.DumpRef, p: RefreshParams) -> dict:
-    return passages.assemble(results, out, ref.source(), shard_rows=p.shard_rows)
+    source = ref.source()
+    return passages.assemble(results, out, source, shard_rows=p.shard_rows,
+                             denied=denied_page_ids(p.store(), source.wiki))
 
 
 @dataclass(frozen=True)

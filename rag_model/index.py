@@ -20,9 +20,11 @@ from the version's own `embeddings/part-*.npy`, memory-mapped on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ from rag_model.lineage import open_segments
 from rag_model.segments import Segment, search_segments
 from storage.cache import FileCache, PinnedFile
 from storage.catalog import LineageSummary
+from storage.denylist import denied_page_ids
 from storage.errors import RagindexError, Rejected
 from storage.layout import PASSAGE_TABLE
 from storage.manifest import Manifest
@@ -75,16 +78,22 @@ class VersionIndex(Index):
     A full version is one segment; a delta version is its ancestors' segments plus its own, minus
     its tombstones, opened by `rag_model.lineage`. Row ids are global across the lineage."""
 
-    def __init__(self, version: str, manifest: Manifest, segments: list[Segment]) -> None:
+    def __init__(self, version: str, manifest: Manifest, segments: list[Segment],
+                 denied: frozenset[int] = frozenset(), unfiltered: VersionIndex | None = None) -> None:
         self.version = version
         self.manifest = manifest
         self._segments = segments
+        # Pages taken down (storage.denylist) whose rows this object drops at query time, and the object
+        # as opened, before that: it owns the cache pins and is what a new deny-list is applied to.
+        self.denied = denied
+        self._unfiltered = unfiltered
         self._starts = np.array([s.first_row_id for s in segments], dtype=np.int64)
         self.lang = wiki_language(manifest.source.wiki)
         self.dim = manifest.encoder.dim
         self._embedding_shards: dict[int, list[tuple[int, np.ndarray]]] = {}
         self._embedding_lock = threading.Lock()
-        self.served_files: tuple[PinnedFile, ...] = ()  # the verified copies this version maps and reads
+        # the verified copies this version maps and reads (a filtered object maps its unfiltered one's)
+        self.served_files: tuple[PinnedFile, ...] = unfiltered.served_files if unfiltered else ()
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -97,6 +106,7 @@ class VersionIndex(Index):
         with_embeddings: bool = False,
         cache: FileCache | None = None,
         rehash: bool = False,
+        denied: Collection[int] | None = None,
     ) -> VersionIndex:
         """Open a ready version of `store`, every file it maps verified against the manifest first.
 
@@ -105,7 +115,8 @@ class VersionIndex(Index):
         again only when it changed (always, with `rehash`: a reload). `Corrupt` names the first file that
         does not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
         so their files are checked against exactly the manifests it was built and validated on.
-        `cache_dir` is the cache's base directory when no `cache` is given."""
+        `cache_dir` is the cache's base directory when no `cache` is given. The rows of `denied` pages
+        (default: the store's deny-list for the version's wiki) are dropped at query time (`without_pages`)."""
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
@@ -122,7 +133,34 @@ class VersionIndex(Index):
         # The files stay pinned in the cache for as long as anything (an in-flight request) holds this object.
         opened.served_files = tuple(pins.files)
         weakref.finalize(opened, pins.release)
-        return opened
+        if denied is None:
+            denied = denied_page_ids(store, manifest.source.wiki)
+        return opened.without_pages(denied)
+
+    def without_pages(self, page_ids: Collection[int]) -> VersionIndex:
+        """This version serving none of the rows of `page_ids` (pages taken down), and all the others.
+
+        Why at query time: a version committed before a takedown (a rollback target, a replica that has
+        not swapped yet) still holds the page's rows; dropping them like tombstones takes the page out
+        within one poll of CURRENT, whatever version is served. Returns a new object (this one is
+        immutable), built from the version as opened, so a lifted page comes back the same way."""
+        wanted = frozenset(int(p) for p in page_ids)
+        if wanted == self.denied:
+            return self
+        base = self._unfiltered or self
+        if not wanted:
+            return base
+        pages = np.fromiter(wanted, dtype=np.int64)
+        segments = []
+        for segment in base._segments:
+            found = [np.empty(0, dtype=np.int64)]
+            for start, batch in zip(segment.batch_starts.tolist(), segment.batches, strict=False):
+                column = batch.column(batch.schema.get_field_index("page_id")).to_numpy()
+                found.append(np.flatnonzero(np.isin(column, pages)) + start)
+            dropped = np.union1d(segment.dropped, np.concatenate(found)).astype(np.int64)
+            segments.append(dataclasses.replace(segment, dropped=dropped) if len(dropped) > len(segment.dropped)
+                            else segment)
+        return VersionIndex(base.version, base.manifest, segments, denied=wanted, unfiltered=base)
 
     # -- searching -----------------------------------------------------------------------------
 

@@ -231,6 +231,19 @@ class HotSwapRetriever(RagRetriever):
                 return None
             return self.swap_to(store, version_id, force=True, rehash=True)
 
+    def deny_pages(self, page_ids: frozenset[int]) -> bool:
+        """Serve the current version without the rows of `page_ids` (the store's deny-list, read at each
+        poll), in one reference rebinding like a swap; True when that changed what is served."""
+        with self._swap_lock:
+            current = self._current
+            if current is None or current.denied == page_ids:
+                return False
+            self._current = current.without_pages(page_ids)
+            events.warning("serving %s without %d page(s) taken down", current.version, len(page_ids), extra={
+                "event": "denied_pages", "fields": {"version": current.version, "pages": sorted(page_ids)[:20],
+                                                    "count": len(page_ids)}})
+            return True
+
     def cache_for(self, store: IndexStore) -> FileCache:
         """The one local file cache of `store` (per store and user), shared by every version opened from it."""
         with self._config_lock:

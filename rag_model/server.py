@@ -5,7 +5,7 @@ questions together and searches the index once per batch (off the event loop; on
 batch); `/v1/generate` runs in a worker thread and `RagService` serializes model calls. The
 watcher thread follows CURRENT and swaps versions without stopping either.
 
-Longer than ~400 lines because it is one FastAPI app: the eight endpoints, their request models and
+Longer than ~400 lines because it is one FastAPI app: the nine endpoints, their request models and
 the batcher share the app's state, and splitting them would only pass that state around.
 """
 
@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -100,6 +101,17 @@ class RollbackRequest(BaseModel):
     )
 
     version: str | None = Field(None, max_length=200, description="Version to go back to; default: the previous one.")
+
+
+class TakedownRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"page": "12345", "reason": "court order 2024-117"}]}
+    )
+
+    page: Annotated[str, Field(min_length=1, max_length=300, coerce_numbers_to_str=True,
+                               description="Page id, or the exact title CURRENT serves.")]
+    reason: Annotated[str, Field(min_length=1, max_length=2000, description="Why: kept in the deny-list and history."),
+                      AfterValidator(_has_words)]
 
 
 class RetrieveResponse(BaseModel):
@@ -208,6 +220,8 @@ class Serving:
     admin_token: str | None = None
     started_at: float = field(default_factory=time.time)
     ready_grace_seconds: float = 60.0  # how long /readyz stays ready while CURRENT cannot be served
+    # tasks.takedown.take_down, handed in by the edge (`ragindex serve`): serving may not import tasks/.
+    takedown: Callable[..., Any] | None = None
 
 
 def create_app(
@@ -228,6 +242,7 @@ def create_app(
     reverify_seconds: float = DEFAULT_INTERVAL_SECONDS,
     reverify_bytes_per_second: float = DEFAULT_BYTES_PER_SECOND,
     reverify_stat_seconds: float = DEFAULT_STAT_SECONDS,
+    takedown: Callable[..., Any] | None = None,
 ) -> FastAPI:
     """Build the app. Loading the RAG model (if any) happens here; the index loads in the watcher
     thread once the app starts, so `/readyz` says when it can answer. The served copies are stat'ed every
@@ -260,6 +275,7 @@ def create_app(
         service=service,
         admin_token=admin_token or None,
         ready_grace_seconds=ready_grace_seconds,
+        takedown=takedown,
     )
 
     @asynccontextmanager
@@ -352,6 +368,23 @@ def create_app(
         return {"current": pointer.model_dump(mode="json"), "swap": result.to_dict() if result else None,
                 "serving": serving.retriever.version,
                 "hold": pointer.hold.model_dump(mode="json") if pointer.hold else None}
+
+    @app.post("/v1/admin/takedown", tags=["admin"], dependencies=[Depends(require_admin)],
+              summary="Take a page down now: deny-list it, publish and promote a version without it, swap to it",
+              responses={404: {"description": "CURRENT serves no such page"},
+                         503: {"description": "takedown is not configured in this server"}})
+    async def takedown(body: TakedownRequest) -> dict:
+        if serving.takedown is None:
+            raise HTTPException(503, "takedown is disabled in this server (start it with `ragindex serve`)")
+
+        def do() -> tuple[Any, SwapResult | None]:
+            result = serving.takedown(serving.store, body.page, body.reason, actor="ragindex-server")
+            events.warning("%s", result.describe(), extra={"event": "takedown", "fields": {
+                "page_id": result.takedown.page_id, "version": result.version, "actor": "ragindex-server"}})
+            return result, serving.watcher.check(True)
+
+        result, swap = await run_in_threadpool(do)
+        return {**result.to_json(), "swap": swap.to_dict() if swap else None, "serving": serving.retriever.version}
 
     @app.get("/healthz", tags=["health"], summary="The process is alive")
     async def healthz() -> dict:

@@ -1,6 +1,8 @@
 """Follow the store's CURRENT pointer and swap the retriever whenever it names another version.
 
-Promotes and rollbacks are the same thing here: CURRENT names a version that is not serving.
+Promotes and rollbacks are the same thing here: CURRENT names a version that is not serving. At
+each poll the store's deny-list is read too, and the pages taken down are dropped from what is
+served (`HotSwapRetriever.deny_pages`), so a takedown reaches every replica within one poll.
 A version that fails to load is not retried on every poll (that would reload a broken multi-GB
 index every few seconds); it is retried when CURRENT moves again or on an explicit `check(retry=True)`.
 """
@@ -12,6 +14,8 @@ import time
 
 from rag_model.periodic import Periodic
 from rag_model.retriever import HotSwapRetriever, SwapResult, events
+from storage.denylist import denied_page_ids
+from storage.manifest import Pointer
 from storage.store import IndexStore
 
 
@@ -49,25 +53,45 @@ class CurrentWatcher(Periodic):
                 return None
             self.generation = pointer.generation
             self.current_version = pointer.version
-            if pointer.version == self.retriever.version:
-                self._failed = None
-                self.behind_since = None
-                if not reverify:
-                    return None
-                return self.retriever.reopen(self.store, pointer.version)
-            if self.behind_since is None:
-                self.behind_since = time.monotonic()
-            if not retry and self._failed == (pointer.generation, pointer.version):
-                return None
-            result = self.retriever.swap_to(self.store, pointer.version, rehash=reverify)
-            self._failed = None if result.ok else (pointer.generation, pointer.version)
-            if result.ok:
-                self.behind_since = None
+            result = self._follow(pointer, retry, reverify)
+            self._apply_denylist()  # also when the swap failed: the version still serving drops them
             return result
+
+    def _follow(self, pointer: Pointer, retry: bool, reverify: bool) -> SwapResult | None:
+        if pointer.version == self.retriever.version:
+            self._failed = None
+            self.behind_since = None
+            if not reverify:
+                return None
+            return self.retriever.reopen(self.store, pointer.version)
+        if self.behind_since is None:
+            self.behind_since = time.monotonic()
+        if not retry and self._failed == (pointer.generation, pointer.version):
+            return None
+        result = self.retriever.swap_to(self.store, pointer.version, rehash=reverify)
+        self._failed = None if result.ok else (pointer.generation, pointer.version)
+        if result.ok:
+            self.behind_since = None
+        return result
 
     @property
     def poll_seconds(self) -> float:
         return self.period_seconds
+
+    def _apply_denylist(self) -> None:
+        """Drop the pages taken down since the version was opened (a swap opens a version with the deny-list
+        of its time): this is what takes a page out of every replica within one poll, whatever it serves."""
+        current = self.retriever.current
+        if current is None:
+            return
+        try:
+            denied = denied_page_ids(self.store, current.manifest.source.wiki)
+        except Exception as exc:  # keep serving with the deny-list read last; say why
+            self.last_error = f"cannot read the deny-list of {self.store.url}: {exc}"
+            events.warning(self.last_error, extra={"event": "denylist_unreadable", "fields": {
+                "store": self.store.url, "error": str(exc), "serving": current.version}})
+            return
+        self.retriever.deny_pages(denied)
 
     def behind_for(self) -> float:
         """Seconds this process has not been serving the version CURRENT names (0 when it is)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, VERSIONS_DIR
@@ -23,7 +23,7 @@ from storage.store import CorruptVersion, IndexStore
 class LineageSummary:
     """Where a version's rows come from: a full build of one dump, or a delta over its segments."""
 
-    mode: Literal["full", "delta"]
+    mode: str  # full / delta / takedown (a delta whose only change is tombstoning pages taken down)
     parent: str | None  # a delta's parent; for a full build, the version whose vectors it reused
     base_dump: str  # the full dump the lineage started from (a full build's own dump)
     days: tuple[str, ...]  # the adds-changes days applied on top of base_dump, oldest first
@@ -33,7 +33,7 @@ class LineageSummary:
     def of(cls, manifest: Manifest) -> LineageSummary:
         lineage = manifest.effective_lineage
         return cls(
-            mode="delta" if manifest.is_delta else "full",
+            mode=manifest.mode,
             parent=manifest.parent,
             base_dump=lineage.base_dump,
             days=tuple(d.date for d in lineage.days),
@@ -80,12 +80,12 @@ class VersionEntry:
         lineage = self.lineage
         if lineage is None:
             return ""
-        if lineage.mode != "delta":
+        if lineage.mode == "full":
             return f"full (dump {lineage.base_dump})"
         days = lineage.days
         applied = f" + {len(days)} day{'s' if len(days) != 1 else ''} → {days[-1]}" if days else ""
         missing = f"; missing segment(s): {', '.join(self.missing_segments)}" if self.missing_segments else ""
-        return f"delta of {lineage.parent} (base {lineage.base_dump}{applied}){missing}"
+        return f"{lineage.mode} of {lineage.parent} (base {lineage.base_dump}{applied}){missing}"
 
     def to_json(self) -> dict[str, Any]:
         """The row `ragindex versions --json` prints (scripts read these keys)."""
@@ -111,7 +111,7 @@ class Catalog:
 
     @property
     def has_deltas(self) -> bool:
-        return any(v.lineage is not None and v.lineage.mode == "delta" for v in self.versions)
+        return any(v.lineage is not None and v.lineage.mode != "full" for v in self.versions)
 
     def to_json(self) -> dict[str, Any]:
         """What `ragindex versions --json` prints."""

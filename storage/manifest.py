@@ -176,6 +176,9 @@ class Manifest(BaseModel):
     # A compaction (tasks.compact_version): the delta whose segments this one version merges. It has no
     # segments of its own, and that delta's lineage: it knows what the delta knows.
     compacted_from: str | None = None
+    # What made a delta other than adds-changes days: "takedown" (tasks.takedown), whose only change is
+    # tombstoning the rows of pages taken down.
+    kind: str | None = None
 
     @property
     def is_delta(self) -> bool:
@@ -185,6 +188,13 @@ class Manifest(BaseModel):
     def effective_lineage(self) -> Lineage:
         """Where this version's knowledge comes from; a full version is the base of its own lineage."""
         return self.lineage or Lineage(base_version=self.version, base_dump=self.source.dump_date)
+
+    @property
+    def mode(self) -> str:
+        """`full`, `delta`, the kind of delta (`takedown`), or `compaction`: what a UI shows a version as."""
+        if self.compacted_from:
+            return "compaction"
+        return self.kind or ("delta" if self.is_delta else "full")
 
     @property
     def content(self) -> Content:
@@ -222,7 +232,7 @@ class Pointer(BaseModel):
 
 class HistoryEntry(BaseModel):
     generation: int
-    action: Literal["promote", "rollback"]
+    action: Literal["promote", "rollback", "takedown"]  # takedown: the promote of a takedown version
     from_version: str | None
     to_version: str
     actor: str

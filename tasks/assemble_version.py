@@ -78,10 +78,11 @@ def build_version_files(store, version_id: str, *, spec: str = "auto", memory_bu
 def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[str, float], parent: str | None,
                    counts: dict[str, int] | None = None, segments: list[SegmentRef] | None = None,
                    first_row_id: int = 0, lineage: Lineage | None = None,
-                   changes: dict[str, Any] | None = None, compacted_from: str | None = None) -> Manifest:
+                   changes: dict[str, Any] | None = None, kind: str | None = None,
+                   compacted_from: str | None = None) -> Manifest:
     """The manifest of a staged version before validation (status provisionally `rejected`), from its
-    own summaries; a delta also names its segments, first row id, lineage and changes, a compaction the
-    delta it compacts and its lineage.
+    own summaries; a delta also names its segments, first row id, lineage and changes (and `kind`: a
+    takedown's), a compaction the delta it compacts and its lineage.
 
     `counts` add to (or override) the summaries' counts. Timings are `<step>_s`: the summaries' own (the
     passages summary's `total_s`, its whole step, becomes `passages_s`), overridden by the caller's for
@@ -115,6 +116,7 @@ def draft_manifest(store, version_id: str, *, index: IndexInfo, timings: dict[st
         lineage=lineage,
         changes=changes or {},
         compacted_from=compacted_from,
+        kind=kind,
     )
 
 
@@ -171,11 +173,14 @@ def reconciled_deletions(store, version_id: str) -> int | None:
 
 
 @contextlib.contextmanager
-def staged_build(store, version_id: str, owner: str) -> Iterator[None]:
+def staged_build(store, version_id: str, owner: str, exclusive: bool = True) -> Iterator[None]:
     """Build a staged version under the store's build lock; a failure before its commit removes the
-    staging area (a kill leaves it to gc)."""
+    staging area (a kill leaves it to gc).
+
+    Not `exclusive`: without the lock. A takedown must not wait hours for a full build to finish; it
+    writes only its own staging area and is promoted by compare-and-swap, like any version."""
     try:
-        with store.build_lock(owner=owner):
+        with store.build_lock(owner=owner) if exclusive else contextlib.nullcontext():
             yield
     except BaseException:
         if not store.has_version(version_id):

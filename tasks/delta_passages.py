@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +63,8 @@ class DeltaPlan:
     moved: list[list[Any]] = field(default_factory=list)  # [page_id, "old title → new title"]
     redirected: list[list[Any]] = field(default_factory=list)
     emptied: list[list[Any]] = field(default_factory=list)  # [page_id, "title (reason)"]
+    taken_down: list[list[Any]] = field(default_factory=list)  # [page_id, title]: denied pages the parent served
+    denied: int = 0  # revisions of denied pages (storage.denylist) left out
     stale: int = 0  # revisions not newer than what the parent serves
     ignored_namespace: int = 0  # pages outside the main namespace the parent never served
     skipped: dict[str, int] = field(default_factory=dict)  # new pages with no passages, by reason
@@ -91,18 +93,25 @@ def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revis
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,
                          source: SourceDump, *, first_row_id: int,
                          shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
-                         progress: bool = False) -> DeltaPlan:
+                         progress: bool = False, denied: Collection[int] = frozenset()) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 
+    `denied` pages (taken down: `storage.denylist`) gain no passages whatever the days hold, and the
+    parent's rows of them are dropped (`parent_pages` must list the denied pages the parent serves).
     Writes nothing when no page gains passages (the plan may still drop pages)."""
     options = options or CleanOptions.for_wiki(source.wiki)
     plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
+    for page_id in sorted(set(denied) & parent_pages.keys()):
+        plan.drop_page_ids.append(page_id)
+        plan.taken_down.append([page_id, parent_pages[page_id].title])
     skipped: Counter[str] = Counter()
     fresh: list[Page] = []
     for page_id in sorted(revisions.pages):
         page = revisions.pages[page_id]
         held = parent_pages.get(page_id)
-        if held is not None and page.rev_id <= held.rev_id:
+        if page_id in denied:
+            plan.denied += 1
+        elif held is not None and page.rev_id <= held.rev_id:
             plan.stale += 1
         elif page.ns != 0 and held is None:
             plan.ignored_namespace += 1

@@ -20,33 +20,37 @@ the refresh flow hands in one that also makes each step a Prefect task (`flows.r
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from rag_model.encoders import EncoderSpec, fingerprint_of
 from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
 from storage import layout
 from storage.cache import FileCache
+from storage.denylist import denied_page_ids
 from storage.errors import Rejected
 from storage.fs import atomic_write
 from storage.location import Location
-from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
+from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
-from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
+from tasks.empty_rows import write_empty_rows
 from tasks.incr_dumps import IncrDay
 from tasks.passage_table import write_passage_table
 from tasks.progress import Progress
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors
+
+if TYPE_CHECKING:
+    from rag_model.encoders import EncoderSpec
 
 T = TypeVar("T")
 
@@ -64,9 +68,14 @@ class DeltaSteps(Steps):
 
 
 @dataclass
-class _ParentRows:
+class ParentRows:
     pages: dict[int, ParentPage]  # page id -> what the parent serves of it (touched pages only)
     rows: dict[int, list[int]]  # page id -> its live row ids in the parent
+
+    def rows_of(self, page_ids: Iterable[int]) -> np.ndarray:
+        """The parent's live row ids of `page_ids`, sorted."""
+        found = [r for page in page_ids for r in self.rows.get(page, [])]
+        return np.unique(np.asarray(found, dtype=np.int64))
 
 
 def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDay], files: Sequence[Location], *,
@@ -78,6 +87,8 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
     serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
+    from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
+
     steps = steps or DeltaSteps()
     parent = store.manifest(parent_id)
     if parent.status != "ready":
@@ -86,51 +97,71 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
     ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
+    denied = denied_page_ids(store, parent.source.wiki)
     revisions = steps.run("parse_days", newest_revisions, list(files))
-    tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
+    # The parent's rows of denied pages are looked up too: a parent from before a takedown (rolled back
+    # to) may still serve one, and this delta must not.
+    tombstones, held = steps.run("parent_pages", parent_rows, store, parent, set(revisions.pages) | denied)
     last = days[-1]
     version_id = store.begin_version(parent.source.wiki, last.date)
     with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
         source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
                             files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
-        plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
+        plan = steps.run("passages", write_delta_passages, revisions, held.pages,
                          store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
-                         shard_rows=shard_rows)
+                         shard_rows=shard_rows, denied=denied)
         _check_applies(plan, days, parent_id)
-        dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
-        all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
-        _write_tombstones(store, version_id, all_tombstones)
-        steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
-                  progress=progress, on_progress=on_progress, progress_every_s=progress_every_s)
-        info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
+        if plan.passages:
+            steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
+                      precision=precision, progress=progress, on_progress=on_progress,
+                      progress_every_s=progress_every_s)
+        else:  # the days only remove pages: nothing to embed
+            write_empty_rows(store, version_id, parent, source, plan.skipped)
+        lineage = parent.effective_lineage
+        applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
+                   for d in days]
+        return publish_delta(
+            store, version_id, parent, ancestors, np.union1d(tombstones, held.rows_of(plan.drop_page_ids)),
+            new_rows=plan.passages, lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}),
+            changes=plan.dump(), steps=steps, floors=floors, canaries=canaries, question_encoder=question_encoder,
+            progress=progress)
 
-        def draft_and_validate() -> Manifest:
-            lineage = parent.effective_lineage
-            applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
-                       for d in days]
-            ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
-            manifest = draft_manifest(
-                store, version_id, index=info, timings=steps.timings, parent=parent_id,
-                counts={"tombstones": int(len(all_tombstones)),
-                        "live_passages": ancestors_rows + plan.passages - int(len(all_tombstones))},
-                segments=[*parent.segments, pin_segment(store, parent)], first_row_id=parent.next_row_id,
-                lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}), changes=plan.dump())
-            return validate_and_commit(store, manifest, floors or ValidationFloors(), canaries=canaries,
-                                       question_encoder=question_encoder)
 
-        return steps.run("validate", draft_and_validate)
+def publish_delta(store: IndexStore, version_id: str, parent: Manifest, ancestors: list[Manifest],
+                  tombstones: np.ndarray, *, new_rows: int, lineage: Lineage, changes: dict[str, Any],
+                  steps: DeltaSteps, floors: ValidationFloors | None = None, canaries: str | None = None,
+                  question_encoder=None, progress: bool = False, kind: str | None = None,
+                  allow_count_change: bool = False) -> Manifest:
+    """The last steps of a staged delta whose own passages and vectors are written: its tombstones (every
+    ancestor row it no longer serves), its index, passage table and reuse hash table, then draft,
+    validate, commit. A takedown version (`tasks.takedown`) comes here too, with no rows of its own."""
+    tombstones = np.asarray(tombstones, dtype=np.int64)
+    _write_tombstones(store, version_id, tombstones)
+    info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
+
+    def draft_and_validate() -> Manifest:
+        ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
+        manifest = draft_manifest(
+            store, version_id, index=info, timings=steps.timings, parent=parent.version,
+            counts={"tombstones": int(len(tombstones)),
+                    "live_passages": ancestors_rows + new_rows - int(len(tombstones))},
+            segments=[*parent.segments, pin_segment(store, parent)], first_row_id=parent.next_row_id,
+            lineage=lineage, changes=changes, kind=kind)
+        gate = floors or ValidationFloors()
+        if allow_count_change:
+            gate = dataclasses.replace(gate, allow_count_change=True)
+        return validate_and_commit(store, manifest, gate, canaries=canaries, question_encoder=question_encoder)
+
+    return steps.run("validate", draft_and_validate)
 
 
 def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:
     window = f"{days[0].date}..{days[-1].date}"
     if not plan.passages and not plan.drop_page_ids:
         raise NothingToApply(f"the days {window} change nothing {parent_id} serves")
-    if not plan.passages:
-        raise NothingToApply(f"the days {window} only remove pages; a delta without "
-                             "new passages is not supported yet: they are applied with the next day")
 
 
-def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, _ParentRows]:
+def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, ParentRows]:
     """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
     and their row ids."""
     pins = FileCache.for_store(store.url).pins()
@@ -150,13 +181,14 @@ def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tupl
             # Later segments hold later revisions of a page: the last seen is what the parent serves.
             pages[page] = ParentPage(rev_id=int(table.column("rev_id")[i].as_py()),
                                      title=table.column("title")[i].as_py())
-    return tombstones, _ParentRows(pages=pages, rows=rows)
+    return tombstones, ParentRows(pages=pages, rows=rows)
 
 
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
            precision: str, progress: bool, on_progress: Callable[[Progress], None] | None,
            progress_every_s: float) -> dict:
     """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
+    from tasks import embed
     return embed.embed_passages(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.EMBEDDINGS_DIR),
                                 spec, reuse_from=[store.at(m.version) for m in reversed(ancestors)],
                                 question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,

@@ -9,7 +9,7 @@ neighbours, and read passage columns (content hashes, titles) of given rows.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,3 +97,18 @@ class LineageRows:
                             out[p + segment.first_row_id] = values[p - start].as_py()
                 start += count
         return out
+
+    def pages_among(self, page_ids: Collection[int]) -> list[int]:
+        """Which of `page_ids` the version serves (live rows only), sorted."""
+        wanted = np.fromiter(page_ids, dtype=np.int64)
+        found: set[int] = set()
+        for segment in self.segments:
+            start = 0
+            for fs, shard in segment.passage_files:
+                with fs.open(shard, "rb") as f:
+                    pages = pq.read_table(f, columns=["page_id"]).column(0).to_numpy()
+                positions = np.flatnonzero(np.isin(pages, wanted)) + start
+                live = positions[~segment.is_dropped(positions)] if len(positions) else positions
+                found.update(int(p) for p in pages[live - start])
+                start += len(pages)
+        return sorted(found)

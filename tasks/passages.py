@@ -22,10 +22,11 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -270,13 +271,15 @@ def _flush(writer: pq.ParquetWriter, rows: dict[str, list]) -> None:
 # --- assembling the shards ------------------------------------------------------------------------
 
 def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_rows: int = DEFAULT_SHARD_ROWS,
-             timings: dict[str, float] | None = None, first_row_id: int = 0) -> dict:
+             timings: dict[str, float] | None = None, first_row_id: int = 0,
+             denied: Collection[int] = frozenset()) -> dict:
     """Concatenate unit outputs in ordinal order into `part-NNNNN.parquet` shards + `passages.json`.
 
     `passages.json` is removed first and written last, so a reader never sees a half-written set.
     `timings` may carry `parse_clean_chunk_s` (the units' wall time); then `total_s` is the whole
     passages step, units and assembly. Row ids start at `first_row_id` (a delta version's continue
-    its lineage's).
+    its lineage's). The passages of `denied` pages (taken down: `storage.denylist`) are left out here,
+    where every build's passages get their row ids, and counted as skipped articles (`denied`).
     """
     if shard_rows <= 0:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
@@ -298,16 +301,22 @@ def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_
         fs.rm(summary_path)
     shards: list[ShardEntry] = []
     written: list[str] = []
+    left_out: set[int] = set()
     try:
         with timed(step_timings, "assemble_s"):
-            for name, rows in _write_shards(out, results, shard_rows, written, first_row_id):
+            for name, rows in _write_shards(out, results, shard_rows, written, first_row_id,
+                                            frozenset(denied), left_out):
                 shards.append(ShardEntry(name=name, rows=rows, sha256=file_digest(fs, join(out_dir, name))))
             _remove_stale_parts(fs, out_dir, keep={s.name for s in shards})
+        if left_out:
+            skipped["denied"] += len(left_out)
+            total = sum(s.rows for s in shards)
         if "parse_clean_chunk_s" in step_timings:
             step_timings["total_s"] = round(step_timings["parse_clean_chunk_s"] + step_timings["assemble_s"], 3)
         summary = PassagesSummary(
             source=source,
-            articles=ArticleCounts(seen=seen, kept=sum(r.kept for r in results), skipped=dict(sorted(skipped.items()))),
+            articles=ArticleCounts(seen=seen, kept=sum(r.kept for r in results) - len(left_out),
+                                   skipped=dict(sorted(skipped.items()))),
             passages=total, words=sum(r.words for r in results), shards=shards, timings=step_timings,
         ).dump()
         with atomic_write(fs, summary_path) as f:
@@ -321,9 +330,10 @@ def assemble(unit_results: list[dict], out: Location, source: SourceDump, shard_
 
 
 def _write_shards(out: Location, results: list[UnitRecord], shard_rows: int, written: list[str],
-                  first_row_id: int = 0):
-    """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order. The units'
-    files are reached through `out`'s endpoint."""
+                  first_row_id: int = 0, denied: frozenset[int] = frozenset(), left_out: set[int] | None = None):
+    """Yield (name, rows) per finished shard; global row_ids are contiguous in unit order, over the rows
+    not of `denied` pages (those pages are added to `left_out`). The units' files are reached through
+    `out`'s endpoint."""
     next_row = first_row_id
     shard = 0
     pending: list[pa.RecordBatch] = []
@@ -333,7 +343,8 @@ def _write_shards(out: Location, results: list[UnitRecord], shard_rows: int, wri
         for r in results:
             unit_file = out.reach(r.path)
             with unit_file.fs.open(unit_file.path, "rb") as f:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS)
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=_FLUSH_ROWS):
+                    yield _without_denied(batch, denied, left_out) if denied else batch
 
     def with_row_ids(batch: pa.RecordBatch, first: int) -> pa.RecordBatch:
         row_ids = pa.array(range(first, first + batch.num_rows), pa.int64())
@@ -364,6 +375,16 @@ def _write_shards(out: Location, results: list[UnitRecord], shard_rows: int, wri
                 pending, pending_rows = [], 0
     if pending_rows:
         yield emit(pending)
+
+
+def _without_denied(batch: pa.RecordBatch, denied: frozenset[int], left_out: set[int] | None) -> pa.RecordBatch:
+    pages = batch.column(batch.schema.get_field_index("page_id")).to_numpy()
+    hit = np.isin(pages, np.fromiter(denied, dtype=np.int64))
+    if not hit.any():
+        return batch
+    if left_out is not None:
+        left_out.update(int(p) for p in np.unique(pages[hit]))
+    return batch.filter(pa.array(~hit))
 
 
 def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:

@@ -3,13 +3,16 @@
 Two kinds of promote. An operator's (`ragindex promote`) is an explicit act: it checks only that the
 version is ready and intact. A refresh run's (`promote_planned`) is automatic, and also refuses to
 move CURRENT when it is no longer the one the run planned from, while a rollback hold is active
-(`storage.holds`), or to a version that knows less recent Wikipedia than CURRENT does.
+(`storage.holds`), to a version that knows less recent Wikipedia than CURRENT does, or to one built
+before a takedown that serves the page taken down (`storage.denylist`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
+from rag_model.lineage import served_page_ids
+from storage import denylist
 from storage.errors import Conflict, CorruptManifest, NotFound, RagindexError
 from storage.holds import Hold
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
@@ -33,7 +36,8 @@ def rollback_version(store: IndexStore, version_id: str | None = None, *, actor:
 
 class NotPromoted(RagindexError):
     """An automatic promote that must not happen; `status` says why: `conflict` (CURRENT moved since the run
-    planned), `held` (a rollback hold is active) or `older` (older knowledge than CURRENT's)."""
+    planned), `held` (a rollback hold is active), `older` (older knowledge than CURRENT's) or `denied` (it
+    serves a page taken down after it was built)."""
 
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -55,6 +59,7 @@ def promote_planned(store: IndexStore, version_id: str, *, planned_generation: i
         raise NotPromoted("held", held_reason(f"version {version_id}", candidate.content, active))
     if pointer is not None and not allow_older:
         _check_not_older(store, candidate, pointer)
+    _check_not_denied(store, candidate)
     try:
         return store.promote(version_id, expected_generation=planned_generation, actor=actor, reason=reason)
     except Conflict:
@@ -92,6 +97,18 @@ def _check_not_older(store: IndexStore, candidate: Manifest, pointer: Pointer) -
         raise NotPromoted("older", f"version {candidate.version} ({mine.describe()}) is older than what CURRENT "
                                    f"serves ({pointer.version}: {theirs.describe()}): not promoted; pass "
                                    "--allow-older (allow_older=true) to promote it anyway")
+
+
+def _check_not_denied(store: IndexStore, candidate: Manifest) -> None:
+    """A version validated before a page was taken down may serve it (built, then kept unpromoted by a
+    conflict or a hold): no automatic promote makes it CURRENT. Versions validated since were checked."""
+    recent = {t.page_id: t for t in denylist.takedowns(store, candidate.source.wiki) if t.at >= candidate.created_at}
+    if not recent:
+        return
+    served = sorted(set(served_page_ids(store, candidate).tolist()) & recent.keys())
+    if served:
+        raise NotPromoted("denied", f"version {candidate.version} was built before {recent[served[0]].describe()}, "
+                                    "and serves it: not promoted (the next build leaves the page out)")
 
 
 def owed_promote(store: IndexStore, version_id: str) -> bool:

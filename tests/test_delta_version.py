@@ -145,3 +145,20 @@ def test_days_that_change_nothing_make_no_version(base, tmp_path, tiny_dpr):
     edit, edit_path = _day(tmp_path, "20240103", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
     with pytest.raises(Rejected, match="encoder differs"):
         build_delta_version(store, parent, [edit], [edit_path], spec=other, progress=False)
+
+
+def test_days_that_only_remove_pages_make_a_delta_with_no_rows_of_its_own(base, tmp_path, tiny_dpr):
+    """A delta with zero own passages (one empty shard, empty vectors, an empty derived index) is built,
+    validated and served: the same zero-row path a takedown version takes."""
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(8, "Article 8", [(7000, "#REDIRECT [[Article 9]]")],
+                                                     redirect="Article 9")])
+    m = build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+    assert m.status == "ready", m.validation.reason
+    assert m.counts["passages"] == 0 and m.counts["tombstones"] == 3 and m.live_passages == 117
+    assert np.load(store.version_path(m.version, layout.TOMBSTONES)).tolist() == [21, 22, 23]  # page 8's rows
+    assert [p for p, _ in m.changes["redirected"]] == [8]
+    index = VersionIndex.open(store, m.version)
+    queries = np.random.default_rng(1).standard_normal((8, m.encoder.dim)).astype(np.float32)
+    assert index.size == 117 and 8 not in {h.page_id for hits in index.search(queries, 200) for h in hits}
