@@ -32,6 +32,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.params import RefreshParams
 from flows.refresh_delta import ModePlan, catch_up, choose_mode, current_version, held_outcome, run_delta
+from flows.refresh_live import run_live
 from flows.refresh_tasks import (
     CODE_VERSION,
     FlowSteps,
@@ -96,12 +97,16 @@ def refresh_index(
     compile: bool = False,
     max_workers: int | None = None,
     mode: str = "auto",
+    streams_url: str | None = None,
+    api_url: str | None = None,
 ) -> dict:
     """Refresh the index from a Wikipedia dump; promote the new version if it validates.
 
     `mode` auto (the nightly run): a full dump newer than the serving lineage's base is built in
     full; otherwise the finished adds-changes days after the lineage's watermark become one delta
-    version; otherwise the run is up to date. `full` / `incremental` force one of the two.
+    version; otherwise the run is up to date. `full` / `incremental` force one of the two. `live` applies
+    the EventStreams changes since the serving lineage's stream position as one micro-delta
+    (`flows.refresh_live`; `streams_url` / `api_url` default to RAGINDEX_STREAMS_URL / RAGINDEX_API_URL).
 
     While a rollback hold is active (any rollback makes one), the run promotes nothing: the content rolled
     back from is not built again (status `held`), new content is built and validated and kept unpromoted
@@ -164,7 +169,9 @@ def _build_version(p: RefreshParams, steps: FlowSteps) -> RefreshOutcome:
     with timed(steps.timings, "total_s"):
         with steps("resolve"):
             plan = choose_mode(p, store)
-        if plan.mode != "full":
+        if plan.mode == "live":
+            outcome = run_live(p, steps, store, plan)
+        elif plan.mode != "full":
             outcome = run_delta(p, steps, store, plan)
         else:
             with steps("resolve"):

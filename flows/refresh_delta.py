@@ -33,7 +33,7 @@ from tasks.promote import held_reason, owed_promote
 
 @dataclass
 class ModePlan:
-    mode: Literal["full", "delta", "up-to-date"]
+    mode: Literal["full", "delta", "live", "up-to-date"]
     reason: str
     parent: Manifest | None = None
     chain: IncrChain | None = None
@@ -53,11 +53,15 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
 def _choose(p: RefreshParams, store: IndexStore, pointer: Pointer | None) -> ModePlan:
     named = bool(p.source) or p.dump_date != "latest"
     if named or p.mode == "full":
-        if p.mode == "incremental":
-            raise Rejected("--incremental applies a mirror's adds-changes days to CURRENT: "
-                           "it cannot be combined with --source or --date")
+        if p.mode in ("incremental", "live"):
+            raise Rejected(f"--{p.mode} applies changes to CURRENT: it cannot be combined with --source, --date "
+                           "or --full")
         return ModePlan("full", "a dump was named" if named else "a full build was asked for")
     parent = store.manifest(pointer.version) if pointer else None
+    if p.mode == "live":
+        if parent is None or parent.source.wiki != p.wiki:
+            raise Rejected(f"nothing of {p.wiki} is serving yet: a live run needs a full build to start from")
+        return ModePlan("live", f"the live changes after {parent.effective_lineage.describe()}", parent=parent)
     if parent is None or parent.source.wiki != p.wiki:
         if p.mode == "incremental":
             raise Rejected(f"nothing of {p.wiki} is serving yet: a delta needs a full build to start from")
@@ -136,7 +140,8 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     days = plan.chain.days
     lineage = parent.effective_lineage
     # Same base, same days (by maxrevid): the same content, whichever parent or id it was built under.
-    content = Content.delta(lineage.base_version, [(d.date, d.maxrevid) for d in [*lineage.days, *days]])
+    content = Content.delta(lineage.base_version, [(d.date, d.maxrevid) for d in [*lineage.days, *days]],
+                            stream=lineage.content.stream)
     dates = ", ".join(d.date for d in [*lineage.days, *days])
     held = held_outcome(store, content, f"the days {dates} on {lineage.base_version} (not built again)",
                         mode="delta")

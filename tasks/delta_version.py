@@ -34,13 +34,13 @@ from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import atomic_write
 from storage.location import Location
-from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
+from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
 from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
-from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
+from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.incr_dumps import IncrDay
 from tasks.passage_table import write_passage_table
@@ -77,24 +77,49 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
     serves. A failure before the commit removes the staging area."""
     steps = steps or DeltaSteps()
+    parent, ancestors = checked_parent(store, parent_id, spec)
+    revisions = steps.run("parse_days", newest_revisions, list(files))
+    last = days[-1]
+    source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
+                        files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
+    lineage = parent.effective_lineage
+    applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "") for d in days]
+    return apply_revisions(store, parent, ancestors, revisions, source,
+                           lineage.model_copy(update={"days": [*lineage.days, *applied]}),
+                           window=f"the days {days[0].date}..{days[-1].date}", spec=spec, floors=floors,
+                           canaries=canaries, question_encoder=question_encoder, batch_size=batch_size,
+                           precision=precision, shard_rows=shard_rows, progress=progress, steps=steps)
+
+
+def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tuple[Manifest, list[Manifest]]:
+    """The parent (ready, same encoder) and its lineage's manifests, each checked, the parent last."""
     parent = store.manifest(parent_id)
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     if fingerprint_of(spec).key != parent.encoder.key:
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
-    ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
-    revisions = steps.run("parse_days", newest_revisions, list(files))
-    tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
-    last = days[-1]
-    version_id = store.begin_version(parent.source.wiki, last.date)
+    return parent, lineage_manifests(store, parent)
+
+
+def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifest], revisions: Revisions,
+                    source: SourceDump, lineage: Lineage, *, window: str, spec: EncoderSpec,
+                    floors: ValidationFloors | None = None, canaries: str | None = None, question_encoder=None,
+                    batch_size: int = 64, precision: str = "auto", shard_rows: int = layout.DEFAULT_SHARD_ROWS,
+                    progress: bool = True, steps: DeltaSteps | None = None) -> Manifest:
+    """The delta of `revisions` (pages' newest revisions, and pages removed) on `parent`, whatever read them
+    (adds-changes days, or the live streams): passages, tombstones, embed, build, validate, commit.
+    `lineage` is the new version's (what it knows). `NothingToApply` when nothing the parent serves changes."""
+    steps = steps or DeltaSteps()
+    parent_id = parent.version
+    tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, ancestors,
+                                        set(revisions.pages) | set(revisions.removed))
+    version_id = store.begin_version(parent.source.wiki, source.dump_date)
     with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
-        source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
-                            files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
         plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
                          store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
                          shard_rows=shard_rows)
-        _check_applies(plan, days, parent_id)
+        _check_applies(plan, window, parent_id)
         dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
         all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
         _write_tombstones(store, version_id, all_tombstones)
@@ -103,34 +128,31 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
 
         def draft_and_validate() -> Manifest:
-            lineage = parent.effective_lineage
-            applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
-                       for d in days]
             ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
             manifest = draft_manifest(
                 store, version_id, index=info, timings=steps.timings, parent=parent_id,
                 counts={"tombstones": int(len(all_tombstones)),
                         "live_passages": ancestors_rows + plan.passages - int(len(all_tombstones))},
                 segments=[*parent.segments, pin_segment(store, parent)], first_row_id=parent.next_row_id,
-                lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}), changes=plan.dump())
+                lineage=lineage, changes=plan.dump())
             return validate_and_commit(store, manifest, floors or ValidationFloors(), canaries=canaries,
                                        question_encoder=question_encoder)
 
         return steps.run("validate", draft_and_validate)
 
 
-def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:
-    window = f"{days[0].date}..{days[-1].date}"
+def _check_applies(plan: DeltaPlan, window: str, parent_id: str) -> None:
     if not plan.passages and not plan.drop_page_ids:
-        raise NothingToApply(f"the days {window} change nothing {parent_id} serves")
+        raise NothingToApply(f"{window} change nothing {parent_id} serves")
     if not plan.passages:
-        raise NothingToApply(f"the days {window} only remove pages; a delta without "
-                             "new passages is not supported yet: they are applied with the next day")
+        raise NothingToApply(f"{window} only remove pages; a delta without "
+                             "new passages is not supported yet: they are applied with the next change")
 
 
-def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, _ParentRows]:
+def _parent_rows(store: IndexStore, parent: Manifest, ancestors: list[Manifest],
+                 touched: set[int]) -> tuple[np.ndarray, _ParentRows]:
     """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
-    and their row ids."""
+    and their row ids; a touched page it serves nothing of that its lineage removed, as removed."""
     pins = FileCache.for_store(store.url).pins()
     try:
         tombstones = read_tombstones(pins, store, parent)
@@ -148,7 +170,23 @@ def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tupl
             # Later segments hold later revisions of a page: the last seen is what the parent serves.
             pages[page] = ParentPage(rev_id=int(table.column("rev_id")[i].as_py()),
                                      title=table.column("title")[i].as_py())
+    for page, (rev_id, title) in lineage_removals(ancestors).items():
+        if page in touched and page not in pages:
+            pages[page] = ParentPage(rev_id=rev_id, title=title, removed=True)
     return tombstones, _ParentRows(pages=pages, rows=rows)
+
+
+def lineage_removals(manifests: Sequence[Manifest]) -> dict[int, tuple[int, str]]:
+    """page id -> (revision id, title) of every page the lineage (`manifests`, oldest first) removed and did
+    not serve again: what must not come back with an older revision."""
+    removed: dict[int, tuple[int, str]] = {}
+    for manifest in manifests:
+        changes = manifest.changes or {}
+        for page_id, *_ in [*changes.get("added", []), *changes.get("changed", []), *changes.get("moved", [])]:
+            removed.pop(int(page_id), None)
+        for page_id, rev_id, title in changes.get("removed", []):
+            removed[int(page_id)] = (int(rev_id), str(title))
+    return removed
 
 
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
