@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,6 +79,7 @@ class DeltaPlan:
     redirected: list[list[Any]] = field(default_factory=list)
     emptied: list[list[Any]] = field(default_factory=list)  # [page_id, "title (reason)"]
     removed: list[list[Any]] = field(default_factory=list)  # [page_id, rev_id, "title (reason)"]
+    restated: list[int] = field(default_factory=list)  # the parent's row re-stated by a removal-only delta
     stale: int = 0  # revisions not newer than what the parent serves
     ignored_namespace: int = 0  # pages outside the main namespace the parent never served
     skipped: dict[str, int] = field(default_factory=dict)  # new pages with no passages, by reason
@@ -107,10 +108,13 @@ def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revis
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,
                          source: SourceDump, *, first_row_id: int,
                          shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
-                         progress: bool = False) -> DeltaPlan:
+                         progress: bool = False, anchor: Callable[[set[int]], dict | None] | None = None) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 
-    Writes nothing when no page gains passages (the plan may still drop pages)."""
+    Writes nothing when nothing changes. A change that only removes pages still makes a version: a version
+    needs rows of its own (its index, vectors and validation are over them), so it re-states one row the
+    parent serves, unchanged (`anchor(dropped pages)`: the row's columns; its vector is reused by content
+    hash, and the caller tombstones the old copy, `DeltaPlan.restated`)."""
     options = options or CleanOptions.for_wiki(source.wiki)
     plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
     skipped: Counter[str] = Counter()
@@ -169,7 +173,12 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
             else:
                 plan.changed.append([page.page_id, page.title])
         plan.skipped = dict(sorted(skipped.items()))
-        if plan.passages:
+        kept_row = anchor(set(plan.drop_page_ids)) if anchor and plan.drop_page_ids and not plan.passages else None
+        if kept_row is not None:
+            plan.restated = [int(kept_row.pop("row_id"))]
+            add_rows(rows, [kept_row])
+            plan.passages = 1
+        if plan.passages:  # a removal alone is a delta with no rows of its own
             pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), unit_path, compression="zstd")
             record = UnitRecord(
                 unit={"ordinal": 0, "url": source.location, "start": None, "end": None},

@@ -40,6 +40,7 @@ from storage.timing import Steps
 from storage.verify import pin_segment
 from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
+from tasks.chunk import content_hash
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.incr_dumps import IncrDay
@@ -118,9 +119,9 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
     with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
         plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
                          store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
-                         shard_rows=shard_rows)
+                         shard_rows=shard_rows, anchor=lambda dropped: _served_row(store, parent, dropped))
         _check_applies(plan, window, parent_id)
-        dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
+        dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])] + plan.restated
         all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
         _write_tombstones(store, version_id, all_tombstones)
         steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
@@ -144,9 +145,6 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
 def _check_applies(plan: DeltaPlan, window: str, parent_id: str) -> None:
     if not plan.passages and not plan.drop_page_ids:
         raise NothingToApply(f"{window} change nothing {parent_id} serves")
-    if not plan.passages:
-        raise NothingToApply(f"{window} only remove pages; a delta without "
-                             "new passages is not supported yet: they are applied with the next change")
 
 
 def _parent_rows(store: IndexStore, parent: Manifest, ancestors: list[Manifest],
@@ -174,6 +172,17 @@ def _parent_rows(store: IndexStore, parent: Manifest, ancestors: list[Manifest],
         if page in touched and page not in pages:
             pages[page] = ParentPage(rev_id=rev_id, title=title, removed=True)
     return tombstones, _ParentRows(pages=pages, rows=rows)
+
+
+def _served_row(store: IndexStore, parent: Manifest, dropped: set[int]) -> dict | None:
+    """One row `parent` serves of a page not in `dropped`, as passage columns (its content hash recomputed
+    from what the encoder sees), with its row id."""
+    for table in served_rows(store, parent, ["passage_id", "page_id", "rev_id", "title", "text"]):
+        pages = table.column("page_id").to_numpy()
+        for i in np.flatnonzero(~np.isin(pages, np.fromiter(dropped, dtype=np.int64))).tolist()[:1]:
+            row = {name: table.column(name)[i].as_py() for name in table.column_names}
+            return row | {"content_hash": content_hash(row["title"], row["text"])}
+    return None
 
 
 def lineage_removals(manifests: Sequence[Manifest]) -> dict[int, tuple[int, str]]:
