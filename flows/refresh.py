@@ -60,6 +60,7 @@ from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
 from tasks import download, embed, passages
+from tasks.newer_states import keep_newer_states
 from tasks.promote import owed_promote
 from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
@@ -258,7 +259,11 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
             unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, work_dir),
                                    lambda i: parse(i, refresh=True))
             passages_at = store.at(version_id, layout.PASSAGES_DIR)
-            summary = PassagesSummary.load(assemble_task(unit_results, passages_at, ref, p), "passages summary")
+            # Never backwards: what CURRENT's lineage (live runs, nightly days) knows past this dump wins.
+            current = store.current()
+            newer = keep_newer_states(store, store.manifest(current.version) if current else None, ref.wiki,
+                                      unit_results, work_dir)
+            summary = PassagesSummary.load(assemble_task(newer.records, passages_at, ref, p), "passages summary")
 
         # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
         with steps("embed"):
@@ -309,6 +314,8 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
         "shards": len(shard_records),
         "shards_resumed": len(shard_records) - len(fresh),
         "encoded_this_run": sum(r.encoded for r in fresh if not r.skipped),
+        "kept_newer_pages": newer.kept_newer,
+        "kept_removed_pages": newer.kept_removed,
     }
     outcome = RefreshOutcome.from_manifest(manifest, counts=counts, dump=ref.source().model_dump())
     if outcome.status == "built" and p.promote:

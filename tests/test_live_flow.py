@@ -139,3 +139,43 @@ def test_cli_refresh_live(prefect_api, mirror, tiny_dpr, gensim_excerpt, tmp_pat
         main(["refresh", "--live", "--full", "--wiki", "enwiki", "--store", store_url])
     assert done.value.code != 0 and "one of --full, --incremental and --live" in capsys.readouterr().err
     load_settings.cache_clear()
+
+
+def test_a_full_build_from_an_older_dump_keeps_the_newer_live_states(prefect_api, mirror, tiny_dpr, gensim_excerpt,
+                                                                     tmp_path, eventstreams, action_api, monkeypatch):
+    """Never backwards: the next full dump is newer than the lineage's base but older than what live runs
+    served: the live edit, the live deletion and the page created live all survive the rebuild."""
+    monkeypatch.setenv("RAGINDEX_STREAM_IDLE_S", "1")
+    load_settings.cache_clear()
+    store_url = str(tmp_path / "store")
+    store = IndexStore(store_url)
+    common = _common(mirror, tiny_dpr, store_url)
+    pages = _articles(gensim_excerpt, n=8)
+    edited, deleted = pages[:2]
+    rev = max(p.revision for p in pages) + 1
+    older, newer = [(NOW - timedelta(days=d)).strftime("%Y%m%d") for d in (2, 1)]
+    mirror.add_run("enwiki", older, pages[:7])
+    refresh_index(**common)
+    eventstreams.add(event("mediawiki.revision-create", "enwiki", edited.page_id, edited.title, rev + 1, _dt(30)))
+    action_api.add(rev + 1, edited.page_id, edited.title, edited.text + "\n\n" + ADDED)
+    eventstreams.add(event("mediawiki.page-delete", "enwiki", deleted.page_id, deleted.title, deleted.revision,
+                           _dt(20)))
+    eventstreams.add(event("mediawiki.revision-create", "enwiki", 990001, "Fox (new article)", rev + 2, _dt(10)))
+    action_api.add(rev + 2, 990001, "Fox (new article)", pages[6].text.replace(pages[6].title, "Fox"))
+    live = refresh_index(**common, mode="live", streams_url=eventstreams.url, api_url=action_api.url)
+    assert live["status"] == "promoted"
+    served_live = _served(store, live["version"])
+
+    # The newer full dump still holds the edited page's old text and the deleted page (it was dumped before).
+    mirror.add_run("enwiki", newer, pages)  # + one page the older dump lacked
+    full = refresh_index(**common, mode="full")
+    assert full["status"] == "promoted" and full["mode"] == "full", full["reason"]
+    assert full["counts"]["kept_newer_pages"] == 2 and full["counts"]["kept_removed_pages"] == 1
+    rebuilt = _served(store, full["version"])
+    assert store.manifest(full["version"]).source.dump_date == newer
+    assert deleted.title not in {t for t, _ in rebuilt.values()}
+    assert any("quick brown fox" in text for t, text in rebuilt.values() if t == edited.title)
+    assert "Fox (new article)" in {t for t, _ in rebuilt.values()}
+    assert rebuilt.items() >= served_live.items()  # all the live knowledge, now in one full version
+    assert {t for t, _ in rebuilt.values()} - {t for t, _ in served_live.values()} == {pages[7].title}
+    load_settings.cache_clear()
