@@ -12,6 +12,8 @@ from flows.refresh import refresh_index
 from flows.settings import load_settings
 from storage.store import IndexStore
 from tests.fixtures.eventstreams import event
+from tests.fixtures.history import HistPage, history_xml
+from tests.fixtures.incr_mirror import make_incr_day
 from tests.test_delta_flow import ADDED, _articles, _finds_itself, _served
 
 NOW = datetime.now(UTC)
@@ -165,6 +167,14 @@ def test_a_full_build_from_an_older_dump_keeps_the_newer_live_states(prefect_api
     live = refresh_index(**common, mode="live", streams_url=eventstreams.url, api_url=action_api.url)
     assert live["status"] == "promoted"
     served_live = _served(store, live["version"])
+
+    # A nightly day holding what live runs already applied (the edit; the deleted page's last revision)
+    # changes nothing: the deleted page does not come back.
+    day = [HistPage(edited.page_id, edited.title, [(rev + 1, edited.text + "\n\n" + ADDED)]),
+           HistPage(deleted.page_id, deleted.title, [(deleted.revision, deleted.text)])]
+    make_incr_day(mirror.root, "enwiki", newer, history_xml("enwiki", day), maxrevid=rev + 1)
+    nightly = refresh_index(**common, mode="incremental")
+    assert nightly["status"] == "up-to-date" and store.current().version == live["version"], nightly["reason"]
 
     # The newer full dump still holds the edited page's old text and the deleted page (it was dumped before).
     mirror.add_run("enwiki", newer, pages)  # + one page the older dump lacked
