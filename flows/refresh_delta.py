@@ -149,7 +149,7 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
         return held
     existing = store.ready_with(content)
     if existing is not None:
-        return _existing_delta(p, store, existing, plan)
+        return existing_delta(p, store, existing, plan)
     with steps("download"):
         files = [store.location.reach(download_day_task(day, p)) for day in days]
     try:
@@ -159,20 +159,25 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     except NothingToApply as exc:  # an up-to-date night, not a failure
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())
-    outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
+    return promote_built(p, steps, store, plan, RefreshOutcome.from_manifest(manifest, reason=plan.reason),
+                         f"refresh-index: {p.wiki} delta {plan.reason}")
+
+
+def promote_built(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan, outcome: RefreshOutcome,
+                  why: str) -> RefreshOutcome:
+    """Promote a delta that validated (unless promote=false), swapping on the generation the run planned from."""
     if outcome.status == "built" and p.promote:
         with steps("promote"):
-            outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",
-                                        planned_generation=plan.generation))
+            outcome.settle(promote_task(outcome.version, p, reason=why, planned_generation=plan.generation))
     outcome.current = current_version(store)
     return outcome
 
 
-def _existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:
+def existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:
     """The same rule as a full build that finds its dump already built (`promote_unfinished`): promote a
     delta still owed its promote; never re-promote one CURRENT was moved away from on purpose (unless the
     operator released the rollback's hold)."""
-    holds = f"version {existing.version} already applies these days to {existing.effective_lineage.base_version}"
+    holds = f"version {existing.version} already holds this content ({existing.effective_lineage.describe()})"
     lineage = existing.lineage.model_dump() if existing.lineage else None
     if p.promote and owed_promote(store, existing.version):
         done = promote_task(existing.version, p, reason=f"refresh-index: {p.wiki} delta, unfinished promote",

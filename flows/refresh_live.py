@@ -19,15 +19,14 @@ from __future__ import annotations
 from prefect import get_run_logger
 
 from flows.params import RefreshParams
-from flows.refresh_delta import ModePlan, current_version, held_outcome, run_delta
-from flows.refresh_tasks import FlowSteps, promote_task, resolve_days_task
+from flows.refresh_delta import ModePlan, current_version, existing_delta, held_outcome, promote_built, run_delta
+from flows.refresh_tasks import FlowSteps, resolve_days_task
 from flows.report import RefreshOutcome
 from storage.errors import NotFound
 from storage.manifest import SourceDump
 from storage.store import IndexStore
 from tasks.delta_version import NothingToApply, apply_revisions, checked_parent
 from tasks.live_changes import BeyondRetention, LiveWindow, read_window
-from tasks.promote import owed_promote
 
 
 def run_live(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan) -> RefreshOutcome:
@@ -55,8 +54,10 @@ def run_live(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePl
     if held is not None:
         return held
     existing = store.ready_with(content)
-    if existing is not None:
-        return _existing(p, store, existing.version, plan, summary)
+    if existing is not None:  # a run killed after its commit, before its promote: the same rule as a nightly's
+        outcome = existing_delta(p, store, existing, plan)
+        outcome.mode = "live"
+        return outcome
     spec = p.encoder_spec()
     parent, ancestors = checked_parent(store, parent.version, spec)
     source = SourceDump(wiki=p.wiki, dump_date=_event_date(window), location=p.streams_url)
@@ -69,30 +70,12 @@ def run_live(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePl
         return up_to_date
     outcome = RefreshOutcome.from_manifest(manifest, reason=summary)
     outcome.mode = "live"
-    if outcome.status == "built" and p.promote:
-        with steps("promote"):
-            outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} live, {summary}",
-                                        planned_generation=plan.generation))
-    outcome.current = current_version(store)
-    return outcome
+    return promote_built(p, steps, store, plan, outcome, f"refresh-index: {p.wiki} live, {summary}")
 
 
 def _event_date(window: LiveWindow) -> str:
     newest = window.position.newest_event if window.position else ""
     return newest[:10].replace("-", "")
-
-
-def _existing(p: RefreshParams, store: IndexStore, version_id: str, plan: ModePlan, summary: str) -> RefreshOutcome:
-    """A run killed after its commit and before its promote: the re-run that reads the same window promotes it."""
-    if p.promote and owed_promote(store, version_id):
-        outcome = RefreshOutcome(status="promoted", version=version_id, mode="live",
-                                 reason=f"version {version_id} already applies these changes")
-        outcome.settle(promote_task(version_id, p, reason=f"refresh-index: {p.wiki} live, unfinished promote",
-                                    planned_generation=plan.generation))
-        outcome.current = current_version(store)
-        return outcome
-    return RefreshOutcome(status="up-to-date", version=version_id, current=current_version(store), mode="live",
-                          reason=f"up to date: version {version_id} already applies {summary}")
 
 
 def _fall_back(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan, why: str) -> RefreshOutcome:
