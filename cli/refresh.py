@@ -70,7 +70,10 @@ def refresh(
     wiki: str = typer.Option(
         None, help="Dump database, e.g. enwiki (with --date, from the mirror; with --source, names its wiki)."
     ),
-    date: str = typer.Option(None, help="YYYYMMDD or latest (default: decide each night, see --full)."),
+    date: str = typer.Option(
+        None, help="YYYYMMDD or latest (default: decide each night, see --full); with --source, the date of a "
+        "dump whose file name has none (default: its newest revision's)."
+    ),
     mirror: str = typer.Option(None, help="Mirror base URL (default: settings)."),
     full: bool = typer.Option(False, "--full", help="Build from the newest full dump, whatever the days hold."),
     incremental: bool = typer.Option(
@@ -119,8 +122,8 @@ def refresh(
     """Download, parse, embed, build, validate and promote a new index version."""
     from flows.settings import load_settings
 
-    if source and date:
-        raise typer.BadParameter("give either --source or --date, not both (with --source, --wiki names its wiki)")
+    if source and date == "latest":
+        raise typer.BadParameter("with --source, --date names the dump's date (YYYYMMDD), not 'latest'")
     if sum((full, incremental, live)) > 1:
         raise typer.BadParameter("give one of --full, --incremental and --live")
     load_settings()  # a bad RAGINDEX_* value fails here, before a Prefect server starts

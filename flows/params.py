@@ -28,6 +28,7 @@ class RefreshParams(BaseModel):
     dump_date: str
     source: str | None = None
     source_wiki: str | None = None  # --wiki given with --source: names a dump whose wiki cannot be told
+    source_date: str | None = None  # --date given with --source: dates a dump whose file names carry no date
     allow_unverified: bool = False  # download mirror files that have neither size nor sha1
     store_url: str
     s3_endpoint_url: str | None = None
@@ -64,6 +65,7 @@ class RefreshParams(BaseModel):
     # deltas encode a few hundred passages and never compile.
     compile: bool = False
     max_workers: int | None = Field(None, ge=1)
+    progress_seconds: float = Field(10.0, gt=0)  # RAGINDEX_PROGRESS_SECONDS; not a flow parameter
     # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
     # live: the EventStreams changes since the serving lineage's stream position -> one delta (a micro-delta).
     mode: Literal["auto", "full", "incremental", "live"] = "auto"
@@ -88,10 +90,13 @@ class RefreshParams(BaseModel):
         values = {k: v for k, v in given.items() if v is not None}
         if values.get("source") and values.get("wiki"):
             values["source_wiki"] = values["wiki"]
+        if values.get("source") and values.get("dump_date") not in (None, "latest"):
+            values["source_date"] = values.pop("dump_date")
         return cls(
             **{**defaults, **values},
             s3_endpoint_url=settings.s3_endpoint_url,
             user_agent=settings.user_agent,
+            progress_seconds=settings.progress_seconds,
         )
 
     @field_validator("wiki")
@@ -103,6 +108,11 @@ class RefreshParams(BaseModel):
     @classmethod
     def _source_wiki(cls, v: str | None) -> str | None:
         return v if v is None else check_wiki(v)
+
+    @field_validator("source_date")
+    @classmethod
+    def _source_date(cls, v: str | None) -> str | None:
+        return v if v is None else check_dump_date(v)
 
     @field_validator("dump_date")
     @classmethod

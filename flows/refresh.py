@@ -35,6 +35,7 @@ from flows.refresh_delta import ModePlan, catch_up, choose_mode, current_version
 from flows.refresh_live import run_live
 from flows.refresh_tasks import (
     CODE_VERSION,
+    EmbedProgress,
     FlowSteps,
     assemble_task,
     build_index_task,
@@ -285,6 +286,7 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
                     return runs.submit(
                         passages_at.child(shard.name), shard.sha256, embeddings_at, spec, fingerprint.key,
                         reuse_from, p.batch_size, p.precision, CODE_VERSION, p.compile,
+                        EmbedProgress(progress, i, len(summary.shards), p.progress_seconds),
                     )
 
                 futures = []

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flows.params import RefreshParams
-from flows.refresh_tasks import FlowSteps, download_day_task, promote_task, resolve_days_task
+from flows.refresh_tasks import EmbedProgress, FlowSteps, download_day_task, promote_task, resolve_days_task
 from flows.report import RefreshOutcome
 from storage.errors import NotFound, Rejected
 from storage.manifest import Content, Manifest, Pointer
@@ -155,7 +155,9 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     try:
         manifest = build_delta_version(
             store, parent.version, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,
-            batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False, steps=steps)
+            batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False,
+            on_progress=EmbedProgress(None, 0, 1, p.progress_seconds).reporter("the delta's passages"),
+            progress_every_s=p.progress_seconds, steps=steps)
     except NothingToApply as exc:  # an up-to-date night, not a failure
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())

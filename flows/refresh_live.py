@@ -20,7 +20,7 @@ from prefect import get_run_logger
 
 from flows.params import RefreshParams
 from flows.refresh_delta import ModePlan, current_version, existing_delta, held_outcome, promote_built, run_delta
-from flows.refresh_tasks import FlowSteps, resolve_days_task
+from flows.refresh_tasks import EmbedProgress, FlowSteps, resolve_days_task
 from flows.report import RefreshOutcome
 from storage.errors import NotFound
 from storage.manifest import SourceDump
@@ -65,7 +65,9 @@ def run_live(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePl
         manifest = apply_revisions(
             store, parent, ancestors, window.revisions, source, new_lineage, window=f"the live changes {window.start}",
             spec=spec, floors=p.floors(), canaries=p.canaries, batch_size=p.batch_size, precision=p.precision,
-            shard_rows=p.shard_rows, progress=False, steps=steps)
+            shard_rows=p.shard_rows, progress=False,
+            on_progress=EmbedProgress(None, 0, 1, p.progress_seconds).reporter("the live changes' passages"),
+            progress_every_s=p.progress_seconds, steps=steps)
     except NothingToApply:
         return up_to_date
     outcome = RefreshOutcome.from_manifest(manifest, reason=summary)

@@ -8,9 +8,11 @@ JSON-only results (flows.results) in the store.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from flows.params import RefreshParams
@@ -20,6 +22,7 @@ from rag_model.encoders import EncoderSpec
 from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from tasks import assemble_version, delta_version, download, embed, embed_ray, incr_dumps, passages, promote
+from tasks.progress import Progress
 
 T = TypeVar("T")
 
@@ -35,7 +38,8 @@ SHARD_CACHE = INPUTS + TASK_SOURCE
 @task(name="resolve-dump")
 def resolve_dump_task(p: RefreshParams) -> download.DumpRef:
     if p.source:
-        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki)
+        return download.resolve_source(p.source, s3_endpoint_url=p.s3_endpoint_url, wiki=p.source_wiki,
+                                       date=p.source_date)
     return download.resolve_dump(p.wiki, p.dump_date, mirror=p.mirror, user_agent=p.user_agent)
 
 
@@ -57,8 +61,30 @@ def assemble_task(results: list[dict], out: Location, ref: download.DumpRef, p: 
     return passages.assemble(results, out, ref.source(), shard_rows=p.shard_rows)
 
 
-@task(name="embed-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
-      retries=1)
+@dataclass(frozen=True)
+class EmbedProgress:
+    """Where embedding reports its progress: the run's log, and a progress artifact that covers `shards`
+    shards of which this embeds number `shard`: the run's (`artifact_id`), or one made at the first report."""
+
+    artifact_id: Any
+    shard: int
+    shards: int
+    every_s: float
+
+    def reporter(self, label: str) -> Callable[[Progress], None]:
+        artifact = [self.artifact_id]
+
+        def report(progress: Progress) -> None:
+            get_run_logger().info("embedding %s: %s", label, progress.describe("passages"))
+            if artifact[0] is None:  # made only once there is something to show (a delta may encode nothing)
+                artifact[0] = create_progress_artifact(0.0, description=f"embedding {label}")
+            update_progress_artifact(artifact[0], progress=100.0 * (self.shard + progress.fraction) / self.shards)
+
+        return report
+
+
+@task(name="embed-shard", cache_policy=SHARD_CACHE - "progress", persist_result=True,
+      result_serializer=RESULT_SERIALIZER, retries=1)
 def embed_shard_task(
     shard: Location,
     shard_sha256: str,
@@ -70,11 +96,14 @@ def embed_shard_task(
     precision: str,
     code_version: str,
     compile: bool = False,
+    progress: EmbedProgress | None = None,
 ) -> dict:
-    # shard_sha256, fingerprint_key and code_version are not used in the body: they are part of the cache key.
+    # shard_sha256, fingerprint_key and code_version are not used in the body: they are part of the cache key;
+    # progress is not (where a run reports to does not change the vectors).
     return embed.embed_shard(
         shard, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size, precision=precision, progress=False,
-        compile=compile,
+        compile=compile, on_progress=progress.reporter(shard.name) if progress else None,
+        progress_every_s=progress.every_s if progress else 10.0,
     )
 
 

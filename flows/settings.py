@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     cache_dir: str | None = None
     xdg_cache_home: str | None = Field(None, validation_alias="XDG_CACHE_HOME")
     cache_max_size: str = "20GiB"
+    # How often a refresh run reports embedding progress (log line with rate and time left, progress artifact).
+    progress_seconds: float = Field(10.0, gt=0)
     ready_grace_seconds: float = Field(60.0, ge=0)  # /readyz fails after CURRENT is unservable this long
 
     @field_validator("memory_budget", "cache_max_size")

@@ -42,6 +42,11 @@ class Location:
         return self._resolved[1]
 
     @property
+    def name(self) -> str:
+        """The last part of the path (a file's name)."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
     def is_local(self) -> bool:
         return is_local(self.fs)
 

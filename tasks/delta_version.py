@@ -45,6 +45,7 @@ from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisi
 from tasks.derive_index import derive_index
 from tasks.incr_dumps import IncrDay
 from tasks.passage_table import write_passage_table
+from tasks.progress import Progress
 from tasks.reuse_index import write_hash_index
 from tasks.validate import ValidationFloors
 
@@ -73,10 +74,11 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                         spec: EncoderSpec, floors: ValidationFloors | None = None, canaries: str | None = None,
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
                         shard_rows: int = layout.DEFAULT_SHARD_ROWS, progress: bool = True,
+                        on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 10.0,
                         steps: DeltaSteps | None = None) -> Manifest:
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
-    serves. A failure before the commit removes the staging area."""
+    serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
     steps = steps or DeltaSteps()
     parent, ancestors = checked_parent(store, parent_id, spec)
     revisions = steps.run("parse_days", newest_revisions, list(files))
@@ -89,7 +91,8 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                            lineage.model_copy(update={"days": [*lineage.days, *applied]}),
                            window=f"the days {days[0].date}..{days[-1].date}", spec=spec, floors=floors,
                            canaries=canaries, question_encoder=question_encoder, batch_size=batch_size,
-                           precision=precision, shard_rows=shard_rows, progress=progress, steps=steps)
+                           precision=precision, shard_rows=shard_rows, progress=progress, on_progress=on_progress,
+                           progress_every_s=progress_every_s, steps=steps)
 
 
 def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tuple[Manifest, list[Manifest]]:
@@ -107,7 +110,8 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
                     source: SourceDump, lineage: Lineage, *, window: str, spec: EncoderSpec,
                     floors: ValidationFloors | None = None, canaries: str | None = None, question_encoder=None,
                     batch_size: int = 64, precision: str = "auto", shard_rows: int = layout.DEFAULT_SHARD_ROWS,
-                    progress: bool = True, steps: DeltaSteps | None = None) -> Manifest:
+                    progress: bool = True, on_progress: Callable[[Progress], None] | None = None,
+                    progress_every_s: float = 10.0, steps: DeltaSteps | None = None) -> Manifest:
     """The delta of `revisions` (pages' newest revisions, and pages removed) on `parent`, whatever read them
     (adds-changes days, or the live streams): passages, tombstones, embed, build, validate, commit.
     `lineage` is the new version's (what it knows). `NothingToApply` when nothing the parent serves changes."""
@@ -125,7 +129,7 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
         all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
         _write_tombstones(store, version_id, all_tombstones)
         steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
-                  progress=progress)
+                  progress=progress, on_progress=on_progress, progress_every_s=progress_every_s)
         info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
 
         def draft_and_validate() -> Manifest:
@@ -199,12 +203,14 @@ def lineage_removals(manifests: Sequence[Manifest]) -> dict[int, tuple[int, str]
 
 
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
-           precision: str, progress: bool) -> dict:
+           precision: str, progress: bool, on_progress: Callable[[Progress], None] | None,
+           progress_every_s: float) -> dict:
     """The delta's vectors, reused by content hash from its lineage (newest first) where the text is unchanged."""
     return embed.embed_passages(store.at(version_id, layout.PASSAGES_DIR), store.at(version_id, layout.EMBEDDINGS_DIR),
                                 spec, reuse_from=[store.at(m.version) for m in reversed(ancestors)],
                                 question_encoder=ancestors[-1].question_encoder, batch_size=batch_size,
-                                precision=precision, progress=progress)
+                                precision=precision, progress=progress, on_progress=on_progress,
+                                progress_every_s=progress_every_s)
 
 
 def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], *, progress: bool) -> IndexInfo:

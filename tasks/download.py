@@ -17,10 +17,12 @@ the HTTP client is `tasks.mirror_http`, shared with `tasks.incr_dumps`.
 from __future__ import annotations
 
 import bz2
+import logging
 import os
 import re
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import httpx
@@ -36,7 +38,8 @@ from tasks.parse import decoded_head, index_name_for
 
 JOBS = ("articlesmultistreamdump", "articlesdump")
 DUMPSTATUS = "dumpstatus.json"
-# Dumps whose file name carries no date (e.g. gensim's `enwiki-latest-...` excerpt) get this one:
+log = logging.getLogger(__name__)
+# Local dump files whose name carries no date and that hold no revision to date them by get this one:
 # valid for `check_dump_date`, sorts before every real dump, and says plainly "date unknown".
 UNDATED = "00000000"
 _DUMP_NAME = re.compile(r"^([a-z][a-z0-9_]*?wik[a-z]*)-(\d{8}|latest)-")
@@ -160,20 +163,24 @@ def _mirror_ref(mirror: str, wiki: str, date: str, status: dict, job: str) -> Du
 # --- local / s3 sources ---------------------------------------------------------------------------
 
 def resolve_source(source: str, s3_endpoint_url: str | None = None,
-                   job: str = "articlesmultistreamdump", wiki: str | None = None) -> DumpRef:
+                   job: str = "articlesmultistreamdump", wiki: str | None = None, date: str | None = None) -> DumpRef:
     """A dump file, a mirror-like run dir (`dumpstatus.json`), or `<dir>/<wiki>/<date>/`; read in place.
 
-    wiki and date come from `dumpstatus.json` or the file names; a file without a date in its name
-    (`enwiki-latest-...`) gets UNDATED, and one without a wiki in its name the `<dbname>` of its
-    siteinfo, or else `wiki` (what the user named with --wiki; it must agree with the others).
+    wiki and date come from `dumpstatus.json` or the file names; a file without a wiki in its name gets
+    the `<dbname>` of its siteinfo, or else `wiki` (what the user named with --wiki; it must agree with
+    the others). A file without a date in its name (`enwiki-latest-...`) is dated `date` (--date), or
+    else by its newest revision (`newest_revision_date`: the siteinfo holds no date), or UNDATED when it
+    holds no revision.
     """
     if wiki is not None:
         names.check_wiki(wiki)
+    if date is not None:
+        names.check_dump_date(date)
     fs, path = resolve(source, s3_endpoint_url)
     if not fs.exists(path):
         raise NotFound(f"dump source not found: {source}")
     if not fs.isdir(path):
-        return _file_ref(fs, path, source, wiki)
+        return _file_ref(fs, path, source, wiki, date)
     entries = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
     if DUMPSTATUS in entries:
         return _run_dir_ref(fs, path, job, wiki)
@@ -183,7 +190,8 @@ def resolve_source(source: str, s3_endpoint_url: str | None = None,
     data = sorted((n for n in entries if _DATA_NAME.search(n) and not is_index_name(n)), key=_part_key)
     if not data:
         raise NotFound(f"no dump files (*-pages-articles*.xml[.bz2]) or {DUMPSTATUS} in {source}")
-    wiki, date = _wiki_date(fs, entries[data[0]], data[0], wiki)
+    wiki, named = _wiki_date(fs, entries[data[0]], data[0], wiki)
+    date = _dated(fs, [entries[n] for n in data], named, date, source)
     files = []
     for name in data:
         files.append(_local_file(fs, entries[name], name))
@@ -232,9 +240,10 @@ def _run_dir_ref(fs, run: str, job: str, given_wiki: str | None = None) -> DumpR
                    location=to_url(fs, run), files=out)
 
 
-def _file_ref(fs, path: str, source: str, given_wiki: str | None = None) -> DumpRef:
+def _file_ref(fs, path: str, source: str, given_wiki: str | None = None, given_date: str | None = None) -> DumpRef:
     name = path.rsplit("/", 1)[-1]
-    wiki, date = _wiki_date(fs, path, name, given_wiki)
+    wiki, named = _wiki_date(fs, path, name, given_wiki)
+    date = _dated(fs, [path], named, given_date, source)
     files = [_local_file(fs, path, name)]
     index_path = join(path.rsplit("/", 1)[0], index_name_for(name))
     if index_path != path and fs.exists(index_path):
@@ -258,6 +267,43 @@ def _wiki_date(fs, path: str | None, name: str, given_wiki: str | None = None) -
         return names.check_wiki(given_wiki), UNDATED
     raise Rejected(f"cannot tell which wiki {name} is from: its name does not start with "
                    f"'<wiki>-<YYYYMMDD>-' and it has no <dbname> in its siteinfo; name it with --wiki")
+
+
+def _dated(fs, paths: list[str], named: str, given: str | None, source: str) -> str:
+    """The dump date of local files whose names gave `named`: the name's date (which `given` must agree
+    with), else `given`, else the newest revision they hold: the knowledge they carry, which is what
+    "never older" compares (a dump's siteinfo has no date)."""
+    if named != UNDATED:
+        if given is not None and given != named:
+            raise Rejected(f"{source} is the dump of {named}, not of --date {given}")
+        return named
+    if given is not None:
+        return given
+    newest = max((newest_revision_date(fs, p) for p in paths), default=None) or UNDATED
+    log.info("%s has no date in its name: dated %s by its newest revision (name it with --date)", source, newest)
+    return newest
+
+
+_TIMESTAMP = re.compile(rb"<timestamp>(\d{4})-(\d\d)-(\d\d)T")
+
+
+def newest_revision_date(fs, path: str) -> str | None:
+    """YYYYMMDD of the newest `<timestamp>` in a dump file (bz2 or plain XML); None when it holds none.
+    Reads the whole file (about 10 MB/s of bz2 on one core), with progress."""
+    newest = b""
+    tail = b""
+    with ExitStack() as stack:
+        raw = stack.enter_context(fs.open(path, "rb"))
+        stream = stack.enter_context(bz2.open(raw)) if path.endswith(".bz2") else raw
+        bar = stack.enter_context(tqdm(total=fs.size(path), unit="B", unit_scale=True, leave=False,
+                                       desc=f"dating {path.rsplit('/', 1)[-1]}", disable=None))
+        while chunk := stream.read(4 << 20):
+            window = tail + chunk
+            for m in _TIMESTAMP.finditer(window):
+                newest = max(newest, m.group(1) + m.group(2) + m.group(3))
+            tail = window[-32:]  # a timestamp cut by the chunk boundary is found whole in the next window
+            bar.update(raw.tell() - bar.n)
+    return newest.decode() if newest else None
 
 
 def _agree(found: str, given: str | None, where: str) -> str:

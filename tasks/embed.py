@@ -45,6 +45,7 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
+from tasks.progress import Meter, Progress
 from tasks.reuse_index import hash_keys, open_source
 
 log = logging.getLogger(__name__)
@@ -243,17 +244,21 @@ def _existing_matches(fs: Any, npy_path: str, sidecar_path: str, passages_sha: s
 def embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec, *,
                 reuse_from: Sequence[Location] = (), batch_size: int = 64, device: str = "cpu",
                 precision: str = "auto", threads: int | None = None, progress: bool = True,
-                encoder_calls: Callable[[int], None] | None = None, compile: bool = False) -> dict:
+                encoder_calls: Callable[[int], None] | None = None, compile: bool = False,
+                on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 10.0) -> dict:
     """Embed one passage shard into `<out_dir>/<stem>.npy` + `<stem>.json`; returns an `EmbeddedShard` dict.
 
     `encoder_calls(n)` is called with the size of every batch that actually goes through the
-    network, so callers can count encoded passages. `compile`: see `load_document_encoder`.
+    network, so callers can count encoded passages. `on_progress` gets the encoding's progress (passages
+    encoded of those to encode, rate, time left) at most once every `progress_every_s` seconds, for
+    callers without a terminal for the tqdm bar. `compile`: see `load_document_encoder`.
     """
     timing: dict[str, float] = {}
     with timed(timing, "seconds"):
         record = _embed_shard(passages_shard, out_dir, spec, reuse_from=reuse_from, batch_size=batch_size,
                               device=device, precision=precision, threads=threads, progress=progress,
-                              encoder_calls=encoder_calls, compile=compile)
+                              encoder_calls=encoder_calls, compile=compile,
+                              meter=_meter(on_progress, progress_every_s))
     return EmbeddedShard(**record, seconds=timing["seconds"]).dump()
 
 
@@ -303,7 +308,8 @@ def prepare_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec
 
 def _embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec, *, reuse_from: Sequence[Location],
                  batch_size: int, device: str, precision: str, threads: int | None,
-                 progress: bool, encoder_calls: Callable[[int], None] | None, compile: bool) -> dict:
+                 progress: bool, encoder_calls: Callable[[int], None] | None, compile: bool,
+                 meter: Callable[[int], Meter] | None = None) -> dict:
     shard = prepare_shard(passages_shard, out_dir, spec, reuse_from)
     if shard.done is not None:
         return shard.done
@@ -316,10 +322,13 @@ def _embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec,
         idx = np.flatnonzero(todo)
         titles = table.column("title").take(pa.array(idx)).to_pylist()
         texts = table.column("text").take(pa.array(idx)).to_pylist()
+        counted = meter(n_todo) if meter is not None else None
         with tqdm(total=n_todo, desc=f"embed {layout.stem(shard.name)}", unit="passage",
                   disable=None if progress else True, leave=False) as bar:
             def on_batch(n: int) -> None:
                 bar.update(n)
+                if counted is not None:
+                    counted.update(n)
                 if encoder_calls is not None:
                     encoder_calls(n)
 
@@ -328,6 +337,12 @@ def _embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec,
     record = write_embedding_shard(out_dir.fs, out_dir.path, shard.name, vectors, shard.passages_sha, shard.key, n_todo,
                                    spec.model)
     return {**record, "precision": measured}
+
+
+def _meter(on_progress: Callable[[Progress], None] | None, every_s: float) -> Callable[[int], Meter] | None:
+    if on_progress is None:
+        return None
+    return lambda total: Meter(total, on_progress, every_s)
 
 
 def load_encoder_checked(spec: EncoderSpec, dim: int, **options: Any) -> DocumentEncoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import json
 import pickle
@@ -12,7 +13,7 @@ import pytest
 from storage.errors import InvalidName, NotFound, Rejected
 from storage.store import IndexStore
 from tasks.download import UNDATED, DownloadError, download_dump, resolve_dump, resolve_source
-from tests.fixtures.mirror import make_dump, sample_pages, set_status
+from tests.fixtures.mirror import dump_xml, make_dump, sample_pages, set_status
 
 UA = "ragindex-tests/1.0 (test suite)"
 
@@ -174,8 +175,10 @@ def test_resolve_source_layouts(tmp_path, gensim_excerpt):
     assert [f.name for f in one.files] == [by_run.files[0].name, by_run.files[2].name]
     assert one.dump_date == "20240101"
 
+    # `enwiki-latest-...` names no date and a siteinfo holds none: the newest revision in the file dates it.
     excerpt = resolve_source(str(gensim_excerpt))
-    assert (excerpt.wiki, excerpt.dump_date) == ("enwiki", UNDATED)
+    assert (excerpt.wiki, excerpt.dump_date) == ("enwiki", "20160501")
+    assert resolve_source(str(gensim_excerpt), date="20160502").dump_date == "20160502"
     assert download_dump(excerpt, IndexStore(str(tmp_path / "s")), UA, progress=False) == [str(gensim_excerpt)]
 
     with pytest.raises(NotFound, match="dump source not found"):
@@ -213,3 +216,27 @@ def test_download_into_local_and_s3_store(mirror, store):
         assert url.endswith(f"downloads/enwiki/20240101/{f.name}")
     assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.downloads_path("enwiki", "20240101"))) == \
         sorted(f.name for f in ref.files)
+
+
+def test_undated_local_files_are_dated_by_their_newest_revision(tmp_path):
+    """A local dump whose names carry no date is dated by the newest revision of all its files (a chunk
+    boundary may cut a timestamp), by --date when given, and UNDATED only when it holds no revision."""
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    older = dump_xml("frwiki", sample_pages(2)).replace("2024-01-01T", "2023-05-06T")
+    newer = dump_xml("frwiki", sample_pages(2, start_id=50)).replace("2024-01-01T", "2024-03-09T", 1)
+    (folder / "frwiki-latest-pages-articles1.xml").write_text(older)
+    pad = (4 << 20) - 5 - newer.index("<timestamp>2024-03-09")  # the 4 MiB read cuts that timestamp in two
+    (folder / "frwiki-latest-pages-articles2.xml.bz2").write_bytes(bz2.compress(("x" * pad + newer).encode()))
+    assert resolve_source(str(folder)).dump_date == "20240309"
+    assert resolve_source(str(folder / "frwiki-latest-pages-articles1.xml")).dump_date == "20230506"
+    assert resolve_source(str(folder), date="20240310").dump_date == "20240310"
+
+    empty = tmp_path / "frwiki-latest-pages-articles.xml"
+    empty.write_text(dump_xml("frwiki", []))
+    assert resolve_source(str(empty)).dump_date == UNDATED
+
+    dated = tmp_path / "frwiki-20240101-pages-articles.xml"
+    dated.write_text(dump_xml("frwiki", sample_pages(1)))
+    with pytest.raises(Rejected, match="is the dump of 20240101, not of --date 20240102"):
+        resolve_source(str(dated), date="20240102")

@@ -3,6 +3,8 @@ reading dumps from a loopback HTTP mirror, embedding with a tiny real DPR encode
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -138,12 +140,16 @@ def test_failed_step_leaves_current_untouched(prefect_api, mirror, tiny_dpr, tmp
     assert [m.version for m in store.list_versions()] == [first["version"]]
 
 
-def test_report_artifact_is_left(prefect_api, tmp_path, tiny_dpr, mirror):
+def test_report_and_progress_are_left(prefect_api, tmp_path, tiny_dpr, mirror, monkeypatch):
+    """The run's report artifact, and embedding progress reported within each shard (not once per shard): log
+    lines with the rate and the time left, and the embedding progress artifact moved by them."""
     import httpx
 
+    monkeypatch.setenv("RAGINDEX_PROGRESS_SECONDS", "0.001")  # report every batch
+    started = datetime.now(UTC).isoformat()
     common = _common(tmp_path, tiny_dpr)
     mirror.add_run("dewiki", "20240101", sample_pages(5))
-    refresh_index(wiki="dewiki", dump_date="latest", mirror=mirror.url, **common)
+    refresh_index(wiki="dewiki", dump_date="latest", mirror=mirror.url, batch_size=4, **common)
     response = httpx.post(f"{prefect_api}/artifacts/filter", json={"limit": 200, "sort": "CREATED_DESC"})
     response.raise_for_status()
     artifacts = response.json()
@@ -152,7 +158,16 @@ def test_report_artifact_is_left(prefect_api, tmp_path, tiny_dpr, mirror):
     text = reports[0]["data"]
     for expected in ("## Counts", "encoded", "reused", "## Validation: passed", "## Timings", "promoted"):
         assert expected in text
-    assert any(a["type"] == "progress" for a in artifacts)
+    embedding = [a for a in artifacts if a["type"] == "progress" and a["description"].startswith("embedding")]
+    assert embedding and embedding[0]["data"] == 100.0
+
+    logs = httpx.post(f"{prefect_api}/logs/filter", json={"logs": {"timestamp": {"after_": started}}, "limit": 200,
+                                                                "sort": "TIMESTAMP_ASC"})
+    lines = [log["message"] for log in logs.json() if log["message"].startswith("embedding part-00000")]
+    passages = pq.read_metadata(next((tmp_path / "store" / "versions").glob("*/passages/part-00000.parquet"))).num_rows
+    assert len(lines) == -(-passages // 4) > 1  # one report per batch of 4
+    assert re.search(r"embedding part-00000\.parquet: 4/\d+ passages \(\d+%\), [\d,]+ passages/s, \S+ left", lines[0])
+    assert lines[-1].startswith(f"embedding part-00000.parquet: {passages}/{passages} passages (100%)")
 
 
 def _data_files(store: IndexStore, version: str) -> dict[str, bytes]:

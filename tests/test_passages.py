@@ -189,7 +189,7 @@ def test_gensim_excerpt_end_to_end(gensim_excerpt, tmp_path):
     articles = summary["articles"]
     assert articles["seen"] == 206 and articles["skipped"]["redirect"] > 50
     assert articles["kept"] + sum(articles["skipped"].values()) == articles["seen"]
-    assert summary["passages"] > 1000 and summary["source"]["dump_date"] == "00000000"
+    assert summary["passages"] > 1000 and summary["source"]["dump_date"] == "20160501"
     first = pq.read_table(tmp_path / "out" / "part-00000.parquet").slice(0, 1).to_pylist()[0]
     assert (first["row_id"], first["passage_id"], first["title"]) == (0, "12_0", "Anarchism")
     assert len(first["text"].split()) == 100
