@@ -79,6 +79,12 @@ def refresh(
     incremental: bool = typer.Option(
         False, "--incremental", help="Apply the finished adds-changes days to CURRENT as one delta version."
     ),
+    live: bool = typer.Option(
+        False, "--live", help="Apply the EventStreams changes since CURRENT's stream position as one delta version."
+    ),
+    streams: str = typer.Option(None, "--streams", help="EventStreams base URL (default: RAGINDEX_STREAMS_URL)."),
+    api: str = typer.Option(None, "--api", help="The wiki's Action API URL (default: RAGINDEX_API_URL, else the "
+                            "wiki's own api.php)."),
     store: StoreOption = None,
     encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
     encoder_kind: str = typer.Option(None, help="dpr or mean."),
@@ -118,8 +124,8 @@ def refresh(
 
     if source and date == "latest":
         raise typer.BadParameter("with --source, --date names the dump's date (YYYYMMDD), not 'latest'")
-    if full and incremental:
-        raise typer.BadParameter("give either --full or --incremental, not both")
+    if sum((full, incremental, live)) > 1:
+        raise typer.BadParameter("give one of --full, --incremental and --live")
     load_settings()  # a bad RAGINDEX_* value fails here, before a Prefect server starts
     quiet_prefect_console()
     from flows.refresh import refresh_index
@@ -131,7 +137,8 @@ def refresh(
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
         promote=not no_promote, allow_older=allow_older, resume=resume, precision=precision, compile=compile_,
         task_runner=task_runner, ray_address=ray_address, mirror=mirror,
-        mode="full" if full else "incremental" if incremental else "auto",
+        mode="full" if full else "incremental" if incremental else "live" if live else "auto",
+        streams_url=streams, api_url=api,
     )
     shown = ("status", "mode", "version", "current", "reason", "counts")
     typer.echo(json.dumps({k: outcome[k] for k in shown}, indent=2))

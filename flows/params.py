@@ -34,6 +34,9 @@ class RefreshParams(BaseModel):
     s3_endpoint_url: str | None = None
     mirror: str
     user_agent: str
+    streams_url: str = "https://stream.wikimedia.org"
+    api_url: str | None = None  # None: the wiki's own (`action_api_url`)
+    stream_idle_s: float = Field(5.0, gt=0)
     encoder: str
     encoder_kind: Literal["dpr", "mean"]
     normalize: bool | None = None  # None: the model's own sentence-transformers config, else off
@@ -66,7 +69,8 @@ class RefreshParams(BaseModel):
     compact_segments: int = Field(32, ge=1)  # RAGINDEX_COMPACT_SEGMENTS; not a flow parameter
     compact_tombstone_share: float = Field(0.2, gt=0, le=1)  # RAGINDEX_COMPACT_TOMBSTONE_SHARE; likewise
     # auto: a newer full dump -> full build, else the finished adds-changes days -> a delta, else up to date.
-    mode: Literal["auto", "full", "incremental"] = "auto"
+    # live: the EventStreams changes since the serving lineage's stream position -> one delta (a micro-delta).
+    mode: Literal["auto", "full", "incremental", "live"] = "auto"
 
     @classmethod
     def from_flow(cls, settings: Settings, **given: Any) -> RefreshParams:
@@ -76,6 +80,9 @@ class RefreshParams(BaseModel):
             "dump_date": settings.dump_date,
             "store_url": settings.store_url,
             "mirror": settings.mirror,
+            "streams_url": settings.streams_url,
+            "api_url": settings.api_url,
+            "stream_idle_s": settings.stream_idle_s,
             "encoder": settings.encoder,
             "encoder_kind": settings.encoder_kind,
             "question_encoder": settings.question_encoder,
@@ -144,6 +151,14 @@ class RefreshParams(BaseModel):
         return self
 
     # -- what the flow builds from them ------------------------------------------------------------
+
+    @property
+    def action_api_url(self) -> str:
+        """RAGINDEX_API_URL, else the wiki's own api.php (`enwiki` -> https://en.wikipedia.org/w/api.php)."""
+        if self.api_url:
+            return self.api_url
+        language = self.wiki.removesuffix("wiki").replace("_", "-")
+        return f"https://{language}.wikipedia.org/w/api.php"
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -32,6 +32,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.params import RefreshParams
 from flows.refresh_delta import ModePlan, catch_up, choose_mode, current_version, held_outcome, run_delta
+from flows.refresh_live import run_live
 from flows.refresh_tasks import (
     CODE_VERSION,
     EmbedProgress,
@@ -60,6 +61,7 @@ from storage.records import EmbeddedShard, EmbeddingSidecar, PassagesSummary
 from storage.store import IndexStore
 from storage.timing import timed
 from tasks import download, embed, passages
+from tasks.newer_states import keep_newer_states
 from tasks.promote import owed_promote
 from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
 
@@ -97,12 +99,16 @@ def refresh_index(
     compile: bool = False,
     max_workers: int | None = None,
     mode: str = "auto",
+    streams_url: str | None = None,
+    api_url: str | None = None,
 ) -> dict:
     """Refresh the index from a Wikipedia dump; promote the new version if it validates.
 
     `mode` auto (the nightly run): a full dump newer than the serving lineage's base is built in
     full; otherwise the finished adds-changes days after the lineage's watermark become one delta
-    version; otherwise the run is up to date. `full` / `incremental` force one of the two.
+    version; otherwise the run is up to date. `full` / `incremental` force one of the two. `live` applies
+    the EventStreams changes since the serving lineage's stream position as one micro-delta
+    (`flows.refresh_live`; `streams_url` / `api_url` default to RAGINDEX_STREAMS_URL / RAGINDEX_API_URL).
 
     While a rollback hold is active (any rollback makes one), the run promotes nothing: the content rolled
     back from is not built again (status `held`), new content is built and validated and kept unpromoted
@@ -165,7 +171,9 @@ def _build_version(p: RefreshParams, steps: FlowSteps) -> RefreshOutcome:
     with timed(steps.timings, "total_s"):
         with steps("resolve"):
             plan = choose_mode(p, store)
-        if plan.mode != "full":
+        if plan.mode == "live":
+            outcome = run_live(p, steps, store, plan)
+        elif plan.mode != "full":
             outcome = run_delta(p, steps, store, plan)
         else:
             with steps("resolve"):
@@ -252,7 +260,11 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
             unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, work_dir),
                                    lambda i: parse(i, refresh=True))
             passages_at = store.at(version_id, layout.PASSAGES_DIR)
-            summary = PassagesSummary.load(assemble_task(unit_results, passages_at, ref, p), "passages summary")
+            # Never backwards: what CURRENT's lineage (live runs, nightly days) knows past this dump wins.
+            current = store.current()
+            newer = keep_newer_states(store, store.manifest(current.version) if current else None, ref.wiki,
+                                      unit_results, work_dir)
+            summary = PassagesSummary.load(assemble_task(newer.records, passages_at, ref, p), "passages summary")
 
         # embed: one cached task per shard (or one Ray Data job), reusing vectors of unchanged passages
         with steps("embed"):
@@ -304,6 +316,8 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
         "shards": len(shard_records),
         "shards_resumed": len(shard_records) - len(fresh),
         "encoded_this_run": sum(r.encoded for r in fresh if not r.skipped),
+        "kept_newer_pages": newer.kept_newer,
+        "kept_removed_pages": newer.kept_removed,
     }
     outcome = RefreshOutcome.from_manifest(manifest, counts=counts, dump=ref.source().model_dump())
     if outcome.status == "built" and p.promote:

@@ -37,7 +37,7 @@ from tasks.promote import held_reason, owed_promote
 
 @dataclass
 class ModePlan:
-    mode: Literal["full", "delta", "up-to-date"]
+    mode: Literal["full", "delta", "live", "up-to-date"]
     reason: str
     parent: Manifest | None = None
     chain: IncrChain | None = None
@@ -57,11 +57,15 @@ def choose_mode(p: RefreshParams, store: IndexStore) -> ModePlan:
 def _choose(p: RefreshParams, store: IndexStore, pointer: Pointer | None) -> ModePlan:
     named = bool(p.source) or p.dump_date != "latest"
     if named or p.mode == "full":
-        if p.mode == "incremental":
-            raise Rejected("--incremental applies a mirror's adds-changes days to CURRENT: "
-                           "it cannot be combined with --source or --date")
+        if p.mode in ("incremental", "live"):
+            raise Rejected(f"--{p.mode} applies changes to CURRENT: it cannot be combined with --source, --date "
+                           "or --full")
         return ModePlan("full", "a dump was named" if named else "a full build was asked for")
     parent = store.manifest(pointer.version) if pointer else None
+    if p.mode == "live":
+        if parent is None or parent.source.wiki != p.wiki:
+            raise Rejected(f"nothing of {p.wiki} is serving yet: a live run needs a full build to start from")
+        return ModePlan("live", f"the live changes after {parent.effective_lineage.describe()}", parent=parent)
     if parent is None or parent.source.wiki != p.wiki:
         if p.mode == "incremental":
             raise Rejected(f"nothing of {p.wiki} is serving yet: a delta needs a full build to start from")
@@ -140,7 +144,8 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     days = plan.chain.days
     lineage = parent.effective_lineage
     # Same base, same days (by maxrevid): the same content, whichever parent or id it was built under.
-    content = Content.delta(lineage.base_version, [(d.date, d.maxrevid) for d in [*lineage.days, *days]])
+    content = Content.delta(lineage.base_version, [(d.date, d.maxrevid) for d in [*lineage.days, *days]],
+                            stream=lineage.content.stream)
     dates = ", ".join(d.date for d in [*lineage.days, *days])
     held = held_outcome(store, content, f"the days {dates} on {lineage.base_version} (not built again)",
                         mode="delta")
@@ -148,7 +153,7 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
         return held
     existing = store.ready_with(content)
     if existing is not None:
-        return _existing_delta(p, store, existing, plan)
+        return existing_delta(p, store, existing, plan)
     with steps("download"):
         files = [store.location.reach(download_day_task(day, p)) for day in days]
     try:
@@ -160,13 +165,18 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     except NothingToApply as exc:  # an up-to-date night, not a failure
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())
-    outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
+    return promote_built(p, steps, store, plan, RefreshOutcome.from_manifest(manifest, reason=plan.reason),
+                         f"refresh-index: {p.wiki} delta {plan.reason}")
+
+
+def promote_built(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan, outcome: RefreshOutcome,
+                  why: str) -> RefreshOutcome:
+    """Promote a delta that validated (unless promote=false), swapping on the generation the run planned from."""
     if outcome.status == "built" and p.promote:
         with steps("promote"):
-            outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",
-                                        planned_generation=plan.generation))
-        if outcome.status == "promoted":
-            outcome.compaction = compact_if_due(p, store, manifest)
+            outcome.settle(promote_task(outcome.version, p, reason=why, planned_generation=plan.generation))
+        if outcome.status == "promoted":  # nightly and live deltas alike: compact the lineage when it is due
+            outcome.compaction = compact_if_due(p, store, store.manifest(outcome.version))
     outcome.current = current_version(store)
     return outcome
 
@@ -196,11 +206,11 @@ def compact_if_due(p: RefreshParams, store: IndexStore, delta: Manifest) -> dict
             "tombstones_dropped": compacted.counts["tombstones_dropped"], "timings": steps.timings}
 
 
-def _existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:
+def existing_delta(p: RefreshParams, store: IndexStore, existing: Manifest, plan: ModePlan) -> RefreshOutcome:
     """The same rule as a full build that finds its dump already built (`promote_unfinished`): promote a
     delta still owed its promote; never re-promote one CURRENT was moved away from on purpose (unless the
     operator released the rollback's hold)."""
-    holds = f"version {existing.version} already applies these days to {existing.effective_lineage.base_version}"
+    holds = f"version {existing.version} already holds this content ({existing.effective_lineage.describe()})"
     lineage = existing.lineage.model_dump() if existing.lineage else None
     if p.promote and owed_promote(store, existing.version):
         done = promote_task(existing.version, p, reason=f"refresh-index: {p.wiki} delta, unfinished promote",

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     store_url: str = "./var/ragindex"
     s3_endpoint_url: str | None = None
     mirror: str = "https://dumps.wikimedia.org"
+    # The live path (refresh --live): Wikimedia EventStreams, and the wiki's Action API (default: derived from
+    # the wiki's name, enwiki -> https://en.wikipedia.org/w/api.php). A stream quiet this long has caught up.
+    streams_url: str = "https://stream.wikimedia.org"
+    api_url: str | None = None
+    stream_idle_s: float = Field(5.0, gt=0)
     user_agent: str = USER_AGENT
     wiki: str = "enwiki"
     dump_date: str = "latest"

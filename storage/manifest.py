@@ -106,12 +106,22 @@ class AppliedDay(BaseModel):
     md5: str
 
 
+class StreamPosition(BaseModel):
+    """How far a lineage has applied the live streams (EventStreams): the SSE id of the last event read, a
+    JSON list of {topic, partition, offset | timestamp} that resumes the next read as `Last-Event-ID`."""
+
+    last_event_id: str
+    newest_event: str  # meta.dt of the newest event read, ISO-8601 UTC
+
+
 class Lineage(BaseModel):
-    """Where a version's knowledge comes from: a full dump, then the adds-changes days applied since."""
+    """Where a version's knowledge comes from: a full dump, then the adds-changes days applied since, and
+    the live streams up to `stream` (carried forward by every later delta of the lineage)."""
 
     base_version: str  # the full version the chain of deltas starts at
     base_dump: str  # that version's dump date
     days: list[AppliedDay] = Field(default_factory=list)  # every day applied since the base, in order
+    stream: StreamPosition | None = None
 
     @property
     def watermark(self) -> str:
@@ -120,16 +130,25 @@ class Lineage(BaseModel):
 
     def describe(self) -> str:
         """`dump 20240101`, or `dump 20240101 + 2 days to 20240104`: what the lineage knows, in words."""
+        live = f" + live to {self.stream.newest_event}" if self.stream else ""
         if not self.days:
-            return f"dump {self.base_dump}"
-        return f"dump {self.base_dump} + {len(self.days)} day{'s' if len(self.days) != 1 else ''} to {self.watermark}"
+            return f"dump {self.base_dump}{live}"
+        return (f"dump {self.base_dump} + {len(self.days)} day{'s' if len(self.days) != 1 else ''} to "
+                f"{self.watermark}{live}")
+
+    @property
+    def content(self) -> Content:
+        """What a delta of this lineage knows (see `Content`)."""
+        return Content.delta(self.base_version, [(d.date, d.maxrevid) for d in self.days],
+                             stream=self.stream.last_event_id if self.stream else None)
 
 
 class Content(BaseModel):
     """What a version knows, whatever its id: two versions with equal Content serve the same knowledge.
 
     A delta: its lineage's base version and the adds-changes days applied to it, each by date and
-    maxrevid (the base pins the dump, the encoder and the index spec). A full version: the sha1 of
+    maxrevid (the base pins the dump, the encoder and the index spec), and the live streams' position it
+    applied. A full version: the sha1 of
     each of its dump's files, its encoder fingerprint key and its index spec. This is how a run
     recognises content it already built (and must not build again), or that a rollback holds.
     """
@@ -138,6 +157,7 @@ class Content(BaseModel):
 
     base_version: str | None = None
     days: tuple[tuple[str, int], ...] = ()
+    stream: str | None = None  # a delta's live stream position (the SSE id it applied up to)
     dump_sha1: tuple[str, ...] = ()
     encoder_key: str | None = None
     index_spec: str | None = None
@@ -147,8 +167,8 @@ class Content(BaseModel):
         return cls(dump_sha1=tuple(sorted(dump_sha1)), encoder_key=encoder_key, index_spec=index_spec)
 
     @classmethod
-    def delta(cls, base_version: str, days: Iterable[tuple[str, int]]) -> Content:
-        return cls(base_version=base_version, days=tuple(days))
+    def delta(cls, base_version: str, days: Iterable[tuple[str, int]], stream: str | None = None) -> Content:
+        return cls(base_version=base_version, days=tuple(days), stream=stream)
 
 
 class Manifest(BaseModel):
@@ -199,7 +219,7 @@ class Manifest(BaseModel):
     @property
     def content(self) -> Content:
         if self.lineage is not None:  # a delta, or a compaction of one: the knowledge of its lineage
-            return Content.delta(self.lineage.base_version, [(d.date, d.maxrevid) for d in self.lineage.days])
+            return self.lineage.content
         return Content.full([f.sha1 or "" for f in self.source.files], self.encoder.key, self.index.spec)
 
     def as_segment(self, manifest_sha256: str) -> SegmentRef:

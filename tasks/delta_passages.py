@@ -8,7 +8,10 @@ only if its id is above the revision the parent serves, so overlapping windows c
 - added: the parent serves no passages of it and it now has some;
 - changed: same title, new text; moved: new title (the title is part of what is embedded);
 - redirected / emptied: it now has no passages (a redirect, a disambiguation page, no text left,
-  or moved out of the main namespace): the parent's rows of it are dropped and nothing replaces them.
+  or moved out of the main namespace): the parent's rows of it are dropped and nothing replaces them;
+- removed (the live path, `Revisions.removed`): deleted, moved out of the main namespace, or its text
+  hidden: the parent's rows of it are dropped. Each is recorded with its revision id, so a later delta
+  (or full build) does not bring back a revision the lineage has seen deleted (`ParentPage.removed`).
 Pages are cleaned and chunked by `tasks.passages.clean_and_chunk`, the code a full build runs, so
 the same text gives the same passage ids and content hashes (and its vector is reused, not encoded).
 """
@@ -44,12 +47,24 @@ class ParentPage:
 
     rev_id: int
     title: str
+    removed: bool = False  # the lineage removed the page at `rev_id` (and serves none of it)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A page that is gone at `rev_id`: it is dropped where the parent serves that revision or an older one
+    (`exact`: only that very revision, as for a hidden revision's text)."""
+
+    rev_id: int
+    reason: str
+    exact: bool = False
 
 
 @dataclass
 class Revisions:
     pages: dict[int, Page]  # page id -> its newest revision across the days (text dropped outside ns 0)
     revisions_seen: int = 0  # <revision> elements read, all namespaces
+    removed: dict[int, Removal] = field(default_factory=dict)  # page id -> why it is gone (live path)
 
 
 @dataclass
@@ -63,6 +78,7 @@ class DeltaPlan:
     moved: list[list[Any]] = field(default_factory=list)  # [page_id, "old title → new title"]
     redirected: list[list[Any]] = field(default_factory=list)
     emptied: list[list[Any]] = field(default_factory=list)  # [page_id, "title (reason)"]
+    removed: list[list[Any]] = field(default_factory=list)  # [page_id, rev_id, "title (reason)"]
     taken_down: list[list[Any]] = field(default_factory=list)  # [page_id, title]: denied pages the parent served
     denied: int = 0  # revisions of denied pages (storage.denylist) left out
     stale: int = 0  # revisions not newer than what the parent serves
@@ -98,14 +114,25 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
 
     `denied` pages (taken down: `storage.denylist`) gain no passages whatever the days hold, and the
     parent's rows of them are dropped (`parent_pages` must list the denied pages the parent serves).
-    Writes nothing when no page gains passages (the plan may still drop pages)."""
+    Writes nothing when no page gains passages (the plan may still drop pages: a delta with no rows of
+    its own, `tasks.empty_rows`)."""
     options = options or CleanOptions.for_wiki(source.wiki)
     plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
+    skipped: Counter[str] = Counter()
+    fresh: list[Page] = []
     for page_id in sorted(set(denied) & parent_pages.keys()):
         plan.drop_page_ids.append(page_id)
         plan.taken_down.append([page_id, parent_pages[page_id].title])
-    skipped: Counter[str] = Counter()
-    fresh: list[Page] = []
+    for page_id in sorted(revisions.removed):
+        gone, held = revisions.removed[page_id], parent_pages.get(page_id)
+        if held is None or held.removed or page_id in denied:
+            continue  # nothing of it is served
+        if held.rev_id == gone.rev_id or (not gone.exact and held.rev_id < gone.rev_id):
+            plan.drop_page_ids.append(page_id)
+            plan.removed.append([page_id, gone.rev_id, f"{held.title} ({gone.reason})"])
+        else:
+            plan.stale += 1
+    parent_pages = {k: v for k, v in parent_pages.items() if k not in set(plan.drop_page_ids)}
     for page_id in sorted(revisions.pages):
         page = revisions.pages[page_id]
         held = parent_pages.get(page_id)
@@ -113,10 +140,12 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
             plan.denied += 1
         elif held is not None and page.rev_id <= held.rev_id:
             plan.stale += 1
-        elif page.ns != 0 and held is None:
+        elif page.ns != 0 and (held is None or held.removed):
             plan.ignored_namespace += 1
         else:
             fresh.append(page)
+    # A page the lineage removed is, for what follows, a page the parent does not serve.
+    parent_pages = {k: v for k, v in parent_pages.items() if not v.removed}
 
     work = tempfile.mkdtemp(prefix="ragindex-delta-")
     try:
@@ -150,7 +179,7 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
             else:
                 plan.changed.append([page.page_id, page.title])
         plan.skipped = dict(sorted(skipped.items()))
-        if plan.passages:
+        if plan.passages:  # a removal alone is a delta with no rows of its own
             pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), unit_path, compression="zstd")
             record = UnitRecord(
                 unit={"ordinal": 0, "url": source.location, "start": None, "end": None},

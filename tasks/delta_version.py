@@ -40,7 +40,7 @@ from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
-from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
+from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.empty_rows import write_empty_rows
 from tasks.incr_dumps import IncrDay
@@ -87,44 +87,67 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
     serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
+    steps = steps or DeltaSteps()
+    parent, ancestors = checked_parent(store, parent_id, spec)
+    revisions = steps.run("parse_days", newest_revisions, list(files))
+    last = days[-1]
+    source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
+                        files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
+    lineage = parent.effective_lineage
+    applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "") for d in days]
+    return apply_revisions(store, parent, ancestors, revisions, source,
+                           lineage.model_copy(update={"days": [*lineage.days, *applied]}),
+                           window=f"the days {days[0].date}..{days[-1].date}", spec=spec, floors=floors,
+                           canaries=canaries, question_encoder=question_encoder, batch_size=batch_size,
+                           precision=precision, shard_rows=shard_rows, progress=progress, on_progress=on_progress,
+                           progress_every_s=progress_every_s, steps=steps)
+
+
+def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tuple[Manifest, list[Manifest]]:
+    """The parent (ready, same encoder) and its lineage's manifests, each checked, the parent last."""
     from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
 
-    steps = steps or DeltaSteps()
     parent = store.manifest(parent_id)
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     if fingerprint_of(spec).key != parent.encoder.key:
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
-    ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
+    return parent, lineage_manifests(store, parent)
+
+
+def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifest], revisions: Revisions,
+                    source: SourceDump, lineage: Lineage, *, window: str, spec: EncoderSpec,
+                    floors: ValidationFloors | None = None, canaries: str | None = None, question_encoder=None,
+                    batch_size: int = 64, precision: str = "auto", shard_rows: int = layout.DEFAULT_SHARD_ROWS,
+                    progress: bool = True, on_progress: Callable[[Progress], None] | None = None,
+                    progress_every_s: float = 10.0, steps: DeltaSteps | None = None) -> Manifest:
+    """The delta of `revisions` (pages' newest revisions, and pages removed) on `parent`, whatever read them
+    (adds-changes days, or the live streams): passages, tombstones, embed, build, validate, commit.
+    `lineage` is the new version's (what it knows). `NothingToApply` when nothing the parent serves changes.
+    Pages taken down (`storage.denylist`) gain nothing, and the parent's rows of them are dropped."""
+    steps = steps or DeltaSteps()
     denied = denied_page_ids(store, parent.source.wiki)
-    revisions = steps.run("parse_days", newest_revisions, list(files))
     # The parent's rows of denied pages are looked up too: a parent from before a takedown (rolled back
     # to) may still serve one, and this delta must not.
-    tombstones, held = steps.run("parent_pages", parent_rows, store, parent, set(revisions.pages) | denied)
-    last = days[-1]
-    version_id = store.begin_version(parent.source.wiki, last.date)
+    touched = set(revisions.pages) | set(revisions.removed) | denied
+    tombstones, held = steps.run("parent_pages", parent_rows, store, parent, touched, ancestors)
+    version_id = store.begin_version(parent.source.wiki, source.dump_date)
     with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
-        source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
-                            files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
         plan = steps.run("passages", write_delta_passages, revisions, held.pages,
                          store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
                          shard_rows=shard_rows, denied=denied)
-        _check_applies(plan, days, parent_id)
+        _check_applies(plan, window, parent.version)
         if plan.passages:
             steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
                       precision=precision, progress=progress, on_progress=on_progress,
                       progress_every_s=progress_every_s)
-        else:  # the days only remove pages: nothing to embed
+        else:  # only removals: a delta with no rows of its own
             write_empty_rows(store, version_id, parent, source, plan.skipped)
-        lineage = parent.effective_lineage
-        applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
-                   for d in days]
         return publish_delta(
             store, version_id, parent, ancestors, np.union1d(tombstones, held.rows_of(plan.drop_page_ids)),
-            new_rows=plan.passages, lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}),
-            changes=plan.dump(), steps=steps, floors=floors, canaries=canaries, question_encoder=question_encoder,
-            progress=progress)
+            new_rows=plan.passages, lineage=lineage, changes=plan.dump(), steps=steps, floors=floors,
+            canaries=canaries, question_encoder=question_encoder, progress=progress)
 
 
 def publish_delta(store: IndexStore, version_id: str, parent: Manifest, ancestors: list[Manifest],
@@ -155,15 +178,16 @@ def publish_delta(store: IndexStore, version_id: str, parent: Manifest, ancestor
     return steps.run("validate", draft_and_validate)
 
 
-def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:
-    window = f"{days[0].date}..{days[-1].date}"
+def _check_applies(plan: DeltaPlan, window: str, parent_id: str) -> None:
     if not plan.passages and not plan.drop_page_ids:
-        raise NothingToApply(f"the days {window} change nothing {parent_id} serves")
+        raise NothingToApply(f"{window} change nothing {parent_id} serves")
 
 
-def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, ParentRows]:
+def parent_rows(store: IndexStore, parent: Manifest, touched: set[int],
+                ancestors: list[Manifest] | None = None) -> tuple[np.ndarray, ParentRows]:
     """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
-    and their row ids."""
+    and their row ids; a touched page the lineage (`ancestors`, default the parent's) removed and serves no
+    more is listed as removed at the revision it was removed at."""
     pins = FileCache.for_store(store.url).pins()
     try:
         tombstones = read_tombstones(pins, store, parent)
@@ -181,7 +205,23 @@ def parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple
             # Later segments hold later revisions of a page: the last seen is what the parent serves.
             pages[page] = ParentPage(rev_id=int(table.column("rev_id")[i].as_py()),
                                      title=table.column("title")[i].as_py())
+    for page, (rev_id, title) in lineage_removals(ancestors or lineage_manifests(store, parent)).items():
+        if page in touched and page not in pages:
+            pages[page] = ParentPage(rev_id=rev_id, title=title, removed=True)
     return tombstones, ParentRows(pages=pages, rows=rows)
+
+
+def lineage_removals(manifests: Sequence[Manifest]) -> dict[int, tuple[int, str]]:
+    """page id -> (revision id, title) of every page the lineage (`manifests`, oldest first) removed and did
+    not serve again: what must not come back with an older revision."""
+    removed: dict[int, tuple[int, str]] = {}
+    for manifest in manifests:
+        changes = manifest.changes or {}
+        for page_id, *_ in [*changes.get("added", []), *changes.get("changed", []), *changes.get("moved", [])]:
+            removed.pop(int(page_id), None)
+        for page_id, rev_id, title in changes.get("removed", []):
+            removed[int(page_id)] = (int(rev_id), str(title))
+    return removed
 
 
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,

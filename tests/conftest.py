@@ -14,4 +14,6 @@ pytest_plugins = [
     "tests.fixtures.versions",
     "tests.fixtures.rag",
     "tests.fixtures.prefect",
+    "tests.fixtures.eventstreams",
+    "tests.fixtures.action_api",
 ]
