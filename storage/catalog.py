@@ -23,7 +23,7 @@ from storage.store import CorruptVersion, IndexStore
 class LineageSummary:
     """Where a version's rows come from: a full build of one dump, or a delta over its segments."""
 
-    mode: str  # full / delta / takedown (a delta whose only change is tombstoning pages taken down)
+    mode: str  # full / delta / takedown (a delta whose only change is tombstoning pages taken down) / compaction
     parent: str | None  # a delta's parent; for a full build, the version whose vectors it reused
     base_dump: str  # the full dump the lineage started from (a full build's own dump)
     days: tuple[str, ...]  # the adds-changes days applied on top of base_dump, oldest first

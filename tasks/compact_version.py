@@ -42,6 +42,7 @@ from tasks.validate import ValidationFloors
 
 DEFAULT_MAX_SEGMENTS = 32
 DEFAULT_MAX_TOMBSTONE_SHARE = 0.2
+DEFAULT_MIN_TOMBSTONES = 10_000
 
 
 class NothingToCompact(Rejected):
@@ -51,10 +52,12 @@ class NothingToCompact(Rejected):
 @dataclass(frozen=True)
 class CompactionPolicy:
     """When a lineage is due: more than `max_segments` segments, or more than `max_tombstone_share` of the
-    rows its segments hold are tombstoned (searched, then thrown away)."""
+    rows its segments hold are tombstoned (searched, then thrown away) and at least `min_tombstones` of
+    them (a merge costs a copy of every live row: a few hundred dead rows are cheaper to filter)."""
 
     max_segments: int = DEFAULT_MAX_SEGMENTS
     max_tombstone_share: float = DEFAULT_MAX_TOMBSTONE_SHARE
+    min_tombstones: int = DEFAULT_MIN_TOMBSTONES
 
     def due(self, manifest: Manifest) -> str | None:
         """Why `manifest` should be compacted, or None."""
@@ -63,9 +66,9 @@ class CompactionPolicy:
         segments = len(manifest.segments) + 1
         if segments > self.max_segments:
             return f"{segments} segments (budget {self.max_segments})"
-        held = manifest.counts.get("tombstones", 0) + manifest.live_passages
-        share = manifest.counts.get("tombstones", 0) / held if held else 0.0
-        if share > self.max_tombstone_share:
+        tombstones = manifest.counts.get("tombstones", 0)
+        share = tombstones / (tombstones + manifest.live_passages) if tombstones else 0.0
+        if share > self.max_tombstone_share and tombstones >= self.min_tombstones:
             return f"{share:.0%} of its rows are tombstoned (budget {self.max_tombstone_share:.0%})"
         return None
 

@@ -158,11 +158,12 @@ def _manifest_with(segments: int, tombstones: int, live: int) -> Manifest:
 
 
 def test_the_policy_says_when_a_lineage_is_due():
-    policy = CompactionPolicy(max_segments=32, max_tombstone_share=0.2)
+    policy = CompactionPolicy(max_segments=32, max_tombstone_share=0.2, min_tombstones=21)
     assert policy.due(_manifest_with(32, 0, 100)) is None
     assert "33 segments (budget 32)" in policy.due(_manifest_with(33, 0, 100))
     assert policy.due(_manifest_with(3, 20, 80)) is None
     assert "21% of its rows are tombstoned" in policy.due(_manifest_with(3, 21, 79))
+    assert CompactionPolicy(min_tombstones=22).due(_manifest_with(3, 21, 79)) is None  # too few to be worth it
 
 
 @pytest.mark.parametrize("store_backend", ["local"], indirect=True)
