@@ -155,6 +155,8 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())
     outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
+    # A shard a killed run already embedded is skipped and counts 0 in the summary: `encoded` is this run's.
+    outcome.counts["encoded_this_run"] = manifest.counts.get("encoded", 0)
     if outcome.status == "built" and p.promote:
         with steps("promote"):
             outcome.settle(promote_task(manifest.version, p, reason=f"refresh-index: {p.wiki} delta {plan.reason}",

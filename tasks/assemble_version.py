@@ -172,9 +172,16 @@ def reconciled_deletions(store, version_id: str) -> int | None:
 def staged_build(store, version_id: str, owner: str) -> Iterator[None]:
     """Build a staged version under the store's build lock; a failure before its commit removes the
     staging area (a kill leaves it to gc)."""
+    with removed_on_failure(store, version_id), store.build_lock(owner=owner):
+        yield
+
+
+@contextlib.contextmanager
+def removed_on_failure(store, version_id: str) -> Iterator[None]:
+    """A failure before the staged version's commit removes its staging area; a kill leaves it (to be
+    resumed, or to gc)."""
     try:
-        with store.build_lock(owner=owner):
-            yield
+        yield
     except BaseException:
         if not store.has_version(version_id):
             with contextlib.suppress(FileNotFoundError):

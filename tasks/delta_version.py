@@ -20,7 +20,9 @@ the refresh flow hands in one that also makes each step a Prefect task (`flows.r
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,12 +36,12 @@ from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import atomic_write
 from storage.location import Location
-from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
+from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SegmentRef, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
 from tasks import embed
-from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
+from tasks.assemble_version import draft_manifest, removed_on_failure, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.incr_dumps import IncrDay
@@ -87,36 +89,50 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     revisions = steps.run("parse_days", newest_revisions, list(files))
     tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
     last = days[-1]
-    version_id = store.begin_version(parent.source.wiki, last.date)
-    with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
-        source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
-                            files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
-        plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
-                         store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
-                         shard_rows=shard_rows)
-        _check_applies(plan, days, parent_id)
-        dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
-        all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
-        _write_tombstones(store, version_id, all_tombstones)
-        steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
-                  progress=progress)
-        info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
+    parent_pin = pin_segment(store, parent)
+    build_key = delta_build_key(parent_pin, days, parent.encoder.key, shard_rows)
+    with store.build_lock(owner=f"refresh-index:delta:{build_key[:12]}"):
+        # Under the lock: a killed run's staging version is resumed by one run only.
+        version_id, _ = store.resume_or_begin(parent.source.wiki, last.date, build_key)
+        with removed_on_failure(store, version_id):
+            source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
+                                files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
+            plan = steps.run("passages", write_delta_passages, revisions, parent_rows.pages,
+                             store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
+                             shard_rows=shard_rows)
+            _check_applies(plan, days, parent_id)
+            dropped = [r for page in plan.drop_page_ids for r in parent_rows.rows.get(page, [])]
+            all_tombstones = np.union1d(tombstones, np.asarray(dropped, dtype=np.int64)).astype(np.int64)
+            _write_tombstones(store, version_id, all_tombstones)
+            steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size, precision=precision,
+                      progress=progress)
+            info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
 
-        def draft_and_validate() -> Manifest:
-            lineage = parent.effective_lineage
-            applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
-                       for d in days]
-            ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
-            manifest = draft_manifest(
-                store, version_id, index=info, timings=steps.timings, parent=parent_id,
-                counts={"tombstones": int(len(all_tombstones)),
-                        "live_passages": ancestors_rows + plan.passages - int(len(all_tombstones))},
-                segments=[*parent.segments, pin_segment(store, parent)], first_row_id=parent.next_row_id,
-                lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}), changes=plan.dump())
-            return validate_and_commit(store, manifest, floors or ValidationFloors(), canaries=canaries,
-                                       question_encoder=question_encoder)
+            def draft_and_validate() -> Manifest:
+                lineage = parent.effective_lineage
+                applied = [AppliedDay(date=d.date, maxrevid=d.maxrevid, file=d.file.name, md5=d.file.md5 or "")
+                           for d in days]
+                ancestors_rows = sum(m.counts.get("passages", 0) for m in ancestors)
+                manifest = draft_manifest(
+                    store, version_id, index=info, timings=steps.timings, parent=parent_id,
+                    counts={"tombstones": int(len(all_tombstones)),
+                            "live_passages": ancestors_rows + plan.passages - int(len(all_tombstones))},
+                    segments=[*parent.segments, parent_pin], first_row_id=parent.next_row_id,
+                    lineage=lineage.model_copy(update={"days": [*lineage.days, *applied]}), changes=plan.dump())
+                return validate_and_commit(store, manifest, floors or ValidationFloors(), canaries=canaries,
+                                           question_encoder=question_encoder)
 
-        return steps.run("validate", draft_and_validate)
+            return steps.run("validate", draft_and_validate)
+
+
+def delta_build_key(parent: SegmentRef, days: Sequence[IncrDay], encoder_key: str, shard_rows: int) -> str:
+    """What a delta is built from: its parent (pinned by its manifest's sha256), the days' files, the
+    encoder and the shard size. A re-run of a killed delta with the same key resumes its staging version:
+    the same id, the passages written again to the same bytes, the vectors already embedded kept."""
+    blob = json.dumps({"kind": "delta", "parent": parent.version, "parent_manifest": parent.manifest_sha256,
+                       "days": [[d.date, d.maxrevid, d.file.name, d.file.md5] for d in days],
+                       "encoder": encoder_key, "shard_rows": shard_rows}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:
