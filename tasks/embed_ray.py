@@ -2,9 +2,9 @@
 
 The driver (`ragindex embed`, or the refresh flow's one embed task) first does per shard what the local
 path does (`tasks.embed.prepare_shard`): a shard whose .npy + sidecar already verify is skipped, and the
-vectors of unchanged passages are copied by content hash. What is left becomes one Dataset: the passage
-shards still to do, read by Ray (`read_parquet`), cut down to the rows that need encoding, grouped by
-shard and handed to `ShardEncoder`, a callable class run by an actor pool: the encoder is loaded once per
+vectors of unchanged passages are copied by content hash. What is left becomes one Dataset: the row ids of the
+passage shards still to do, read by Ray (`read_parquet`), cut down to the rows that need encoding, grouped
+by shard and handed to `ShardEncoder`, a callable class run by an actor pool: the encoder is loaded once per
 actor, one GPU per actor on a cluster that has GPUs, one CPU per actor otherwise.
 
 A shard reaches the encoder whole and in row order (`groupby("shard").map_groups`, not fixed-size
@@ -17,7 +17,7 @@ that fails part way leaves every finished shard to be skipped by the next run.
 Reused vectors of a partly reused shard wait for its actor in `<out>/_ray/` (in the store, so an actor on
 another node can read them); the directory is removed when the job ends.
 
-Nothing the driver hands an actor through files is trusted on arrival: the plan carries the sha256 of the
+Nothing the driver hands an actor through files is trusted unchecked: the plan carries the sha256 of the
 passage shard the driver planned from and of the vectors it staged (recorded as it wrote them), and the
 fingerprint key of the encoder (which covers the weights' sha256). The actor reads the passage shard
 itself and encodes the text of those verified bytes (Ray's read only says which rows), loads the staged

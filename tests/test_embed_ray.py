@@ -246,3 +246,48 @@ def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
     names = sorted(records)[1:]
     assert len(names) == len(shards) - 1 and all(records[n]["encoded"] == records[n]["rows"] for n in names)
     assert summary["encoded"] == summary["rows"] - first["rows"]
+
+
+@pytest.mark.slow
+def test_a_ray_refresh_whose_staged_vectors_change_fails_and_commits_nothing(prefect_api, mirror, tiny_dpr, tmp_path,
+                                                                             monkeypatch):
+    pytest.importorskip("prefect_ray")
+    pytest.importorskip("ray.data", reason="the embed step is a Ray Data job: needs ray[data] (pandas)")
+    from flows.refresh import StepFailed, refresh_index
+    from storage.store import IndexStore
+    from tasks import embed_ray
+    from tests.fixtures.mirror import Page, sample_pages
+
+    common = dict(wiki="enwiki", dump_date="latest", mirror=mirror.url, store_url=str(tmp_path / "store"),
+                  encoder=str(tiny_dpr.ctx_dir), encoder_kind="dpr", index_spec="flat", shard_rows=8,
+                  precision="fp32", allow_count_change=True)
+    pages = sample_pages(6)
+    mirror.add_run("enwiki", "20240101", pages)
+    first = refresh_index(**common)
+    assert first["status"] == "promoted"
+    last = pages[-1]
+    mirror.add_run("enwiki", "20240201", [*pages[:-1], Page(last.page_id, last.title, last.text + " edited",
+                                                              rev_id=last.revision + 1)])
+    staged: list[Path] = []
+    run_job = embed_ray._run_job
+
+    def change_staged_vectors_then_run(plans, *args, **kwargs):
+        # The seam between the driver staging the reused vectors and the actors reading them.
+        for plan in plans:
+            if plan.staged:
+                path = Path(embed_ray.staged_path(args[3].path, plan.name))
+                data = bytearray(path.read_bytes())
+                data[-3] ^= 0x40
+                path.write_bytes(bytes(data))
+                staged.append(path)
+        return run_job(plans, *args, **kwargs)
+
+    monkeypatch.setattr(embed_ray, "_run_job", change_staged_vectors_then_run)
+    with pytest.raises(StepFailed) as failed:
+        refresh_index(**common, task_runner="ray")
+    message = str(failed.value)
+    assert staged and "\n" not in message
+    assert f"staged vectors {staged[0]} changed after it was written" in message
+    store = IndexStore(common["store_url"])
+    assert [m.version for m in store.list_versions()] == [first["version"]]
+    assert store.current().version == first["version"]
