@@ -87,14 +87,19 @@ def _write_json(fs: Any, path: str, obj: dict) -> None:
 # -- reading a passage shard -----------------------------------------------------------------------
 
 
-def read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
-    """The shard's columns embedding needs, and the sha256 of the file as it was read."""
+def _read_hashed(fs: Any, path: str, missing: str) -> tuple[bytes, str]:
+    """A file's bytes and their sha256, read once (what is hashed is what is used); `EmbedError(missing)`."""
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise EmbedError(f"passage shard not found: {path}") from None
-    sha = hashlib.sha256(data).hexdigest()
+        raise EmbedError(missing) from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
+    """The shard's columns embedding needs, and the sha256 of the file as it was read."""
+    data, sha = _read_hashed(fs, path, f"passage shard not found: {path}")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -355,12 +360,7 @@ def save_npy(fs: Any, path: str, array: np.ndarray) -> str:
 def load_npy_verified(fs: Any, path: str, sha256: str, what: str) -> np.ndarray:
     """The .npy at `path`, read once and used only if its bytes hash to `sha256`, the digest its writer
     recorded: data handed from one process to another is checked on arrival (`EmbedError` naming the file)."""
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise EmbedError(f"{what} {path} is missing") from None
-    actual = hashlib.sha256(data).hexdigest()
+    data, actual = _read_hashed(fs, path, f"{what} {path} is missing")
     if actual != sha256:
         raise EmbedError(f"{what} {path} changed after it was written: sha256 {actual[:16]}…, "
                          f"its writer recorded {sha256[:16]}…")
