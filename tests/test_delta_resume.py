@@ -2,13 +2,13 @@
 process (its own session, its own temp directory) while it writes passages, again while it embeds, then run
 it once more: the same version id throughout, the shards the killed runs embedded are kept (fewer passages
 encoded), the version holds what an uninterrupted delta of the same days holds, and nothing is left in the
-temp directory or the store.
+temp directory or the store. On local disk and on the moto S3 server.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,28 +20,54 @@ from pathlib import Path
 import pytest
 
 from flows.refresh import refresh_index
+from flows.settings import load_settings
 from storage import layout
 from storage.store import IndexStore
 from tests.fixtures.history import HistPage, history_xml
 from tests.fixtures.incr_mirror import make_incr_day
 from tests.fixtures.mirror import sample_pages
-from tests.test_refresh_resume import _content, _leftovers
 
 WIKI = "enwiki"
-RUN_COUNTERS = ("encoded", "reused", "embed_s")  # what a run did, not what the version is
+SUMMARIES = (layout.PASSAGES_SUMMARY_PATH, layout.EMBEDDINGS_SUMMARY_PATH)
+RUN_COUNTERS = ("timings", "encoded", "reused", "skipped_shards", "embed_s")  # what a run did, not what it built
 
 
-def _staging(root: Path) -> list[Path]:
-    return [p for p in (root / "versions").glob("*")
-            if (p / layout.STAGING_MARKER).exists() and not (p / layout.MANIFEST).exists()]
+def _staging(store: IndexStore) -> list[str]:
+    store.fs.invalidate_cache()  # s3fs caches listings: the child's writes must be seen
+    return [v for v in store.version_ids() if store.is_staging(v)]
 
 
-def _writing_passages(root: Path) -> bool:
-    return any(list((p / layout.PASSAGES_DIR).glob("part-*.parquet")) for p in _staging(root))
+def _has(store: IndexStore, sub: str, pattern: str) -> bool:
+    return any(store.fs.glob(store.version_path(v, sub, pattern)) for v in _staging(store))
 
 
-def _embedded_a_shard(root: Path) -> bool:
-    return any(list((p / layout.EMBEDDINGS_DIR).glob("part-*.json")) for p in _staging(root))
+def _writing_passages(store: IndexStore) -> bool:
+    return _has(store, layout.PASSAGES_DIR, "part-*.parquet")
+
+
+def _embedded_a_shard(store: IndexStore) -> bool:
+    return _has(store, layout.EMBEDDINGS_DIR, "part-*.json")
+
+
+def _content(store: IndexStore, version: str) -> dict:
+    """What a version holds (whatever its id and its parent's), without what a run did."""
+    m = store.manifest(version)
+    summaries = {}
+    for rel in SUMMARIES:
+        with store.fs.open(store.version_path(version, rel), "rb") as f:
+            summaries[rel] = {k: v for k, v in json.load(f).items() if k not in RUN_COUNTERS}
+    return {"files": {rel: sha for rel, sha in m.files.items() if rel not in SUMMARIES}, **summaries,
+            "counts": {k: v for k, v in m.counts.items() if k not in RUN_COUNTERS}, "changes": m.changes,
+            "days": m.lineage.days, "status": m.status}
+
+
+def _leftovers(store: IndexStore) -> list[str]:
+    """What a finished refresh must not leave: temp files, staging markers, scratch, the build lock."""
+    store.fs.invalidate_cache()
+    root = store.path().rstrip("/")
+    return [p for p in store.fs.find(root) if "/prefect-results/" not in p and (
+        p.endswith((".tmp", ".part", "/" + layout.STAGING_MARKER, "/locks/build.json"))
+        or f"/{layout.WORK_DIR}/" in p)]
 
 
 def _day_pages(rev: int) -> list[HistPage]:
@@ -52,14 +78,14 @@ def _day_pages(rev: int) -> list[HistPage]:
     return [*fresh, HistPage(edited.page_id, edited.title, [(rev + 50, edited.text + " and one more sentence")])]
 
 
-def _kill_when(seen: Callable[[Path], bool], args: list[str], env: dict, root: Path, log: Path,
+def _kill_when(seen: Callable[[IndexStore], bool], args: list[str], env: dict, store: IndexStore, log: Path,
                timeout: float = 240.0) -> None:
-    """Run `ragindex refresh ...` in its own session and SIGKILL its group the moment `seen(root)`."""
+    """Run `ragindex refresh ...` in its own session and SIGKILL its group the moment `seen(store)`."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
-        while not seen(root):
+        while not seen(store):
             assert proc.poll() is None, f"the refresh ended ({proc.returncode}) first:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the refresh did not get there in time"
             time.sleep(0.003)
@@ -71,47 +97,47 @@ def _kill_when(seen: Callable[[Path], bool], args: list[str], env: dict, root: P
 
 
 @pytest.mark.slow
-def test_a_killed_delta_resumes_the_same_version(mirror, tiny_dpr, prefect_api, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store_backend", ["local", "s3"], indirect=True)
+def test_a_killed_delta_resumes_the_same_version(mirror, tiny_dpr, prefect_api, store_url, s3_endpoint, tmp_path,
+                                                monkeypatch, request):
     base_pages = sample_pages(6)
     mirror.add_run(WIKI, "20240101", base_pages)
     common = dict(wiki=WIKI, mirror=mirror.url, encoder=str(tiny_dpr.ctx_dir), encoder_kind="dpr",
                   index_spec="flat", shard_rows=4, precision="fp32", allow_count_change=True)
-    root = tmp_path / "store"
-    base = refresh_index(store_url=str(root), **common)
-    assert base["status"] == "promoted"
-    make_incr_day(mirror.root, WIKI, "20240102", history_xml(WIKI, _day_pages(max(p.revision for p in base_pages) + 1)),
-                  maxrevid=max(p.revision for p in base_pages) + 60)
-    reference_root = tmp_path / "reference"
-    shutil.copytree(root, reference_root)
-    uninterrupted = refresh_index(store_url=str(reference_root), mode="incremental", **common)
+    rev = max(p.revision for p in base_pages) + 1
+    if s3_endpoint:
+        monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", s3_endpoint)
+    load_settings.cache_clear()  # settings are read once at the edge: this test's runs must see the endpoint
+    request.addfinalizer(load_settings.cache_clear)
+    reference_url = str(tmp_path / "reference")  # an uninterrupted delta of the same days, on local disk
+    for url in (reference_url, store_url):
+        assert refresh_index(store_url=url, **common)["status"] == "promoted"
+    make_incr_day(mirror.root, WIKI, "20240102", history_xml(WIKI, _day_pages(rev)), maxrevid=rev + 60)
+    uninterrupted = refresh_index(store_url=reference_url, mode="incremental", **common)
     assert uninterrupted["status"] == "promoted" and uninterrupted["mode"] == "delta"
 
+    store = IndexStore(store_url, s3_endpoint_url=s3_endpoint)
     scratch = tmp_path / "tmp"  # the killed runs' system temp directory
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    args = [str(Path(sys.executable).parent / "ragindex"), "refresh", "--incremental", "--store", str(root),
+    args = [str(Path(sys.executable).parent / "ragindex"), "refresh", "--incremental", "--store", store_url,
             "--wiki", WIKI, "--mirror", mirror.url, "--encoder", str(tiny_dpr.ctx_dir), "--encoder-kind", "dpr",
             "--index-spec", "flat", "--shard-rows", "4", "--precision", "fp32", "--allow-count-change"]
-    _kill_when(_writing_passages, args, env, root, tmp_path / "killed-passages.log")
+    _kill_when(_writing_passages, args, env, store, tmp_path / "killed-passages.log")
     assert [p.name for p in scratch.glob("ragindex-delta-*")] == []  # its scratch stayed in its staging area
-    [first] = _staging(root)
-    _kill_when(_embedded_a_shard, args, env, root, tmp_path / "killed-embed.log")
-    assert [p.name for p in _staging(root)] == [first.name]  # resumed, not begun again under a new id
-    kept = len(list((first / layout.EMBEDDINGS_DIR).glob("part-*.json")))
-    assert kept >= 1
+    [first] = _staging(store)
+    _kill_when(_embedded_a_shard, args, env, store, tmp_path / "killed-embed.log")
+    assert _staging(store) == [first]  # resumed, not begun again under a new id
+    assert store.fs.glob(store.version_path(first, layout.EMBEDDINGS_DIR, "part-*.json"))
 
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    outcome = refresh_index(store_url=str(root), mode="incremental", **common)
+    outcome = refresh_index(store_url=store_url, mode="incremental", **common)
 
     assert outcome["status"] == "promoted" and outcome["mode"] == "delta", outcome
-    assert outcome["version"] == first.name
-    assert 0 < outcome["counts"]["encoded_this_run"] < uninterrupted["counts"]["encoded_this_run"]
-    store, reference = IndexStore(str(root)), IndexStore(str(reference_root))
-    assert _content(store, outcome["version"]) == _content(reference, uninterrupted["version"])
-    mine, theirs = store.manifest(outcome["version"]), reference.manifest(uninterrupted["version"])
-    assert {k: v for k, v in mine.counts.items() if k not in RUN_COUNTERS} == \
-        {k: v for k, v in theirs.counts.items() if k not in RUN_COUNTERS}
-    assert (mine.lineage, mine.segments, mine.changes) == (theirs.lineage, theirs.segments, theirs.changes)
-    assert set(mine.files) == set(store.version_files(mine.version))
-    assert _leftovers(root) == []
-    assert [p.name for p in scratch.iterdir() if p.name.startswith("ragindex-")] == []
+    assert outcome["version"] == first
+    # The shards the killed run embedded were kept, not encoded again.
+    assert outcome["counts"]["encoded_this_run"] < uninterrupted["counts"]["encoded_this_run"]
+    assert _content(store, first) == _content(IndexStore(reference_url), uninterrupted["version"])
+    assert set(store.manifest(first).files) == set(store.version_files(first))
+    assert _leftovers(store) == []
+    assert [p.name for p in scratch.glob("ragindex-delta-*")] == []
