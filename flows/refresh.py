@@ -52,7 +52,7 @@ from flows.settings import load_settings
 from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import Conflict, RagindexError, Rejected, first_line
-from storage.fs import file_digest, is_temp_name, join
+from storage.fs import file_digest, join
 from storage.location import Location
 from storage.manifest import Content
 from storage.names import check_file_name
@@ -354,21 +354,10 @@ def _build_key(dump_sha1: list[str], fingerprint_key: str, p: RefreshParams) -> 
 
 def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -> str:
     """The staging version a crashed run of the same build left behind, else a new one."""
-    staged = store.find_staging(build_key)
-    if staged:
-        get_run_logger().info("resuming staging version %s left by an earlier run", staged)
-        _remove_temp_files(store, staged)
-        return staged
-    return store.begin_version(ref.wiki, ref.dump_date, build_key=build_key)
-
-
-def _remove_temp_files(store: IndexStore, version_id: str) -> None:
-    """Half-written files a killed run left in a staging version (their temp names say so). The
-    caller holds the build lock, so no live writer owns them; left in place they would be listed in
-    the manifest as part of the version."""
-    for path in store.fs.find(store.version_path(version_id)):
-        if is_temp_name(path.rstrip("/").rsplit("/", 1)[-1]):
-            store.fs.rm_file(path)
+    version_id, resumed = store.resume_or_begin(ref.wiki, ref.dump_date, build_key)
+    if resumed:
+        get_run_logger().info("resuming staging version %s left by an earlier run", version_id)
+    return version_id
 
 
 def _remove_work_dir(store: IndexStore, version_id: str) -> None:

@@ -165,8 +165,10 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
     except NothingToApply as exc:  # an up-to-date night, not a failure
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())
-    return promote_built(p, steps, store, plan, RefreshOutcome.from_manifest(manifest, reason=plan.reason),
-                         f"refresh-index: {p.wiki} delta {plan.reason}")
+    outcome = RefreshOutcome.from_manifest(manifest, reason=plan.reason)
+    # A shard a killed run already embedded is skipped and counts 0 in the summary: `encoded` is this run's.
+    outcome.counts["encoded_this_run"] = manifest.counts.get("encoded", 0)
+    return promote_built(p, steps, store, plan, outcome, f"refresh-index: {p.wiki} delta {plan.reason}")
 
 
 def promote_built(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePlan, outcome: RefreshOutcome,

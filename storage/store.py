@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError
 from storage import holds as hold_records
 from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
-from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, is_local, is_temp_name, join, resolve, to_url
 from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
@@ -136,6 +136,19 @@ class IndexStore:
             if marker and marker.get("build_key") == build_key:
                 found.append(version_id)
         return max(found) if found else None
+
+    def resume_or_begin(self, wiki: str, dump_date: str, build_key: str) -> tuple[str, bool]:
+        """The staging version a killed build of the same `build_key` left behind, else a new one; and
+        whether it was resumed. Call it holding the build lock: no live writer then owns the half-written
+        files (temp names) a killed one left, which are removed (left in place they would be listed in
+        the manifest as part of the version)."""
+        staged = self.find_staging(build_key)
+        if staged is None:
+            return self.begin_version(wiki, dump_date, build_key=build_key), False
+        for path in self.fs.find(self.version_path(staged)):
+            if is_temp_name(path.rstrip("/").rsplit("/", 1)[-1]):
+                self.fs.rm_file(path)
+        return staged, True
 
     def is_staging(self, version_id: str) -> bool:
         marker = self.version_path(version_id, STAGING_MARKER)

@@ -179,9 +179,17 @@ def staged_build(store, version_id: str, owner: str, exclusive: bool = True) -> 
 
     Not `exclusive`: without the lock. A takedown must not wait hours for a full build to finish; it
     writes only its own staging area and is promoted by compare-and-swap, like any version."""
+    with removed_on_failure(store, version_id), \
+            store.build_lock(owner=owner) if exclusive else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def removed_on_failure(store, version_id: str) -> Iterator[None]:
+    """A failure before the staged version's commit removes its staging area; a kill leaves it (to be
+    resumed, or to gc)."""
     try:
-        with store.build_lock(owner=owner) if exclusive else contextlib.nullcontext():
-            yield
+        yield
     except BaseException:
         if not store.has_version(version_id):
             with contextlib.suppress(FileNotFoundError):

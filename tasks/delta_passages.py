@@ -14,12 +14,12 @@ only if its id is above the revision the parent serves, so overlapping windows c
   (or full build) does not bring back a revision the lineage has seen deleted (`ParentPage.removed`).
 Pages are cleaned and chunked by `tasks.passages.clean_and_chunk`, the code a full build runs, so
 the same text gives the same passage ids and content hashes (and its vector is reused, not encoded).
+Its scratch (the one unit file) is written in the staging version's `_work/`, never the system temp
+directory: a killed run leaves it in its own staging area, which the re-run resumes (or gc removes).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,11 +27,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from storage.fs import file_digest
-from storage.layout import DEFAULT_SHARD_ROWS, UNIT_SCHEMA
+from storage.fs import atomic_write, file_digest, join, to_url
+from storage.layout import DEFAULT_SHARD_ROWS, UNIT_SCHEMA, WORK_DIR
 from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import UnitRecord
@@ -109,13 +108,15 @@ def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revis
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,
                          source: SourceDump, *, first_row_id: int,
                          shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
-                         progress: bool = False, denied: Collection[int] = frozenset()) -> DeltaPlan:
+                         progress: bool = False, denied: Collection[int] = frozenset(),
+                         work: Location | None = None) -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 
     `denied` pages (taken down: `storage.denylist`) gain no passages whatever the days hold, and the
     parent's rows of them are dropped (`parent_pages` must list the denied pages the parent serves).
     Writes nothing when no page gains passages (the plan may still drop pages: a delta with no rows of
-    its own, `tasks.empty_rows`)."""
+    its own, `tasks.empty_rows`). `work` (default: `_work` beside `out`, in the staging version) holds
+    the scratch while the shards are assembled, and is removed after."""
     options = options or CleanOptions.for_wiki(source.wiki)
     plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
     skipped: Counter[str] = Counter()
@@ -147,9 +148,10 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
     # A page the lineage removed is, for what follows, a page the parent does not serve.
     parent_pages = {k: v for k, v in parent_pages.items() if not v.removed}
 
-    work = tempfile.mkdtemp(prefix="ragindex-delta-")
+    work = work or out.sibling(join(out.path.rstrip("/").rsplit("/", 1)[0], WORK_DIR))
+    work_fs = work.fs
+    unit_path = join(work.path, "unit-000000.parquet")
     try:
-        unit_path = f"{work}/unit-000000.parquet"
         rows: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
         kept = words = 0
         cleaned = clean_and_chunk(tqdm(fresh, desc="changed pages", unit="page", disable=None if progress else True,
@@ -180,15 +182,17 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
                 plan.changed.append([page.page_id, page.title])
         plan.skipped = dict(sorted(skipped.items()))
         if plan.passages:  # a removal alone is a delta with no rows of its own
-            pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), unit_path, compression="zstd")
+            with atomic_write(work_fs, unit_path) as f:
+                pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), f, compression="zstd")
             record = UnitRecord(
                 unit={"ordinal": 0, "url": source.location, "start": None, "end": None},
-                options=options_key(options), ordinal=0, path=unit_path,
-                sha256=file_digest(LocalFileSystem(), unit_path),
+                options=options_key(options), ordinal=0, path=to_url(work_fs, unit_path),
+                sha256=file_digest(work_fs, unit_path),
                 seen=len(revisions.pages), kept=kept, skipped=plan.skipped, passages=plan.passages, words=words,
                 seconds=0.0,
             ).dump()
             assemble([record], out, source, shard_rows, first_row_id=first_row_id)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work_fs.exists(work.path):
+            work_fs.rm(work.path, recursive=True)
     return plan

@@ -21,7 +21,9 @@ the refresh flow hands in one that also makes each step a Prefect task (`flows.r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,11 +37,11 @@ from storage.denylist import denied_page_ids
 from storage.errors import Rejected
 from storage.fs import atomic_write
 from storage.location import Location
-from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SourceDump
+from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SegmentRef, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
 from storage.verify import pin_segment
-from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
+from tasks.assemble_version import draft_manifest, removed_on_failure, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.empty_rows import write_empty_rows
@@ -132,22 +134,37 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
     # to) may still serve one, and this delta must not.
     touched = set(revisions.pages) | set(revisions.removed) | denied
     tombstones, held = steps.run("parent_pages", parent_rows, store, parent, touched, ancestors)
-    version_id = store.begin_version(parent.source.wiki, source.dump_date)
-    with staged_build(store, version_id, owner=f"refresh-index:delta:{version_id}"):
-        plan = steps.run("passages", write_delta_passages, revisions, held.pages,
-                         store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
-                         shard_rows=shard_rows, denied=denied)
-        _check_applies(plan, window, parent.version)
-        if plan.passages:
-            steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
-                      precision=precision, progress=progress, on_progress=on_progress,
-                      progress_every_s=progress_every_s)
-        else:  # only removals: a delta with no rows of its own
-            write_empty_rows(store, version_id, parent, source, plan.skipped)
-        return publish_delta(
-            store, version_id, parent, ancestors, np.union1d(tombstones, held.rows_of(plan.drop_page_ids)),
-            new_rows=plan.passages, lineage=lineage, changes=plan.dump(), steps=steps, floors=floors,
-            canaries=canaries, question_encoder=question_encoder, progress=progress)
+    build_key = delta_build_key(pin_segment(store, parent), lineage, parent.encoder.key, shard_rows, denied)
+    with store.build_lock(owner=f"refresh-index:delta:{build_key[:12]}"):
+        # Under the lock: a killed run's staging version is resumed by one run only.
+        version_id, _ = store.resume_or_begin(parent.source.wiki, source.dump_date, build_key)
+        with removed_on_failure(store, version_id):
+            plan = steps.run("passages", write_delta_passages, revisions, held.pages,
+                             store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
+                             shard_rows=shard_rows, denied=denied)
+            _check_applies(plan, window, parent.version)
+            if plan.passages:
+                steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
+                          precision=precision, progress=progress, on_progress=on_progress,
+                          progress_every_s=progress_every_s)
+            else:  # only removals: a delta with no rows of its own
+                write_empty_rows(store, version_id, parent, source, plan.skipped)
+            return publish_delta(
+                store, version_id, parent, ancestors, np.union1d(tombstones, held.rows_of(plan.drop_page_ids)),
+                new_rows=plan.passages, lineage=lineage, changes=plan.dump(), steps=steps, floors=floors,
+                canaries=canaries, question_encoder=question_encoder, progress=progress)
+
+
+def delta_build_key(parent: SegmentRef, lineage: Lineage, encoder_key: str, shard_rows: int,
+                    denied: Iterable[int] = ()) -> str:
+    """What a delta is built from: its parent (pinned by its manifest's sha256), what it will know (the
+    lineage's days by date and maxrevid, or stream position), the encoder, the shard size and the pages taken
+    down. A re-run of a killed delta with the same key resumes its staging version: the same id, the passages
+    written again to the same bytes, the vectors already embedded kept."""
+    blob = json.dumps({"kind": "delta", "parent": parent.version, "parent_manifest": parent.manifest_sha256,
+                       "content": lineage.content.model_dump(mode="json"), "encoder": encoder_key,
+                       "shard_rows": shard_rows, "denied": sorted(int(p) for p in denied)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def publish_delta(store: IndexStore, version_id: str, parent: Manifest, ancestors: list[Manifest],

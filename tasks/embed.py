@@ -13,6 +13,7 @@ spread one resume rule over several modules (the lookup table itself is `tasks.r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -87,14 +88,19 @@ def _write_json(fs: Any, path: str, obj: dict) -> None:
 # -- reading a passage shard -----------------------------------------------------------------------
 
 
-def _read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
-    """The shard's columns embedding needs, and the sha256 of the file as it was read."""
+def _read_hashed(fs: Any, path: str, missing: str) -> tuple[bytes, str]:
+    """A file's bytes and their sha256, read once (what is hashed is what is used); `EmbedError(missing)`."""
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise EmbedError(f"passage shard not found: {path}") from None
-    sha = hashlib.sha256(data).hexdigest()
+        raise EmbedError(missing) from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
+    """The shard's columns embedding needs, and the sha256 of the file as it was read."""
+    data, sha = _read_hashed(fs, path, f"passage shard not found: {path}")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -287,7 +293,7 @@ def prepare_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec
     if not name.endswith(".parquet"):
         raise EmbedError(f"not a passage shard (expected a .parquet file): {passages_shard}")
     out_fs, out_root = out_dir.fs, out_dir.path
-    table, passages_sha = _read_passage_shard(in_fs, in_path)
+    table, passages_sha = read_passage_shard(in_fs, in_path)
     fingerprint = fingerprint_of(spec)
     key, dim, rows = fingerprint.key, fingerprint.dim, table.num_rows
 
@@ -317,7 +323,7 @@ def _embed_shard(passages_shard: Location, out_dir: Location, spec: EncoderSpec,
     n_todo = int(todo.sum())
     measured = None
     if n_todo:
-        encoder = load_encoder_checked(spec, shard.dim, device=device, precision=precision, threads=threads,
+        encoder = load_encoder_checked(spec, shard.dim, shard.key, device=device, precision=precision, threads=threads,
                                        compile=compile)
         idx = np.flatnonzero(todo)
         titles = table.column("title").take(pa.array(idx)).to_pylist()
@@ -345,12 +351,35 @@ def _meter(on_progress: Callable[[Progress], None] | None, every_s: float) -> Ca
     return lambda total: Meter(total, on_progress, every_s)
 
 
-def load_encoder_checked(spec: EncoderSpec, dim: int, **options: Any) -> DocumentEncoder:
-    """The document encoder for `spec`, refused when its output dim is not the one its fingerprint says."""
+def load_encoder_checked(spec: EncoderSpec, dim: int, key: str, **options: Any) -> DocumentEncoder:
+    """The document encoder for `spec`, refused when its output dim is not the one its fingerprint says, or
+    when the weights it loaded are not the ones the shards were planned with (`key`, the fingerprint the
+    planner computed: another process, e.g. a Ray actor, may see other files under the same model name)."""
     encoder = load_document_encoder(spec, **options)
+    if encoder.fingerprint.key != key:
+        raise EmbedError(f"encoder {spec.model} loaded here has fingerprint {encoder.fingerprint.key[:16]}…, "
+                         f"the shards were planned with {key[:16]}… (its files differ between processes)")
     if encoder.dim != dim:
         raise EmbedError(f"encoder {spec.model} produced dim {encoder.dim}, its fingerprint says {dim}")
     return encoder
+
+
+def save_npy(fs: Any, path: str, array: np.ndarray) -> str:
+    """Write `array` as .npy (atomically, no pickles); returns the sha256 of the bytes written."""
+    with atomic_write(fs, path) as f:
+        writer = _HashingWriter(f)
+        np.save(writer, array, allow_pickle=False)
+    return writer.digest.hexdigest()
+
+
+def load_npy_verified(fs: Any, path: str, sha256: str, what: str) -> np.ndarray:
+    """The .npy at `path`, read once and used only if its bytes hash to `sha256`, the digest its writer
+    recorded: data handed from one process to another is checked on arrival (`EmbedError` naming the file)."""
+    data, actual = _read_hashed(fs, path, f"{what} {path} is missing")
+    if actual != sha256:
+        raise EmbedError(f"{what} {path} changed after it was written: sha256 {actual[:16]}…, "
+                         f"its writer recorded {sha256[:16]}…")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def write_embedding_shard(out_fs: Any, out_root: str, name: str, vectors: np.ndarray, passages_sha: str, key: str,
@@ -360,10 +389,7 @@ def write_embedding_shard(out_fs: Any, out_root: str, name: str, vectors: np.nda
         raise EmbedError(f"encoder {model} produced non-finite vectors for {name}")
     rows, dim = vectors.shape
     # .npy first, sidecar last: a crash in between leaves a sidecar that no longer verifies.
-    with atomic_write(out_fs, join(out_root, layout.embedding_shard(name))) as f:
-        writer = _HashingWriter(f)
-        np.save(writer, vectors, allow_pickle=False)
-    npy_sha = writer.digest.hexdigest()
+    npy_sha = save_npy(out_fs, join(out_root, layout.embedding_shard(name)), vectors)
     sidecar = EmbeddingSidecar(passages_sha256=passages_sha, fingerprint_key=key, rows=rows, dim=dim,
                                encoded=encoded, reused=rows - encoded, sha256=npy_sha)
     _write_json(out_fs, join(out_root, layout.sidecar(name)), sidecar.dump())

@@ -2,9 +2,9 @@
 
 The driver (`ragindex embed`, or the refresh flow's one embed task) first does per shard what the local
 path does (`tasks.embed.prepare_shard`): a shard whose .npy + sidecar already verify is skipped, and the
-vectors of unchanged passages are copied by content hash. What is left becomes one Dataset: the passage
-shards still to do, read by Ray (`read_parquet`), cut down to the rows that need encoding, grouped by
-shard and handed to `ShardEncoder`, a callable class run by an actor pool: the encoder is loaded once per
+vectors of unchanged passages are copied by content hash. What is left becomes one Dataset: the row ids of the
+passage shards still to do, read by Ray (`read_parquet`), cut down to the rows that need encoding, grouped
+by shard and handed to `ShardEncoder`, a callable class run by an actor pool: the encoder is loaded once per
 actor, one GPU per actor on a cluster that has GPUs, one CPU per actor otherwise.
 
 A shard reaches the encoder whole and in row order (`groupby("shard").map_groups`, not fixed-size
@@ -16,6 +16,13 @@ that fails part way leaves every finished shard to be skipped by the next run.
 
 Reused vectors of a partly reused shard wait for its actor in `<out>/_ray/` (in the store, so an actor on
 another node can read them); the directory is removed when the job ends.
+
+Nothing the driver hands an actor through files is trusted unchecked: the plan carries the sha256 of the
+passage shard the driver planned from and of the vectors it staged (recorded as it wrote them), and the
+fingerprint key of the encoder (which covers the weights' sha256). The actor reads the passage shard
+itself and encodes the text of those verified bytes (Ray's read only says which rows), loads the staged
+vectors only if they hash to the recorded digest, and refuses an encoder whose fingerprint differs; a
+mismatch fails the job with one line naming the file.
 """
 
 from __future__ import annotations
@@ -35,16 +42,24 @@ import pyarrow.compute as pc
 from rag_model.encoders import EncoderSpec
 from storage import layout
 from storage.errors import RagindexError, first_line
-from storage.fs import atomic_write, is_local, join
+from storage.fs import is_local, join
 from storage.location import Location
-from tasks.embed import EmbedError, embed_passages, load_encoder_checked, prepare_shard, write_embedding_shard
+from tasks.embed import (
+    EmbedError,
+    embed_passages,
+    load_encoder_checked,
+    load_npy_verified,
+    prepare_shard,
+    read_passage_shard,
+    save_npy,
+    write_embedding_shard,
+)
 
 log = logging.getLogger(__name__)
 
 # What the encoder sees of a passage shard, and what the rows of the Dataset carry to it.
-_READ_COLUMNS = ["row_id", "title", "text"]
-_TODO_SCHEMA = pa.schema([("shard", pa.string()), ("row", pa.int64()), ("title", pa.string()),
-                          ("text", pa.string())])
+_READ_COLUMNS = ["row_id"]
+_TODO_SCHEMA = pa.schema([("shard", pa.string()), ("row", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,8 @@ class ShardPlan:
     key: str  # encoder fingerprint key
     dim: int
     staged: bool  # some rows were reused: their vectors wait in the staging directory
+    source: Location  # the passage shard, which the actor reads and checks against `passages_sha`
+    staged_sha: str | None = None  # sha256 of the staged vectors, recorded as the driver wrote them
 
 
 def staged_path(out_root: str, name: str) -> str:
@@ -92,19 +109,17 @@ def plan_shards(shards: Sequence[Location], out: Location, spec: EncoderSpec,
             raise EmbedError(f"passage shard {shard.name}: row_id does not run on from {first} without gaps, "
                              "so its rows cannot be matched back to their order")
         staged = n_todo < len(row_ids)
-        if staged:
-            with atomic_write(out_fs, staged_path(out_root, shard.name)) as f:
-                np.save(f, shard.vectors, allow_pickle=False)
+        staged_sha = save_npy(out_fs, staged_path(out_root, shard.name), shard.vectors) if staged else None
         planned.append(ShardPlan(name=shard.name, path=where.path, first_row_id=first, rows=len(row_ids),
                                  encode=n_todo, passages_sha=shard.passages_sha, key=shard.key, dim=shard.dim,
-                                 staged=staged))
+                                 staged=staged, source=where, staged_sha=staged_sha))
         if staged:
             todo_rows[shard.name] = np.flatnonzero(shard.todo).astype(np.int64)
     return planned, todo_rows
 
 
 def keep_todo(batch: pa.Table, first_row_id: dict[str, int], todo_rows: dict[str, np.ndarray]) -> pa.Table:
-    """The rows of a batch of passage rows that need encoding, as (shard, row in shard, title, text).
+    """The rows of a batch of passage rows that need encoding, as (shard, row in shard).
 
     A batch may hold rows of more than one shard; `path` (from read_parquet) names each row's shard.
     """
@@ -115,9 +130,8 @@ def keep_todo(batch: pa.Table, first_row_id: dict[str, int], todo_rows: dict[str
         name = path.rsplit("/", 1)[-1]
         row = rows_of.column("row_id").to_numpy() - first_row_id[name]
         keep = np.isin(row, todo_rows[name]) if name in todo_rows else np.ones(len(row), dtype=bool)
-        parts.append(pa.table({"shard": pa.array([name] * int(keep.sum()), pa.string()), "row": row[keep],
-                               "title": rows_of.column("title").filter(keep),
-                               "text": rows_of.column("text").filter(keep)}, schema=_TODO_SCHEMA))
+        parts.append(pa.table({"shard": pa.array([name] * int(keep.sum()), pa.string()), "row": row[keep]},
+                              schema=_TODO_SCHEMA))
     return pa.concat_tables(parts) if parts else _TODO_SCHEMA.empty_table()
 
 
@@ -131,8 +145,9 @@ class ShardEncoder:
         self.plans = plans
         self.out_fs, self.out_root = out.fs, out.path
         self.batch_size = batch_size
-        dim = next(iter(plans.values())).dim
-        self.encoder = load_encoder_checked(spec, dim, device=device, precision=precision, threads=threads)
+        first = next(iter(plans.values()))
+        self.encoder = load_encoder_checked(spec, first.dim, first.key, device=device, precision=precision,
+                                            threads=threads)
 
     def __call__(self, group: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -145,13 +160,18 @@ class ShardEncoder:
         if len(rows) != plan.encode or len(np.unique(rows)) != len(rows):
             # A shard split across calls would be encoded in other batches than the local path uses.
             raise EmbedError(f"shard {plan.name}: got {len(rows)} rows to encode in one call, expected {plan.encode}")
+        table, passages_sha = read_passage_shard(plan.source.fs, plan.source.path)
+        if passages_sha != plan.passages_sha or table.num_rows != plan.rows:
+            raise EmbedError(f"passage shard {plan.source} changed after it was planned: sha256 "
+                             f"{passages_sha[:16]}…, the driver planned from {plan.passages_sha[:16]}…")
         if plan.staged:
-            with self.out_fs.open(staged_path(self.out_root, plan.name), "rb") as f:
-                vectors = np.load(f, allow_pickle=False)
+            vectors = load_npy_verified(self.out_fs, staged_path(self.out_root, plan.name), plan.staged_sha or "",
+                                        "staged vectors")
         else:
             vectors = np.empty((plan.rows, plan.dim), dtype=np.float32)
-        vectors[rows] = self.encoder.encode(group.column("title").to_pylist(), group.column("text").to_pylist(),
-                                            batch_size=self.batch_size)
+        take = pa.array(rows)
+        vectors[rows] = self.encoder.encode(table.column("title").take(take).to_pylist(),
+                                            table.column("text").take(take).to_pylist(), batch_size=self.batch_size)
         record = write_embedding_shard(self.out_fs, self.out_root, plan.name, vectors, plan.passages_sha, plan.key,
                                        len(rows), self.spec.model)
         record["seconds"] = time.perf_counter() - start

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,52 @@ def test_job_steps_give_the_local_bytes_and_skip_finished_shards(tmp_path, spec)
     assert sum(r["encoded"] for r in records) + sidecars(out)["part-00000.json"]["encoded"] == local["encoded"]
 
 
+def _partly_reused_plan(tmp_path: Path, spec: EncoderSpec) -> tuple[list, dict, ShardPlan, Path]:
+    v1, passages = refreshed_corpus(tmp_path, spec)
+    out = tmp_path / "ray"
+    planned, todo_rows = plan_shards(list_passage_shards(Location(passages)), Location(out), spec, [Location(v1)])
+    partly = next(p for p in planned if isinstance(p, ShardPlan) and p.staged)
+    return planned, todo_rows, partly, out
+
+
+def test_staged_vectors_changed_after_staging_fail_the_job_naming_the_file(tmp_path, spec):
+    planned, todo_rows, partly, out = _partly_reused_plan(tmp_path, spec)
+    staged = out / RAY_STAGING_DIR / partly.name.replace(".parquet", ".npy")
+    data = bytearray(staged.read_bytes())
+    data[-3] ^= 0x40  # one bit of one reused vector, same size: still a loadable .npy
+    staged.write_bytes(bytes(data))
+
+    with pytest.raises(RagindexError) as failed:
+        run_job_in_process(planned, todo_rows, spec, out)
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(f"staged vectors {staged} changed after it was written")
+    assert not (out / partly.name.replace(".parquet", ".json")).exists()  # nothing sealed
+
+
+def test_a_passage_shard_changed_after_planning_is_not_encoded(tmp_path, spec):
+    planned, todo_rows, partly, out = _partly_reused_plan(tmp_path, spec)
+    shard = Path(partly.path)
+    table = pq.read_table(shard)
+    texts = table.column("text").to_pylist()
+    texts[0] = "planted sentence " + texts[0]
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), shard)
+
+    with pytest.raises(RagindexError, match=rf"^passage shard {shard} changed after it was planned: sha256 "):
+        run_job_in_process(planned, todo_rows, spec, out)
+    assert not (out / partly.name.replace(".parquet", ".json")).exists()
+
+
+def test_an_actor_whose_encoder_differs_from_the_planned_one_refuses(tmp_path, spec):
+    write_passages(tmp_path / "p", make_articles(2, seed=3), shard_rows=100)
+    planned, _ = plan_shards(list_passage_shards(Location(tmp_path / "p")), Location(tmp_path / "out"), spec, [])
+    (plan,) = planned
+    other = replace(plan, key="0" * 64)  # what an actor on a node with other weights under the same name sees
+    with pytest.raises(RagindexError, match=r"^encoder .* loaded here has fingerprint .*, the shards were planned "
+                                            r"with 0000000000000000…"):
+        ShardEncoder(spec, {other.name: other}, Location(tmp_path / "out"), batch_size=8, device="cpu",
+                     precision="fp32", threads=None)
+
+
 def test_a_shard_split_across_calls_is_refused(tmp_path, spec):
     write_passages(tmp_path / "p", make_articles(3, seed=2), shard_rows=100)
     shards = list_passage_shards(Location(tmp_path / "p"))
@@ -199,3 +246,48 @@ def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
     names = sorted(records)[1:]
     assert len(names) == len(shards) - 1 and all(records[n]["encoded"] == records[n]["rows"] for n in names)
     assert summary["encoded"] == summary["rows"] - first["rows"]
+
+
+@pytest.mark.slow
+def test_a_ray_refresh_whose_staged_vectors_change_fails_and_commits_nothing(prefect_api, mirror, tiny_dpr, tmp_path,
+                                                                             monkeypatch):
+    pytest.importorskip("prefect_ray")
+    pytest.importorskip("ray.data", reason="the embed step is a Ray Data job: needs ray[data] (pandas)")
+    from flows.refresh import StepFailed, refresh_index
+    from storage.store import IndexStore
+    from tasks import embed_ray
+    from tests.fixtures.mirror import Page, sample_pages
+
+    common = dict(wiki="enwiki", dump_date="latest", mirror=mirror.url, store_url=str(tmp_path / "store"),
+                  encoder=str(tiny_dpr.ctx_dir), encoder_kind="dpr", index_spec="flat", shard_rows=8,
+                  precision="fp32", allow_count_change=True)
+    pages = sample_pages(6)
+    mirror.add_run("enwiki", "20240101", pages)
+    first = refresh_index(**common)
+    assert first["status"] == "promoted"
+    last = pages[-1]
+    mirror.add_run("enwiki", "20240201", [*pages[:-1], Page(last.page_id, last.title, last.text + " edited",
+                                                              rev_id=last.revision + 1)])
+    staged: list[Path] = []
+    run_job = embed_ray._run_job
+
+    def change_staged_vectors_then_run(plans, *args, **kwargs):
+        # The seam between the driver staging the reused vectors and the actors reading them.
+        for plan in plans:
+            if plan.staged:
+                path = Path(embed_ray.staged_path(args[3].path, plan.name))
+                data = bytearray(path.read_bytes())
+                data[-3] ^= 0x40
+                path.write_bytes(bytes(data))
+                staged.append(path)
+        return run_job(plans, *args, **kwargs)
+
+    monkeypatch.setattr(embed_ray, "_run_job", change_staged_vectors_then_run)
+    with pytest.raises(StepFailed) as failed:
+        refresh_index(**common, task_runner="ray")
+    message = str(failed.value)
+    assert staged and "\n" not in message
+    assert f"staged vectors {staged[0]} changed after it was written" in message
+    store = IndexStore(common["store_url"])
+    assert [m.version for m in store.list_versions()] == [first["version"]]
+    assert store.current().version == first["version"]
