@@ -23,6 +23,7 @@ storage.holds).
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import socket
 import uuid
@@ -44,7 +45,7 @@ from storage.location import Location
 from storage.lock import Lease
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
-from storage.verify import verify_version
+from storage.verify import lineage_manifests, verify_lineage
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,9 @@ class IndexStore:
         now). A concurrent promote in between raises `Conflict`; CURRENT is never torn. Promoting
         the version that is already CURRENT changes nothing (and keeps `previous`).
         """
+        _, verified = self._loadable(version_id)
         with self.pointer_lock(f"{action} {version_id}"):
-            return self._move(version_id, expected_generation, actor, reason, action)
+            return self._move(version_id, expected_generation, actor, reason, action, verified)
 
     def rollback(
         self, version_id: str | None = None, *, actor: str | None = None, reason: str | None = None
@@ -272,6 +274,7 @@ class IndexStore:
 
         Every rollback (CLI, flow, server) comes here, and holds what it left (`storage.holds`): no
         automatic refresh promotes anything while a hold is active, until `release_holds`."""
+        _, verified = self._loadable(version_id or self._rollback_target(self.current()))
         with self.pointer_lock(f"rollback {version_id or ''}".strip()):
             current = self.current()
             if version_id is None:
@@ -283,7 +286,7 @@ class IndexStore:
             if hold is not None:
                 hold_records.write_pending(self, hold)
             try:
-                move = self._move(version_id, generation, actor, reason, "rollback")
+                move = self._move(version_id, generation, actor, reason, "rollback", verified)
             except BaseException:
                 if hold is not None:
                     hold_records.discard_pending(self, hold)
@@ -314,12 +317,33 @@ class IndexStore:
                            "older than it")
         return older[-1].version
 
+    def _loadable(self, version_id: str, verified: str | None = None) -> tuple[Manifest, str]:
+        """The manifest of a version CURRENT may name, and the sha256 of its bytes: for a ready version,
+        every file of every segment it serves checked against the manifest naming it (`verify_lineage`),
+        the checks serving makes when it opens it, so that CURRENT never names what a new server or
+        `ragindex query` cannot load. A rejected version is returned as it is (`_move` refuses it with
+        its own reason).
+
+        That is I/O over the whole lineage (on S3, a read of every file), but a pointer move is rare and
+        a server that cannot load what CURRENT names is worse. It is done before the pointer lock is
+        taken, so that the lock stays short for gc and other moves; under the lock the call is repeated
+        with `verified` (the manifest's sha256 then): an unchanged manifest has its segments' manifests
+        checked again (cheap: pinned by sha256), a changed one is verified in full again."""
+        data = self.manifest_bytes(version_id)
+        manifest = self.manifest(version_id, data)
+        digest = hashlib.sha256(data).hexdigest()
+        if manifest.status == "ready":
+            if digest == verified:
+                lineage_manifests(self, manifest)
+            else:
+                verify_lineage(self, manifest)
+        return manifest, digest
+
     def _move(
-        self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str
+        self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str,
+        verified: str | None = None,
     ) -> Move:
-        manifest = self.manifest(version_id)
-        if manifest.status == "ready":  # a rejected version is refused below, with its own reason
-            verify_version(self, version_id, manifest=manifest)
+        manifest, _ = self._loadable(version_id, verified)
         if manifest.status != "ready":
             why = manifest.validation.reason if manifest.validation else "status is " + manifest.status
             raise Rejected(f"version {version_id} is {manifest.status} and cannot be promoted: {why}")

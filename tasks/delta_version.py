@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from rag_model.encoders import EncoderSpec, fingerprint_of
-from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
+from rag_model.lineage import read_tombstones, served_rows
 from storage import layout
 from storage.cache import FileCache
 from storage.errors import Rejected
@@ -37,7 +37,7 @@ from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
-from storage.verify import pin_segment
+from storage.verify import lineage_manifests, pin_segment
 from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
