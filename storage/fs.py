@@ -13,7 +13,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Any
 
 import fsspec
@@ -103,6 +103,35 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def link_below(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | None:
+    """The first symbolic link on the way from `root` (excluded: a store's root may be a link to the disk it
+    lives on) down to `path` (included), or None. Only local disks have links; a path outside `root` is
+    its own answer (nothing outside a store is ever ours to delete)."""
+    if not is_local(fs):
+        return None
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return path
+    here = root
+    for part in [] if rel == os.curdir else rel.split(os.sep):
+        here = os.path.join(here, part)
+        if os.path.islink(here):
+            return here
+    return None
+
+
+def remove_inside(fs: fsspec.AbstractFileSystem, root: str, path: str, recursive: bool = True) -> str | None:
+    """Delete `path` (with `recursive`, a whole tree) under `root`, never through a symbolic link: a link
+    below `root` may point at a backup on another disk, whose files are not the store's to delete. Returns
+    None when `path` is gone (or was never there), else the link that was left alone (and what it points at)."""
+    link = link_below(fs, root, path)
+    if link is not None:
+        return link
+    with suppress(FileNotFoundError):
+        fs.rm(path, recursive=True) if recursive else fs.rm_file(path)
+    return None
 
 
 _TEMP_NAME = re.compile(r"^.+\.[0-9a-f]{32}\.tmp$")

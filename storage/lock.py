@@ -153,6 +153,17 @@ class Lease:
                     log.warning("could not renew lock %s: %s", self.where, exc)
 
 
+def live_holder(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The owner of the lease at `path` while its holder is alive (its heartbeat keeps `expires_at` ahead
+    and its process, if it ran on this boot of this machine, exists), else None: what a lease protects
+    stays protected for exactly as long as nobody may break it."""
+    data, _ = read_raw(fs, path)
+    held = _parse_lease(data) if data is not None else None
+    if held is None or _died_on_this_boot(held) or datetime.now(UTC) >= held["expires_at"]:
+        return None
+    return held["owner"]
+
+
 def _parse_lease(data: bytes) -> dict[str, Any] | None:
     """The lease record in `data`, or None when it is not one (malformed JSON, fields missing)."""
     try:

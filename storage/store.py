@@ -42,12 +42,13 @@ from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_ur
 from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
-from storage.lock import Lease
+from storage.lock import Lease, live_holder
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
 from storage.verify import lineage_manifests, verify_lineage
 
 log = logging.getLogger(__name__)
+BUILD_LOCK = ("locks", "build.json")
 
 
 def default_actor() -> str:
@@ -477,8 +478,12 @@ class IndexStore:
         `ttl` (a build that died, wherever it ran) is broken by compare-and-swap.
         """
         self.require_conditional_writes()
-        with Lease(self.fs, self.path("locks", "build.json"), owner, ttl=ttl, where=self.url) as lease:
+        with Lease(self.fs, self.path(*BUILD_LOCK), owner, ttl=ttl, where=self.url) as lease:
             yield lease
+
+    def building(self) -> str | None:
+        """Who holds the build lock right now with a live heartbeat (None: no build is running)."""
+        return live_holder(self.fs, self.path(*BUILD_LOCK))
 
     # -- the backend must honour conditional writes --------------------------------------------
 
