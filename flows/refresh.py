@@ -50,7 +50,7 @@ from flows.settings import load_settings
 from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import Conflict, RagindexError, Rejected, first_line
-from storage.fs import file_digest, is_temp_name, join
+from storage.fs import file_digest, is_temp_name, join, remove_inside
 from storage.location import Location
 from storage.manifest import Content
 from storage.names import check_file_name
@@ -352,13 +352,11 @@ def _remove_temp_files(store: IndexStore, version_id: str) -> None:
     the manifest as part of the version."""
     for path in store.fs.find(store.version_path(version_id)):
         if is_temp_name(path.rstrip("/").rsplit("/", 1)[-1]):
-            store.fs.rm_file(path)
+            remove_inside(store.fs, store.root, path, recursive=False)  # never through a link
 
 
 def _remove_work_dir(store: IndexStore, version_id: str) -> None:
-    path = store.version_path(version_id, layout.WORK_DIR)
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
+    remove_inside(store.fs, store.root, store.version_path(version_id, layout.WORK_DIR))
 
 
 def _gather(futures: list, progress_id: Any, intact: Callable[[dict], bool], redo: Callable[[int], Any]) -> list[dict]:

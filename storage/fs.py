@@ -20,6 +20,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import NotFound, RagindexError
+from storage.scratch import run_dir
 
 SUPPORTED_SCHEMES = ("file", "s3")
 
@@ -62,10 +63,10 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> 
     Locally: write a temp name in the same directory, fsync, then `os.replace`. On S3 the bytes go
     to a private local temp file and are uploaded only once the writer finished: an s3fs file
     written in place would upload whatever was written even when the writer raised.
-    On an exception nothing is left at `path`.
+    On an exception nothing is left at `path`. (The temp file is private: `storage.scratch`.)
     """
     if not is_local(fs):
-        with tempfile.NamedTemporaryFile(mode, prefix=".ragindex-upload-", suffix=".tmp") as tmp:
+        with tempfile.NamedTemporaryFile(mode, prefix=".ragindex-upload-", suffix=".tmp", dir=run_dir()) as tmp:
             yield tmp
             tmp.flush()
             fs.put_file(tmp.name, path)
@@ -92,7 +93,9 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
     local = is_local(fs)
     if local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    directory = os.path.dirname(path) if local else tempfile.gettempdir()
+    # Remotely, the writer creates its file by name in this run's private scratch (0700): nobody else can
+    # plant a link at that name there, and a killed run's leftovers are swept by the next (storage.scratch).
+    directory = os.path.dirname(path) if local else run_dir()
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
