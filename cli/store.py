@@ -189,6 +189,10 @@ def gc(
         print(f"kept version {item}: a segment of a kept delta version (it serves its rows)")
     for item in report.kept_in_doubt:
         print(f"kept version {item}: a kept version's manifest is unreadable, so it may be one of its segments")
+    if report.kept_for_build:
+        print(f"kept every staging area and download: a build holds the lock ({report.kept_for_build})")
+    for item in report.skipped_links:
+        print(f"left {item} alone: a symbolic link (gc never deletes through one)")
     extra = [f"{len(report.kept_as_segment)} only as segment(s)" if report.kept_as_segment else "",
              f"{len(report.kept_in_doubt)} in doubt" if report.kept_in_doubt else ""]
     extra_text = ", ".join(e for e in extra if e)

@@ -52,7 +52,7 @@ from flows.settings import load_settings
 from rag_model.encoders import fingerprint_of, paired_question_encoder
 from storage import layout
 from storage.errors import Conflict, RagindexError, Rejected, first_line
-from storage.fs import file_digest, join
+from storage.fs import file_digest, join, remove_inside
 from storage.location import Location
 from storage.manifest import Content
 from storage.names import check_file_name
@@ -361,9 +361,7 @@ def _resume_or_begin(store: IndexStore, ref: download.DumpRef, build_key: str) -
 
 
 def _remove_work_dir(store: IndexStore, version_id: str) -> None:
-    path = store.version_path(version_id, layout.WORK_DIR)
-    if store.fs.exists(path):
-        store.fs.rm(path, recursive=True)
+    remove_inside(store.fs, store.root, store.version_path(version_id, layout.WORK_DIR))
 
 
 def _gather(futures: list, progress_id: Any, intact: Callable[[dict], bool], redo: Callable[[int], Any]) -> list[dict]:

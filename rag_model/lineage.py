@@ -5,7 +5,10 @@ every ancestor its manifest lists (`Manifest.segments`, each pinned by the sha25
 manifest), then its own, minus the row ids in its `tombstones.npy`. Every reader of a version across
 its segments comes through here: serving (`rag_model.index.VersionIndex.open`), validation
 (`tasks.lineage_rows`), a delta's planning (`tasks.delta_version`) and the deletions a full build
-reconciles (`tasks.assemble_version`).
+reconciles (`tasks.assemble_version`). The walk over the manifests alone (`lineage_manifests`: each
+ancestor's pinned sha256, rows and encoder) lives in `storage.verify`, so that a move of CURRENT
+(`storage.store.IndexStore.promote` / `rollback`, `verify_lineage`) makes the same checks without
+importing this module.
 
 Committed files are read through the local file cache (`storage.cache`): each is checked against the
 manifest that names it before it is used, and an unchanged file is hashed (on S3, fetched) once. The one
@@ -31,13 +34,7 @@ from storage.errors import Rejected
 from storage.location import Location
 from storage.manifest import Manifest
 from storage.store import IndexStore
-from storage.verify import expected_sha256, read_verified, segment_manifests
-
-
-def lineage_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
-    """The manifests whose own rows `manifest` serves: its ancestors', oldest first, each checked against
-    the sha256 it pinned (a rewritten or missing one is `Corrupt`), then its own."""
-    return [*segment_manifests(store, manifest), manifest]
+from storage.verify import expected_sha256, lineage_manifests, read_verified
 
 
 def read_tombstones(pins: Pins, store: IndexStore, manifest: Manifest, own_checked: bool = False) -> np.ndarray:
@@ -64,9 +61,6 @@ def open_segments(store: IndexStore, manifest: Manifest, pins: Pins, *, table: b
     tombstones = read_tombstones(pins, store, manifest, own_checked)
     segments = []
     for m in lineage_manifests(store, manifest):
-        if m.encoder.key != manifest.encoder.key:
-            raise Rejected(f"version {manifest.version}: segment {m.version} was encoded by another encoder "
-                           f"({m.encoder.key}, not {manifest.encoder.key})")
         if own_checked and m is manifest:
             segments.append(_open_checked(store, m, tombstones, embeddings, passage_files))
         else:

@@ -351,8 +351,9 @@ def create_app(
         return {"swap": result.to_dict() if result else None, "serving": serving.retriever.version}
 
     @app.post("/v1/admin/rollback", tags=["admin"], dependencies=[Depends(require_admin)],
-              summary="Point CURRENT back at an earlier version (default: the previous one) and swap to it")
-    async def rollback(body: RollbackRequest | None = None) -> dict:
+              summary="Point CURRENT back at an earlier version (default: the previous one) and swap to it",
+              response_model=None)
+    async def rollback(body: RollbackRequest | None = None) -> dict | JSONResponse:
         version = body.version if body else None
 
         def do() -> tuple[Any, SwapResult | None]:
@@ -364,10 +365,16 @@ def create_app(
             return pointer, serving.watcher.check(True)
 
         pointer, result = await run_in_threadpool(do)
-        # store.rollback is the one rollback path (the server may not import tasks/): it made the hold.
-        return {"current": pointer.model_dump(mode="json"), "swap": result.to_dict() if result else None,
+        # store.rollback is the one rollback path (the server may not import tasks/): it made the hold, and
+        # refused (409, CURRENT unchanged) a version whose lineage does not verify.
+        body = {"current": pointer.model_dump(mode="json"), "swap": result.to_dict() if result else None,
                 "serving": serving.retriever.version,
                 "hold": pointer.hold.model_dump(mode="json") if pointer.hold else None}
+        if result is not None and not result.ok:  # CURRENT moved, but this server could not load it: not a 200
+            return JSONResponse({"detail": f"CURRENT is now {pointer.version}, but this server could not load it "
+                                           f"and still serves {body['serving']}: {result.error}", **body},
+                                status_code=409)
+        return body
 
     @app.post("/v1/admin/takedown", tags=["admin"], dependencies=[Depends(require_admin)],
               summary="Take a page down now: deny-list it, publish and promote a version without it, swap to it",

@@ -13,13 +13,14 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import NotFound, RagindexError
+from storage.scratch import run_dir
 
 SUPPORTED_SCHEMES = ("file", "s3")
 
@@ -62,10 +63,10 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> 
     Locally: write a temp name in the same directory, fsync, then `os.replace`. On S3 the bytes go
     to a private local temp file and are uploaded only once the writer finished: an s3fs file
     written in place would upload whatever was written even when the writer raised.
-    On an exception nothing is left at `path`.
+    On an exception nothing is left at `path`. (The temp file is private: `storage.scratch`.)
     """
     if not is_local(fs):
-        with tempfile.NamedTemporaryFile(mode, prefix=".ragindex-upload-", suffix=".tmp") as tmp:
+        with tempfile.NamedTemporaryFile(mode, prefix=".ragindex-upload-", suffix=".tmp", dir=run_dir()) as tmp:
             yield tmp
             tmp.flush()
             fs.put_file(tmp.name, path)
@@ -92,7 +93,9 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
     local = is_local(fs)
     if local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    directory = os.path.dirname(path) if local else tempfile.gettempdir()
+    # Remotely, the writer creates its file by name in this run's private scratch (0700): nobody else can
+    # plant a link at that name there, and a killed run's leftovers are swept by the next (storage.scratch).
+    directory = os.path.dirname(path) if local else run_dir()
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
@@ -103,6 +106,35 @@ def staged_local_file(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def link_below(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | None:
+    """The first symbolic link on the way from `root` (excluded: a store's root may be a link to the disk it
+    lives on) down to `path` (included), or None. Only local disks have links; a path outside `root` is
+    its own answer (nothing outside a store is ever ours to delete)."""
+    if not is_local(fs):
+        return None
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return path
+    here = root
+    for part in [] if rel == os.curdir else rel.split(os.sep):
+        here = os.path.join(here, part)
+        if os.path.islink(here):
+            return here
+    return None
+
+
+def remove_inside(fs: fsspec.AbstractFileSystem, root: str, path: str, recursive: bool = True) -> str | None:
+    """Delete `path` (with `recursive`, a whole tree) under `root`, never through a symbolic link: a link
+    below `root` may point at a backup on another disk, whose files are not the store's to delete. Returns
+    None when `path` is gone (or was never there), else the link that was left alone (and what it points at)."""
+    link = link_below(fs, root, path)
+    if link is not None:
+        return link
+    with suppress(FileNotFoundError):
+        fs.rm(path, recursive=True) if recursive else fs.rm_file(path)
+    return None
 
 
 _TEMP_NAME = re.compile(r"^.+\.[0-9a-f]{32}\.tmp$")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +26,7 @@ from typing import Any
 import fsspec
 
 from storage.errors import Conflict
+from storage.liveness import died_on_this_boot, this_process
 from storage.pointer import create_json, delete_exact, encode, read_raw, replace_exact
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,7 @@ class Lease:
         now = datetime.now(UTC)
         return {
             "owner": self.owner, "token": self.token, "since": now.isoformat(),
-            "expires_at": (now + self.ttl).isoformat(), "pid": os.getpid(), "host": socket.gethostname(),
-            "boot_id": _boot_id(),
+            "expires_at": (now + self.ttl).isoformat(), **this_process(),
         }
 
     def _try_acquire(self) -> None:
@@ -121,7 +119,7 @@ class Lease:
         held = _parse_lease(seen)
         if held is None:
             log.warning("lock %s is malformed (not a lease record); breaking it", self.where)
-        elif _died_on_this_boot(held):
+        elif died_on_this_boot(held):
             log.warning("lock %s is held by %s, whose process is gone; breaking it", self.where, held["owner"])
         elif datetime.now(UTC) < held["expires_at"]:
             raise Conflict(f"{self.holder} holds the lock on {self.where}: {held['owner']} since {held['since']}")
@@ -153,6 +151,17 @@ class Lease:
                     log.warning("could not renew lock %s: %s", self.where, exc)
 
 
+def live_holder(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The owner of the lease at `path` while its holder is alive (its heartbeat keeps `expires_at` ahead
+    and its process, if it ran on this boot of this machine, exists), else None: what a lease protects
+    stays protected for exactly as long as nobody may break it."""
+    data, _ = read_raw(fs, path)
+    held = _parse_lease(data) if data is not None else None
+    if held is None or died_on_this_boot(held) or datetime.now(UTC) >= held["expires_at"]:
+        return None
+    return held["owner"]
+
+
 def _parse_lease(data: bytes) -> dict[str, Any] | None:
     """The lease record in `data`, or None when it is not one (malformed JSON, fields missing)."""
     try:
@@ -168,29 +177,3 @@ def _parse_lease(data: bytes) -> dict[str, Any] | None:
         return None
     return {"owner": owner, "since": obj.get("since"), "expires_at": expires, "pid": obj.get("pid"),
             "host": obj.get("host"), "boot_id": obj.get("boot_id")}
-
-
-def _boot_id() -> str | None:
-    """This boot of this machine (Linux); None where the kernel does not say."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _died_on_this_boot(held: dict[str, Any]) -> bool:
-    """True only for a lease taken on this host during this boot by a pid that no longer exists."""
-    boot = _boot_id()
-    if boot is None or held.get("boot_id") != boot or held.get("host") != socket.gethostname():
-        return False
-    pid = held.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, under another user
-        return False
-    return False

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.errors import CorruptManifest, NotFound, Rejected
+from storage.fs import link_below, remove_inside
 from storage.layout import MANIFEST, RESULTS_DIR, STAGING_MARKER, VERSIONS_DIR
 from storage.manifest import Manifest
 from storage.pointer import read_json
@@ -48,6 +49,10 @@ class GcReport:
     kept_as_segment: list[str] = field(default_factory=list)
     # ... and those kept only because a kept version's manifest is unreadable, so what it shares is unknown.
     kept_in_doubt: list[str] = field(default_factory=list)
+    # Who held the build lock, alive, when gc would have deleted staging areas or downloads: none was deleted.
+    kept_for_build: str | None = None
+    # Paths below the root that are symbolic links, which gc left alone (never deleting through them).
+    skipped_links: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def gc(store: IndexStore, keep: int, stale_after: timedelta = timedelta(hours=6)
     pending = set(doomed)
     for version_id in _dependents_first(doomed, needs):
         pending.discard(version_id)
+        if _left_alone(store, store.version_path(version_id, MANIFEST), report):
+            continue
 
         def keep_it(v: str = version_id) -> bool:
             return _protected(store, needs).covers(v) or _needed_by_present(v, needs, gone, pending)
@@ -87,7 +94,7 @@ def gc(store: IndexStore, keep: int, stale_after: timedelta = timedelta(hours=6)
         if _remove_manifest_unless(store, version_id, dry_run, MANIFEST, keep_it):
             gone.add(version_id)
             if not dry_run:
-                store.fs.rm(store.version_path(version_id), recursive=True)
+                _remove(store, store.version_path(version_id), report)
     report.deleted_versions = [v for v in doomed if v in gone and v not in corrupt_ids]
     report.deleted_corrupt = [v for v in doomed if v in gone and v in corrupt_ids]
     kept = [m.version for m in versions if m.version not in gone] + [v for v in sorted(corrupt_ids) if v not in gone]
@@ -109,22 +116,26 @@ def gc(store: IndexStore, keep: int, stale_after: timedelta = timedelta(hours=6)
             used |= late.downloads or set()
             continue
         marker, _ = read_json(store.fs, store.version_path(version_id, STAGING_MARKER))
-        if _now() - last_activity(store, store.version_path(version_id), marker) < stale_after:
+        if _now() - last_activity(store, store.version_path(version_id), marker) < stale_after \
+                or _build_running(store, report) or _left_alone(store, store.version_path(version_id), report):
             alive.add(version_id)
             if marker:
                 used.add((marker.get("wiki"), marker.get("dump_date")))
             continue
         report.deleted_staging.append(version_id)
         if not dry_run:
-            store.fs.rm(store.version_path(version_id), recursive=True)
+            _remove(store, store.version_path(version_id), report)
     for wiki_dir in [] if keep_all_downloads else _ls_dirs(store, store.path("downloads")):
+        if _left_alone(store, wiki_dir, report):
+            continue
         for date_dir in _ls_dirs(store, wiki_dir):
             wiki, date = wiki_dir.rsplit("/", 1)[-1], date_dir.rsplit("/", 1)[-1]
-            if (wiki, date) in used or _now() - last_activity(store, date_dir, None) < stale_after:
+            if (wiki, date) in used or _now() - last_activity(store, date_dir, None) < stale_after \
+                    or _build_running(store, report) or _left_alone(store, date_dir, report):
                 continue
             report.deleted_downloads.append(f"{wiki}/{date}")
             if not dry_run:
-                store.fs.rm(date_dir, recursive=True)
+                _remove(store, date_dir, report)
     report.deleted_results = _collect_results(store, alive, stale_after, dry_run)
     return report
 
@@ -140,9 +151,7 @@ def _remove_manifest_unless(store: IndexStore, version_id: str, dry_run: bool, m
     with store.pointer_lock(f"gc {version_id}"):
         if keep_it():
             return False
-        path = store.version_path(version_id, manifest)
-        if store.fs.exists(path):
-            store.fs.rm_file(path)
+        remove_inside(store.fs, store.root, store.version_path(version_id, manifest), recursive=False)
     return True
 
 
@@ -320,11 +329,13 @@ def _collect_results(store: IndexStore, alive: set[str], stale_after: timedelta,
             continue
         if _now() - _stamp(info) < stale_after:
             continue
+        if link_below(store.fs, store.root, path):
+            continue  # read through a link it may be anyone's file: neither read nor deleted
         refs = _version_refs(store.fs.cat_file(path))
         if refs and not refs & alive:
             deleted.append(path[len(base) + 1:])
             if not dry_run:
-                store.fs.rm_file(path)
+                remove_inside(store.fs, store.root, path, recursive=False)
     return deleted
 
 
@@ -339,6 +350,35 @@ def _version_refs(data: bytes) -> set[str]:
     except (ValueError, TypeError):
         pass
     return {m.decode() for blob in blobs for m in _VERSION_REF.findall(blob)}
+
+
+def _build_running(store: IndexStore, report: GcReport) -> bool:
+    """Whether a build holds the build lock with a live heartbeat, read again before each deletion it could
+    hurt: which staging area it resumes and which downloads it reads, its lease does not say, and a long
+    embedding writes nothing for hours, so while it runs no staging area and no download is judged by age."""
+    holder = store.building()
+    if holder is not None:
+        report.kept_for_build = holder
+    return holder is not None
+
+
+def _left_alone(store: IndexStore, path: str, report: GcReport) -> bool:
+    """True (and reported) when `path` lies through a symbolic link below the store's root: gc never
+    deletes through one (a version directory linked to a backup on another disk is the backup's)."""
+    link = link_below(store.fs, store.root, path)
+    if link is None:
+        return False
+    where = link[len(store.root) + 1:] if link.startswith(store.root + "/") else link
+    if where not in report.skipped_links:
+        report.skipped_links.append(where)
+    return True
+
+
+def _remove(store: IndexStore, path: str, report: GcReport) -> None:
+    """Delete a tree of the store, never through a link (one made since `_left_alone` looked is reported)."""
+    link = remove_inside(store.fs, store.root, path)
+    if link is not None:
+        _left_alone(store, link, report)
 
 
 def last_activity(store: IndexStore, directory: str, marker: dict[str, Any] | None) -> datetime:
@@ -363,8 +403,10 @@ def _stamp(info: dict[str, Any]) -> datetime:
 
 
 def _ls_dirs(store: IndexStore, path: str) -> list[str]:
+    """The directories in `path`, and the symbolic links (which `_left_alone` reports and never follows)."""
     try:
-        return [e["name"].rstrip("/") for e in store.fs.ls(path, detail=True) if e["type"] == "directory"]
+        return [e["name"].rstrip("/") for e in store.fs.ls(path, detail=True)
+                if e["type"] == "directory" or e.get("islink")]
     except FileNotFoundError:
         return []
 

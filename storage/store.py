@@ -23,6 +23,7 @@ storage.holds).
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import socket
 import uuid
@@ -37,16 +38,17 @@ from pydantic import Field, ValidationError
 from storage import holds as hold_records
 from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
-from storage.fs import atomic_write, file_digest, is_local, is_temp_name, join, resolve, to_url
+from storage.fs import atomic_write, file_digest, is_local, is_temp_name, join, remove_inside, resolve, to_url
 from storage.holds import Hold
 from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
-from storage.lock import Lease
+from storage.lock import Lease, live_holder
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
-from storage.verify import verify_version
+from storage.verify import lineage_manifests, verify_lineage
 
 log = logging.getLogger(__name__)
+BUILD_LOCK = ("locks", "build.json")
 
 
 def default_actor() -> str:
@@ -147,7 +149,7 @@ class IndexStore:
             return self.begin_version(wiki, dump_date, build_key=build_key), False
         for path in self.fs.find(self.version_path(staged)):
             if is_temp_name(path.rstrip("/").rsplit("/", 1)[-1]):
-                self.fs.rm_file(path)
+                remove_inside(self.fs, self.root, path, recursive=False)  # never through a link
         return staged, True
 
     def is_staging(self, version_id: str) -> bool:
@@ -274,8 +276,9 @@ class IndexStore:
         now). A concurrent promote in between raises `Conflict`; CURRENT is never torn. Promoting
         the version that is already CURRENT changes nothing (and keeps `previous`).
         """
+        _, verified = self._loadable(version_id)
         with self.pointer_lock(f"{action} {version_id}"):
-            return self._move(version_id, expected_generation, actor, reason, action)
+            return self._move(version_id, expected_generation, actor, reason, action, verified)
 
     def rollback(
         self, version_id: str | None = None, *, actor: str | None = None, reason: str | None = None
@@ -285,6 +288,7 @@ class IndexStore:
 
         Every rollback (CLI, flow, server) comes here, and holds what it left (`storage.holds`): no
         automatic refresh promotes anything while a hold is active, until `release_holds`."""
+        _, verified = self._loadable(version_id or self._rollback_target(self.current()))
         with self.pointer_lock(f"rollback {version_id or ''}".strip()):
             current = self.current()
             if version_id is None:
@@ -296,7 +300,7 @@ class IndexStore:
             if hold is not None:
                 hold_records.write_pending(self, hold)
             try:
-                move = self._move(version_id, generation, actor, reason, "rollback")
+                move = self._move(version_id, generation, actor, reason, "rollback", verified)
             except BaseException:
                 if hold is not None:
                     hold_records.discard_pending(self, hold)
@@ -327,12 +331,33 @@ class IndexStore:
                            "older than it")
         return older[-1].version
 
+    def _loadable(self, version_id: str, verified: str | None = None) -> tuple[Manifest, str]:
+        """The manifest of a version CURRENT may name, and the sha256 of its bytes: for a ready version,
+        every file of every segment it serves checked against the manifest naming it (`verify_lineage`),
+        the checks serving makes when it opens it, so that CURRENT never names what a new server or
+        `ragindex query` cannot load. A rejected version is returned as it is (`_move` refuses it with
+        its own reason).
+
+        That is I/O over the whole lineage (on S3, a read of every file), but a pointer move is rare and
+        a server that cannot load what CURRENT names is worse. It is done before the pointer lock is
+        taken, so that the lock stays short for gc and other moves; under the lock the call is repeated
+        with `verified` (the manifest's sha256 then): an unchanged manifest has its segments' manifests
+        checked again (cheap: pinned by sha256), a changed one is verified in full again."""
+        data = self.manifest_bytes(version_id)
+        manifest = self.manifest(version_id, data)
+        digest = hashlib.sha256(data).hexdigest()
+        if manifest.status == "ready":
+            if digest == verified:
+                lineage_manifests(self, manifest)
+            else:
+                verify_lineage(self, manifest)
+        return manifest, digest
+
     def _move(
-        self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str
+        self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str,
+        verified: str | None = None,
     ) -> Move:
-        manifest = self.manifest(version_id)
-        if manifest.status == "ready":  # a rejected version is refused below, with its own reason
-            verify_version(self, version_id, manifest=manifest)
+        manifest, _ = self._loadable(version_id, verified)
         if manifest.status != "ready":
             why = manifest.validation.reason if manifest.validation else "status is " + manifest.status
             raise Rejected(f"version {version_id} is {manifest.status} and cannot be promoted: {why}")
@@ -466,8 +491,12 @@ class IndexStore:
         `ttl` (a build that died, wherever it ran) is broken by compare-and-swap.
         """
         self.require_conditional_writes()
-        with Lease(self.fs, self.path("locks", "build.json"), owner, ttl=ttl, where=self.url) as lease:
+        with Lease(self.fs, self.path(*BUILD_LOCK), owner, ttl=ttl, where=self.url) as lease:
             yield lease
+
+    def building(self) -> str | None:
+        """Who holds the build lock right now with a live heartbeat (None: no build is running)."""
+        return live_holder(self.fs, self.path(*BUILD_LOCK))
 
     # -- the backend must honour conditional writes --------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import fsspec
 
-from storage.errors import Corrupt, NotFound
+from storage.errors import Corrupt, NotFound, Rejected
 from storage.fs import file_digest
 from storage.manifest import Manifest, SegmentRef
 
@@ -68,16 +68,18 @@ def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: str, label
 
 
 def verify_version(
-    store: VersionFiles, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None
+    store: VersionFiles, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None,
+    label: str | None = None,
 ) -> Manifest:
-    """Verify `relpaths` of a version (default: every file its manifest lists) and return the manifest."""
+    """Verify `relpaths` of a version (default: every file its manifest lists) and return the manifest.
+    `label` names the version in an error (default "version <id>")."""
     manifest = manifest or store.manifest(version_id)
+    label = label or f"version {version_id}"
     wanted = sorted(manifest.files) if relpaths is None else list(relpaths)
     if not wanted:
-        raise Corrupt(f"version {version_id}: its manifest lists no file checksums to verify")
+        raise Corrupt(f"{label}: its manifest lists no file checksums to verify")
     for rel in wanted:
-        verify_file(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel),
-                    f"version {version_id}: {rel}")
+        verify_file(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel), f"{label}: {rel}")
     return manifest
 
 
@@ -98,6 +100,29 @@ def segment_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]
                           f"not {ref.first_row_id}+{ref.rows}")
         found.append(ancestor)
     return found
+
+
+def lineage_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]:
+    """The manifests whose own rows `manifest` serves: its ancestors', oldest first, each checked against
+    the sha256 it pinned (a rewritten or missing one is `Corrupt`), then its own; `Rejected` when a segment
+    was encoded by another encoder (its vectors would not be comparable)."""
+    lineage = [*segment_manifests(store, manifest), manifest]
+    for m in lineage:
+        if m.encoder.key != manifest.encoder.key:
+            raise Rejected(f"version {manifest.version}: segment {m.version} was encoded by another encoder "
+                           f"({m.encoder.key}, not {manifest.encoder.key})")
+    return lineage
+
+
+def verify_lineage(store: VersionFiles, manifest: Manifest) -> list[Manifest]:
+    """Every file of every segment `manifest` serves (`lineage_manifests`) against the manifest naming it:
+    the checks serving makes when it opens the version, made before CURRENT may name it. Returns the
+    lineage's manifests, oldest first."""
+    lineage = lineage_manifests(store, manifest)
+    for m in lineage:
+        verify_version(store, m.version, manifest=m,
+                       label=None if m is manifest else f"version {manifest.version}: segment {m.version}")
+    return lineage
 
 
 def pin_segment(store: VersionFiles, manifest: Manifest) -> SegmentRef:

@@ -24,7 +24,7 @@ from rag_model.lineage import served_page_ids
 from rag_model.vectors import open_embeddings
 from storage import layout
 from storage.errors import RagindexError
-from storage.fs import atomic_write, join
+from storage.fs import atomic_write, join, remove_inside
 from storage.location import Location
 from storage.manifest import IndexInfo, Lineage, Manifest, SegmentRef
 from storage.names import check_file_name
@@ -192,8 +192,7 @@ def removed_on_failure(store, version_id: str) -> Iterator[None]:
         yield
     except BaseException:
         if not store.has_version(version_id):
-            with contextlib.suppress(FileNotFoundError):
-                store.fs.rm(store.version_path(version_id), recursive=True)
+            remove_inside(store.fs, store.root, store.version_path(version_id))  # never through a link
         raise
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
+from rag_model.lineage import read_tombstones, served_rows
 from storage import layout
 from storage.cache import FileCache
 from storage.denylist import denied_page_ids
@@ -40,7 +40,7 @@ from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SegmentRef, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
-from storage.verify import pin_segment
+from storage.verify import lineage_manifests, pin_segment
 from tasks.assemble_version import draft_manifest, removed_on_failure, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index

@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,6 +37,7 @@ from storage.layout import DEFAULT_SHARD_ROWS, PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.location import Location
 from storage.manifest import SourceDump
 from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
+from storage.scratch import scratch_dir
 from storage.timing import timed
 from tasks.chunk import chunk_article
 from tasks.clean import CleanOptions, is_disambiguation, options_to_json
@@ -450,9 +450,10 @@ def write_passages(files: list[Location], out: Location, source: SourceDump, wor
         units = plan_units(files, workers, min_unit_bytes)
     # Unit outputs live beside the shards locally (a crashed run resumes from them); for S3 output
     # they stay on local disk, which is cheaper than a round trip per unit.
-    # A local temp dir reached like `out`: the units' dump files are reached through its endpoint.
+    # A private local scratch dir reached like `out` (the units' dump files are reached through its
+    # endpoint); a killed run's is removed by the next run (storage.scratch).
     work = (out.child(layout.WORK_DIR) if out.is_local
-            else Location(tempfile.mkdtemp(prefix="ragindex-units-"), out.s3_endpoint_url))
+            else Location(scratch_dir("units-"), out.s3_endpoint_url))
     try:
         with timed(timings, "parse_clean_chunk_s"):
             results = run_units(units, work, workers, options, progress)

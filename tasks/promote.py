@@ -1,10 +1,11 @@
 """Move CURRENT: promote a validated version, or roll back to an earlier one (compare-and-swap).
 
 Two kinds of promote. An operator's (`ragindex promote`) is an explicit act: it checks only that the
-version is ready and intact. A refresh run's (`promote_planned`) is automatic, and also refuses to
-move CURRENT when it is no longer the one the run planned from, while a rollback hold is active
-(`storage.holds`), to a version that knows less recent Wikipedia than CURRENT does, or to one built
-before a takedown that serves the page taken down (`storage.denylist`).
+version is ready and intact, with the whole lineage it serves (`IndexStore.promote`). A refresh
+run's (`promote_planned`) is automatic, and also refuses to move CURRENT when it is no longer the one
+the run planned from, while a rollback hold is active (`storage.holds`), to a version that knows less
+recent Wikipedia than CURRENT does, or to one built before a takedown that serves the page taken down
+(`storage.denylist`).
 """
 
 from __future__ import annotations
