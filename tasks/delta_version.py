@@ -40,9 +40,9 @@ from storage.timing import Steps
 from storage.verify import pin_segment
 from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
-from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
+from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
-from tasks.incr_dumps import IncrDay
+from tasks.incr_dumps import IncrDay, check_days_complete
 from tasks.passage_table import write_passage_table
 from tasks.progress import Progress
 from tasks.reuse_index import write_hash_index
@@ -86,7 +86,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
     ancestors = lineage_manifests(store, parent)  # the parent's segments, each checked, then the parent
-    revisions = steps.run("parse_days", newest_revisions, list(files))
+    revisions = steps.run("parse_days", _parse_days, days, files)
     tombstones, parent_rows = steps.run("parent_pages", _parent_rows, store, parent, set(revisions.pages))
     last = days[-1]
     version_id = store.begin_version(parent.source.wiki, last.date)
@@ -119,6 +119,13 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                                        question_encoder=question_encoder)
 
         return steps.run("validate", draft_and_validate)
+
+
+def _parse_days(days: Sequence[IncrDay], files: Sequence[Location]) -> Revisions:
+    """The newest revision of every page the days touch; `PartialDay` when a file falls short of its maxrevid."""
+    revisions = newest_revisions(list(files))
+    check_days_complete(days, revisions.highest)
+    return revisions
 
 
 def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> None:

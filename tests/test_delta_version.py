@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -145,3 +146,22 @@ def test_days_that_change_nothing_make_no_version(base, tmp_path, tiny_dpr):
     edit, edit_path = _day(tmp_path, "20240103", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
     with pytest.raises(Rejected, match="encoder differs"):
         build_delta_version(store, parent, [edit], [edit_path], spec=other, progress=False)
+
+
+def test_a_done_day_whose_file_falls_short_of_its_maxrevid_is_refused(base, tmp_path, tiny_dpr):
+    """status done:all, md5 right, but the file stops before the maxrevid the day published: applied as
+    complete, the missing edits would be lost for good (the next night starts after this day)."""
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+    partial = dataclasses.replace(day, maxrevid=5003)
+
+    with pytest.raises(Rejected, match="maxrevid") as exc:
+        build_delta_version(store, parent, [partial], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+
+    assert str(exc.value) == ("adds-changes day 20240102 is marked done:all but its "
+                              "enwiki-20240102-pages-meta-hist-incr.xml.bz2 holds revisions only up to 5000, "
+                              "short of its maxrevid 5003: a partial file, not applied")
+    assert [v.version for v in store.list_versions()] == [parent] and store.current().version == parent
+    assert build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                               progress=False).status == "ready"  # the whole day applies
