@@ -28,6 +28,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,21 @@ def _private_cache_dir(path: str, tighten: bool = True) -> None:
 
 def _stamp(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where this user's cache lives and how much it may hold. Built once at the edge from the settings
+    (`flows.settings.Settings.cache_config`: RAGINDEX_CACHE_DIR, RAGINDEX_CACHE_MAX_SIZE) and carried down
+    by the store and its locations (`IndexStore.cache`, `Location.cache`), so every step that reads store
+    files through the cache, serving or building, opens the same one; nobody below the edge guesses it."""
+
+    base: str | None = None  # None: default_cache_base()
+    max_bytes: int | None = None  # None: DEFAULT_MAX_BYTES
+
+    def for_store(self, store_url: str, hasher: Hasher | None = None) -> FileCache:
+        """The cache of the store at `store_url`."""
+        return FileCache.for_store(store_url, self.base, self.max_bytes, hasher)
 
 
 class FileCache:

@@ -30,7 +30,6 @@ import numpy as np
 from rag_model.encoders import EncoderSpec, fingerprint_of
 from rag_model.lineage import lineage_manifests, read_tombstones, served_rows
 from storage import layout
-from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import atomic_write
 from storage.location import Location
@@ -140,7 +139,7 @@ def _check_applies(plan: DeltaPlan, days: Sequence[IncrDay], parent_id: str) -> 
 def _parent_rows(store: IndexStore, parent: Manifest, touched: set[int]) -> tuple[np.ndarray, _ParentRows]:
     """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
     and their row ids."""
-    pins = FileCache.for_store(store.url).pins()
+    pins = store.file_cache().pins()
     try:
         tombstones = read_tombstones(pins, store, parent)
     finally:

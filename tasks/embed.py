@@ -35,7 +35,7 @@ from rag_model.encoders import (
 )
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.cache import FileCache, Pins, store_root_url
+from storage.cache import Pins, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json
 from storage.layout import EMBED_COLUMNS
@@ -196,7 +196,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[Location], key: str,
         fs, root = where.fs, where.path
         digests = _root_digests(fs, root)
         shard, row = source.table.lookup(keys[todo])
-        pins = FileCache.for_store(store_root_url(where.url)).pins()
+        pins = where.cache.for_store(store_root_url(where.url)).pins()
         try:
             for s in np.unique(shard[shard >= 0]).tolist():
                 npy_path = source.npy_paths[s]
