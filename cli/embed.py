@@ -55,7 +55,7 @@ def embed(
     settings = load_settings()
     spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
                        normalize=normalize, max_length=max_length)
-    sources = [Location(root, settings.s3_endpoint_url) for root in reuse_from or []]
+    sources = [Location(root, settings.s3_endpoint_url, settings.cache_config) for root in reuse_from or []]
     if reuse_store:
         store = open_store(reuse_store, settings)
         sources += find_reuse_sources(store, fingerprint_of(spec))

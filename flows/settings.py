@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from storage.cache import CacheConfig
 from storage.errors import NotFound, RagindexError
 from storage.fs import is_local
 from storage.sizes import format_size, parse_size
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
         return parse_size(self.cache_max_size)
 
     @property
+    def cache_config(self) -> CacheConfig:
+        """The one place the local file cache's settings are read: every store the edge opens carries them."""
+        return CacheConfig(self.cache_base, self.cache_max_bytes)
+
+    @property
     def cache_base(self) -> str | None:
         """RAGINDEX_CACHE_DIR, else $XDG_CACHE_HOME/ragindex, else None (storage.cache's ~/.cache/ragindex)."""
         if self.cache_dir:
@@ -129,7 +135,7 @@ def open_store(url: str | None = None, settings: Settings | None = None, *, must
     create a store (download, build, refresh, demo) leave it False.
     """
     s = settings or load_settings()
-    store = IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url)
+    store = IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url, cache=s.cache_config)
     if must_exist:
         check_store_exists(store)
     return store

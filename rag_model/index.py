@@ -25,7 +25,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,8 @@ class VersionIndex(Index):
         manifest = store.manifest(version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
-        pins = (cache or FileCache.for_store(store.url, base=cache_dir)).pins(private=True, rehash=rehash)
+        config = replace(store.cache, base=cache_dir) if cache_dir else store.cache
+        pins = (cache or config.for_store(store.url)).pins(private=True, rehash=rehash)
         try:
             segments, _ = open_segments(store, manifest, pins, table=True, embeddings=with_embeddings)
             opened = cls(version_id, manifest, segments)

@@ -29,7 +29,7 @@ from rag_model.segments import Segment, dropped_positions
 from rag_model.vector_search import read_index
 from rag_model.vectors import load_tombstones, open_embeddings, verified_embeddings
 from storage import layout
-from storage.cache import FileCache, Pins
+from storage.cache import Pins
 from storage.errors import Rejected
 from storage.location import Location
 from storage.manifest import Manifest
@@ -124,7 +124,7 @@ def served_rows(store: IndexStore, manifest: Manifest, columns: list[str]) -> It
     """`row_id` and `columns` of the rows a committed version serves, segment by segment, oldest first
     (tombstoned rows left out). Each segment's passages.arrow is memory-mapped through the local file
     cache, so only the columns asked for are read and an unchanged file is hashed once, not every night."""
-    pins = FileCache.for_store(store.url).pins()
+    pins = store.file_cache().pins()
     try:
         tombstones = read_tombstones(pins, store, manifest)
         for m in lineage_manifests(store, manifest):

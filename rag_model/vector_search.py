@@ -8,6 +8,7 @@ dimension sqrt(phi - ||d||^2) on the stored vectors, 0 on the query). Knows noth
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -45,7 +46,8 @@ def read_index(
     if where.is_local and sha256 is None:
         local = path  # nothing to verify against: map it in place
     else:
-        cache = cache or FileCache.for_store(store_root_url(where.url), base=cache_dir)
+        config = replace(where.cache, base=cache_dir) if cache_dir else where.cache
+        cache = cache or config.for_store(store_root_url(where.url))
         local = cache.verified_path(fs, path, sha256, where.url)
     if not mmap:
         return faiss.read_index(local)

@@ -41,8 +41,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import Corrupt, RagindexError
-from storage.fs import file_digest, is_local
+from storage.errors import Corrupt
+from storage.fs import file_digest, is_local, private_dir
 from storage.layout import split_version_url
 from storage.manifest import Manifest
 from storage.verify import VersionFiles, check_digest, expected_sha256
@@ -74,20 +74,8 @@ def store_key(store_url: str) -> str:
     return hashlib.sha256(store_url.encode()).hexdigest()[:16]
 
 
-def _private_dir(path: str, tighten: bool = True) -> None:
-    """Create `path` 0700 if needed; refuse one owned by another user (or reachable by a symlink).
-    `tighten` makes an existing one 0700 (not done to a base directory the user named)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if os.path.islink(path) or not os.path.isdir(path):
-        raise RagindexError(f"cache directory {path} is not a plain directory: refusing to use it")
-    if st.st_uid != os.getuid():
-        raise RagindexError(
-            f"cache directory {path} is owned by uid {st.st_uid}, not by this user ({os.getuid()}): refusing to "
-            "use it (give another --cache-dir or RAGINDEX_CACHE_DIR)"
-        )
-    if tighten and st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+def _private_cache_dir(path: str, tighten: bool = True) -> None:
+    private_dir(path, tighten, what="cache directory", hint=" (give another --cache-dir or RAGINDEX_CACHE_DIR)")
 
 
 def _stamp(st: os.stat_result) -> dict[str, int]:
@@ -99,6 +87,21 @@ def file_stamp(path: str) -> dict[str, int]:
     return _stamp(os.stat(path))
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where this user's cache lives and how much it may hold. Built once at the edge from the settings
+    (`flows.settings.Settings.cache_config`: RAGINDEX_CACHE_DIR, RAGINDEX_CACHE_MAX_SIZE) and carried down
+    by the store and its locations (`IndexStore.cache`, `Location.cache`), so every step that reads store
+    files through the cache, serving or building, opens the same one; nobody below the edge guesses it."""
+
+    base: str | None = None  # None: default_cache_base()
+    max_bytes: int | None = None  # None: DEFAULT_MAX_BYTES
+
+    def for_store(self, store_url: str, hasher: Hasher | None = None) -> FileCache:
+        """The cache of the store at `store_url`."""
+        return FileCache.for_store(store_url, self.base, self.max_bytes, hasher)
+
+
 class FileCache:
     """Verified local paths for store files. Safe for threads of one process; processes share the disk."""
 
@@ -108,8 +111,8 @@ class FileCache:
         self.hasher = hasher or sha256_of_path  # the seam tests count hashes through
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
-        _private_dir(os.path.dirname(os.path.abspath(root)), tighten=False)
-        _private_dir(root)
+        _private_cache_dir(os.path.dirname(os.path.abspath(root)), tighten=False)
+        _private_cache_dir(root)
 
     @classmethod
     def for_store(

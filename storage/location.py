@@ -4,19 +4,21 @@ Below the edges, every step that reads or writes files takes a `Location` instea
 endpoint: the edges (CLI options, flow parameters, settings) make one from what the user typed and
 `RAGINDEX_S3_ENDPOINT_URL`, and a store hands out the locations inside its versions
 (`IndexStore.at`). Like Lance's storage options, the endpoint is given once, where a location is first
-named. A `Location` pickles as its URL and endpoint (a Ray worker gets one and makes its own
+named. The settings of the local file cache travel the same way (`cache`). A `Location` pickles as its
+URL, endpoint and cache settings (a Ray worker gets one and makes its own
 filesystem); its filesystem is made on first use.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import fsspec
 
+from storage.cache import CacheConfig
 from storage.fs import is_local, join, resolve, to_url
 
 
@@ -24,6 +26,7 @@ from storage.fs import is_local, join, resolve, to_url
 class Location:
     url: str  # a local path, file:// or s3:// URL
     s3_endpoint_url: str | None = None  # the S3-compatible endpoint that serves an s3:// URL (None: AWS's)
+    cache: CacheConfig = field(default=CacheConfig(), compare=False)  # the local cache its files are read through
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", os.fspath(self.url))  # a pathlib.Path names a local directory too
@@ -52,22 +55,22 @@ class Location:
 
     def child(self, *parts: str) -> Location:
         """The location of `parts` below this one, reached the same way."""
-        return Location(join(self.url, *parts), self.s3_endpoint_url)
+        return Location(join(self.url, *parts), self.s3_endpoint_url, self.cache)
 
     def sibling(self, path: str) -> Location:
         """Another path of the same filesystem (as `fs` names it), reached the same way."""
-        return Location(to_url(self.fs, path), self.s3_endpoint_url)
+        return Location(to_url(self.fs, path), self.s3_endpoint_url, self.cache)
 
     def reach(self, url: str) -> Location:
         """Another URL, reached through the same endpoint (a record's file, named by its URL)."""
-        return Location(url, self.s3_endpoint_url)
+        return Location(url, self.s3_endpoint_url, self.cache)
 
     def contains(self, other: Location) -> bool:
         """Whether `other` lies below this location (same filesystem): where a record may point."""
         return type(other.fs) is type(self.fs) and other.path.startswith(self.path.rstrip("/") + "/")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Location, (self.url, self.s3_endpoint_url))  # not the filesystem made on first use
+        return (Location, (self.url, self.s3_endpoint_url, self.cache))  # not the filesystem made on first use
 
     def __str__(self) -> str:
         return self.url

@@ -37,6 +37,7 @@ from pydantic import Field, ValidationError
 
 from storage import holds as hold_records
 from storage import names
+from storage.cache import CacheConfig, FileCache
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, is_temp_name, join, remove_inside, resolve, to_url
 from storage.holds import Hold
@@ -69,11 +70,13 @@ class CorruptVersion:
 class IndexStore:
     """One store root, local or S3, through a single fsspec code path."""
 
-    def __init__(self, url: str, s3_endpoint_url: str | None = None) -> None:
+    def __init__(self, url: str, s3_endpoint_url: str | None = None, cache: CacheConfig | None = None) -> None:
         self.s3_endpoint_url = s3_endpoint_url
+        self.cache = cache or CacheConfig()  # the local file cache every reader of this store goes through
         self.fs, self.root = resolve(url, s3_endpoint_url)
         self.url = to_url(self.fs, self.root)
-        self.location = Location(self.url, s3_endpoint_url)  # the root, as the steps below the store take it
+        # The root, as the steps below the store take it.
+        self.location = Location(self.url, s3_endpoint_url, self.cache)
         self._conditional_writes_ok = False
 
     def __repr__(self) -> str:
@@ -91,9 +94,13 @@ class IndexStore:
         """A URL for a version's files, as people and reports read it."""
         return to_url(self.fs, self.version_path(version_id, *parts))
 
+    def file_cache(self) -> FileCache:
+        """This store's local file cache, as the edge configured it (`cache`)."""
+        return self.cache.for_store(self.url)
+
     def at(self, version_id: str, *parts: str) -> Location:
         """A version's files as the steps that read and write them take them (with this store's endpoint)."""
-        return Location(self.version_url(version_id, *parts), self.s3_endpoint_url)
+        return Location(self.version_url(version_id, *parts), self.s3_endpoint_url, self.cache)
 
     def downloads_path(self, wiki: str, dump_date: str, *parts: str) -> str:
         return self.path("downloads", names.check_wiki(wiki), names.check_dump_date(dump_date), *parts)

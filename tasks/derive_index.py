@@ -18,7 +18,6 @@ import faiss
 from rag_model.vector_search import read_index
 from rag_model.vectors import open_embeddings
 from storage import layout
-from storage.cache import FileCache
 from storage.location import Location
 from storage.manifest import IndexInfo, Manifest
 from storage.verify import expected_sha256
@@ -38,7 +37,7 @@ def derive_index(store, base: Manifest, embeddings: Location, index_file: Locati
     started = time.perf_counter()
     relpath = layout.INDEX_FILE
     index = read_index(store.at(base.version, relpath), sha256=expected_sha256(base, relpath),
-                       cache=FileCache.for_store(store.url))
+                       cache=store.file_cache())
     ivf = faiss.extract_index_ivf(index)
     empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(empty, True)

@@ -7,7 +7,8 @@ result is a `DumpRef`: where it came from and which files, with their sha1 and s
 Mirror downloads stream to a temp name beside the target, resume with an HTTP Range request,
 retry with backoff, and are renamed into place only once their sha1 (md5 for the daily adds-changes
 files of `tasks.incr_dumps`) matches, so a file under its
-final name in `downloads/<wiki>/<date>/` is always complete and verified. Network trouble is retried
+final name in `downloads/<wiki>/<date>/` is always complete and verified, and kept only while it
+still matches what the mirror publishes (a republished file is fetched again). Network trouble is retried
 here (backoff, resumed transfers) and only here: the flow's Prefect tasks do not retry on top.
 
 Locating a dump (mirror or local/S3 layout) and fetching it share the mirror's layout and `DumpRef`;
@@ -22,15 +23,16 @@ import os
 import re
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import httpx
 from tqdm import tqdm
 
 from storage import names
 from storage.errors import InvalidName, NotFound, Rejected
-from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
+from storage.fs import file_digest, is_local, join, load_json, private_dir, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
 from storage.store import IndexStore
 from tasks.mirror_http import DownloadError, MirrorHttp, listed_dates
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 # Local dump files whose name carries no date and that hold no revision to date them by get this one:
 # valid for `check_dump_date`, sorts before every real dump, and says plainly "date unknown".
 UNDATED = "00000000"
+SCRATCH_DAYS = 7  # a partial S3-bound download left this long by a killed run is not resumed but removed
 _DUMP_NAME = re.compile(r"^([a-z][a-z0-9_]*?wik[a-z]*)-(\d{8}|latest)-")
 _DATA_NAME = re.compile(r"-pages-(?:articles|meta-current|meta-history)[^/]*\.xml(?:[^/]*\.bz2)?$")
 @dataclass
@@ -385,22 +388,23 @@ def _expected_digest(f: RemoteFile) -> tuple[str, str] | None:
 
 
 def fetch_verified(http: MirrorHttp, f: RemoteFile, store: IndexStore, wiki: str, date: str, progress: bool) -> str:
-    """Download `f` into `downloads/<wiki>/<date>/`, renamed to its final name only once verified."""
+    """Download `f` into `downloads/<wiki>/<date>/`, renamed to its final name only once verified.
+
+    A file already there is kept only while it matches what the mirror publishes now: a day or a dump
+    republished with a new checksum (a truncated file that matched its old md5, say) is fetched again."""
     names.check_file_name(f.name)
     final = store.downloads_path(wiki, date, f.name)
-    if store.fs.exists(final) and (f.size is None or store.fs.size(final) == f.size):
-        # Only a verified file is ever renamed to its final name: present means verified.
+    if store.fs.exists(final) and _still_published(store, final, f):
         return to_url(store.fs, final)
     if is_local(store.fs):
         partial = store.downloads_path(wiki, date, f".{f.name}.part")
+        os.makedirs(os.path.dirname(partial), exist_ok=True)
     else:  # S3 cannot append: resume locally, upload once verified
-        cache = os.path.join(tempfile.gettempdir(), "ragindex-downloads", wiki, date)
-        partial = os.path.join(cache, f".{f.name}.part")
-    os.makedirs(os.path.dirname(partial), exist_ok=True)
+        partial = os.path.join(resume_scratch(wiki, date), f".{f.name}.part")
 
     expected = _expected_digest(f)
     for fresh_start in (False, True):
-        if fresh_start and os.path.exists(partial):
+        if fresh_start and os.path.lexists(partial):
             os.remove(partial)
         resumed = _transfer(http, f, partial, progress)
         if expected is None:
@@ -421,6 +425,67 @@ def fetch_verified(http: MirrorHttp, f: RemoteFile, store: IndexStore, wiki: str
     return to_url(store.fs, final)
 
 
+def _still_published(store: IndexStore, final: str, f: RemoteFile) -> bool:
+    """Whether the stored download is the file the mirror publishes now: its size and, when the mirror
+    publishes one, its checksum. The stored file is hashed again (the read a parse makes anyway): a
+    present file proves only that it matched what was published when it was fetched."""
+    if f.size is not None and store.fs.size(final) != f.size:
+        log.warning("%s: the mirror now publishes %d bytes: fetching it again", f.name, f.size)
+        return False
+    expected = _expected_digest(f)
+    if expected is None:
+        return True
+    algorithm, want = expected
+    if file_digest(store.fs, final, algorithm) == want.lower():
+        return True
+    log.warning("%s: the mirror now publishes %s %s, which the stored copy does not match: fetching it again",
+                f.name, algorithm, want)
+    return False
+
+
+def resume_scratch(wiki: str, date: str) -> str:
+    """Where an S3-bound download resumes: `<tmp>/ragindex-<uid>/downloads/<wiki>/<date>/`.
+
+    Per user and private (0700, ours, not a symlink: refused otherwise), so no other local user can plant a
+    file or a symlink the worker would write through. Partial files not touched for `SCRATCH_DAYS` are
+    removed by the next download; a finished one is removed once uploaded."""
+    names.check_wiki(wiki)
+    names.check_dump_date(date)
+    hint = " (set TMPDIR to a directory of your own)"
+    root = private_dir(os.path.join(tempfile.gettempdir(), f"ragindex-{os.getuid()}"), what="scratch directory",
+                       hint=hint)
+    base = private_dir(os.path.join(root, "downloads"), what="scratch directory", hint=hint)
+    _drop_stale_partials(base)
+    scratch = private_dir(os.path.join(base, wiki), what="scratch directory", hint=hint)
+    return private_dir(os.path.join(scratch, date), what="scratch directory", hint=hint)
+
+
+def _drop_stale_partials(base: str) -> None:
+    """Remove what killed downloads left and nobody resumed for `SCRATCH_DAYS`, and the emptied directories."""
+    cutoff = time.time() - SCRATCH_DAYS * 86400
+    for top, dirs, files in os.walk(base, topdown=False):
+        for name in files:
+            path = os.path.join(top, name)
+            with suppress(FileNotFoundError):
+                if os.lstat(path).st_mtime < cutoff:
+                    os.remove(path)
+        for name in dirs:
+            with suppress(OSError):  # only empty ones go
+                os.rmdir(os.path.join(top, name))
+
+
+def _open_partial(partial: str, append: bool) -> BinaryIO:
+    """The partial file for writing, never through a symlink: appended to as it is, or created afresh
+    (O_EXCL after removing what was there, so nothing planted between the two is written through)."""
+    if append:
+        fd = os.open(partial, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    else:
+        with suppress(FileNotFoundError):
+            os.remove(partial)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
 def _transfer(http: MirrorHttp, f: RemoteFile, partial: str, progress: bool) -> bool:
     """Bring `partial` up to the whole file, resuming with Range requests, retrying with backoff.
 
@@ -428,6 +493,8 @@ def _transfer(http: MirrorHttp, f: RemoteFile, partial: str, progress: bool) -> 
     """
     resumed = False
     last_error = ""
+    if os.path.islink(partial):  # never resumed into nor written through: whoever planted it gets nothing
+        os.remove(partial)
     for attempt in range(http.retries + 1):
         have = os.path.getsize(partial) if os.path.exists(partial) else 0
         if f.size is not None and have == f.size:
@@ -450,7 +517,7 @@ def _transfer(http: MirrorHttp, f: RemoteFile, partial: str, progress: bool) -> 
                                                 response=response)
                 append = bool(have) and response.status_code == 206
                 resumed = resumed or append
-                with open(partial, "ab" if append else "wb") as out, \
+                with _open_partial(partial, append) as out, \
                         _bar(f.name, f.size, progress, initial=have if append else 0) as bar:
                     for block in response.iter_raw():  # unbuffered: a cut keeps what arrived
                         out.write(block)

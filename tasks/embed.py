@@ -36,7 +36,7 @@ from rag_model.encoders import (
 )
 from rag_model.vectors import read_rows
 from storage import layout
-from storage.cache import FileCache, Pins, store_root_url
+from storage.cache import Pins, store_root_url
 from storage.errors import Corrupt, RagindexError, first_line
 from storage.fs import atomic_write, file_digest, join, load_json
 from storage.layout import EMBED_COLUMNS
@@ -46,6 +46,7 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
+from tasks.chunk import content_hashes
 from tasks.progress import Meter, Progress
 from tasks.reuse_index import hash_keys, open_source
 
@@ -117,6 +118,15 @@ def read_passage_shard(fs: Any, path: str) -> tuple[pa.Table, str]:
     for column in ("title", "text", "content_hash"):
         if table.column(column).null_count:
             raise EmbedError(f"passage shard {path}: column {column!r} has null values")
+    # Vectors are reused by content_hash: one that is not the hash of its row's title and text would give
+    # that row another passage's vector (assembly computes them; a shard changed since is refused).
+    hashes = content_hashes(table.column("title"), table.column("text"))
+    wrong = pc.invert(pc.equal(hashes, table.column("content_hash").combine_chunks()))
+    if pc.any(wrong).as_py():
+        first = pc.index(wrong, True).as_py()
+        raise EmbedError(f"passage shard {path}: row {first} (row_id {table.column('row_id')[first].as_py()}) "
+                         f"and {pc.sum(wrong).as_py() - 1} more carry a content_hash that is not the hash of their "
+                         "title and text: refusing to embed it")
     return table.select(list(EMBED_COLUMNS)), sha
 
 
@@ -202,7 +212,7 @@ def _reuse_vectors(hashes: pa.Array, reuse_from: Sequence[Location], key: str,
         fs, root = where.fs, where.path
         digests = _root_digests(fs, root)
         shard, row = source.table.lookup(keys[todo])
-        pins = FileCache.for_store(store_root_url(where.url)).pins()
+        pins = where.cache.for_store(store_root_url(where.url)).pins()
         try:
             for s in np.unique(shard[shard >= 0]).tolist():
                 npy_path = source.npy_paths[s]

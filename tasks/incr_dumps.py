@@ -17,6 +17,7 @@ retried, renamed into `downloads/<wiki>/<date>/` only once the md5 matches.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -121,6 +122,23 @@ def _md5_of(http: MirrorHttp, location: str, wiki: str, date: str, name: str) ->
     if len(found) > 1:
         raise Rejected(f"{url} lists {len(found)} different md5s for {name}")
     return found.pop()
+
+
+class PartialDay(Rejected):
+    """A day marked `done:all` whose pages file holds fewer revisions than its `maxrevid` says it covers."""
+
+
+def check_days_complete(days: Sequence[IncrDay], highest: Sequence[int]) -> None:
+    """`PartialDay` unless each day's pages file reaches the `maxrevid` the day published (`highest`: the
+    highest revision id each file holds, in the same order).
+
+    Applied as complete, a partial day would lose the edits it is missing for good: the next night starts
+    after it. So the night fails, naming the day, and applies nothing; the days before it are not applied
+    alone either, and the next night tries again (a republished day has a new md5 and is fetched again)."""
+    for day, top in zip(days, highest, strict=True):
+        if top < day.maxrevid:
+            raise PartialDay(f"adds-changes day {day.date} is marked {DONE} but its {day.file.name} holds revisions "
+                             f"only up to {top}, short of its maxrevid {day.maxrevid}: a partial file, not applied")
 
 
 def download_day(day: IncrDay, store: IndexStore, user_agent: str, *, retries: int = 5, backoff_s: float = 1.0,

@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 from rag_model.lineage import open_segments
 from rag_model.segments import Segment
 from rag_model.vectors import sample_rows
-from storage.cache import FileCache
 from storage.manifest import Manifest
 from storage.store import IndexStore
 
@@ -27,7 +26,7 @@ class LineageRows:
 
     def __init__(self, store: IndexStore, manifest: Manifest) -> None:
         self.manifest = manifest
-        pins = FileCache.for_store(store.url).pins()
+        pins = store.file_cache().pins()
         try:
             self.segments, self.tombstones = open_segments(store, manifest, pins, embeddings=True,
                                                            passage_files=True, own_checked=True)

@@ -39,7 +39,7 @@ from storage.manifest import SourceDump
 from storage.records import ArticleCounts, PassagesSummary, ShardEntry, UnitRecord
 from storage.scratch import scratch_dir
 from storage.timing import timed
-from tasks.chunk import chunk_article
+from tasks.chunk import chunk_article, content_hashes
 from tasks.clean import CleanOptions, is_disambiguation, options_to_json
 from tasks.cleaner import GuardedCleaner, cleaner_for
 from tasks.parse import (
@@ -347,8 +347,12 @@ def _write_shards(out: Location, results: list[UnitRecord], shard_rows: int, wri
                     yield _without_denied(batch, denied, left_out) if denied else batch
 
     def with_row_ids(batch: pa.RecordBatch, first: int) -> pa.RecordBatch:
+        # content_hash keys the reuse of vectors: recomputed here from what is embedded, never copied from a
+        # unit file, so a planted file with an edited sentence cannot keep the original's hash (and vector).
         row_ids = pa.array(range(first, first + batch.num_rows), pa.int64())
-        return pa.RecordBatch.from_arrays([row_ids, *batch.columns], schema=PASSAGE_SCHEMA)
+        hashes = content_hashes(batch.column("title"), batch.column("text"))
+        columns = [hashes if name == "content_hash" else batch.column(name) for name in UNIT_SCHEMA.names]
+        return pa.RecordBatch.from_arrays([row_ids, *columns], schema=PASSAGE_SCHEMA)
 
     def emit(batches_: list[pa.RecordBatch]) -> tuple[str, int]:
         name = layout.passage_part(shard)

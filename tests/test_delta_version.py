@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
+from flows.settings import load_settings, open_store
 from rag_model.encoders import EncoderSpec
 from rag_model.index import VersionIndex
 from storage import layout
@@ -162,3 +164,49 @@ def test_days_that_only_remove_pages_make_a_delta_with_no_rows_of_its_own(base, 
     index = VersionIndex.open(store, m.version)
     queries = np.random.default_rng(1).standard_normal((8, m.encoder.dim)).astype(np.float32)
     assert index.size == 117 and 8 not in {h.page_id for hits in index.search(queries, 200) for h in hits}
+
+
+def test_a_done_day_whose_file_falls_short_of_its_maxrevid_is_refused(base, tmp_path, tiny_dpr):
+    """status done:all, md5 right, but the file stops before the maxrevid the day published: applied as
+    complete, the missing edits would be lost for good (the next night starts after this day)."""
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+    partial = dataclasses.replace(day, maxrevid=5003)
+
+    with pytest.raises(Rejected, match="maxrevid") as exc:
+        build_delta_version(store, parent, [partial], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+
+    assert str(exc.value) == ("adds-changes day 20240102 is marked done:all but its "
+                              "enwiki-20240102-pages-meta-hist-incr.xml.bz2 holds revisions only up to 5000, "
+                              "short of its maxrevid 5003: a partial file, not applied")
+    assert [v.version for v in store.list_versions()] == [parent] and store.current().version == parent
+    assert build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                               progress=False).status == "ready"  # the whole day applies
+
+
+def test_a_delta_build_and_its_validation_use_only_the_configured_cache(base, tmp_path, tiny_dpr, monkeypatch):
+    """RAGINDEX_CACHE_DIR reaches every step of a build through the store the edge opens: parent rows,
+    reuse, derive, validation; nothing lands in ~/.cache."""
+    store, parent = base
+    home, configured = tmp_path / "home", tmp_path / "configured-cache"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("RAGINDEX_CACHE_DIR", str(configured))
+    monkeypatch.setenv("RAGINDEX_CACHE_MAX_SIZE", "64MiB")
+    load_settings.cache_clear()
+    try:
+        edge = open_store(store.url)
+    finally:
+        load_settings.cache_clear()
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))])])
+
+    m = build_delta_version(edge, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+
+    assert m.status == "ready" and m.validation.passed
+    assert [p for p in home.rglob("*") if p.is_file()] == []
+    records = {p.parent.name for p in configured.rglob("*.json")}
+    assert records == {"local"}  # the parent's files, verified in place, recorded in the configured cache
+    cache = edge.file_cache()
+    assert cache.root.startswith(str(configured)) and cache.max_bytes == 64 * 2**20  # its bound too

@@ -5,12 +5,17 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
+import os
 import pickle
+import shutil
 import socket
+import stat
+import tempfile
+import time
 
 import pytest
 
-from storage.errors import InvalidName, NotFound, Rejected
+from storage.errors import InvalidName, NotFound, RagindexError, Rejected
 from storage.store import IndexStore
 from tasks.download import UNDATED, DownloadError, download_dump, resolve_dump, resolve_source
 from tests.fixtures.mirror import dump_xml, make_dump, sample_pages, set_status
@@ -240,3 +245,66 @@ def test_undated_local_files_are_dated_by_their_newest_revision(tmp_path):
     dated.write_text(dump_xml("frwiki", sample_pages(1)))
     with pytest.raises(Rejected, match="is the dump of 20240101, not of --date 20240102"):
         resolve_source(str(dated), date="20240102")
+
+
+def test_a_dump_file_republished_with_a_new_sha1_is_fetched_again(mirror, store):
+    """Same size, new bytes, new sha1 in dumpstatus.json: the stored copy no longer counts as verified."""
+    run = mirror.add_run("enwiki", "20240101", sample_pages(3))
+    ref = resolve_dump("enwiki", "20240101", mirror.url, UA)
+    download_dump(ref, store, UA, progress=False)
+    data = run / ref.files[0].name
+    bad = bytearray(data.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF  # the mirror's corrected file: same size, another sha1
+    data.write_bytes(bytes(bad))
+    set_status(run, "articlesmultistreamdump", "done")
+    again = resolve_dump("enwiki", "20240101", mirror.url, UA)
+    assert again.files[0].sha1 != ref.files[0].sha1 and again.files[0].size == ref.files[0].size
+
+    download_dump(again, store, UA, progress=False)
+
+    assert len(mirror.gets(data.name)) == 2 and len(mirror.gets(ref.files[1].name)) == 1
+    with store.fs.open(store.downloads_path("enwiki", "20240101", data.name), "rb") as got:
+        assert hashlib.sha1(got.read()).hexdigest() == again.files[0].sha1
+
+
+def test_s3_downloads_resume_in_a_private_scratch_and_never_write_through_a_symlink(mirror, s3_bucket, moto_server,
+                                                                                   tmp_path, monkeypatch):
+    shared = tmp_path / "tmp"  # stands for the shared /tmp: any local user may write here
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    mirror.add_run("enwiki", "20240101", sample_pages(30, words=300))
+    ref = resolve_dump("enwiki", "20240101", mirror.url, UA)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"a file the worker can write")
+    planted = shared / "ragindex-downloads" / "enwiki" / "20240101"  # the old predictable path
+    planted.mkdir(parents=True)
+    for f in ref.files:
+        (planted / f".{f.name}.part").symlink_to(victim)
+    scratch = shared / f"ragindex-{os.getuid()}" / "downloads"
+    stale = scratch / "enwiki" / "20230101" / ".enwiki-20230101-pages-articles.xml.bz2.part"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed run")
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)
+    store = IndexStore(f"s3://{s3_bucket}/store", s3_endpoint_url=moto_server)
+    cut = ref.files[0].size // 3
+    mirror.cut_next(ref.files[0].name, cut)
+
+    download_dump(ref, store, UA, progress=False, backoff_s=0.01)
+
+    assert victim.read_bytes() == b"a file the worker can write"
+    assert mirror.gets(ref.files[0].name)[-1]["range"] == f"bytes={cut}-"  # resumed from the private scratch
+    for d in (scratch.parent, scratch, scratch / "enwiki", scratch / "enwiki" / "20240101"):
+        assert stat.S_IMODE(d.lstat().st_mode) == 0o700 and not d.is_symlink()
+    assert not stale.exists() and not stale.parent.exists()  # cleaned by the next run
+    assert [p for p in scratch.rglob("*") if p.is_file()] == []  # uploaded: nothing left behind
+    with store.fs.open(store.downloads_path("enwiki", "20240101", ref.files[0].name), "rb") as got:
+        assert hashlib.sha1(got.read()).hexdigest() == ref.files[0].sha1
+
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    shutil.rmtree(scratch.parent)
+    scratch.parent.symlink_to(elsewhere)  # a scratch root planted as a symlink is refused, not followed
+    with pytest.raises(RagindexError, match="not a plain directory") as exc:
+        download_dump(resolve_dump("enwiki", "20240101", mirror.url, UA), IndexStore(
+            f"s3://{s3_bucket}/other", s3_endpoint_url=moto_server), UA, progress=False)
+    assert "\n" not in str(exc.value) and list(elsewhere.iterdir()) == []

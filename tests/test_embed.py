@@ -17,11 +17,14 @@ import pytest
 from rag_model.encoders import EncoderSpec, fingerprint_of, load_document_encoder
 from storage import layout
 from storage.errors import RagindexError
-from storage.layout import PASSAGE_SCHEMA
+from storage.layout import PASSAGE_SCHEMA, UNIT_SCHEMA
 from storage.location import Location
 from storage.manifest import IndexInfo, Manifest, SourceDump
+from storage.records import UnitRecord
 from storage.store import IndexStore
+from tasks.chunk import content_hash
 from tasks.embed import embed_passages, embed_shard, find_reuse_sources, write_embeddings_summary
+from tasks.passages import assemble
 from tests.fixtures.models import COMMON_WORDS, save_tiny_dpr_encoder, write_passages
 
 
@@ -360,3 +363,46 @@ def test_cli_embed_takes_normalisation_from_the_model(tmp_path, minilm_dir, caps
     summary = json.loads(capsys.readouterr().out)
     assert summary["fingerprint"]["normalize"] is True and summary["fingerprint"]["max_length"] == 256
     np.testing.assert_allclose(np.linalg.norm(load_vectors(tmp_path / "out"), axis=1), 1.0, atol=1e-5)
+
+
+def test_a_planted_passage_under_its_original_content_hash_is_encoded_not_reused(tmp_path, spec):
+    """A work unit's file with one sentence edited and the original passage's content_hash kept (its record
+    names the file's sha256, so it passes as the unit's output): assembly recomputes the hash from title and
+    text, so the edited passage gets its own vector, never the original's. A shard whose hashes were changed
+    after assembly is refused by embed."""
+    v1, rows1 = _version_root(tmp_path / "v1", make_articles(12, seed=4), spec, precision="fp32")
+    planted = [{k: v for k, v in r.items() if k != "row_id"} for r in rows1]
+    victim = 5
+    planted[victim]["text"] = "The treaty was never signed. " + planted[victim]["text"]
+    unit = tmp_path / "work" / "unit-000000.parquet"
+    unit.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(planted, schema=UNIT_SCHEMA), unit)
+    record = UnitRecord(unit={"url": str(tmp_path / "enwiki-20240101-pages-articles.xml.bz2"), "ordinal": 0},
+                        options="planted", ordinal=0, path=str(unit),
+                        sha256=hashlib.sha256(unit.read_bytes()).hexdigest(), seen=12, kept=12,
+                        passages=len(planted), words=sum(len(p["text"].split()) for p in planted), seconds=0.1)
+    out = tmp_path / "v2" / "passages"
+    assemble([record.dump()], Location(out), SourceDump(wiki="enwiki", dump_date="20240101", location=str(unit)))
+
+    rows2 = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]).to_pylist()
+    assert [r["content_hash"] for r in rows2] == [content_hash(r["title"], r["text"]) for r in rows2]
+    assert rows2[victim]["content_hash"] != rows1[victim]["content_hash"]
+    counter = Counter()
+    summary = embed_passages(Location(out), Location(tmp_path / "v2" / "embeddings"), spec, reuse_from=[Location(v1)],
+                             progress=False, encoder_calls=counter, precision="fp32")
+    assert counter.passages == summary["encoded"] == 1 and summary["reused"] == len(rows2) - 1
+    vectors1, vectors2 = load_vectors(v1 / "embeddings"), load_vectors(tmp_path / "v2" / "embeddings")
+    encoder = load_document_encoder(spec, precision="fp32")
+    np.testing.assert_allclose(vectors2[victim], encoder.encode([rows2[victim]["title"]], [rows2[victim]["text"]])[0],
+                               atol=2e-5)
+    assert not np.allclose(vectors2[victim], vectors1[victim])
+
+    shard = sorted(out.glob("part-*.parquet"))[0]
+    table = pq.read_table(shard)
+    hashes = table.column("content_hash").to_pylist()
+    hashes[victim] = rows1[victim]["content_hash"]  # the original's hash put back after assembly
+    pq.write_table(table.set_column(table.schema.get_field_index("content_hash"), "content_hash",
+                                    pa.array(hashes, pa.string())), shard)
+    with pytest.raises(RagindexError, match="content_hash that is not the hash of their title and text") as exc:
+        embed_passages(Location(out), Location(tmp_path / "v3"), spec, reuse_from=[Location(v1)], progress=False)
+    assert "\n" not in str(exc.value) and f"row {victim} " in str(exc.value)

@@ -177,3 +177,23 @@ def test_wiki_without_an_incr_directory_is_one_line(mirror):
         pending_days(mirror.url, "dewiki", "20240101", UA, **FAST)
     assert f"{mirror.url}/other/incr/dewiki/" in _one_line(exc)
     assert "dewiki" in str(exc.value) and "incr" in str(exc.value)
+
+
+def test_a_republished_day_is_fetched_again(mirror, store):
+    """A day whose pages file was cut short (and matched its md5), then republished whole with a new md5:
+    the stored copy is checked against the md5 published now and fetched again, on disk and on S3."""
+    name = pages_name("enwiki", "20240102")
+    make_incr_day(mirror.root, "enwiki", "20240102", _xml(1000, pages=1), 1005)  # revisions 1000-1001 of 1005
+    day = pending_days(mirror.url, "enwiki", "20240101", UA, **FAST).days[0]
+    url = download_day(day, store, UA, progress=False, **FAST)  # (applying it is refused: test_delta_version)
+
+    make_incr_day(mirror.root, "enwiki", "20240102", _xml(1000, pages=3), 1005)  # revisions 1000-1005
+    again = pending_days(mirror.url, "enwiki", "20240101", UA, **FAST).days[0]
+    assert again.file.md5 != day.file.md5
+
+    assert download_day(again, store, UA, progress=False, **FAST) == url
+    assert len(mirror.gets(name)) == 2  # fetched again, not kept because it was present
+    with store.fs.open(store.downloads_path("enwiki", "20240102", name), "rb") as f:
+        assert hashlib.md5(f.read()).hexdigest() == again.file.md5
+    assert download_day(again, store, UA, progress=False, **FAST) == url
+    assert len(mirror.gets(name)) == 2  # what still matches is not fetched a third time
