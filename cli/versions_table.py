@@ -4,6 +4,9 @@ An 80-column terminal gets what an operator acts on: the marks, the whole versio
 into promote / rollback: never cut or wrapped), its status, what it serves, full or delta, and its
 size. From WIDE_FROM columns on the index, shared size and creation time join them; from
 LINEAGE_TEXT_FROM on the lineage is spelled out, where the parent's id has room to stay whole.
+Once a store holds a signed version, or the reader trusts keys, a `signer` column says who signed
+each one (its key id, the first 8 hex digits of it below WIDE_FROM; `unsigned`; `invalid`), in red
+what the reader's trusted keys would refuse.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from storage.catalog import Catalog, VersionEntry
+from storage.catalog import INVALID, UNSIGNED, Catalog, VersionEntry
 from storage.sizes import format_size
 
 WIDE_FROM = 120
@@ -53,6 +56,14 @@ def _index(row: VersionEntry) -> str:
     return "manifest unreadable" if row.corrupt else f"{row.index_spec} ({row.factory})"
 
 
+def _signer(row: VersionEntry, short: bool) -> str:
+    if row.corrupt:
+        return ""
+    key = row.signed_by
+    text = key[:8] if short and key not in (UNSIGNED, INVALID) else key
+    return f"[red]{text}[/red]" if row.trusted is False or key == INVALID else text
+
+
 def _shared(row: VersionEntry) -> str:
     return format_size(row.shared_bytes) if row.shared_bytes else ""
 
@@ -77,18 +88,19 @@ _SHARED = Column("shared", _shared, right=True)
 _CREATED = Column("created", _created)
 
 
-def _columns(width: int, deltas: bool) -> list[Column]:
+def _columns(width: int, deltas: bool, signatures: bool) -> list[Column]:
     wide = width >= WIDE_FROM
     lineage = Column("lineage", VersionEntry.lineage_text) if width >= LINEAGE_TEXT_FROM else Column("mode", _mode)
+    signer = Column("signer", lambda r: _signer(r, short=not wide))
     columns = [_MARKS, _VERSION, _STATUS, _PASSAGES, lineage, *([_INDEX] if wide else []), _SIZE,
-               *([_SHARED, _CREATED] if wide else [])]
-    # Lineage and shared size only mean something once there is a delta.
-    return [c for c in columns if deltas or c not in (lineage, _SHARED)]
+               *([_SHARED, _CREATED] if wide else []), signer]
+    # Lineage and shared size only mean something once there is a delta; signers once there are signatures.
+    return [c for c in columns if (deltas or c not in (lineage, _SHARED)) and (signatures or c is not signer)]
 
 
 def versions_table(catalog: Catalog, width: int) -> Table:
     """The table for a terminal `width` columns wide."""
-    columns = _columns(width, catalog.has_deltas)
+    columns = _columns(width, catalog.has_deltas, catalog.has_signatures)
     # No vertical rules, two spaces between columns: the id alone takes 31+ of 80 columns.
     table = Table(title=Text(f"versions in {catalog.store}", overflow="fold"), box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False, collapse_padding=True)

@@ -136,7 +136,10 @@ class RefreshParams(BaseModel):
         return parse_size(self.memory_budget)
 
     def store(self) -> IndexStore:
-        return IndexStore(self.store_url, s3_endpoint_url=self.s3_endpoint_url)
+        """The run's store, with the keys of the worker it runs on (its RAGINDEX_SIGNING_KEY signs what it commits)."""
+        from flows.settings import load_settings, store_keys
+
+        return IndexStore(self.store_url, s3_endpoint_url=self.s3_endpoint_url, **store_keys(load_settings()))
 
     def encoder_spec(self) -> Any:
         from rag_model.encoders import EncoderSpec

@@ -32,6 +32,7 @@ from storage.layout import PASSAGE_TABLE
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from storage.timing import timed
+from storage.verify import signed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ class VersionIndex(Index):
         there (they must be local files to be memory-mapped), a local store's are mapped in place; each
         is hashed once and re-hashed only when it changed. `Corrupt` names the first file that does
         not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
-        so their files are checked against exactly the manifests it was built and validated on.
+        so their files are checked against exactly the manifests it was built and validated on. With
+        trusted keys, every manifest of the lineage must be signed by one (`storage.verify.signed_manifest`).
         `cache_dir` is the cache's base directory when no `cache` is given."""
-        manifest = store.manifest(version_id)
+        manifest = signed_manifest(store, version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
         pins = (cache or FileCache.for_store(store.url, base=cache_dir)).pins()

@@ -36,7 +36,8 @@ from storage.verify import expected_sha256, read_verified, segment_manifests
 
 def lineage_manifests(store: IndexStore, manifest: Manifest) -> list[Manifest]:
     """The manifests whose own rows `manifest` serves: its ancestors', oldest first, each checked against
-    the sha256 it pinned (a rewritten or missing one is `Corrupt`), then its own."""
+    the sha256 it pinned (a rewritten or missing one is `Corrupt`) and, where keys are trusted, its
+    signature (`Untrusted`), then its own (whose reader checked its signature: `signed_manifest`)."""
     return [*segment_manifests(store, manifest), manifest]
 
 

@@ -5,6 +5,7 @@ Layout under one root URL (local path or s3://bucket/prefix):
     downloads/<wiki>/<dump_date>/...   raw dump files
     versions/<id>/_staging.json        present while a version is being written
     versions/<id>/manifest.json        written LAST: a version exists only if its manifest does
+    versions/<id>/manifest.sig         its signature, when the writer holds a key (storage.signing)
     versions/<id>/...                  what a version holds: storage.layout
     CURRENT                            {"version", "previous", "generation", "updated_at"}
     history/<generation>.json          one per promote / rollback, never rewritten
@@ -39,12 +40,13 @@ from storage import names
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, join, resolve, to_url
 from storage.holds import Hold
-from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, MANIFEST_SIGNATURE, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
 from storage.lock import Lease
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
-from storage.verify import verify_version
+from storage.signing import Signer, TrustedKeys
+from storage.verify import segment_manifests, signed_manifest, verify_version
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,16 @@ class CorruptVersion:
 
 
 class IndexStore:
-    """One store root, local or S3, through a single fsspec code path."""
+    """One store root, local or S3, through a single fsspec code path.
 
-    def __init__(self, url: str, s3_endpoint_url: str | None = None) -> None:
+    `signer` signs every manifest this object commits; with `trusted_keys`, promote, rollback and
+    serving refuse every version not signed by one of them, ancestors included (storage.signing)."""
+
+    def __init__(self, url: str, s3_endpoint_url: str | None = None, *, signer: Signer | None = None,
+                 trusted_keys: TrustedKeys | None = None) -> None:
         self.s3_endpoint_url = s3_endpoint_url
+        self.signer = signer
+        self.trusted_keys = trusted_keys
         self.fs, self.root = resolve(url, s3_endpoint_url)
         self.url = to_url(self.fs, self.root)
         self.location = Location(self.url, s3_endpoint_url)  # the root, as the steps below the store take it
@@ -142,15 +150,21 @@ class IndexStore:
         return self.fs.exists(marker) and not self.has_version(version_id)
 
     def commit_version(self, manifest: Manifest) -> None:
-        """Write the manifest, last: from this moment the version exists. Never overwrites one."""
+        """Write the manifest, last: from this moment the version exists. Never overwrites one.
+
+        With a `signer`, its signature goes first, so that a version never exists unsigned."""
         path = self.version_path(manifest.version, MANIFEST)
         if self.fs.exists(path):
             raise Conflict(f"version {manifest.version} already has a manifest; versions are immutable")
         if not self.fs.exists(self.version_path(manifest.version, STAGING_MARKER)):
             # gc removed a staging area it thought abandoned: its files are gone, do not publish it.
             raise NotFound(f"version {manifest.version} is not being staged (begin_version it first)")
+        data = manifest.to_json().encode()
+        if self.signer is not None:
+            with atomic_write(self.fs, self.version_path(manifest.version, MANIFEST_SIGNATURE)) as f:
+                f.write(self.signer.sign(data))
         with atomic_write(self.fs, path) as f:
-            f.write(manifest.to_json().encode())
+            f.write(data)
         delete_json(self.fs, self.version_path(manifest.version, STAGING_MARKER))
 
     def has_version(self, version_id: str) -> bool:
@@ -317,9 +331,10 @@ class IndexStore:
     def _move(
         self, version_id: str, expected_generation: int | None, actor: str | None, reason: str | None, action: str
     ) -> Move:
-        manifest = self.manifest(version_id)
+        manifest = signed_manifest(self, version_id)
         if manifest.status == "ready":  # a rejected version is refused below, with its own reason
             verify_version(self, version_id, manifest=manifest)
+            segment_manifests(self, manifest)  # each pinned, and signed when keys are trusted
         if manifest.status != "ready":
             why = manifest.validation.reason if manifest.validation else "status is " + manifest.status
             raise Rejected(f"version {version_id} is {manifest.status} and cannot be promoted: {why}")
