@@ -37,7 +37,7 @@ from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Manifest, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
-from storage.verify import pin_segment
+from storage.verify import pin_segment, signed_manifest
 from tasks import embed
 from tasks.assemble_version import draft_manifest, staged_build, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, newest_revisions, write_delta_passages
@@ -77,7 +77,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
     serves. A failure before the commit removes the staging area."""
     steps = steps or DeltaSteps()
-    parent = store.manifest(parent_id)
+    parent = signed_manifest(store, parent_id)  # where keys are trusted, never build on an untrusted parent
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     if fingerprint_of(spec).key != parent.encoder.key:

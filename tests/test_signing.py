@@ -251,3 +251,26 @@ def test_query_and_a_server_trusting_a_key_refuse_an_unsigned_version(tmp_path, 
         answer = c.post("/v1/retrieve", json={"query": f"{title} {text}", "k": 2}).json()
         assert answer["version"] == signed.version
         assert "unsigned" in c.get("/v1/index").json()["last_error"]
+
+
+# -- a signing worker that trusts keys launders nothing ---------------------------------------------
+
+
+def test_a_worker_that_trusts_keys_reuses_no_vectors_of_an_unsigned_version(tmp_path, keys):
+    from tasks.embed import find_reuse_sources
+    from tests.fixtures.versions import fingerprint_for
+
+    store = IndexStore(str(tmp_path / "store"))
+    signed = commit_stub(opened_as(store, keys, signs="trusted"))
+    planted, foreign = commit_stub(store), commit_stub(opened_as(store, keys, signs="other"))
+    on_foreign = commit_delta(opened_as(store, keys, signs="trusted"), foreign, ["20240102"])
+    everything = {s.url.rstrip("/").rsplit("/", 1)[-1] for s in find_reuse_sources(store, fingerprint_for(4), 9)}
+    assert {signed, planted, foreign, on_foreign} <= everything  # no trusted key: every version, as before
+    worker = opened_as(store, keys, signs="trusted")
+    worker.trusted_keys = TrustedKeys.load([keys["trusted"]["public"]])
+    sources = [s.url.rstrip("/").rsplit("/", 1)[-1] for s in find_reuse_sources(worker, fingerprint_for(4), 9)]
+    assert sources == [signed]
+    with pytest.raises(Untrusted) as refused:  # nor builds a delta on an unsigned parent
+        build_delta_version(worker, planted, [], [], spec=EncoderSpec("never-loaded", "mean"), progress=False)
+    assert_untrusted(refused, planted, "unsigned")
+    assert len(store.version_ids()) == 4  # nothing staged
