@@ -18,8 +18,9 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -33,6 +34,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from storage.errors import Rejected, Untrusted
+
+_Key = TypeVar("_Key", Ed25519PrivateKey, Ed25519PublicKey)
 
 ALGORITHM = "ed25519"
 MAX_SIGNATURE_BYTES = 4096  # a signature document is ~250 bytes: anything far larger is not one
@@ -53,15 +56,8 @@ class Signer:
     @classmethod
     def load(cls, path: str) -> Signer:
         """The Ed25519 private key in the PEM file at `path` (`Rejected` naming it otherwise)."""
-        try:
-            with open(path, "rb") as f:
-                key = load_pem_private_key(f.read(), password=None)
-        except OSError as exc:
-            raise Rejected(f"signing key {path}: {exc.strerror or exc}") from None
-        except (ValueError, TypeError) as exc:
-            raise Rejected(f"signing key {path}: not an unencrypted PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise Rejected(f"signing key {path}: not an Ed25519 key (make one with `ragindex keygen`)")
+        key = _load_key(path, "signing key", lambda data: load_pem_private_key(data, password=None),
+                        Ed25519PrivateKey)
         return cls(key, key_id(key.public_key()))
 
     def sign(self, data: bytes) -> bytes:
@@ -98,15 +94,7 @@ class TrustedKeys:
         """The Ed25519 public keys in the PEM files at `paths` (`Rejected` naming a bad one)."""
         keys = {}
         for path in paths:
-            try:
-                with open(path, "rb") as f:
-                    key = load_pem_public_key(f.read())
-            except OSError as exc:
-                raise Rejected(f"trusted key {path}: {exc.strerror or exc}") from None
-            except (ValueError, TypeError) as exc:
-                raise Rejected(f"trusted key {path}: not a PEM public key ({exc})") from None
-            if not isinstance(key, Ed25519PublicKey):
-                raise Rejected(f"trusted key {path}: not an Ed25519 public key")
+            key = _load_key(path, "trusted key", load_pem_public_key, Ed25519PublicKey)
             keys[key_id(key)] = key
         if not keys:
             raise Rejected("no trusted key given")
@@ -137,6 +125,20 @@ def generate_key_pair(directory: str) -> tuple[str, str, str]:
     _write_new(private_path, pem, 0o600)
     _write_new(public_path, key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
     return kid, private_path, public_path
+
+
+def _load_key(path: str, what: str, load: Callable[[bytes], object], kind: type[_Key]) -> _Key:
+    """The key of type `kind` in the PEM file at `path`; `Rejected` naming `what` and `path` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            key = load(f.read())
+    except OSError as exc:
+        raise Rejected(f"{what} {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise Rejected(f"{what} {path}: not an unencrypted PEM key ({exc})") from None
+    if not isinstance(key, kind):
+        raise Rejected(f"{what} {path}: not an Ed25519 key (make one with `ragindex keygen`)")
+    return key
 
 
 def _write_new(path: str, data: bytes, mode: int) -> None:
