@@ -160,9 +160,12 @@ class IndexStore:
             # gc removed a staging area it thought abandoned: its files are gone, do not publish it.
             raise NotFound(f"version {manifest.version} is not being staged (begin_version it first)")
         data = manifest.to_json().encode()
+        signature = self.version_path(manifest.version, MANIFEST_SIGNATURE)
         if self.signer is not None:
-            with atomic_write(self.fs, self.version_path(manifest.version, MANIFEST_SIGNATURE)) as f:
+            with atomic_write(self.fs, signature) as f:
                 f.write(self.signer.sign(data))
+        elif self.fs.exists(signature):  # left by a signing attempt that died: it signs other bytes
+            self.fs.rm_file(signature)
         with atomic_write(self.fs, path) as f:
             f.write(data)
         delete_json(self.fs, self.version_path(manifest.version, STAGING_MARKER))
