@@ -1,4 +1,4 @@
-"""`ragindex` commands for the version store: build, versions, promote, rollback, gc, pin, unpin."""
+"""`ragindex` commands for the version store: build, versions, promote, rollback, gc, pin, unpin, keygen."""
 
 from __future__ import annotations
 
@@ -248,3 +248,16 @@ def compact(
     move = promote_planned(store, manifest.version, planned_generation=pointer.generation, actor="ragindex compact",
                            reason=f"compaction of {target}")
     print(f"CURRENT -> {move.version} (generation {move.generation}, previous {move.previous})")
+
+
+@app.command("keygen")
+def keygen(
+    out: str = typer.Option(..., "--out", help="Directory to write the key pair into (created 0700)."),
+) -> None:
+    """Make an Ed25519 key pair for signing manifests: the private key (0600) for build workers'
+    RAGINDEX_SIGNING_KEY, the public key for the RAGINDEX_TRUSTED_KEYS of servers and operators."""
+    from storage.signing import generate_key_pair
+
+    kid, private_path, public_path = generate_key_pair(out)
+    print(f"key {kid}: private {private_path} (RAGINDEX_SIGNING_KEY on build workers), "
+          f"public {public_path} (RAGINDEX_TRUSTED_KEYS on servers and operators)")

@@ -69,7 +69,7 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
     from flows.prefect_server import temporary_prefect_server
     from flows.refresh import refresh_index
     from flows.rollback import rollback_index
-    from storage.store import IndexStore
+    from flows.settings import open_store
 
     workdir = workdir.resolve()
     if fresh and (workdir / "store").exists():
@@ -90,7 +90,7 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
         first = refresh_index(source=str(excerpt), **common)
         _outcome(first, time.monotonic() - t0)
 
-        store = IndexStore(store_url)
+        store = open_store(store_url)
         _step("2. three questions, answered by retrieval from CURRENT")
         for q in QUESTIONS:
             _answer(store, q)

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from storage.errors import NotFound, Untrusted
 from storage.holds import Hold
-from storage.layout import BOOKKEEPING_FILES, MANIFEST, VERSIONS_DIR
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, MANIFEST_SIGNATURE, VERSIONS_DIR
 from storage.manifest import Manifest, Pointer
+from storage.signing import signer_of
 from storage.store import CorruptVersion, IndexStore
+from storage.verify import signature_bytes
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class LineageSummary:
                 "segments": list(self.segments)}
 
 
+UNSIGNED = "unsigned"
+INVALID = "invalid"  # a manifest.sig that is malformed or not a signature of the manifest's bytes
+
 # What a version whose manifest cannot be read shows for its lineage.
 _UNKNOWN_LINEAGE = {"mode": None, "parent": None, "base_dump": None, "days": [], "segments": []}
 
@@ -70,6 +76,8 @@ class VersionEntry:
     lineage: LineageSummary | None = None
     missing_segments: tuple[str, ...] = ()  # segments whose directory is gone: it cannot be served
     shared_bytes: int | None = None  # its segments' own bytes: what it serves but does not store
+    signed_by: str = UNSIGNED  # the id of the key whose signature its manifest carries, UNSIGNED or INVALID
+    trusted: bool | None = None  # signed by a key this reader trusts (None: it is configured with none)
 
     @property
     def corrupt(self) -> bool:
@@ -99,6 +107,7 @@ class VersionEntry:
             **(self.lineage.to_json() if self.lineage else _UNKNOWN_LINEAGE),
             "missing_segments": list(self.missing_segments),
             "own_bytes": self.own_bytes, "shared_bytes": self.shared_bytes, "live_passages": self.live_passages,
+            "signed_by": self.signed_by, "trusted": self.trusted,
         }
 
 
@@ -113,6 +122,11 @@ class Catalog:
     def has_deltas(self) -> bool:
         return any(v.lineage is not None and v.lineage.mode != "full" for v in self.versions)
 
+    @property
+    def has_signatures(self) -> bool:
+        """A version is signed, or the reader trusts keys: who signed what is worth showing."""
+        return any(v.signed_by != UNSIGNED or v.trusted is not None for v in self.versions if not v.corrupt)
+
     def to_json(self) -> dict[str, Any]:
         """What `ragindex versions --json` prints."""
         return {
@@ -124,11 +138,12 @@ class Catalog:
 
 
 def read_catalog(store: IndexStore) -> Catalog:
-    """The store as it is now: one read of CURRENT and the pins, every manifest, one listing for sizes."""
+    """The store as it is now: one read of CURRENT and the pins, every manifest, one listing for sizes
+    and signatures (a signed version's signature is read and checked; an unsigned one costs nothing)."""
     current = store.current()
     pinned = store.pinned()
     manifests, corrupt = store.scan_versions()
-    sizes = _own_bytes(store)
+    sizes, signed = _listing(store)
     present = {m.version for m in manifests} | {c.version for c in corrupt}
 
     def marks(version_id: str) -> dict[str, bool]:
@@ -145,6 +160,7 @@ def read_catalog(store: IndexStore) -> Catalog:
             index_spec=m.index.spec, factory=m.index.factory, created_at=m.created_at, lineage=lineage,
             missing_segments=tuple(v for v in lineage.segments if v not in present),
             shared_bytes=sum(sizes.get(v, 0) for v in lineage.segments),
+            **_signature(store, m.version, m.version in signed),
         )
 
     def unreadable(c: CorruptVersion) -> VersionEntry:
@@ -155,18 +171,37 @@ def read_catalog(store: IndexStore) -> Catalog:
     return Catalog(store=store.url, current=current, versions=tuple(entries), holds=tuple(store.holds()))
 
 
-def _own_bytes(store: IndexStore) -> dict[str, int]:
-    """Bytes of each version directory's files but its manifest and staging marker (what
-    `IndexStore.version_bytes` counts for one version), from one listing of the whole `versions/`."""
+def _signature(store: IndexStore, version_id: str, has_signature: bool) -> dict[str, str | bool | None]:
+    """Who signed a version (`signed_by`: checked with the key its signature carries, whoever trusts
+    it) and whether this reader's trusted keys include that key (`trusted`)."""
+    signed_by = UNSIGNED
+    if has_signature:
+        try:
+            signed_by = signer_of(store.manifest_bytes(version_id), signature_bytes(store, version_id) or b"")
+        except NotFound:
+            signed_by = UNSIGNED  # deleted since the listing
+        except Untrusted:
+            signed_by = INVALID
+    keys = store.trusted_keys
+    return {"signed_by": signed_by, "trusted": None if keys is None else signed_by in keys.keys}
+
+
+def _listing(store: IndexStore) -> tuple[dict[str, int], set[str]]:
+    """Bytes of each version directory's files but its manifest, signature and staging marker (what
+    `IndexStore.version_bytes` counts for one version), and the versions that have a signature, from
+    one listing of the whole `versions/`."""
     base = store.path(VERSIONS_DIR)
     try:
         infos = store.fs.find(base, detail=True)
     except FileNotFoundError:
-        return {}
+        return {}, set()
     sizes: dict[str, int] = {}
+    signed: set[str] = set()
     for path, info in infos.items():
         version, _, inner = path.rstrip("/")[len(base) + 1:].partition("/")
+        if inner == MANIFEST_SIGNATURE:
+            signed.add(version)
         if info.get("type") == "directory" or not inner or inner in BOOKKEEPING_FILES:
             continue
         sizes[version] = sizes.get(version, 0) + int(info.get("size") or 0)
-    return sizes
+    return sizes, signed

@@ -39,7 +39,7 @@ from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SegmentRef, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
-from storage.verify import lineage_manifests, pin_segment
+from storage.verify import lineage_manifests, pin_segment, signed_manifest
 from tasks.assemble_version import draft_manifest, removed_on_failure, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
@@ -115,7 +115,7 @@ def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tupl
     """The parent (ready, same encoder) and its lineage's manifests, each checked, the parent last."""
     from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
 
-    parent = store.manifest(parent_id)
+    parent = signed_manifest(store, parent_id)  # where keys are trusted, never build on an untrusted parent
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     if fingerprint_of(spec).key != parent.encoder.key:
