@@ -56,9 +56,12 @@ def pages_router(data: ConsoleData, serving_version: Callable[[], str | None]) -
     router = APIRouter(include_in_schema=False)
     env = environment()
 
-    def html(template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    def html(template: str, code: int = 200, **context: Any) -> HTMLResponse:
         body = env.get_template(template).render(serving=serving_version(), **context)
-        return HTMLResponse(body, status_code=status)
+        return HTMLResponse(body, status_code=code)
+
+    def not_found(message: str) -> HTMLResponse:
+        return html("error.html", 404, status=404, message=message)
 
     async def page(template: str, read: Callable[[], dict[str, Any]]) -> HTMLResponse:
         """`read` runs off the event loop; a store error becomes a readable page with its 4xx."""
@@ -101,6 +104,7 @@ def pages_router(data: ConsoleData, serving_version: Callable[[], str | None]) -
                     "shown": CHANGES_SHOWN,
                     "location": without_paths(manifest.source.location or "", data.store.url),
                     "question_encoder": without_paths(manifest.question_encoder or "", data.store.url),
+                    "encoder_id": without_paths(manifest.encoder.model_id, data.store.url),
                     "checks": without_paths(manifest.validation.checks if manifest.validation else {},
                                             data.store.url)}
 
@@ -130,7 +134,7 @@ def pages_router(data: ConsoleData, serving_version: Callable[[], str | None]) -
     @router.get("/ui/charts/{name}.svg")
     async def chart(name: str) -> Response:
         if name not in CHARTS:
-            return html("error.html", 404, status=404, message=f"no chart {name!r}")
+            return not_found(f"no chart {name!r}")
         svg = await run_in_threadpool(lambda: data.chart(name, CHARTS[name], chart_versions(data.catalog())))
         # The SVG keeps matplotlib's own <style>; an image runs no script, so only its styles are allowed.
         return Response(svg, media_type="image/svg+xml", headers={
@@ -142,11 +146,11 @@ def pages_router(data: ConsoleData, serving_version: Callable[[], str | None]) -
         kind = STATIC_TYPES.get(name[name.rfind("."):]) if "." in name else None
         asset = resources.files("rag_model.console").joinpath("static", name)
         if kind is None or "/" in name or not asset.is_file():
-            return html("error.html", 404, status=404, message=f"no file {name!r}")
+            return not_found(f"no file {name!r}")
         return Response(asset.read_bytes(), media_type=kind, headers={"Cache-Control": "max-age=300"})
 
     @router.get("/ui/{rest:path}")
     async def unknown(rest: str) -> HTMLResponse:
-        return html("error.html", 404, status=404, message="no such page in the console")
+        return not_found("no such page in the console")
 
     return router
