@@ -3,6 +3,7 @@ S3) with full and delta versions, the diff, side-by-side answers, actions, hosti
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -171,3 +172,48 @@ def test_actions_need_the_token_and_nothing_changes_on_get(client, console_store
 def test_history_page_shows_every_move(client, console_store):
     text = _text(client.get("/ui/history").text)
     assert "the nightly delta" in text and "tests" in text and "promote" in text
+
+
+def _run(argv: list[str]) -> int:
+    from cli.main import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _store_args(console_store) -> list[str]:
+    store = console_store.store
+    return ["--store", store.url]
+
+
+def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, monkeypatch):
+    if console_store.store.s3_endpoint_url:
+        monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", console_store.store.s3_endpoint_url)
+    argv = ["diff", console_store.full, console_store.delta, *_store_args(console_store)]
+    assert _run([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["pages"] == {"added": 1, "changed": 1, "moved": 1, "removed": 0}
+    assert [c["page_id"] for c in doc["added"]] == [ADDED_PAGE]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 added, 1 changed (1 moved), 0 removed" in out and "Eiffel Tower → Eiffel Tower (Paris)" in out
+    assert _run(["diff", console_store.full, "enwiki-20990101-20990101t000000z", *_store_args(console_store)]) != 0
+    err = capsys.readouterr().err
+    assert "no version" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_query_compare_marks_entered_and_left(console_store, capsys, monkeypatch):
+    if console_store.store.s3_endpoint_url:
+        monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", console_store.store.s3_endpoint_url)
+    argv = ["query", "Eiffel Tower in Paris", "--k", "10", "--compare", console_store.full, console_store.delta,
+            *_store_args(console_store)]
+    assert _run([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["a"] == console_store.full and doc["b"] == console_store.delta
+    assert doc["entered"] == 2 and doc["left"] == 1
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "ENTERED" in out and "LEFT" in out

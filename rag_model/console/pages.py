@@ -22,7 +22,7 @@ from storage.errors import InvalidName, NotFound, RagindexError
 
 OVERVIEW_VERSIONS = 50  # rows on the overview; /ui/versions lists them all
 CHANGES_SHOWN = 200  # pages per kind of change on a version page
-STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 _STATUS = ((NotFound, 404), (InvalidName, 404))
 
 
