@@ -4,6 +4,7 @@ S3) with full and delta versions, the diff, side-by-side answers, actions, hosti
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import httpx
@@ -185,13 +186,24 @@ def _run(argv: list[str]) -> int:
 
 
 def _store_args(console_store) -> list[str]:
-    store = console_store.store
-    return ["--store", store.url]
+    return ["--store", console_store.store.url]
 
 
-def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, monkeypatch):
+@pytest.fixture
+def cli_env(console_store, monkeypatch):
+    """The CLI's settings from this test's environment alone: the store's S3 endpoint, if it has one."""
+    from flows.settings import load_settings
+
+    for key in [k for k in os.environ if k.startswith("RAGINDEX_")]:
+        monkeypatch.delenv(key)
     if console_store.store.s3_endpoint_url:
         monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", console_store.store.s3_endpoint_url)
+    load_settings.cache_clear()
+    yield
+    load_settings.cache_clear()
+
+
+def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, cli_env):
     argv = ["diff", console_store.full, console_store.delta, *_store_args(console_store)]
     assert _run([*argv, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -205,9 +217,7 @@ def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, monkeyp
     assert "no version" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_query_compare_marks_entered_and_left(console_store, capsys, monkeypatch):
-    if console_store.store.s3_endpoint_url:
-        monkeypatch.setenv("RAGINDEX_S3_ENDPOINT_URL", console_store.store.s3_endpoint_url)
+def test_cli_query_compare_marks_entered_and_left(console_store, capsys, cli_env):
     argv = ["query", "Eiffel Tower in Paris", "--k", "10", "--compare", console_store.full, console_store.delta,
             *_store_args(console_store)]
     assert _run([*argv, "--json"]) == 0
