@@ -21,6 +21,7 @@ from tests.fixtures.console_store import (
     build_console_store,
 )
 from tests.fixtures.s3 import make_bucket
+from tests.test_cli_serve import run
 from tests.test_server import ServerThread, ready_version, wait_for
 
 TOKEN = "console-token"
@@ -175,16 +176,6 @@ def test_history_page_shows_every_move(client, console_store):
     assert "the nightly delta" in text and "tests" in text and "promote" in text
 
 
-def _run(argv: list[str]) -> int:
-    from cli.main import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def _store_args(console_store) -> list[str]:
     return ["--store", console_store.store.url]
 
@@ -205,14 +196,14 @@ def cli_env(console_store, monkeypatch):
 
 def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, cli_env):
     argv = ["diff", console_store.full, console_store.delta, *_store_args(console_store)]
-    assert _run([*argv, "--json"]) == 0
+    assert run([*argv, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["pages"] == {"added": 1, "changed": 1, "moved": 1, "removed": 0}
     assert [c["page_id"] for c in doc["added"]] == [ADDED_PAGE]
-    assert _run(argv) == 0
+    assert run(argv) == 0
     out = capsys.readouterr().out
     assert "1 added, 1 changed (1 moved), 0 removed" in out and "Eiffel Tower → Eiffel Tower (Paris)" in out
-    assert _run(["diff", console_store.full, "enwiki-20990101-20990101t000000z", *_store_args(console_store)]) != 0
+    assert run(["diff", console_store.full, "enwiki-20990101-20990101t000000z", *_store_args(console_store)]) != 0
     err = capsys.readouterr().err
     assert "no version" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -220,10 +211,10 @@ def test_cli_diff_prints_the_same_diff_as_the_api(console_store, capsys, cli_env
 def test_cli_query_compare_marks_entered_and_left(console_store, capsys, cli_env):
     argv = ["query", "Eiffel Tower in Paris", "--k", "10", "--compare", console_store.full, console_store.delta,
             *_store_args(console_store)]
-    assert _run([*argv, "--json"]) == 0
+    assert run([*argv, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["a"] == console_store.full and doc["b"] == console_store.delta
     assert doc["entered"] == 2 and doc["left"] == 1
-    assert _run(argv) == 0
+    assert run(argv) == 0
     out = capsys.readouterr().out
     assert "ENTERED" in out and "LEFT" in out
