@@ -116,6 +116,19 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
     _say(f"   store:   {store_url}   (ragindex versions --store {store_url})")
     _say(f"   Prefect: PREFECT_HOME={workdir / 'prefect'} prefect server start  -> open http://127.0.0.1:4200")
     _say(f"   serve:   ragindex serve --store {store_url}")
+    console = _console_url()
+    _say(f"   console: {console}  (while `ragindex serve` runs: what is serving, how fresh, what changed,")
+    _say("            answers of two versions side by side)")
+    _say(f"            open it: python -m webbrowser {console}")
+
+
+def _console_url() -> str:
+    """Where `ragindex serve` with this environment's settings shows the operator's console."""
+    from flows.settings import load_settings
+
+    settings = load_settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/ui"
 
 
 def _answer(store, question: str) -> None:
