@@ -65,6 +65,9 @@ def test_overview_shows_what_is_serving_freshness_lineage_and_charts(client, con
     csp = r.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert "<script>" not in r.text.replace('<script src="/ui/static/console.js" defer></script>', "")
+    # The takedown action: a POST form the console's script sends with the token as a header.
+    assert 'class="admin-action takedown" method="post" action="/v1/admin/takedown"' in r.text
+    assert 'name="page"' in r.text and 'name="reason"' in r.text and 'id="admin-token"' in r.text
 
 
 @pytest.mark.parametrize("name", ["bytes", "quality"])
