@@ -31,7 +31,7 @@ from tasks.chunk import CHUNKERS, chunk_article  # noqa: E402
 from tasks.clean import CleanOptions, clean_wikitext, is_disambiguation  # noqa: E402
 from tasks.parse import iter_pages  # noqa: E402
 
-QUESTIONS = os.environ.get("CHUNKER_BENCH_QUESTIONS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "excerpt_questions.jsonl")
+QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "excerpt_questions.jsonl")
 _SENTENCE_END = re.compile(r"(?<=[.!?]) +")
 
 
@@ -103,7 +103,8 @@ def main() -> None:
     args = ap.parse_args()
 
     corpus = articles()
-    questions = [json.loads(line) for line in open(QUESTIONS, encoding="utf-8") if line.strip()]
+    with open(QUESTIONS, encoding="utf-8") as f:
+        questions = [json.loads(line) for line in f if line.strip()]
     missing = sorted({q["title"] for q in questions} - corpus.keys())
     if missing:
         raise SystemExit(f"questions name articles the excerpt does not keep: {missing}")
