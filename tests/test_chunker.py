@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from rag_model.encoders import EncoderSpec, fingerprint_of
@@ -94,3 +95,26 @@ def test_a_delta_with_the_other_chunker_is_refused_in_one_line(tmp_path, tiny_dp
         checked_parent(store, parent, EncoderSpec(str(tiny_dpr.ctx_dir), chunker="sections"))
     message = str(refused.value)
     assert "\n" not in message and "chunker differs" in message and "RAGINDEX_CHUNKER=dpr" in message
+
+
+def test_a_delta_cuts_changed_pages_with_the_chunker_it_is_given(tmp_path):
+    import bz2
+
+    from storage.manifest import SourceDump
+    from tasks.clean import clean_article
+    from tasks.delta_passages import newest_revisions, write_delta_passages
+    from tests.fixtures.history import HistPage, history_xml
+
+    wikitext = f"{_section('lead', 130)}\n\n== History ==\n{_section('history', 120)}\n"
+    day = tmp_path / "d.xml.bz2"
+    day.write_bytes(bz2.compress(history_xml("enwiki", [HistPage(10, "Edited", [(201, wikitext)])]).encode()))
+    source = SourceDump(wiki="enwiki", dump_date="20240103", location="memory://days")
+    for chunker in ("dpr", "sections"):
+        out = tmp_path / chunker
+        write_delta_passages(newest_revisions([Location(str(day))]), {}, Location(str(out)), source, first_row_id=0,
+                             chunker=chunker)
+        summary = json.loads((out / "passages.json").read_text())
+        texts = [r["text"] for s in summary["shards"] for r in pq.read_table(out / s["name"]).to_pylist()]
+        want = chunk_article(10, 201, "Edited", clean_article(wikitext), chunker=chunker)
+        assert texts == [p["text"] for p in want]
+        assert len(texts) == (3 if chunker == "dpr" else 2)  # sections: 130 words of lead, 120 of history
