@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from cli.options import StoreOption
 from storage.errors import RagindexError, first_line
@@ -106,17 +107,27 @@ def query(
         None, "--question-encoder-kind", help="dpr|mean (default: the version's encoder kind)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, nothing else."),
+    compare: tuple[str, str] | None = typer.Option(
+        None, "--compare", metavar="V1 V2", help="Answer from two versions side by side, marking what entered "
+        "and what left the top k."),
 ) -> None:
     """Retrieve passages for TEXT straight from the store, without a server."""
     from flows.settings import load_settings, open_store
     from rag_model.query import query_store
 
     settings = load_settings()
-    answer = query_store(
-        open_store(store, settings, must_exist=True), text, k, version,
-        question_encoder or settings.question_encoder, question_encoder_kind,
-        cache_dir=settings.cache_base, cache_max_bytes=settings.cache_max_bytes,
-    )
+    st = open_store(store, settings, must_exist=True)
+
+    def ask(name: str | None):
+        return query_store(st, text, k, name, question_encoder or settings.question_encoder, question_encoder_kind,
+                           cache_dir=settings.cache_base, cache_max_bytes=settings.cache_max_bytes)
+
+    if compare:
+        if version is not None:
+            raise RagindexError("--compare names both versions: drop --version")
+        _print_comparison(text, k, ask(compare[0]), ask(compare[1]), as_json)
+        return
+    answer = ask(version)
     hits = answer.hits
     if as_json:
         print(json.dumps(answer.to_dict()))
@@ -130,6 +141,32 @@ def query(
     for rank, h in enumerate(hits, 1):
         snippet = h.text if len(h.text) <= 160 else h.text[:157] + "..."
         table.add_row(str(rank), f"{h.score:.3f}", h.title, h.passage_id, snippet, h.url)
+    Console().print(table)
+
+
+def _print_comparison(text: str, k: int, a: Any, b: Any, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rag_model.compare import Comparison
+
+    comparison = Comparison(text, a.version, b.version, a.hits, b.hits)
+    if as_json:
+        print(json.dumps(comparison.to_json()))
+        return
+    table = Table(title=f"{text!r}: {a.version} vs {b.version} ({len(comparison.entered)} entered, "
+                        f"{len(comparison.left)} left the top {k})")
+    for column in ("#", a.version, b.version):
+        table.add_column(column, overflow="fold")
+
+    def cell(hit: dict | None) -> str:
+        if hit is None:
+            return ""
+        mark = {"left": "[red]LEFT[/red] ", "entered": "[green]ENTERED[/green] "}.get(hit["mark"] or "", "")
+        return f"{mark}{escape(hit['title'])} ({hit['score']:.3f}, rev {hit['rev_id']})\n{hit['url']}"
+
+    for rank, (ra, rb) in enumerate(comparison.rows(), 1):
+        table.add_row(str(rank), cell(ra), cell(rb))
     Console().print(table)
 
 

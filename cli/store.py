@@ -1,4 +1,4 @@
-"""`ragindex` commands for the version store: build, versions, promote, rollback, gc, pin, unpin."""
+"""`ragindex` commands for the version store: build, versions, promote, rollback, gc, pin, unpin, keygen."""
 
 from __future__ import annotations
 
@@ -248,3 +248,42 @@ def compact(
     move = promote_planned(store, manifest.version, planned_generation=pointer.generation, actor="ragindex compact",
                            reason=f"compaction of {target}")
     print(f"CURRENT -> {move.version} (generation {move.generation}, previous {move.previous})")
+
+
+@app.command("keygen")
+def keygen(
+    out: str = typer.Option(..., "--out", help="Directory to write the key pair into (created 0700)."),
+) -> None:
+    """Make an Ed25519 key pair for signing manifests: the private key (0600) for build workers'
+    RAGINDEX_SIGNING_KEY, the public key for the RAGINDEX_TRUSTED_KEYS of servers and operators."""
+    from storage.signing import generate_key_pair
+
+    kid, private_path, public_path = generate_key_pair(out)
+    print(f"key {kid}: private {private_path} (RAGINDEX_SIGNING_KEY on build workers), "
+          f"public {public_path} (RAGINDEX_TRUSTED_KEYS on servers and operators)")
+
+
+@app.command("diff")
+def diff(
+    a: str = typer.Argument(..., help="The older version."),
+    b: str = typer.Argument(..., help="The newer version."),
+    store_url: StoreOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document, every page included."),
+) -> None:
+    """Pages added, changed (moved) and removed from version A to version B, with passages and bytes."""
+    from rag_model.version_diff import diff_versions
+
+    result = diff_versions(open_store(store_url, must_exist=True), a, b)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    print(f"{a} -> {b}")
+    print(f"pages: {len(result.added)} added, {len(result.changed)} changed ({len(result.moved)} moved), "
+          f"{len(result.removed)} removed")
+    print(f"passages: {result.passages_a} -> {result.passages_b} ({result.rows_only_a} only in {a}, "
+          f"{result.rows_only_b} only in {b})")
+    print(f"bytes served: {result.bytes_a} -> {result.bytes_b}; stored by {b} on top of {a}: {result.bytes_only_b}")
+    for kind, changes in (("added", result.added), ("changed", result.changed), ("removed", result.removed)):
+        for c in changes:
+            title = f"{c.old_title} → {c.title}" if c.old_title is not None else c.title
+            print(f"  {kind:<8} {c.page_id:>10}  {title}  (rev {c.old_rev} → {c.new_rev})  {c.url}")

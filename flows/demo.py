@@ -69,7 +69,7 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
     from flows.prefect_server import temporary_prefect_server
     from flows.refresh import refresh_index
     from flows.rollback import rollback_index
-    from storage.store import IndexStore
+    from flows.settings import open_store
 
     workdir = workdir.resolve()
     if fresh and (workdir / "store").exists():
@@ -90,7 +90,7 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
         first = refresh_index(source=str(excerpt), **common)
         _outcome(first, time.monotonic() - t0)
 
-        store = IndexStore(store_url)
+        store = open_store(store_url)
         _step("2. three questions, answered by retrieval from CURRENT")
         for q in QUESTIONS:
             _answer(store, q)
@@ -116,6 +116,19 @@ def run_demo(workdir: Path = Path("var/demo"), fresh: bool = True) -> None:
     _say(f"   store:   {store_url}   (ragindex versions --store {store_url})")
     _say(f"   Prefect: PREFECT_HOME={workdir / 'prefect'} prefect server start  -> open http://127.0.0.1:4200")
     _say(f"   serve:   ragindex serve --store {store_url}")
+    console = _console_url()
+    _say(f"   console: {console}  (while `ragindex serve` runs: what is serving, how fresh, what changed,")
+    _say("            answers of two versions side by side)")
+    _say(f"            open it: python -m webbrowser {console}")
+
+
+def _console_url() -> str:
+    """Where `ragindex serve` with this environment's settings shows the operator's console."""
+    from flows.settings import load_settings
+
+    settings = load_settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/ui"
 
 
 def _answer(store, question: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flows.settings import Settings, load_settings, parse_size
+from flows.settings import Settings, load_settings, parse_size, store_keys
 from storage.errors import Rejected
 from storage.fs import is_local, resolve
 from storage.layout import DEFAULT_SHARD_ROWS, RESULTS_DIR
@@ -167,7 +167,10 @@ class RefreshParams(BaseModel):
         return parse_size(self.memory_budget)
 
     def store(self) -> IndexStore:
-        return IndexStore(self.store_url, s3_endpoint_url=self.s3_endpoint_url, cache=load_settings().cache_config)
+        """The run's store, with the worker's cache settings and keys (its RAGINDEX_SIGNING_KEY signs its commits)."""
+        settings = load_settings()
+        return IndexStore(self.store_url, s3_endpoint_url=self.s3_endpoint_url, cache=settings.cache_config,
+                          **store_keys(settings))
 
     def encoder_spec(self) -> Any:
         from rag_model.encoders import EncoderSpec

@@ -112,8 +112,10 @@ def catch_up(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModePl
     if not chain.days:
         return older
     reason = f"full dump {base.source.dump_date} caught up with the adds-changes days to {chain.days[-1].date}"
+    # catch_up: the days are recorded even where the full build already kept the lineage's newer revisions
+    # of every page they touch (`keep_newer_states`), so the version knows the days and is not older.
     caught = run_delta(p, steps, store, ModePlan("delta", reason, parent=base, chain=chain,
-                                                 generation=plan.generation))
+                                                 generation=plan.generation, catch_up=True))
     return older if caught.status == "up-to-date" else caught
 
 
@@ -161,7 +163,7 @@ def run_delta(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: ModeP
             store, parent.version, days, files, spec=p.encoder_spec(), floors=p.floors(), canaries=p.canaries,
             batch_size=p.batch_size, precision=p.precision, shard_rows=p.shard_rows, progress=False,
             on_progress=EmbedProgress(None, 0, 1, p.progress_seconds).reporter("the delta's passages"),
-            progress_every_s=p.progress_seconds, steps=steps)
+            progress_every_s=p.progress_seconds, steps=steps, record_unchanged=plan.catch_up)
     except NothingToApply as exc:  # an up-to-date night, not a failure
         return RefreshOutcome(status="up-to-date", version=current, current=current, reason=str(exc), mode="delta",
                               lineage=parent.effective_lineage.model_dump())

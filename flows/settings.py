@@ -5,6 +5,7 @@ Everything below the edge receives plain arguments; no other module reads the en
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal
 
@@ -14,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from storage.cache import CacheConfig
 from storage.errors import NotFound, RagindexError
 from storage.fs import is_local
+from storage.signing import Signer, TrustedKeys
 from storage.sizes import format_size, parse_size
 from storage.store import IndexStore
 from tasks.index_spec import DEFAULT_MEMORY_BUDGET
@@ -68,6 +70,11 @@ class Settings(BaseSettings):
     compact_segments: int = Field(32, ge=1)
     compact_tombstone_share: float = Field(0.2, gt=0, le=1)
     ready_grace_seconds: float = Field(60.0, ge=0)  # /readyz fails after CURRENT is unservable this long
+    # Manifest signatures (storage.signing): a build worker's private key (a PEM file) signs every version
+    # it commits; with trusted public keys (PEM files or directories of *.pub.pem, comma-separated),
+    # promote, rollback, query and serve refuse a version not signed by one of them.
+    signing_key: str | None = None
+    trusted_keys: str | None = None
 
     @field_validator("memory_budget", "cache_max_size")
     @classmethod
@@ -138,10 +145,39 @@ def open_store(url: str | None = None, settings: Settings | None = None, *, must
     create a store (download, build, refresh, demo) leave it False.
     """
     s = settings or load_settings()
-    store = IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url, cache=s.cache_config)
+    store = IndexStore(url or s.store_url, s3_endpoint_url=s.s3_endpoint_url, cache=s.cache_config, **store_keys(s))
     if must_exist:
         check_store_exists(store)
     return store
+
+
+def store_keys(settings: Settings) -> dict[str, Signer | TrustedKeys | None]:
+    """The `signer` and `trusted_keys` an `IndexStore` opened here gets from RAGINDEX_SIGNING_KEY and
+    RAGINDEX_TRUSTED_KEYS (None each when unset: unsigned versions, trusted as before)."""
+    return {"signer": _signer(settings.signing_key) if settings.signing_key else None,
+            "trusted_keys": _trusted(settings.trusted_keys) if settings.trusted_keys else None}
+
+
+@lru_cache(maxsize=4)
+def _signer(path: str) -> Signer:
+    try:
+        return Signer.load(path)
+    except RagindexError as exc:
+        raise SettingsError(f"RAGINDEX_SIGNING_KEY: {exc}") from None
+
+
+@lru_cache(maxsize=4)
+def _trusted(paths: str) -> TrustedKeys:
+    files = []
+    for entry in (p.strip() for p in paths.split(",")):
+        if entry and os.path.isdir(entry):
+            files += sorted(os.path.join(entry, n) for n in os.listdir(entry) if n.endswith(".pub.pem"))
+        elif entry:
+            files.append(entry)
+    try:
+        return TrustedKeys.load(files)
+    except RagindexError as exc:
+        raise SettingsError(f"RAGINDEX_TRUSTED_KEYS: {exc}") from None
 
 
 def check_store_exists(store: IndexStore) -> None:

@@ -41,6 +41,7 @@ from storage.layout import PASSAGE_TABLE
 from storage.manifest import Manifest
 from storage.store import IndexStore
 from storage.timing import timed
+from storage.verify import signed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,10 @@ class VersionIndex(Index):
         again only when it changed (always, with `rehash`: a reload). `Corrupt` names the first file that
         does not match. A delta version's ancestors are reached through the manifest sha256s it recorded,
         so their files are checked against exactly the manifests it was built and validated on.
+        With trusted keys, every manifest of the lineage must be signed by one (`storage.verify.signed_manifest`).
         `cache_dir` is the cache's base directory when no `cache` is given. The rows of `denied` pages
         (default: the store's deny-list for the version's wiki) are dropped at query time (`without_pages`)."""
-        manifest = store.manifest(version_id)
+        manifest = signed_manifest(store, version_id)
         if manifest.status != "ready":
             raise Rejected(f"version {version_id} is {manifest.status}, not ready: refusing to serve it")
         config = replace(store.cache, base=cache_dir) if cache_dir else store.cache

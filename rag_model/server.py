@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import re
 import secrets
 import threading
 import time
@@ -31,9 +30,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from rag_model.console import mount_console
 from rag_model.http_limits import BodyLimitMiddleware
 from rag_model.index import Hit
 from rag_model.metrics import ServerMetrics
+from rag_model.redact import without_paths
 from rag_model.retriever import (
     HotSwapRetriever,
     NotReady,
@@ -243,11 +244,13 @@ def create_app(
     reverify_bytes_per_second: float = DEFAULT_BYTES_PER_SECOND,
     reverify_stat_seconds: float = DEFAULT_STAT_SECONDS,
     takedown: Callable[..., Any] | None = None,
+    console: bool = True,
 ) -> FastAPI:
     """Build the app. Loading the RAG model (if any) happens here; the index loads in the watcher
     thread once the app starts, so `/readyz` says when it can answer. The served copies are stat'ed every
     `reverify_stat_seconds` and re-hashed every `reverify_seconds` (0: never) at `reverify_bytes_per_second`
-    (`rag_model.served_bytes`)."""
+    (`rag_model.served_bytes`). `console`: the operator's pages under /ui and the JSON they read
+    (`rag_model.console`)."""
     metrics = ServerMetrics()
     if service is None and rag_model:
         from rag_model.model import RagService
@@ -336,7 +339,7 @@ def create_app(
                                                   "(filesystem paths only with the admin token)")
     async def index_status(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         status = await run_in_threadpool(_index_status, serving)
-        return status if _is_admin(serving, credentials) else _without_paths(status, serving.store.url)
+        return status if _is_admin(serving, credentials) else without_paths(status, serving.store.url)
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=[Depends(require_admin)],
               summary="Read CURRENT now and (re-)open it, every file hashed again, even the version serving")
@@ -419,6 +422,9 @@ def create_app(
     async def metrics_endpoint() -> Response:
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    if console:
+        mount_console(app, serving, bearer, lambda credentials: _is_admin(serving, credentials), require_admin,
+                      cache_dir=cache_dir)
     return app
 
 
@@ -449,21 +455,6 @@ def _is_admin(serving: Serving, credentials: HTTPAuthorizationCredentials | None
     token = serving.admin_token
     return bool(token and credentials and credentials.credentials
                 and secrets.compare_digest(credentials.credentials.encode(), token.encode()))
-
-
-# An absolute or ./ ~/ path, not the tail of a URL or of a hub id like "facebook/dpr-...".
-_PATH = re.compile(r"(?<![\w:/.~-])(?:file://)?(?:~|\.{1,2})?/[^\s'\"(),;]+")
-
-
-def _without_paths(value: Any, store_url: str) -> Any:
-    """The status as anyone may see it: where the store and the models live on disk is the operator's."""
-    if isinstance(value, dict):
-        return {k: _without_paths(v, store_url) for k, v in value.items() if k != "url"}
-    if isinstance(value, list):
-        return [_without_paths(v, store_url) for v in value]
-    if isinstance(value, str):
-        return _PATH.sub("<path>", value.replace(store_url, "<store>"))
-    return value
 
 
 def _ms(start: float) -> float:

@@ -9,14 +9,18 @@ keeps many versions of thousands of shards.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from storage.errors import NotFound, Untrusted
 from storage.holds import Hold
-from storage.layout import BOOKKEEPING_FILES, MANIFEST, VERSIONS_DIR
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, MANIFEST_SIGNATURE, VERSIONS_DIR
 from storage.manifest import Manifest, Pointer
+from storage.signing import signer_of
 from storage.store import CorruptVersion, IndexStore
+from storage.verify import signature_bytes
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,11 @@ class LineageSummary:
     base_dump: str  # the full dump the lineage started from (a full build's own dump)
     days: tuple[str, ...]  # the adds-changes days applied on top of base_dump, oldest first
     segments: tuple[str, ...]  # the versions whose rows a delta serves besides its own
+
+    @property
+    def watermark(self) -> str:
+        """The newest dump or adds-changes day this lineage has applied: how fresh its knowledge is."""
+        return self.days[-1] if self.days else self.base_dump
 
     @classmethod
     def of(cls, manifest: Manifest) -> LineageSummary:
@@ -44,6 +53,9 @@ class LineageSummary:
         return {"mode": self.mode, "parent": self.parent, "base_dump": self.base_dump, "days": list(self.days),
                 "segments": list(self.segments)}
 
+
+UNSIGNED = "unsigned"
+INVALID = "invalid"  # a manifest.sig that is malformed or not a signature of the manifest's bytes
 
 # What a version whose manifest cannot be read shows for its lineage.
 _UNKNOWN_LINEAGE = {"mode": None, "parent": None, "base_dump": None, "days": [], "segments": []}
@@ -70,6 +82,10 @@ class VersionEntry:
     lineage: LineageSummary | None = None
     missing_segments: tuple[str, ...] = ()  # segments whose directory is gone: it cannot be served
     shared_bytes: int | None = None  # its segments' own bytes: what it serves but does not store
+    signed_by: str = UNSIGNED  # the id of the key whose signature its manifest carries, UNSIGNED or INVALID
+    trusted: bool | None = None  # signed by a key this reader trusts (None: it is configured with none)
+    recall: float | None = None  # validation's recall@10 against exact search
+    canary_hit_rate: float | None = None  # validation's canary questions answered in the top k
 
     @property
     def corrupt(self) -> bool:
@@ -99,6 +115,8 @@ class VersionEntry:
             **(self.lineage.to_json() if self.lineage else _UNKNOWN_LINEAGE),
             "missing_segments": list(self.missing_segments),
             "own_bytes": self.own_bytes, "shared_bytes": self.shared_bytes, "live_passages": self.live_passages,
+            "signed_by": self.signed_by, "trusted": self.trusted,
+            "recall": self.recall, "canary_hit_rate": self.canary_hit_rate,
         }
 
 
@@ -113,6 +131,11 @@ class Catalog:
     def has_deltas(self) -> bool:
         return any(v.lineage is not None and v.lineage.mode != "full" for v in self.versions)
 
+    @property
+    def has_signatures(self) -> bool:
+        """A version is signed, or the reader trusts keys: who signed what is worth showing."""
+        return any(v.signed_by != UNSIGNED or v.trusted is not None for v in self.versions if not v.corrupt)
+
     def to_json(self) -> dict[str, Any]:
         """What `ragindex versions --json` prints."""
         return {
@@ -123,12 +146,57 @@ class Catalog:
         }
 
 
-def read_catalog(store: IndexStore) -> Catalog:
-    """The store as it is now: one read of CURRENT and the pins, every manifest, one listing for sizes."""
+@dataclass(frozen=True)
+class _Scan:
+    """Every manifest and the sizes, as one listing of `versions/` found them."""
+
+    ids: tuple[str, ...]  # the version directories listed
+    manifests: tuple[Manifest, ...]
+    corrupt: tuple[CorruptVersion, ...]
+    sizes: dict[str, int]
+    signed: frozenset[str]  # the versions that have a signature file
+
+    @classmethod
+    def of(cls, store: IndexStore) -> _Scan:
+        ids = tuple(store.version_ids())
+        manifests, corrupt = store.scan_versions()
+        sizes, signed = _listing(store)
+        return cls(ids, tuple(manifests), tuple(corrupt), sizes, frozenset(signed))
+
+    def still_valid(self, store: IndexStore) -> bool:
+        """Committed versions never change: the scan holds while the listing does and no directory that was
+        staging then has a manifest now."""
+        if tuple(store.version_ids()) != self.ids:
+            return False
+        seen = {m.version for m in self.manifests} | {c.version for c in self.corrupt}
+        return not any(store.has_version(v) for v in self.ids if v not in seen)
+
+
+class CatalogCache:
+    """`read_catalog` for a process that shows one store again and again (the console): manifests and
+    sizes are read again only when the listing of `versions/` changed or a staged version was committed;
+    CURRENT, the pins and the holds are read every time."""
+
+    def __init__(self) -> None:
+        self._scans: dict[str, _Scan] = {}
+        self._lock = threading.Lock()
+
+    def read(self, store: IndexStore) -> Catalog:
+        with self._lock:
+            scan = self._scans.get(store.url)
+            if scan is None or not scan.still_valid(store):
+                scan = self._scans[store.url] = _Scan.of(store)
+        return read_catalog(store, scan)
+
+
+def read_catalog(store: IndexStore, scan: _Scan | None = None) -> Catalog:
+    """The store as it is now: one read of CURRENT and the pins, every manifest, one listing for sizes
+    and signatures (a signed version's signature is read and checked; an unsigned one costs nothing;
+    `scan`: the manifests, sizes and signatures a `CatalogCache` already holds)."""
     current = store.current()
     pinned = store.pinned()
-    manifests, corrupt = store.scan_versions()
-    sizes = _own_bytes(store)
+    scan = scan or _Scan.of(store)
+    manifests, corrupt, sizes, signed = scan.manifests, scan.corrupt, scan.sizes, scan.signed
     present = {m.version for m in manifests} | {c.version for c in corrupt}
 
     def marks(version_id: str) -> dict[str, bool]:
@@ -145,6 +213,8 @@ def read_catalog(store: IndexStore) -> Catalog:
             index_spec=m.index.spec, factory=m.index.factory, created_at=m.created_at, lineage=lineage,
             missing_segments=tuple(v for v in lineage.segments if v not in present),
             shared_bytes=sum(sizes.get(v, 0) for v in lineage.segments),
+            **_signature(store, m.version, m.version in signed),
+            recall=_check(m, "recall_at_10", "recall"), canary_hit_rate=_check(m, "canaries", "hit_rate"),
         )
 
     def unreadable(c: CorruptVersion) -> VersionEntry:
@@ -155,18 +225,43 @@ def read_catalog(store: IndexStore) -> Catalog:
     return Catalog(store=store.url, current=current, versions=tuple(entries), holds=tuple(store.holds()))
 
 
-def _own_bytes(store: IndexStore) -> dict[str, int]:
-    """Bytes of each version directory's files but its manifest and staging marker (what
-    `IndexStore.version_bytes` counts for one version), from one listing of the whole `versions/`."""
+def _check(manifest: Manifest, check: str, key: str) -> float | None:
+    """One number of a validation check, if the version's validation recorded it."""
+    value = (manifest.validation.checks.get(check) or {}).get(key) if manifest.validation else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _signature(store: IndexStore, version_id: str, has_signature: bool) -> dict[str, str | bool | None]:
+    """Who signed a version (`signed_by`: checked with the key its signature carries, whoever trusts
+    it) and whether this reader's trusted keys include that key (`trusted`)."""
+    signed_by = UNSIGNED
+    if has_signature:
+        try:
+            signed_by = signer_of(store.manifest_bytes(version_id), signature_bytes(store, version_id) or b"")
+        except NotFound:
+            signed_by = UNSIGNED  # deleted since the listing
+        except Untrusted:
+            signed_by = INVALID
+    keys = store.trusted_keys
+    return {"signed_by": signed_by, "trusted": None if keys is None else signed_by in keys.keys}
+
+
+def _listing(store: IndexStore) -> tuple[dict[str, int], set[str]]:
+    """Bytes of each version directory's files but its manifest, signature and staging marker (what
+    `IndexStore.version_bytes` counts for one version), and the versions that have a signature, from
+    one listing of the whole `versions/`."""
     base = store.path(VERSIONS_DIR)
     try:
         infos = store.fs.find(base, detail=True)
     except FileNotFoundError:
-        return {}
+        return {}, set()
     sizes: dict[str, int] = {}
+    signed: set[str] = set()
     for path, info in infos.items():
         version, _, inner = path.rstrip("/")[len(base) + 1:].partition("/")
+        if inner == MANIFEST_SIGNATURE:
+            signed.add(version)
         if info.get("type") == "directory" or not inner or inner in BOOKKEEPING_FILES:
             continue
         sizes[version] = sizes.get(version, 0) + int(info.get("size") or 0)
-    return sizes
+    return sizes, signed

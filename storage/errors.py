@@ -33,3 +33,8 @@ def first_line(exc: BaseException) -> str:
 
 class CorruptManifest(Rejected):
     """A version whose manifest cannot be read as one: listed as corrupt, never served or promoted."""
+
+
+class Untrusted(Rejected):
+    """A manifest that readers configured with trusted keys refuse: unsigned, wrongly signed, or signed
+    by a key they do not trust."""

@@ -7,6 +7,7 @@ versions will change) is written down in one place:
     versions/<id>/
       _staging.json                     present while the version is being written
       manifest.json                     written LAST: a version exists only if its manifest does
+      manifest.sig                      its Ed25519 signature, written just before it (storage.signing)
       passages/part-NNNNN.parquet       PASSAGE_SCHEMA, own row i has row_id first_row_id + i
       passages/passages.json            the passages summary (storage.records.PassagesSummary)
       embeddings/part-NNNNN.npy         float32 [rows, dim], row i <-> passages row i
@@ -37,9 +38,10 @@ from storage.fs import to_url
 
 VERSIONS_DIR = "versions"
 MANIFEST = "manifest.json"
+MANIFEST_SIGNATURE = "manifest.sig"
 STAGING_MARKER = "_staging.json"
 # In a version's directory but not part of its data: what its checksums and sizes leave out.
-BOOKKEEPING_FILES = (MANIFEST, STAGING_MARKER)
+BOOKKEEPING_FILES = (MANIFEST, MANIFEST_SIGNATURE, STAGING_MARKER)
 PASSAGES_DIR = "passages"
 EMBEDDINGS_DIR = "embeddings"
 WORK_DIR = "_work"

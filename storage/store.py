@@ -5,6 +5,7 @@ Layout under one root URL (local path or s3://bucket/prefix):
     downloads/<wiki>/<dump_date>/...   raw dump files
     versions/<id>/_staging.json        present while a version is being written
     versions/<id>/manifest.json        written LAST: a version exists only if its manifest does
+    versions/<id>/manifest.sig         its signature, when the writer holds a key (storage.signing)
     versions/<id>/...                  what a version holds: storage.layout
     CURRENT                            {"version", "previous", "generation", "updated_at"}
     history/<generation>.json          one per promote / rollback, never rewritten
@@ -41,12 +42,13 @@ from storage.cache import CacheConfig, FileCache
 from storage.errors import Conflict, CorruptManifest, NotFound, Rejected, first_line
 from storage.fs import atomic_write, file_digest, is_local, is_temp_name, join, remove_inside, resolve, to_url
 from storage.holds import Hold
-from storage.layout import BOOKKEEPING_FILES, MANIFEST, STAGING_MARKER, VERSIONS_DIR
+from storage.layout import BOOKKEEPING_FILES, MANIFEST, MANIFEST_SIGNATURE, STAGING_MARKER, VERSIONS_DIR
 from storage.location import Location
 from storage.lock import Lease, live_holder
 from storage.manifest import Content, HistoryEntry, Manifest, Pointer
 from storage.pointer import create_json, delete_json, ignored_conditions, read_json, swap_json
-from storage.verify import lineage_manifests, verify_lineage
+from storage.signing import Signer, TrustedKeys
+from storage.verify import check_signature, lineage_manifests, verify_lineage
 
 log = logging.getLogger(__name__)
 BUILD_LOCK = ("locks", "build.json")
@@ -68,11 +70,17 @@ class CorruptVersion:
 
 
 class IndexStore:
-    """One store root, local or S3, through a single fsspec code path."""
+    """One store root, local or S3, through a single fsspec code path.
 
-    def __init__(self, url: str, s3_endpoint_url: str | None = None, cache: CacheConfig | None = None) -> None:
+    `signer` signs every manifest this object commits; with `trusted_keys`, promote, rollback and
+    serving refuse every version not signed by one of them, ancestors included (storage.signing)."""
+
+    def __init__(self, url: str, s3_endpoint_url: str | None = None, cache: CacheConfig | None = None, *,
+                 signer: Signer | None = None, trusted_keys: TrustedKeys | None = None) -> None:
         self.s3_endpoint_url = s3_endpoint_url
         self.cache = cache or CacheConfig()  # the local file cache every reader of this store goes through
+        self.signer = signer
+        self.trusted_keys = trusted_keys
         self.fs, self.root = resolve(url, s3_endpoint_url)
         self.url = to_url(self.fs, self.root)
         # The root, as the steps below the store take it.
@@ -164,15 +172,24 @@ class IndexStore:
         return self.fs.exists(marker) and not self.has_version(version_id)
 
     def commit_version(self, manifest: Manifest) -> None:
-        """Write the manifest, last: from this moment the version exists. Never overwrites one."""
+        """Write the manifest, last: from this moment the version exists. Never overwrites one.
+
+        With a `signer`, its signature goes first, so that a version never exists unsigned."""
         path = self.version_path(manifest.version, MANIFEST)
         if self.fs.exists(path):
             raise Conflict(f"version {manifest.version} already has a manifest; versions are immutable")
         if not self.fs.exists(self.version_path(manifest.version, STAGING_MARKER)):
             # gc removed a staging area it thought abandoned: its files are gone, do not publish it.
             raise NotFound(f"version {manifest.version} is not being staged (begin_version it first)")
+        data = manifest.to_json().encode()
+        signature = self.version_path(manifest.version, MANIFEST_SIGNATURE)
+        if self.signer is not None:
+            with atomic_write(self.fs, signature) as f:
+                f.write(self.signer.sign(data))
+        elif self.fs.exists(signature):  # left by a signing attempt that died: it signs other bytes
+            self.fs.rm_file(signature)
         with atomic_write(self.fs, path) as f:
-            f.write(manifest.to_json().encode())
+            f.write(data)
         delete_json(self.fs, self.version_path(manifest.version, STAGING_MARKER))
 
     def has_version(self, version_id: str) -> bool:
@@ -351,6 +368,7 @@ class IndexStore:
         with `verified` (the manifest's sha256 then): an unchanged manifest has its segments' manifests
         checked again (cheap: pinned by sha256), a changed one is verified in full again."""
         data = self.manifest_bytes(version_id)
+        check_signature(self, version_id, data)  # where keys are trusted: signed by one, these very bytes
         manifest = self.manifest(version_id, data)
         digest = hashlib.sha256(data).hexdigest()
         if manifest.status == "ready":

@@ -3,6 +3,10 @@
 The manifest is written last and records the sha256 of every file of the version; every reader
 (promote, rollback, serving, `ragindex query`, embedding reuse) compares what it is about to use
 with it. A mismatch, a missing or a truncated file raises `Corrupt` with one line naming the file.
+
+Where a reader trusts signing keys (`IndexStore.trusted_keys`), each manifest it reads to promote or
+serve a version, its ancestors' included, must also carry a signature by one of them
+(`signed_manifest`, `segment_manifests`); otherwise it is `Untrusted`, in one line.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ from typing import Protocol
 
 import fsspec
 
-from storage.errors import Corrupt, NotFound, Rejected
+from storage.errors import Corrupt, NotFound, Rejected, Untrusted
 from storage.fs import file_digest
+from storage.layout import MANIFEST_SIGNATURE
 from storage.manifest import Manifest, SegmentRef
+from storage.signing import MAX_SIGNATURE_BYTES, TrustedKeys
 
 
 class VersionFiles(Protocol):
     """What verification reads of a store (`storage.store.IndexStore`, which imports this module)."""
 
     fs: fsspec.AbstractFileSystem
+    trusted_keys: TrustedKeys | None
 
     def version_path(self, version_id: str, *parts: str) -> str: ...
 
@@ -83,9 +90,38 @@ def verify_version(
     return manifest
 
 
+def signature_bytes(store: VersionFiles, version_id: str) -> bytes | None:
+    """A version's `manifest.sig` as stored (None when it has none)."""
+    try:
+        with store.fs.open(store.version_path(version_id, MANIFEST_SIGNATURE), "rb") as f:
+            return f.read(MAX_SIGNATURE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+
+
+def check_signature(store: VersionFiles, version_id: str, data: bytes) -> None:
+    """With trusted keys configured, `Untrusted` (one line naming the version) unless `data`, the
+    manifest's bytes as read, carry a signature by one of them; without, nothing is required."""
+    if store.trusted_keys is None:
+        return
+    try:
+        store.trusted_keys.check(data, signature_bytes(store, version_id))
+    except Untrusted as exc:
+        raise Untrusted(f"version {version_id} is refused: {exc}") from None
+
+
+def signed_manifest(store: VersionFiles, version_id: str) -> Manifest:
+    """The manifest of a version about to be promoted or served, its signature checked (`check_signature`)
+    on the very bytes it is parsed from."""
+    data = store.manifest_bytes(version_id)
+    check_signature(store, version_id, data)
+    return store.manifest(version_id, data)
+
+
 def segment_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]:
     """The ancestor manifests a delta version shares rows with, oldest first, each checked against the
-    sha256 the delta recorded: a rewritten or replaced ancestor is `Corrupt`, never silently served."""
+    sha256 the delta recorded: a rewritten or replaced ancestor is `Corrupt`, never silently served; with
+    trusted keys configured, an ancestor not signed by one of them is `Untrusted`."""
     found = []
     for ref in manifest.segments:
         label = f"version {manifest.version}: segment {ref.version}"
@@ -94,6 +130,10 @@ def segment_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]
         except NotFound:
             raise Corrupt(f"{label} is gone (its manifest is missing)") from None
         check_digest(hashlib.sha256(data).hexdigest(), ref.manifest_sha256, f"{label} manifest")
+        try:
+            check_signature(store, ref.version, data)
+        except Untrusted as exc:
+            raise Untrusted(f"version {manifest.version}: its segment {exc}") from None
         ancestor = store.manifest(ref.version, data)
         if ancestor.first_row_id != ref.first_row_id or ancestor.counts.get("passages") != ref.rows:
             raise Corrupt(f"{label} holds rows {ancestor.first_row_id}+{ancestor.counts.get('passages')}, "

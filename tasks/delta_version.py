@@ -39,7 +39,7 @@ from storage.location import Location
 from storage.manifest import AppliedDay, DumpFile, IndexInfo, Lineage, Manifest, SegmentRef, SourceDump
 from storage.store import IndexStore
 from storage.timing import Steps
-from storage.verify import lineage_manifests, pin_segment
+from storage.verify import lineage_manifests, pin_segment, signed_manifest
 from tasks.assemble_version import draft_manifest, removed_on_failure, validate_and_commit
 from tasks.delta_passages import DeltaPlan, ParentPage, Revisions, newest_revisions, write_delta_passages
 from tasks.derive_index import derive_index
@@ -84,10 +84,12 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                         question_encoder=None, batch_size: int = 64, precision: str = "auto",
                         shard_rows: int = layout.DEFAULT_SHARD_ROWS, progress: bool = True,
                         on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 10.0,
-                        steps: DeltaSteps | None = None) -> Manifest:
+                        steps: DeltaSteps | None = None, record_unchanged: bool = False) -> Manifest:
     """Apply the downloaded day `files` (one per day of `days`, md5-verified) to `parent_id`; validate and
     commit the delta version (never promotes). `NothingToApply` when the days change nothing the parent
-    serves. A failure before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
+    serves, unless `record_unchanged`: then a delta with no change of its own records that the parent now
+    knows those days (a full build that already kept the lineage's newer revisions, caught up). A failure
+    before the commit removes the staging area. `on_progress`: see `embed.embed_shard`."""
     steps = steps or DeltaSteps()
     parent, ancestors = checked_parent(store, parent_id, spec)
     revisions = steps.run("parse_days", _parse_days, days, files)
@@ -101,7 +103,7 @@ def build_delta_version(store: IndexStore, parent_id: str, days: Sequence[IncrDa
                            window=f"the days {days[0].date}..{days[-1].date}", spec=spec, floors=floors,
                            canaries=canaries, question_encoder=question_encoder, batch_size=batch_size,
                            precision=precision, shard_rows=shard_rows, progress=progress, on_progress=on_progress,
-                           progress_every_s=progress_every_s, steps=steps)
+                           progress_every_s=progress_every_s, steps=steps, record_unchanged=record_unchanged)
 
 
 def _parse_days(days: Sequence[IncrDay], files: Sequence[Location]) -> Revisions:
@@ -115,7 +117,7 @@ def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tupl
     """The parent (ready, same encoder) and its lineage's manifests, each checked, the parent last."""
     from rag_model.encoders import fingerprint_of  # torch: not imported by a takedown, which never encodes
 
-    parent = store.manifest(parent_id)
+    parent = signed_manifest(store, parent_id)  # where keys are trusted, never build on an untrusted parent
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
     fingerprint = fingerprint_of(spec)
@@ -134,7 +136,8 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
                     floors: ValidationFloors | None = None, canaries: str | None = None, question_encoder=None,
                     batch_size: int = 64, precision: str = "auto", shard_rows: int = layout.DEFAULT_SHARD_ROWS,
                     progress: bool = True, on_progress: Callable[[Progress], None] | None = None,
-                    progress_every_s: float = 10.0, steps: DeltaSteps | None = None) -> Manifest:
+                    progress_every_s: float = 10.0, steps: DeltaSteps | None = None,
+                    record_unchanged: bool = False) -> Manifest:
     """The delta of `revisions` (pages' newest revisions, and pages removed) on `parent`, whatever read them
     (adds-changes days, or the live streams): passages, tombstones, embed, build, validate, commit.
     `lineage` is the new version's (what it knows). `NothingToApply` when nothing the parent serves changes.
@@ -153,7 +156,8 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
             plan = steps.run("passages", write_delta_passages, revisions, held.pages,
                              store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
                              shard_rows=shard_rows, denied=denied, chunker=parent.encoder.chunker)
-            _check_applies(plan, window, parent.version)
+            if not record_unchanged:
+                _check_applies(plan, window, parent.version)
             if plan.passages:
                 steps.run("embed", _embed, store, version_id, ancestors, spec, batch_size=batch_size,
                           precision=precision, progress=progress, on_progress=on_progress,

@@ -46,6 +46,7 @@ from storage.names import check_file_name
 from storage.records import EmbeddedShard, EmbeddingSidecar, EmbeddingsSummary, PassagesSummary, Record, ShardEntry
 from storage.store import IndexStore
 from storage.timing import timed
+from storage.verify import segment_manifests, signed_manifest
 from tasks.chunk import content_hashes
 from tasks.progress import Meter, Progress
 from tasks.reuse_index import hash_keys, open_source
@@ -510,13 +511,26 @@ def _embed_all(passages: Location, out: Location, spec: EncoderSpec, reuse_from:
     return records
 
 
+def _signed_lineage(store: IndexStore, version_id: str) -> bool:
+    if store.trusted_keys is None:
+        return True
+    try:
+        segment_manifests(store, signed_manifest(store, version_id))
+    except RagindexError as exc:
+        log.warning("not reusing the vectors of %s: %s", version_id, first_line(exc))
+        return False
+    return True
+
+
 def find_reuse_sources(store: IndexStore, fingerprint: EncoderFingerprint, limit: int = 3) -> list[Location]:
     """Version roots, newest first, of ready versions embedded under the same fingerprint key.
 
     A delta version's own directory holds only its new rows: the segments it serves follow it, so a
-    full build after a week of deltas still reuses the base's vectors."""
+    full build after a week of deltas still reuses the base's vectors. Where the store trusts signing
+    keys, only versions whose whole lineage one of them signed are sources: a signing worker must not
+    launder vectors planted in an unsigned version into a version it signs."""
     matches = [m for m in reversed(store.list_versions())
-               if m.status == "ready" and m.encoder.key == fingerprint.key]
+               if m.status == "ready" and m.encoder.key == fingerprint.key and _signed_lineage(store, m.version)]
     roots: list[str] = []
     for m in matches[:limit]:
         for version in [m.version, *(s.version for s in reversed(m.segments))]:

@@ -4,9 +4,6 @@ across a compaction is a pointer move."""
 
 from __future__ import annotations
 
-import bz2
-import hashlib
-
 import faiss
 import numpy as np
 import pytest
@@ -15,29 +12,18 @@ from rag_model.encoders import EncoderSpec
 from rag_model.index import VersionIndex
 from storage import layout, retention
 from storage.errors import NotFound
-from storage.location import Location
 from storage.manifest import Lineage, Manifest
 from storage.store import IndexStore
 from tasks.compact_version import CompactionPolicy, NothingToCompact, compact_version
 from tasks.delta_version import build_delta_version
-from tasks.download import RemoteFile
-from tasks.incr_dumps import IncrDay
 from tasks.promote import promote_version, rollback_version
 from tests.fixtures.history import HistPage, history_xml
 from tests.fixtures.versions import make_version, random_passages
+from tests.test_delta_version import _day
 
 
 def _words(tag: str, n: int = 150) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
-
-
-def _day(store: IndexStore, tmp_path, date: str, pages: list[HistPage]) -> tuple[IncrDay, Location]:
-    path = tmp_path / f"enwiki-{date}-pages-meta-hist-incr.xml.bz2"
-    path.write_bytes(bz2.compress(history_xml("enwiki", pages).encode()))
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    day = IncrDay(wiki="enwiki", date=date, maxrevid=max(r for p in pages for r, _ in p.revisions),
-                  location=f"file://{tmp_path}", file=RemoteFile(name=path.name, url=str(path), md5=md5))
-    return day, Location(path)
 
 
 def _lineage_of_three_deltas(store: IndexStore, tmp_path, tiny_dpr, fingerprint) -> tuple[str, list[str]]:
@@ -55,7 +41,7 @@ def _lineage_of_three_deltas(store: IndexStore, tmp_path, tiny_dpr, fingerprint)
     parent, deltas = base, []
     for i, pages in enumerate(days):
         (tmp_path / f"d{i}").mkdir()
-        day, path = _day(store, tmp_path / f"d{i}", f"2024010{i + 2}", pages)
+        day, path = _day(tmp_path / f"d{i}", f"2024010{i + 2}", pages)
         m = build_delta_version(store, parent, [day], [path], spec=spec, progress=False)
         promote_version(store, m.version, actor="tests")
         parent = m.version
@@ -107,7 +93,7 @@ def test_a_delta_on_a_compaction_and_rollback_across_it_are_pointer_moves(lineag
     store, base, deltas = lineage
     compacted = compact_version(store, deltas[-1], progress=False)
     promote_version(store, compacted.version, actor="tests")
-    day, path = _day(store, tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
+    day, path = _day(tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
     after = build_delta_version(store, compacted.version, [day], [path],
                                 spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"), progress=False)
     assert [s.version for s in after.segments] == [compacted.version]
@@ -126,7 +112,7 @@ def test_gc_frees_merged_segments_only_when_no_kept_version_refers_to_them(linea
     # CURRENT the compaction, previous the last delta: that delta still needs every merged segment.
     report = retention.gc(store, keep=1)
     assert not report.deleted_versions
-    day, path = _day(store, tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
+    day, path = _day(tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
     after = build_delta_version(store, compacted.version, [day], [path],
                                 spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"), progress=False)
     promote_version(store, after.version, actor="tests")

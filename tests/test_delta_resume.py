@@ -112,7 +112,7 @@ def test_a_killed_delta_resumes_the_same_version(mirror, tiny_dpr, prefect_api, 
     reference_url = str(tmp_path / "reference")  # an uninterrupted delta of the same days, on local disk
     for url in (reference_url, store_url):
         assert refresh_index(store_url=url, **common)["status"] == "promoted"
-    make_incr_day(mirror.root, WIKI, "20240102", history_xml(WIKI, _day_pages(rev)), maxrevid=rev + 60)
+    make_incr_day(mirror.root, WIKI, "20240102", history_xml(WIKI, _day_pages(rev)), maxrevid=rev + 50)
     uninterrupted = refresh_index(store_url=reference_url, mode="incremental", **common)
     assert uninterrupted["status"] == "promoted" and uninterrupted["mode"] == "delta"
 

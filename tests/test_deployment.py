@@ -3,14 +3,13 @@ process worker, `prefect deployment run refresh-index/nightly`, then `rollback-i
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
 
 from storage.store import IndexStore
 from tests.fixtures.mirror import sample_pages
-from tests.fixtures.prefect import PREFECT, ROOT, prefect_cli
+from tests.fixtures.prefect import PREFECT, ROOT, prefect_cli, worker_env
 from tests.fixtures.processes import stop_process
 
 
@@ -18,16 +17,7 @@ from tests.fixtures.processes import stop_process
 def test_nightly_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_dpr, tmp_path):
     store_url = str(tmp_path / "store")
     mirror.add_run("enwiki", "20240101", sample_pages(6))
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_api,
-        "RAGINDEX_PROJECT_DIR": str(ROOT),
-        "RAGINDEX_STORE_URL": store_url,
-        "RAGINDEX_ENCODER": str(tiny_dpr.ctx_dir),
-        "RAGINDEX_ENCODER_KIND": "dpr",
-        "RAGINDEX_INDEX_SPEC": "flat",
-        "RAGINDEX_MIRROR": mirror.url,
-    }
+    env = worker_env(prefect_api, store_url, tiny_dpr.ctx_dir, mirror.url)
     prefect_cli(["work-pool", "create", "ragindex", "--type", "process", "--overwrite"], env)
     deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env)
     assert "refresh-index/nightly" in deployed.stdout and "rollback-index/manual" in deployed.stdout

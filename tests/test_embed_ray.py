@@ -21,6 +21,7 @@ from rag_model.encoders import EncoderSpec
 from storage.errors import RagindexError
 from storage.layout import PASSAGE_SCHEMA, RAY_STAGING_DIR
 from storage.location import Location
+from tasks.chunk import content_hash
 from tasks.embed import embed_passages, embed_shard, list_passage_shards
 from tasks.embed_ray import ShardEncoder, ShardPlan, embed_passages_ray, keep_todo, plan_shards
 from tests.fixtures.models import write_passages
@@ -134,7 +135,11 @@ def test_a_passage_shard_changed_after_planning_is_not_encoded(tmp_path, spec):
     table = pq.read_table(shard)
     texts = table.column("text").to_pylist()
     texts[0] = "planted sentence " + texts[0]
-    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), shard)
+    hashes = table.column("content_hash").to_pylist()
+    hashes[0] = content_hash(table.column("title")[0].as_py(), texts[0])  # consistent: only the digest tells
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts))
+    pq.write_table(table.set_column(table.schema.get_field_index("content_hash"), "content_hash", pa.array(hashes)),
+                   shard)
 
     with pytest.raises(RagindexError, match=rf"^passage shard {shard} changed after it was planned: sha256 "):
         run_job_in_process(planned, todo_rows, spec, out)

@@ -4,6 +4,7 @@ reading dumps from a loopback HTTP mirror, embedding with a tiny real DPR encode
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -142,12 +143,14 @@ def test_failed_step_leaves_current_untouched(prefect_api, mirror, tiny_dpr, tmp
     assert [m.version for m in store.list_versions()] == [first["version"]]
 
 
-def test_report_and_progress_are_left(prefect_api, tmp_path, tiny_dpr, mirror, monkeypatch):
+def test_report_and_progress_are_left(prefect_api, tmp_path, tiny_dpr, mirror, monkeypatch, request):
     """The run's report artifact, and embedding progress reported within each shard (not once per shard): log
     lines with the rate and the time left, and the embedding progress artifact moved by them."""
     import httpx
 
     monkeypatch.setenv("RAGINDEX_PROGRESS_SECONDS", "0.001")  # report every batch
+    load_settings.cache_clear()  # settings are read once at the edge: this run's must see the variable
+    request.addfinalizer(load_settings.cache_clear)
     started = datetime.now(UTC).isoformat()
     common = _common(tmp_path, tiny_dpr)
     mirror.add_run("dewiki", "20240101", sample_pages(5))
@@ -163,10 +166,14 @@ def test_report_and_progress_are_left(prefect_api, tmp_path, tiny_dpr, mirror, m
     embedding = [a for a in artifacts if a["type"] == "progress" and a["description"].startswith("embedding")]
     assert embedding and embedding[0]["data"] == 100.0
 
-    logs = httpx.post(f"{prefect_api}/logs/filter", json={"logs": {"timestamp": {"after_": started}}, "limit": 200,
-                                                                "sort": "TIMESTAMP_ASC"})
-    lines = [log["message"] for log in logs.json() if log["message"].startswith("embedding part-00000")]
     passages = pq.read_metadata(next((tmp_path / "store" / "versions").glob("*/passages/part-00000.parquet"))).num_rows
+    wanted = {"logs": {"timestamp": {"after_": started}}, "limit": 200, "sort": "TIMESTAMP_ASC"}
+    lines: list[str] = []
+    deadline = time.monotonic() + 60  # run logs reach the API in batches, a few seconds after the run
+    while time.monotonic() < deadline and not any(f"{passages}/{passages}" in line for line in lines):
+        time.sleep(1)
+        logs = httpx.post(f"{prefect_api}/logs/filter", json=wanted).json()
+        lines = [log["message"] for log in logs if log["message"].startswith("embedding part-00000")]
     assert len(lines) == -(-passages // 4) > 1  # one report per batch of 4
     assert re.search(r"embedding part-00000\.parquet: 4/\d+ passages \(\d+%\), [\d,]+ passages/s, \S+ left", lines[0])
     assert lines[-1].startswith(f"embedding part-00000.parquet: {passages}/{passages} passages (100%)")

@@ -3,7 +3,6 @@ EventStreams and Action API: a delete and an edit reach CURRENT through one sche
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from storage.store import IndexStore
 from tests.fixtures.eventstreams import event
 from tests.fixtures.mirror import sample_pages
-from tests.fixtures.prefect import PREFECT, ROOT, prefect_cli
+from tests.fixtures.prefect import PREFECT, ROOT, prefect_cli, worker_env
 from tests.fixtures.processes import stop_process
 from tests.test_live_flow import DUMP, _dt, _titles
 
@@ -22,19 +21,9 @@ def test_live_deployment_runs_on_a_process_worker(prefect_api, mirror, tiny_dpr,
     store_url = str(tmp_path / "store")
     pages = sample_pages(6)
     mirror.add_run("enwiki", DUMP, pages)
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_api,
-        "RAGINDEX_PROJECT_DIR": str(ROOT),
-        "RAGINDEX_STORE_URL": store_url,
-        "RAGINDEX_ENCODER": str(tiny_dpr.ctx_dir),
-        "RAGINDEX_ENCODER_KIND": "dpr",
-        "RAGINDEX_INDEX_SPEC": "flat",
-        "RAGINDEX_MIRROR": mirror.url,
-        "RAGINDEX_STREAMS_URL": eventstreams.url,
-        "RAGINDEX_API_URL": action_api.url,
-        "RAGINDEX_STREAM_IDLE_S": "1",
-    }
+    env = worker_env(prefect_api, store_url, tiny_dpr.ctx_dir, mirror.url,
+                     RAGINDEX_STREAMS_URL=eventstreams.url, RAGINDEX_API_URL=action_api.url,
+                     RAGINDEX_STREAM_IDLE_S="1")
     prefect_cli(["work-pool", "create", "ragindex", "--type", "process", "--overwrite"], env)
     deployed = prefect_cli(["--no-prompt", "deploy", "--all"], env)
     assert "refresh-index/live" in deployed.stdout
