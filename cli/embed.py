@@ -24,6 +24,9 @@ def embed(
     encoder_kind: Annotated[Literal["dpr", "mean"] | None, typer.Option(
         "--encoder-kind", help="dpr (pooler output) or mean (mean pooling).",
         show_default="settings: RAGINDEX_ENCODER_KIND")] = None,
+    chunker: Annotated[Literal["dpr", "sections"] | None, typer.Option(
+        "--chunker", help="How the passages were cut (recorded in the fingerprint; reuse only from its own).",
+        show_default="settings: RAGINDEX_CHUNKER")] = None,
     normalize: Annotated[bool | None, typer.Option(
         "--normalize/--no-normalize", help="L2-normalise (default: the model's own config).")] = None,
     max_length: Annotated[int | None, typer.Option(
@@ -54,7 +57,7 @@ def embed(
 
     settings = load_settings()
     spec = EncoderSpec(model=encoder or settings.encoder, kind=encoder_kind or settings.encoder_kind,
-                       normalize=normalize, max_length=max_length)
+                       normalize=normalize, max_length=max_length, chunker=chunker or settings.chunker)
     sources = [Location(root, settings.s3_endpoint_url, settings.cache_config) for root in reuse_from or []]
     if reuse_store:
         store = open_store(reuse_store, settings)

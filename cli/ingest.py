@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -69,6 +70,9 @@ def passages(
     shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, "--shard-rows", min=1, help="Rows per Parquet shard."),
     job: str = typer.Option("articlesmultistreamdump", "--job",
                             help="Dump job to read from a dumpstatus.json directory."),
+    chunker: Literal["dpr", "sections"] | None = typer.Option(
+        None, "--chunker", help="dpr (DPR's 100-word windows) or sections (restarted at every section; "
+        "default: RAGINDEX_CHUNKER). Embed them with the same --chunker."),
 ) -> None:
     """Parse, clean and cut a dump into 100-word passage shards."""
     from storage.location import Location
@@ -80,5 +84,5 @@ def passages(
     ref = resolve_source(source, endpoint, job=job)
     urls = [verify_in_place(f, endpoint, progress=True) for f in ref.files]
     summary = write_passages([Location(u, endpoint) for u in urls], Location(out, endpoint), ref.source(),
-                             workers=workers, shard_rows=shard_rows)
+                             workers=workers, shard_rows=shard_rows, chunker=chunker or settings.chunker)
     Console().print(_summary_table(summary, out))

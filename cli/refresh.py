@@ -88,6 +88,8 @@ def refresh(
     store: StoreOption = None,
     encoder: str = typer.Option(None, help="Document encoder: HF id or local directory."),
     encoder_kind: str = typer.Option(None, help="dpr or mean."),
+    chunker: str = typer.Option(None, help="dpr (DPR's 100-word windows) or sections (restarted at every section; "
+                                "default: RAGINDEX_CHUNKER)."),
     normalize: bool | None = typer.Option(
         None, "--normalize/--no-normalize", help="L2-normalise vectors (default: the model's own config)."
     ),
@@ -132,7 +134,7 @@ def refresh(
 
     outcome = refresh_index(
         wiki=wiki, dump_date=date, source=source, store_url=store, encoder=encoder,
-        encoder_kind=encoder_kind, normalize=normalize, question_encoder=question_encoder,
+        encoder_kind=encoder_kind, chunker=chunker, normalize=normalize, question_encoder=question_encoder,
         index_spec=index_spec, memory_budget=memory_budget, shard_rows=shard_rows, canaries=canaries,
         allow_count_change=allow_count_change, force=force, allow_unverified=allow_unverified,
         promote=not no_promote, allow_older=allow_older, resume=resume, precision=precision, compile=compile_,

@@ -39,6 +39,7 @@ class RefreshParams(BaseModel):
     stream_idle_s: float = Field(5.0, gt=0)
     encoder: str
     encoder_kind: Literal["dpr", "mean"]
+    chunker: Literal["dpr", "sections"]  # tasks.chunk.CHUNKERS
     normalize: bool | None = None  # None: the model's own sentence-transformers config, else off
     question_encoder: str | None = None
     index_spec: str
@@ -85,6 +86,7 @@ class RefreshParams(BaseModel):
             "stream_idle_s": settings.stream_idle_s,
             "encoder": settings.encoder,
             "encoder_kind": settings.encoder_kind,
+            "chunker": settings.chunker,
             "question_encoder": settings.question_encoder,
             "index_spec": settings.index_spec,
             "memory_budget": settings.memory_budget,
@@ -173,7 +175,7 @@ class RefreshParams(BaseModel):
     def encoder_spec(self) -> Any:
         from rag_model.encoders import EncoderSpec
 
-        return EncoderSpec(model=self.encoder, kind=self.encoder_kind, normalize=self.normalize)
+        return EncoderSpec(model=self.encoder, kind=self.encoder_kind, normalize=self.normalize, chunker=self.chunker)
 
     def floors(self) -> Any:
         from tasks.validate import ValidationFloors

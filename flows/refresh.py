@@ -101,6 +101,7 @@ def refresh_index(
     mode: str = "auto",
     streams_url: str | None = None,
     api_url: str | None = None,
+    chunker: str | None = None,
 ) -> dict:
     """Refresh the index from a Wikipedia dump; promote the new version if it validates.
 
@@ -117,6 +118,9 @@ def refresh_index(
     (status `older`, the run fails), unless `allow_older`; in auto mode the days after such a full dump
     are applied on top of it first, and that delta is promoted (`refresh_delta.catch_up`). A run whose
     CURRENT moved while it built does not promote (status `conflict`, the run fails).
+
+    `chunker` (RAGINDEX_CHUNKER): how articles become passages (`tasks.chunk.CHUNKERS`); it is part of the
+    encoder fingerprint, so a delta on a lineage of the other chunker is refused.
 
     Every parameter left empty takes its value from the `RAGINDEX_*` settings. Bad parameters
     fail here, before any work starts, with one readable line.
@@ -254,7 +258,8 @@ def _build(p: RefreshParams, steps: FlowSteps, store: IndexStore, ref: download.
             def parse(i: int, refresh: bool = False) -> Any:
                 runs = parse_one.with_options(refresh_cache=True) if refresh else parse_one
                 unit = units[i]
-                return runs.submit(unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION)
+                return runs.submit(unit, work_dir, _unit_input_id(unit.url, files, dump_sha1), CODE_VERSION,
+                                   p.chunker)
 
             futures = [parse(i) for i in range(len(units))]
             unit_results = _gather(futures, progress, lambda r: passages.unit_output_intact(r, work_dir),

@@ -52,9 +52,10 @@ def download_task(ref: download.DumpRef, p: RefreshParams) -> list[str]:
 
 @task(name="parse-unit", cache_policy=SHARD_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER,
       retries=1)
-def parse_unit_task(unit: passages.WorkUnit, work_dir: Location, input_id: str, code_version: str) -> dict:
+def parse_unit_task(unit: passages.WorkUnit, work_dir: Location, input_id: str, code_version: str,
+                    chunker: str = "dpr") -> dict:
     # input_id and code_version are not used in the body: they are part of the cache key.
-    return passages.run_unit(unit, work_dir)
+    return passages.run_unit(unit, work_dir, chunker=chunker)
 
 
 @task(name="assemble-passages")

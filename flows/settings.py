@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     dump_date: str = "latest"
     encoder: str = DEFAULT_DPR_CTX
     encoder_kind: Literal["dpr", "mean"] = "dpr"
+    # How articles become passages (tasks.chunk.CHUNKERS): `sections` restarts DPR's 100-word windows at every
+    # section, so an edit re-embeds its section's passages only (benchmarks/chunker_bench.py).
+    chunker: Literal["dpr", "sections"] = "sections"
     question_encoder: str | None = None
     index_spec: str = "auto"
     memory_budget: str = format_size(DEFAULT_MEMORY_BUDGET)

@@ -39,6 +39,7 @@ class EncoderSpec:
     normalize: bool | None = None  # L2-normalise
     max_length: int | None = None
     revision: str | None = None
+    chunker: str = "dpr"  # how the passages were cut (tasks.chunk): recorded in the fingerprint, never mixed
 
 
 # -- locating a model and hashing its weights ---------------------------------------------------
@@ -193,6 +194,7 @@ def fingerprint_of(spec: EncoderSpec) -> EncoderFingerprint:
         normalize=normalize,
         max_length=max_length,
         kind=spec.kind,
+        chunker=spec.chunker,
     )
 
 

@@ -43,11 +43,16 @@ class EncoderFingerprint(BaseModel):
     normalize: bool = False
     max_length: int
     kind: Literal["dpr", "mean"]
+    # How articles were cut into passages (tasks.chunk.CHUNKERS). Part of the key although a passage's vector
+    # does not depend on it: vectors are reused by the key, and a delta must chunk like its lineage, so two
+    # chunkers never mix in one store's lineage or reuse.
+    chunker: str = "dpr"
 
     @property
     def key(self) -> str:
-        """Short stable id of everything that changes the vectors (not where the model was read from)."""
-        relevant = self.model_dump(exclude={"model_id", "revision"})
+        """Short stable id of everything that changes the vectors (not where the model was read from), and of
+        the chunker. `dpr` chunking is left out of the hashed fields, so keys from before chunkers stay valid."""
+        relevant = self.model_dump(exclude={"model_id", "revision"} | ({"chunker"} if self.chunker == "dpr" else set()))
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

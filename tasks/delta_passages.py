@@ -113,14 +113,15 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
                          source: SourceDump, *, first_row_id: int,
                          shard_rows: int = DEFAULT_SHARD_ROWS, options: CleanOptions | None = None,
                          progress: bool = False, denied: Collection[int] = frozenset(),
-                         work: Location | None = None) -> DeltaPlan:
+                         work: Location | None = None, chunker: str = "dpr") -> DeltaPlan:
     """Passage shards (row ids from `first_row_id`) of the pages the days change, and what they change.
 
     `denied` pages (taken down: `storage.denylist`) gain no passages whatever the days hold, and the
     parent's rows of them are dropped (`parent_pages` must list the denied pages the parent serves).
     Writes nothing when no page gains passages (the plan may still drop pages: a delta with no rows of
     its own, `tasks.empty_rows`). `work` (default: `_work` beside `out`, in the staging version) holds
-    the scratch while the shards are assembled, and is removed after."""
+    the scratch while the shards are assembled, and is removed after. `chunker`: the lineage's
+    (`EncoderFingerprint.chunker`), so the changed pages are cut as the pages it keeps were."""
     options = options or CleanOptions.for_wiki(source.wiki)
     plan = DeltaPlan(revisions_seen=revisions.revisions_seen)
     skipped: Counter[str] = Counter()
@@ -159,7 +160,7 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
         rows: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
         kept = words = 0
         cleaned = clean_and_chunk(tqdm(fresh, desc="changed pages", unit="page", disable=None if progress else True,
-                                       leave=False), options, cleaner_for(options))
+                                       leave=False), options, cleaner_for(options), chunker)
         for done in cleaned:
             page, held = done.page, parent_pages.get(done.page.page_id)
             if done.reason:
@@ -190,7 +191,7 @@ def write_delta_passages(revisions: Revisions, parent_pages: dict[int, ParentPag
                 pq.write_table(pa.Table.from_pydict(rows, schema=UNIT_SCHEMA), f, compression="zstd")
             record = UnitRecord(
                 unit={"ordinal": 0, "url": source.location, "start": None, "end": None},
-                options=options_key(options), ordinal=0, path=to_url(work_fs, unit_path),
+                options=options_key(options, chunker), ordinal=0, path=to_url(work_fs, unit_path),
                 sha256=file_digest(work_fs, unit_path),
                 seen=len(revisions.pages), kept=kept, skipped=plan.skipped, passages=plan.passages, words=words,
                 seconds=0.0,

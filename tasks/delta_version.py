@@ -120,7 +120,12 @@ def checked_parent(store: IndexStore, parent_id: str, spec: EncoderSpec) -> tupl
     parent = signed_manifest(store, parent_id)  # where keys are trusted, never build on an untrusted parent
     if parent.status != "ready":
         raise Rejected(f"parent {parent_id} is {parent.status}: a delta needs a ready parent")
-    if fingerprint_of(spec).key != parent.encoder.key:
+    fingerprint = fingerprint_of(spec)
+    if fingerprint.chunker != parent.encoder.chunker:
+        raise Rejected(f"the chunker differs from {parent_id}'s ({fingerprint.chunker}, not {parent.encoder.chunker}): "
+                       f"a delta must chunk like its lineage (set RAGINDEX_CHUNKER={parent.encoder.chunker}, or run "
+                       "a full build to change chunkers)")
+    if fingerprint.key != parent.encoder.key:
         raise Rejected(f"the encoder differs from {parent_id}'s: a delta must use its lineage's encoder "
                        "(run a full build to change encoders)")
     return parent, lineage_manifests(store, parent)
@@ -150,7 +155,7 @@ def apply_revisions(store: IndexStore, parent: Manifest, ancestors: list[Manifes
         with removed_on_failure(store, version_id):
             plan = steps.run("passages", write_delta_passages, revisions, held.pages,
                              store.at(version_id, layout.PASSAGES_DIR), source, first_row_id=parent.next_row_id,
-                             shard_rows=shard_rows, denied=denied)
+                             shard_rows=shard_rows, denied=denied, chunker=parent.encoder.chunker)
             if not record_unchanged:
                 _check_applies(plan, window, parent.version)
             if plan.passages:

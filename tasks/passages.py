@@ -116,8 +116,10 @@ def _choose_bounds(source: Location, cuts: list[int], size: int, target: int, ve
 
 # --- one unit -------------------------------------------------------------------------------------
 
-def options_key(options: CleanOptions) -> str:
-    return hashlib.sha1(options_to_json(options).encode()).hexdigest()[:16]
+def options_key(options: CleanOptions, chunker: str = "dpr") -> str:
+    """What a unit's output depends on besides its bytes; `dpr` chunking keeps the keys from before chunkers."""
+    key = hashlib.sha1(options_to_json(options).encode()).hexdigest()[:16]
+    return key if chunker == "dpr" else f"{key}:{chunker}"
 
 
 def _skip_reason(page: Page, options: CleanOptions) -> str | None:
@@ -137,7 +139,7 @@ def _wiki_of(url: str) -> str | None:
     return m.group(1) if m else None
 
 
-def run_unit(unit: WorkUnit, work_dir: Location, options: CleanOptions | None = None) -> dict:
+def run_unit(unit: WorkUnit, work_dir: Location, options: CleanOptions | None = None, chunker: str = "dpr") -> dict:
     """Parse, clean and chunk one unit into `<work_dir>/unit-NNNNNN.parquet`; return a small record.
 
     The record (`storage.records.UnitRecord`, as a dict) is written after the Parquet file, so its
@@ -148,7 +150,7 @@ def run_unit(unit: WorkUnit, work_dir: Location, options: CleanOptions | None = 
     fs, work = work_dir.fs, work_dir.path
     stem = f"unit-{unit.ordinal:06d}"
     record_path, parquet_path = join(work, stem + ".json"), join(work, stem + ".parquet")
-    key = {"unit": asdict(unit), "options": options_key(options)}
+    key = {"unit": asdict(unit), "options": options_key(options, chunker)}
     if fs.exists(record_path):
         try:
             done = UnitRecord.read(fs, record_path).dump()
@@ -166,7 +168,7 @@ def run_unit(unit: WorkUnit, work_dir: Location, options: CleanOptions | None = 
         writer = pq.ParquetWriter(f, UNIT_SCHEMA, compression="zstd")
         try:
             pages = iter_pages(work_dir.reach(unit.url), unit.start, unit.end)
-            for done_page in clean_and_chunk(pages, options, cleaner):
+            for done_page in clean_and_chunk(pages, options, cleaner, chunker):
                 seen += 1
                 if done_page.reason:
                     skipped[done_page.reason] += 1
@@ -201,12 +203,14 @@ class CleanedPage:
     words: int = 0
 
 
-def clean_and_chunk(pages: Iterable[Page], options: CleanOptions, cleaner: GuardedCleaner) -> Iterator[CleanedPage]:
-    """Every page of `pages`, in order, cleaned and chunked as a full build does (the delta path uses
-    this too, so the same text gets the same passages). Page n is cleaned while page n+1 is parsed."""
+def clean_and_chunk(pages: Iterable[Page], options: CleanOptions, cleaner: GuardedCleaner,
+                    chunker: str = "dpr") -> Iterator[CleanedPage]:
+    """Every page of `pages`, in order, cleaned and chunked (`tasks.chunk.CHUNKERS`) as a full build does
+    (the delta path uses this too, so the same text gets the same passages). Page n is cleaned while page
+    n+1 is parsed."""
 
     def finished(page: Page, text: str | None, reason: str | None) -> CleanedPage:
-        chunks = chunk_article(page.page_id, page.rev_id, page.title, text) if text else []
+        chunks = chunk_article(page.page_id, page.rev_id, page.title, text, chunker=chunker) if text else []
         if reason is None and not chunks:
             reason = "empty"
         return CleanedPage(page, [] if reason else chunks, reason, 0 if reason else len(text.split()))
@@ -404,7 +408,7 @@ def _remove_stale_parts(fs, out: str, keep: set[str]) -> None:
 # --- everything -----------------------------------------------------------------------------------
 
 def run_units(units: list[WorkUnit], work_dir: Location, workers: int, options: CleanOptions,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, chunker: str = "dpr") -> list[dict]:
     """Run units on a process pool (or in-process for one worker); results in ordinal order."""
     bar = tqdm(total=len(units), unit="unit", desc="passages", disable=None if progress else True)
     results: list[dict] = []
@@ -417,14 +421,14 @@ def run_units(units: list[WorkUnit], work_dir: Location, workers: int, options: 
     try:
         if workers <= 1 or len(units) <= 1:
             for unit in units:
-                done(run_unit(unit, work_dir, options))
+                done(run_unit(unit, work_dir, options, chunker))
         else:
             # forkserver: safe in a threaded caller (a Prefect worker), and each worker is a fork of
             # one server that imported this module once, instead of a fresh interpreter per worker.
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["tasks.passages"])
             with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
-                pending = {pool.submit(run_unit, u, work_dir, options) for u in units}
+                pending = {pool.submit(run_unit, u, work_dir, options, chunker) for u in units}
                 try:
                     while pending:
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -441,8 +445,8 @@ def run_units(units: list[WorkUnit], work_dir: Location, workers: int, options: 
 
 def write_passages(files: list[Location], out: Location, source: SourceDump, workers: int | None = None,
                    shard_rows: int = DEFAULT_SHARD_ROWS, progress: bool = True, options: CleanOptions | None = None,
-                   min_unit_bytes: int = MIN_UNIT_BYTES) -> dict:
-    """Dump files -> passage shards + passages.json in `out`; returns the passages.json dict."""
+                   min_unit_bytes: int = MIN_UNIT_BYTES, chunker: str = "dpr") -> dict:
+    """Dump files -> passage shards + passages.json in `out`, cut by `chunker`; returns the passages.json dict."""
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -460,7 +464,7 @@ def write_passages(files: list[Location], out: Location, source: SourceDump, wor
             else Location(scratch_dir("units-"), out.s3_endpoint_url))
     try:
         with timed(timings, "parse_clean_chunk_s"):
-            results = run_units(units, work, workers, options, progress)
+            results = run_units(units, work, workers, options, progress, chunker)
         timings["unit_s"] = round(sum(r["seconds"] for r in results), 3)  # summed over units: CPU, not wall
         summary = assemble(results, out, source, shard_rows, timings=timings)
     except BaseException:

@@ -319,7 +319,7 @@ def test_cli_reuses_vectors_from_a_store(tmp_path, spec, capsys):
     articles[0]["text"] = "the only article that changed"
     rows = write_passages(tmp_path / "p2", articles)
     main(["embed", "--passages", str(tmp_path / "p2"), "--out", str(tmp_path / "out"), "--encoder", spec.model,
-          "--reuse-store", str(tmp_path / "store"), "--json"])
+          "--chunker", "dpr", "--reuse-store", str(tmp_path / "store"), "--json"])  # write_passages cuts as dpr
     summary = json.loads(capsys.readouterr().out)
     assert (summary["encoded"], summary["reused"]) == (1, len(rows) - 1)
 

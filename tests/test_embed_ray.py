@@ -243,7 +243,7 @@ def test_ray_data_job_resumes_per_shard(tmp_path, tiny_dpr, local_ray, capsys):
     first = embed_shard(shards[0], Location(out), spec, progress=False, precision="fp32")
     finished = (out / "part-00000.json").read_bytes()
     main(["embed", "--passages", str(tmp_path / "p"), "--out", str(out), "--encoder", spec.model,
-          "--precision", "fp32", "--ray-address", "local", "--json"])
+          "--precision", "fp32", "--chunker", "dpr", "--ray-address", "local", "--json"])  # as embed_shard(spec)
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped_shards"] == 1
     assert (out / "part-00000.json").read_bytes() == finished  # not written again

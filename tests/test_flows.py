@@ -72,7 +72,8 @@ def test_refresh_promotes_then_is_up_to_date_then_reuses_then_rolls_back(prefect
     edited[5] = Page(old.page_id, old.title, " ".join(f"fresh{j}" for j in range(230)), rev_id=old.revision + 1)
     mirror.add_run("enwiki", "20240201", edited, parts=2)
     third = refresh_index(wiki="enwiki", dump_date="latest", mirror=mirror.url, **common)
-    changed = len(chunk_article(old.page_id, old.revision + 1, old.title, edited[5].text))
+    changed = len(chunk_article(old.page_id, old.revision + 1, old.title, edited[5].text,
+                                chunker=load_settings().chunker))
     assert third["status"] == "promoted"
     assert third["counts"]["encoded"] == changed
     assert third["counts"]["reused"] == third["counts"]["passages"] - changed
