@@ -193,7 +193,8 @@ def test_crashed_run_resumes_only_unfinished_shards(prefect_api, mirror, tiny_dp
     mirror.add_run("eswiki", "20240101", pages, parts=2)
     crash = {**_common(tmp_path / "a", tiny_dpr), "shard_rows": 6}
     clean = {**_common(tmp_path / "b", tiny_dpr), "shard_rows": 6}
-    encoder = load_document_encoder(EncoderSpec(model=crash["encoder"], kind="dpr"))  # the flow's cached one
+    # The flow's cached one: the same spec, its chunker (part of the fingerprint) included.
+    encoder = load_document_encoder(EncoderSpec(model=crash["encoder"], kind="dpr", chunker=load_settings().chunker))
 
     real_embed_shard = tasks.embed.embed_shard
 

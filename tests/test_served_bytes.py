@@ -95,7 +95,8 @@ def test_a_served_copy_changed_in_place_is_found_and_served_verified_again(store
         # Seen by its ctime within a stat period; the version is re-opened from verified bytes.
         wait_for(lambda: os.path.exists(copy) and copy.stat().st_ino != served_inode, timeout=20)
         assert b"Xiffel" not in copy.read_bytes()
-        assert top_hit(c) == before
+        # The copy is fetched again first, then the version re-opened from it and swapped in.
+        wait_for(lambda: top_hit(c) == before, timeout=20)
         assert c.get("/readyz").json() == {"ready": True, "version": a.version}
 
 
