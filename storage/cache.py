@@ -16,6 +16,8 @@ when another user owns it, so nobody can plant files in it):
     blobs/<sha256>/<name>             a copy (mode 0444) of a remote or served file, keyed by its content
     blobs/<sha256>/<name>.verified    {"sha256", "size", "mtime_ns", "ctime_ns", "inode"}; its mtime = last use
     local/<sha256(path)[:32]>.json    the same record for a file of a local store, verified in place
+    remote/<sha256(url)[:32]>.json    {"path", "sha256", "identity"}: an S3 object a move of CURRENT checked
+                                      in place (`confirm`), its (size, ETag, LastModified, VersionId) then
 
 Copies are bounded by `max_bytes`: least recently used first, never a file a `Pins` holds (an open
 `VersionIndex` holds one for every file it maps; `pins/<sha256>.<pid>` tells other processes). A copy
@@ -140,6 +142,35 @@ class FileCache:
         if private and sha256 is not None:
             return self._private_copy_of_local(path, sha256, label, rehash)
         return self._verified_in_place(path, sha256, label, rehash)
+
+    def confirm(self, fs: fsspec.AbstractFileSystem, path: str, sha256: str, label: str) -> None:
+        """The store's own file at `path` still hashes to `sha256` (`Corrupt` naming `label` otherwise),
+        hashed only when it changed since it was last found so: a move of CURRENT checks every file of the
+        lineage it will serve, and most of them are the ancestors' unchanged gigabytes.
+
+        A local file is known unchanged by its (size, mtime_ns, ctime_ns, inode), which any write, truncation
+        or replacement moves. An S3 object by its (size, ETag, LastModified, VersionId): an object is never
+        changed in place, and an overwrite with other bytes gets another ETag (a crafted MD5 collision could
+        keep it; the sha256 of every copy a server maps is still checked when it loads). Nothing is copied."""
+        if is_local(fs):
+            self._verified_in_place(path, sha256, label)
+            return
+        try:
+            seen = _object_identity(fs.info(path))
+        except FileNotFoundError:
+            raise Corrupt(f"{label}: file is missing") from None
+        record_path = os.path.join(self.root, "remote", hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+        record = _read_record(record_path)
+        if seen and record and record.get("path") == path and record.get("sha256") == sha256 \
+                and record.get("identity") == seen:
+            return
+        try:
+            actual = file_digest(fs, path)
+        except FileNotFoundError:
+            raise Corrupt(f"{label}: file is missing") from None
+        check_digest(actual, sha256, label)
+        if seen and _object_identity(fs.info(path)) == seen:  # not replaced while it was read
+            _write_record(record_path, {"path": path, "sha256": actual, "identity": seen})
 
     def _private_copy_of_local(self, path: str, sha256: str, label: str, rehash: bool) -> str:
         """A verified copy of a local store's file, and the store's file itself still the verified one (a
@@ -366,6 +397,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _object_identity(info: dict[str, Any]) -> dict[str, Any] | None:
+    """What changes when an object store's object is written: None when the store reports no ETag (then
+    the object is always hashed)."""
+    etag = info.get("ETag") or info.get("etag")
+    if not etag:
+        return None
+    modified = info.get("LastModified") or info.get("mtime")
+    return {"size": info.get("size"), "etag": str(etag), "modified": str(modified),
+            "version_id": str(info.get("VersionId") or "")}
 
 
 def _read_record(path: str) -> dict[str, Any] | None:

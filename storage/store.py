@@ -362,9 +362,10 @@ class IndexStore:
         `ragindex query` cannot load. A rejected version is returned as it is (`_move` refuses it with
         its own reason).
 
-        That is I/O over the whole lineage (on S3, a read of every file), but a pointer move is rare and
-        a server that cannot load what CURRENT names is worse. It is done before the pointer lock is
-        taken, so that the lock stays short for gc and other moves; under the lock the call is repeated
+        A file is hashed only when it changed since the cache last found it good (`FileCache.confirm`):
+        a live micro-delta's promote costs its own files and a stat (on S3, a HEAD) of each ancestor's
+        file, not a read of the whole lineage. It is done before the pointer lock is taken, so that the
+        lock stays short for gc and other moves; under the lock the call is repeated
         with `verified` (the manifest's sha256 then): an unchanged manifest has its segments' manifests
         checked again (cheap: pinned by sha256), a changed one is verified in full again."""
         data = self.manifest_bytes(version_id)
@@ -375,7 +376,7 @@ class IndexStore:
             if digest == verified:
                 lineage_manifests(self, manifest)
             else:
-                verify_lineage(self, manifest)
+                verify_lineage(self, manifest, self.file_cache().confirm)
         return manifest, digest
 
     def _move(

@@ -12,7 +12,7 @@ serve a version, its ancestors' included, must also carry a signature by one of 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import fsspec
@@ -74,19 +74,23 @@ def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: str, label
     return data
 
 
+FileCheck = Callable[[fsspec.AbstractFileSystem, str, str, str], None]
+"""(fs, path, expected sha256, label) -> None, or `Corrupt`: `verify_file`, or a cache's `confirm`."""
+
+
 def verify_version(
     store: VersionFiles, version_id: str, relpaths: Iterable[str] | None = None, manifest: Manifest | None = None,
-    label: str | None = None,
+    label: str | None = None, check: FileCheck = verify_file,
 ) -> Manifest:
     """Verify `relpaths` of a version (default: every file its manifest lists) and return the manifest.
-    `label` names the version in an error (default "version <id>")."""
+    `label` names the version in an error (default "version <id>"); `check` verifies one file."""
     manifest = manifest or store.manifest(version_id)
     label = label or f"version {version_id}"
     wanted = sorted(manifest.files) if relpaths is None else list(relpaths)
     if not wanted:
         raise Corrupt(f"{label}: its manifest lists no file checksums to verify")
     for rel in wanted:
-        verify_file(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel), f"{label}: {rel}")
+        check(store.fs, store.version_path(version_id, rel), expected_sha256(manifest, rel), f"{label}: {rel}")
     return manifest
 
 
@@ -154,13 +158,13 @@ def lineage_manifests(store: VersionFiles, manifest: Manifest) -> list[Manifest]
     return lineage
 
 
-def verify_lineage(store: VersionFiles, manifest: Manifest) -> list[Manifest]:
+def verify_lineage(store: VersionFiles, manifest: Manifest, check: FileCheck = verify_file) -> list[Manifest]:
     """Every file of every segment `manifest` serves (`lineage_manifests`) against the manifest naming it:
-    the checks serving makes when it opens the version, made before CURRENT may name it. Returns the
-    lineage's manifests, oldest first."""
+    the checks serving makes when it opens the version, made before CURRENT may name it (`check`: how one
+    file is verified). Returns the lineage's manifests, oldest first."""
     lineage = lineage_manifests(store, manifest)
     for m in lineage:
-        verify_version(store, m.version, manifest=m,
+        verify_version(store, m.version, manifest=m, check=check,
                        label=None if m is manifest else f"version {manifest.version}: segment {m.version}")
     return lineage
 

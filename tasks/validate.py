@@ -4,7 +4,9 @@ Checks, in order: file checksums re-verified from the store (and against the sha
 recorded); passages == embeddings == index.ntotal == passages.arrow rows; no page taken down is
 served (`storage.denylist`); passage count within a tolerance of the previous ready version (unless
 explicitly allowed); self-retrieval on a sample; recall@10 of the index against exact search (both
-skipped for a delta with no rows of its own); optional canary questions through the question encoder.
+skipped for a delta with no rows of its own; a delta measures the index it built and searches a fixed
+number of probes through its whole lineage, so that its cost follows the change, not the corpus);
+optional canary questions through the question encoder.
 Failures become one readable line in `manifest.validation.reason` and status `rejected`.
 """
 
@@ -29,6 +31,8 @@ from storage.records import EmbeddingSidecar, EmbeddingsSummary, PassagesSummary
 from storage.timing import timed
 from tasks.lineage_rows import LineageRows
 from tasks.validation_floors import DEFAULT_COUNT_TOLERANCE, DEFAULT_MIN_RECALL, DEFAULT_MIN_SELF_RETRIEVAL
+
+MIN_LINEAGE_PROBE_HITS = 0.5  # of a delta's probes searched through its whole lineage (see _retrieval_checks)
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,13 @@ def _failure(store, manifest: Manifest, floors: ValidationFloors, checks: dict[s
         # exact-search sample costs O(corpus) here, and a takedown must take seconds.
         checks["self_retrieval"] = checks["recall_at_10"] = {"skipped": "no rows of its own, only tombstones"}
     else:
-        self_rate, recall = _retrieval_checks(lineage, floors, checks)
+        self_rate, recall, probes = _retrieval_checks(lineage, floors, checks)
         if self_rate < floors.self_retrieval:
             failures.append(f"self-retrieval {self_rate:.3f} < floor {floors.self_retrieval}")
         if recall < floors.recall_at_10:
             failures.append(f"recall@10 {recall:.3f} < floor {floors.recall_at_10}")
+        if probes < MIN_LINEAGE_PROBE_HITS:
+            failures.append(f"a search through the whole lineage finds only {probes:.0%} of its probe rows")
     if canaries:
         hit = _canary_check(store, manifest, lineage, floors, canaries, question_encoder, checks)
         if hit < floors.canary_hit:
@@ -210,33 +216,60 @@ def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str
     return problems
 
 
-def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors, checks: dict[str, Any]) -> tuple[float, float]:
-    ids = lineage.sample(floors.sample, floors.seed)
+def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors,
+                      checks: dict[str, Any]) -> tuple[float, float, float]:
+    """(self-retrieval rate, recall@10, share of lineage probes found). A full version: a sample of its rows,
+    against exact search over all of them. A delta measures the index it built (its own segment, queried by
+    its own rows, against exact search over them) and searches `LINEAGE_PROBES` rows through the whole
+    lineage: each ancestor's index was measured when it was validated and a merged search finds what each
+    segment's search finds, so exact search over every served row (O(corpus) per micro-delta) would
+    re-measure what is already known. The probes only have to show the merge answering (an approximate
+    ancestor may miss one; wrong row ids or a broken tombstone filter miss most)."""
+    params = lineage.manifest.index.search_params
+    if not lineage.manifest.is_delta:
+        ids = lineage.sample(floors.sample, floors.seed)
+        queries = lineage.gather(ids)
+        _, found = search_segments(lineage.segments, queries, 10)
+        gt_s, gt_i = exact_search_blocks(queries, lineage.blocks(), min(GT_K, lineage.live))
+        recall = recall_at_k(found, gt_i, gt_s, 10)
+        self_rate = _self_hits(lineage, ids, queries, found) / len(ids)
+        checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
+        checks["recall_at_10"] = {"sample": len(ids), "scope": "every live row", "recall": round(recall, 4),
+                                  "search_params": params}
+        return self_rate, recall, 1.0
+    own = lineage.own
+    ids = lineage.own_sample(floors.sample, floors.seed)
     queries = lineage.gather(ids)
-    _, found = search_segments(lineage.segments, queries, 10)
-    gt_s, gt_i = exact_search_blocks(queries, lineage.blocks(), min(GT_K, lineage.live))
+    _, found = search_segments([own], queries, 10)
+    gt_s, gt_i = exact_search_blocks(queries, lineage.blocks([own]), min(GT_K, own.live))
     recall = recall_at_k(found, gt_i, gt_s, 10)
+    self_rate = _self_hits(lineage, ids, queries, found) / len(ids)
+    probes = lineage.lineage_probes(ids, floors.seed + 1)
+    probe_queries = lineage.gather(probes)
+    _, probe_found = search_segments(lineage.segments, probe_queries, 10)
+    probe_rate = _self_hits(lineage, probes, probe_queries, probe_found) / len(probes) if len(probes) else 1.0
+    checks["self_retrieval"] = {"sample": len(ids), "scope": "own rows", "hit_rate": round(self_rate, 4)}
+    checks["lineage_probes"] = {"probes": len(probes), "found": round(probe_rate, 4)}
+    checks["recall_at_10"] = {"sample": len(ids), "scope": "own rows", "recall": round(recall, 4),
+                              "search_params": params}
+    return self_rate, recall, probe_rate
+
+
+def _self_hits(lineage: LineageRows, ids: np.ndarray, queries: np.ndarray, found: np.ndarray) -> int:
+    """How many rows come back first for their own vector: itself, an exact-duplicate passage, or a vector
+    that truly scores at least as high under inner product (unnormalised DPR vectors need not be their
+    own best match)."""
     top1 = found[:, 0]
-    hashes = lineage.column("content_hash", np.concatenate([ids, top1]))
     top1_vectors = lineage.gather(np.where(top1 >= 0, top1, ids))
     self_ip = np.einsum("ij,ij->i", queries, queries)
     top1_ip = np.einsum("ij,ij->i", queries, top1_vectors)
-    hits = 0
-    for i, (row, got) in enumerate(zip(ids.tolist(), top1.tolist(), strict=True)):
-        if got < 0:
-            continue
-        # A hit: itself, an exact-duplicate passage, or a vector that truly scores at least as high
-        # under inner product (unnormalised DPR vectors need not be their own best match).
-        if got == row or hashes.get(got) == hashes.get(row) or top1_ip[i] >= self_ip[i] - 1e-4 * abs(self_ip[i]):
-            hits += 1
-    self_rate = hits / len(ids)
-    checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
-    if lineage.manifest.is_delta:
-        new = (ids >= lineage.own.first_row_id)
-        checks["self_retrieval"]["new_rows_in_sample"] = int(new.sum())
-    checks["recall_at_10"] = {"sample": len(ids), "recall": round(recall, 4),
-                              "search_params": lineage.manifest.index.search_params}
-    return self_rate, recall
+    hit = (top1 >= 0) & ((top1 == ids) | (top1_ip >= self_ip - 1e-4 * np.abs(self_ip)))
+    rest = np.flatnonzero(~hit & (top1 >= 0))
+    if len(rest):  # only these need their passages read (a column read costs a whole shard's column)
+        hashes = lineage.column("content_hash", np.concatenate([ids[rest], top1[rest]]))
+        hit[rest] = [hashes.get(int(got)) == hashes.get(int(row)) for row, got in zip(ids[rest], top1[rest],
+                                                                                     strict=True)]
+    return int(hit.sum())
 
 
 def _canary_check(store, manifest: Manifest, lineage: LineageRows, floors: ValidationFloors, canaries: str,

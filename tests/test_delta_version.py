@@ -22,6 +22,8 @@ from storage.store import IndexStore
 from tasks.delta_version import NothingToApply, build_delta_version
 from tasks.download import RemoteFile
 from tasks.incr_dumps import IncrDay
+from tasks.lineage_rows import LINEAGE_PROBES
+from tasks.validate import ValidationFloors
 from tests.fixtures.history import HistPage, history_xml
 from tests.fixtures.models import save_tiny_dpr_encoder
 from tests.fixtures.versions import make_version, random_passages
@@ -210,3 +212,36 @@ def test_a_delta_build_and_its_validation_use_only_the_configured_cache(base, tm
     assert records == {"local"}  # the parent's files, verified in place, recorded in the configured cache
     cache = edge.file_cache()
     assert cache.root.startswith(str(configured)) and cache.max_bytes == 64 * 2**20  # its bound too
+
+
+def test_a_delta_measures_the_index_it_built_and_a_bounded_sample_of_its_ancestors(base, tmp_path, tiny_dpr):
+    """Validation of a micro-delta costs what it changed: recall@10 of its own segment against exact search
+    over its own rows, self-retrieval of its rows, and LINEAGE_PROBES rows searched through the whole
+    lineage (each ancestor's index was measured when it was validated)."""
+    store, parent = base
+    day, path = _day(tmp_path, "20240102", [HistPage(3, "Article 3", [(5000, _words("edited"))]),
+                                            HistPage(77, "Brand new", [(5001, _words("new"))])])
+    m = build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+    assert m.status == "ready", m.validation.reason
+    checks = m.validation.checks
+    assert checks["recall_at_10"]["scope"] == "own rows" and checks["recall_at_10"]["sample"] == 4
+    assert checks["self_retrieval"]["sample"] == 4 and checks["self_retrieval"]["hit_rate"] == 1.0
+    assert checks["lineage_probes"] == {"probes": LINEAGE_PROBES, "found": 1.0}  # 2 own, 6 of 117 ancestor rows
+
+
+def test_a_delta_whose_own_index_retrieves_poorly_is_rejected(tmp_path, tiny_ctx_fingerprint, tiny_dpr):
+    """The own-rows recall check still bites: a delta derived from a base whose 4-bit codes were accepted
+    by lowered floors is measured against the default floor."""
+    store = IndexStore(str(tmp_path / "store"))
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((600, tiny_ctx_fingerprint.dim)).astype(np.float32)
+    parent = make_version(store, random_passages(600, pages=200), vectors, tiny_ctx_fingerprint,
+                          spec="ivfpq:m=4,nbits=4", wiki="enwiki", promote=True,
+                          floors=ValidationFloors(recall_at_10=0.0, self_retrieval=0.0, allow_count_change=True))
+    pages = [HistPage(1000 + i, f"New {i}", [(5000 + i, _words(f"n{i}x"))]) for i in range(50)]
+    day, path = _day(tmp_path, "20240102", pages)
+    m = build_delta_version(store, parent, [day], [path], spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"),
+                            progress=False)
+    assert m.status == "rejected" and "recall@10" in m.validation.reason, m.validation
+    assert m.validation.checks["recall_at_10"]["scope"] == "own rows"

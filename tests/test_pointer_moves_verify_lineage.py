@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+import storage.cache
 from rag_model.server import create_app
 from storage.errors import Corrupt
 from storage.store import IndexStore
@@ -97,3 +98,29 @@ def test_an_intact_lineage_still_moves(store: IndexStore):
     assert store.promote(delta).version == delta
     assert store.rollback().version == a
     assert store.rollback(delta).version == delta
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_move_hashes_only_what_changed_since_it_was_last_verified(store: IndexStore, damage, monkeypatch):
+    """The ancestors' unchanged files are not read again on every move (a live micro-delta is promoted every
+    few minutes over gigabytes of them), yet a change made after they were verified is still refused."""
+    hashed: list[str] = []
+    local_hash, remote_hash = storage.cache.sha256_of_path, storage.cache.file_digest
+    monkeypatch.setattr(storage.cache, "sha256_of_path", lambda path: hashed.append(path) or local_hash(path))
+    monkeypatch.setattr(storage.cache, "file_digest", lambda fs, path: hashed.append(path) or remote_hash(fs, path))
+    fp = fingerprint_for(DIM)
+    a = make_version(store, random_passages(40, seed=1), clustered_vectors(40, DIM, seed=1), fp)
+    delta = commit_delta(store, a, ["20240102"])
+    hashed.clear()
+    assert store.promote(delta).version == delta
+    assert {p for p in hashed if f"/{a}/" in p}, "the first move verifies the ancestor's files"
+    hashed.clear()
+    assert store.promote(a).version == a
+    assert store.rollback(delta).version == delta
+    assert not [p for p in hashed if f"/{a}/" in p], hashed
+
+    assert store.rollback().version == a
+    DAMAGE[damage](store, a)
+    with pytest.raises(Corrupt, match=a):
+        store.rollback(delta)
+    assert store.current().version == a
