@@ -1,13 +1,21 @@
 """Compaction: a delta lineage becomes one version that serves the same rows, with the same answers, without
 encoding or retraining; gc frees the merged segments only when no kept version refers to them; rolling back
-across a compaction is a pointer move."""
+across a compaction is a pointer move; a `ragindex compact` killed before its commit leaves nothing visible and a
+re-run finishes, on local disk and on the moto S3 server."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
+from cli.store import versions_report
 from rag_model.encoders import EncoderSpec
 from rag_model.index import VersionIndex
 from storage import layout, retention
@@ -18,6 +26,7 @@ from tasks.compact_version import CompactionPolicy, NothingToCompact, compact_ve
 from tasks.delta_version import build_delta_version
 from tasks.promote import promote_version, rollback_version
 from tests.fixtures.history import HistPage, history_xml
+from tests.fixtures.kills import child_env, kill_when, leftovers, staging_versions, stopping_at
 from tests.fixtures.versions import make_version, random_passages
 from tests.test_delta_version import _day
 
@@ -49,6 +58,16 @@ def _lineage_of_three_deltas(store: IndexStore, tmp_path, tiny_dpr, fingerprint)
     return base, deltas
 
 
+def _queries(dim: int) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((30, dim)).astype(np.float32)
+
+
+def _answers(index: VersionIndex, queries: np.ndarray) -> list[list[tuple]]:
+    """What a reader is served for each query: the top 10 hits, cited to their revision."""
+    return [[(h.page_id, h.passage_id, h.rev_id, h.text, round(h.score, 4)) for h in hits]
+            for hits in index.search(queries, 10)]
+
+
 @pytest.fixture
 def lineage(store, tmp_path, tiny_dpr, tiny_ctx_fingerprint):
     base, deltas = _lineage_of_three_deltas(store, tmp_path, tiny_dpr, tiny_ctx_fingerprint)
@@ -78,13 +97,8 @@ def test_compaction_serves_the_same_rows_and_answers_from_one_segment(lineage):
 
     before, after = VersionIndex.open(store, delta.version), VersionIndex.open(store, compacted.version)
     assert len(after.segments) == 1 and len(before.segments) == 4 and after.size == before.size
-    queries = np.random.default_rng(7).standard_normal((30, delta.encoder.dim)).astype(np.float32)
-
-    def answers(index: VersionIndex) -> list[list[tuple]]:
-        return [[(h.page_id, h.passage_id, h.rev_id, h.text, round(h.score, 4)) for h in hits]
-                for hits in index.search(queries, 10)]
-
-    assert answers(after) == answers(before)
+    queries = _queries(delta.encoder.dim)
+    assert _answers(after, queries) == _answers(before, queries)
     pages = {r["page_id"]: r for r in after.rows(list(range(after.size)))}
     assert 9 not in pages and pages[77]["rev_id"] == 5002 and pages[3]["rev_id"] == 5000  # redirect gone, edits kept
 
@@ -187,3 +201,95 @@ def test_the_nightly_compacts_a_lineage_past_its_budget(prefect_api, mirror, tin
 
     idle = refresh_index(**common)
     assert idle["status"] == "up-to-date" and store.current().version == compacted.version
+
+
+def _holds(*patterns: str, without: tuple[str, ...] = ()) -> Callable[[IndexStore, str], bool]:
+    """A staging area holds a file matching each of `patterns`, and none of `without`."""
+    def holds(store: IndexStore, version: str) -> bool:
+        return all(store.fs.glob(store.version_path(version, p)) for p in patterns) \
+            and not any(store.fs.exists(store.version_path(version, p)) for p in without)
+    return holds
+
+
+def _begun_since(earlier: list[str], holds: Callable[[IndexStore, str], bool]) -> Callable[[IndexStore], bool]:
+    """The sign of a moment: a staging area that none of the `earlier` runs began holds what `holds` asks."""
+    earlier = set(earlier)
+    return lambda store: any(holds(store, v) for v in staging_versions(store) if v not in earlier)
+
+
+# Where a `ragindex compact` is killed: the call it stops itself at (a compaction this small is over in a tenth
+# of a second, too soon to be caught in flight), and what its staging area holds by then.
+KILL_MOMENTS = {
+    # its version id reserved (the staging marker written), the build lock not taken yet
+    "reserved": ("storage.store:IndexStore.begin_version", "after", _holds()),
+    # its staging version half written: live passages and a shard of copied vectors, the segments' units in _work/
+    "staging": ("tasks.compact_version:write_embedding_shard", "after",
+                _holds(f"{layout.PASSAGES_DIR}/part-*.parquet", f"{layout.EMBEDDINGS_DIR}/part-*.npy",
+                       f"{layout.WORK_DIR}/segment-*.parquet")),
+    # every file built, the manifest drafted and validated, not written
+    "validated": ("storage.store:IndexStore.commit_version", "before",
+                  _holds(layout.INDEX_FILE, layout.PASSAGE_TABLE, f"{layout.EMBEDDINGS_DIR}/{layout.HASH_KEYS}",
+                         without=(layout.WORK_DIR, layout.MANIFEST))),
+}
+
+
+def _operator_view(store: IndexStore, queries: np.ndarray) -> dict:
+    """What operators and readers rely on: CURRENT, `ragindex versions --json`, what the store's API counts as a
+    version (a readable manifest, or a corrupt one), the version a run finds holding CURRENT's content, and
+    the answers served."""
+    store.fs.invalidate_cache()  # s3fs caches listings: the child's writes must be seen
+    current = store.current()
+    served = store.manifest(current.version)
+    visible, corrupt = store.scan_versions()
+    return {"current": current, "versions --json": versions_report(store), "visible": [m.version for m in visible],
+            "corrupt": corrupt, "latest ready": store.latest_ready().version,
+            "ready with its content": store.ready_with(served.content).version,
+            "answers": _answers(VersionIndex.open(store, current.version), queries)}
+
+
+@pytest.mark.slow
+def test_a_killed_compaction_leaves_nothing_visible_and_a_rerun_finishes(lineage, store_url, s3_endpoint, tmp_path):
+    """SIGKILL a real `ragindex compact` at each moment of its compaction: nothing an operator or a reader sees
+    changes; a re-run compacts and promotes; what the killed runs left is the staging areas gc removes."""
+    store, base, deltas = lineage
+    delta = store.manifest(deltas[-1])
+    queries = _queries(delta.encoder.dim)
+    before = _operator_view(store, queries)
+    assert before["current"].version == delta.version and before["visible"] == [base, *deltas]
+    env = child_env(RAGINDEX_CACHE_DIR=str(tmp_path / "cache"),
+                    **({"RAGINDEX_S3_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}))
+    ragindex = str(Path(sys.executable).parent / "ragindex")
+
+    killed: list[str] = []
+    for moment, (call, when, holds) in KILL_MOMENTS.items():
+        kill_when(_begun_since(killed, holds), [*stopping_at(call, when), "compact", "--store", store_url], env, store,
+                  tmp_path / f"killed-{moment}.log", timeout=120)
+        [left] = [v for v in staging_versions(store) if v not in killed]
+        killed.append(left)
+        assert _operator_view(store, queries) == before, moment
+        assert not store.has_version(left) and store.building() is None, moment  # its lease died with it
+        with pytest.raises(NotFound):
+            VersionIndex.open(store, left)
+
+    rerun = subprocess.run([ragindex, "compact", "--store", store_url], env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    pointer = store.current()
+    assert pointer.generation == before["current"].generation + 1 and pointer.previous == delta.version
+    compacted = store.manifest(pointer.version)
+    assert compacted.status == "ready" and compacted.compacted_from == delta.version and not compacted.is_delta
+    served = VersionIndex.open(store, compacted.version)
+    assert len(served.segments) == 1 and served.size == delta.live_passages
+    assert _answers(served, queries) == before["answers"]
+    assert [m.version for m in store.list_versions()] == [*before["visible"], compacted.version]
+    assert set(compacted.files) == set(store.version_files(compacted.version))
+
+    # A killed build's staging area is left to gc (it is not resumed): invisible, and removed once idle.
+    assert sorted(staging_versions(store)) == sorted(killed)
+    gc = subprocess.run([ragindex, "gc", "--keep", "10", "--stale-hours", "0", "--json", "--store", store_url],
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    report = json.loads(gc.stdout)
+    assert sorted(report["deleted_staging"]) == sorted(killed) and report["deleted_versions"] == []
+    assert leftovers(store) == []
+    assert sorted(store.version_ids()) == sorted([*before["visible"], compacted.version])

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from storage import layout
 from storage.store import IndexStore
 from tests.fixtures.history import HistPage, history_xml
 from tests.fixtures.incr_mirror import make_incr_day
+from tests.fixtures.kills import kill_when, leftovers, staging_versions
 from tests.fixtures.mirror import sample_pages
 
 WIKI = "enwiki"
@@ -32,13 +29,8 @@ SUMMARIES = (layout.PASSAGES_SUMMARY_PATH, layout.EMBEDDINGS_SUMMARY_PATH)
 RUN_COUNTERS = ("timings", "encoded", "reused", "skipped_shards", "embed_s")  # what a run did, not what it built
 
 
-def _staging(store: IndexStore) -> list[str]:
-    store.fs.invalidate_cache()  # s3fs caches listings: the child's writes must be seen
-    return [v for v in store.version_ids() if store.is_staging(v)]
-
-
 def _has(store: IndexStore, sub: str, pattern: str) -> bool:
-    return any(store.fs.glob(store.version_path(v, sub, pattern)) for v in _staging(store))
+    return any(store.fs.glob(store.version_path(v, sub, pattern)) for v in staging_versions(store))
 
 
 def _writing_passages(store: IndexStore) -> bool:
@@ -61,39 +53,12 @@ def _content(store: IndexStore, version: str) -> dict:
             "days": m.lineage.days, "status": m.status}
 
 
-def _leftovers(store: IndexStore) -> list[str]:
-    """What a finished refresh must not leave: temp files, staging markers, scratch, the build lock."""
-    store.fs.invalidate_cache()
-    root = store.path().rstrip("/")
-    return [p for p in store.fs.find(root) if "/prefect-results/" not in p and (
-        p.endswith((".tmp", ".part", "/" + layout.STAGING_MARKER, "/locks/build.json"))
-        or f"/{layout.WORK_DIR}/" in p)]
-
-
 def _day_pages(rev: int) -> list[HistPage]:
     """New articles of fresh words (every passage needs the encoder), and one edit of a base page."""
     fresh = [HistPage(900 + i, f"New article {i}", [(rev + i, " ".join(f"n{i}y{j}" for j in range(260)))])
              for i in range(10)]
     edited = sample_pages(1)[0]
     return [*fresh, HistPage(edited.page_id, edited.title, [(rev + 50, edited.text + " and one more sentence")])]
-
-
-def _kill_when(seen: Callable[[IndexStore], bool], args: list[str], env: dict, store: IndexStore, log: Path,
-               timeout: float = 240.0) -> None:
-    """Run `ragindex refresh ...` in its own session and SIGKILL its group the moment `seen(store)`."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not seen(store):
-            assert proc.poll() is None, f"the refresh ended ({proc.returncode}) first:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the refresh did not get there in time"
-            time.sleep(0.003)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()  # reaped: the build lock it leaves names a dead process, which the re-run breaks
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
 
 
 @pytest.mark.slow
@@ -123,11 +88,11 @@ def test_a_killed_delta_resumes_the_same_version(mirror, tiny_dpr, prefect_api, 
     args = [str(Path(sys.executable).parent / "ragindex"), "refresh", "--incremental", "--store", store_url,
             "--wiki", WIKI, "--mirror", mirror.url, "--encoder", str(tiny_dpr.ctx_dir), "--encoder-kind", "dpr",
             "--index-spec", "flat", "--shard-rows", "4", "--precision", "fp32", "--allow-count-change"]
-    _kill_when(_writing_passages, args, env, store, tmp_path / "killed-passages.log")
+    kill_when(_writing_passages, args, env, store, tmp_path / "killed-passages.log")
     assert [p.name for p in scratch.glob("ragindex-delta-*")] == []  # its scratch stayed in its staging area
-    [first] = _staging(store)
-    _kill_when(_embedded_a_shard, args, env, store, tmp_path / "killed-embed.log")
-    assert _staging(store) == [first]  # resumed, not begun again under a new id
+    [first] = staging_versions(store)
+    kill_when(_embedded_a_shard, args, env, store, tmp_path / "killed-embed.log")
+    assert staging_versions(store) == [first]  # resumed, not begun again under a new id
     assert store.fs.glob(store.version_path(first, layout.EMBEDDINGS_DIR, "part-*.json"))
 
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -139,5 +104,5 @@ def test_a_killed_delta_resumes_the_same_version(mirror, tiny_dpr, prefect_api, 
     assert outcome["counts"]["encoded_this_run"] < uninterrupted["counts"]["encoded_this_run"]
     assert _content(store, first) == _content(IndexStore(reference_url), uninterrupted["version"])
     assert set(store.manifest(first).files) == set(store.version_files(first))
-    assert _leftovers(store) == []
+    assert leftovers(store) == []
     assert [p.name for p in scratch.glob("ragindex-delta-*")] == []

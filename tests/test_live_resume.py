@@ -20,8 +20,9 @@ from flows.refresh import refresh_index
 from flows.settings import load_settings
 from storage.store import IndexStore
 from tests.fixtures.eventstreams import event
+from tests.fixtures.kills import kill_when, leftovers, staging_versions
 from tests.test_delta_flow import _articles, _served
-from tests.test_delta_resume import _content, _embedded_a_shard, _kill_when, _leftovers, _staging
+from tests.test_delta_resume import _content, _embedded_a_shard
 
 NOW = datetime.now(UTC)
 DUMP = (NOW - timedelta(days=1)).strftime("%Y%m%d")
@@ -78,10 +79,10 @@ def test_a_killed_live_run_replays_to_the_same_version(mirror, tiny_dpr, gensim_
             "--streams", eventstreams.url, "--api", action_api.url, "--encoder", str(tiny_dpr.ctx_dir),
             "--encoder-kind", "dpr", "--index-spec", "flat", "--shard-rows", "4", "--precision", "fp32",
             "--allow-count-change"]
-    _kill_when(_after(2.0), args, env, store, tmp_path / "killed-early.log")
-    _kill_when(lambda s: bool(_staging(s)), args, env, store, tmp_path / "killed-staging.log")
-    _kill_when(_embedded_a_shard, args, env, store, tmp_path / "killed-embed.log")
-    assert len(_staging(store)) == 1  # resumed, not begun again under a new id
+    kill_when(_after(2.0), args, env, store, tmp_path / "killed-early.log")
+    kill_when(lambda s: bool(staging_versions(s)), args, env, store, tmp_path / "killed-staging.log")
+    kill_when(_embedded_a_shard, args, env, store, tmp_path / "killed-embed.log")
+    assert len(staging_versions(store)) == 1  # resumed, not begun again under a new id
 
     outcome = refresh_index(store_url=store_url, **common, **live)
 
@@ -92,6 +93,6 @@ def test_a_killed_live_run_replays_to_the_same_version(mirror, tiny_dpr, gensim_
     position = store.manifest(outcome["version"]).lineage.stream
     assert position == reference.manifest(uninterrupted["version"]).lineage.stream
     assert len(store.list_versions()) == len(reference.list_versions()) == 2  # the full build and one live version
-    assert _leftovers(store) == []
+    assert leftovers(store) == []
     again = refresh_index(store_url=store_url, **common, **live)  # the replayed events change nothing
     assert again["status"] == "up-to-date" and store.current().version == outcome["version"], again["reason"]
