@@ -76,14 +76,18 @@ def compact_version(store: IndexStore, version_id: str, *, floors: ValidationFlo
                     canaries: str | None = None, question_encoder=None,
                     shard_rows: int = layout.DEFAULT_SHARD_ROWS, progress: bool = True,
                     steps: Steps | None = None) -> Manifest:
-    """Commit one version serving exactly what delta `version_id` serves (never promotes).
-    `NothingToCompact` for a version that is one segment already."""
+    """Commit one version serving exactly what delta `version_id` serves (never promotes), or return the
+    ready compaction of it a run already committed (one killed before its promote). `NothingToCompact` for
+    a version that is one segment already."""
     steps = steps or Steps()
     source = store.manifest(version_id)
     if source.status != "ready":
         raise Rejected(f"version {version_id} is {source.status}: only a ready version is compacted")
     if not source.is_delta:
         raise NothingToCompact(f"version {version_id} is one segment already: nothing to compact")
+    done = [m for m in store.list_versions() if m.status == "ready" and m.compacted_from == version_id]
+    if done:
+        return done[-1]
     lineage = lineage_manifests(store, source)
     new_id = store.begin_version(source.source.wiki, source.source.dump_date)
     with staged_build(store, new_id, owner=f"ragindex compact {new_id}"):

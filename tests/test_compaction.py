@@ -293,3 +293,30 @@ def test_a_killed_compaction_leaves_nothing_visible_and_a_rerun_finishes(lineage
     assert sorted(report["deleted_staging"]) == sorted(killed) and report["deleted_versions"] == []
     assert leftovers(store) == []
     assert sorted(store.version_ids()) == sorted([*before["visible"], compacted.version])
+
+
+@pytest.mark.slow
+def test_a_compaction_killed_before_its_promote_is_promoted_by_the_rerun(lineage, store_url, s3_endpoint, tmp_path):
+    """Killed between its commit and its promote, a compaction is a ready version nobody serves; the re-run
+    promotes that very version instead of building a second copy of every live row."""
+    store, base, deltas = lineage
+    before = store.current()
+    env = child_env(RAGINDEX_CACHE_DIR=str(tmp_path / "cache"),
+                    **({"RAGINDEX_S3_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}))
+
+    def committed(store: IndexStore) -> bool:
+        store.fs.invalidate_cache()
+        return any(m.compacted_from == deltas[-1] for m in store.list_versions())
+
+    kill_when(committed, [*stopping_at("tasks.promote:promote_planned", "before"), "compact", "--store", store_url],
+              env, store, tmp_path / "killed.log", timeout=120)
+    [compacted] = [m for m in store.list_versions() if m.compacted_from == deltas[-1]]
+    assert compacted.status == "ready" and store.current() == before
+
+    rerun = subprocess.run([str(Path(sys.executable).parent / "ragindex"), "compact", "--store", store_url], env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    pointer = store.current()
+    assert (pointer.version, pointer.generation, pointer.previous) == \
+        (compacted.version, before.generation + 1, deltas[-1])
+    assert [m.version for m in store.list_versions()] == [base, *deltas, compacted.version]
