@@ -44,9 +44,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import Corrupt
-from storage.fs import file_digest, is_local, private_dir
+from storage.fs import file_digest, is_local
 from storage.layout import split_version_url
 from storage.manifest import Manifest
+from storage.scratch import private_dir
 from storage.verify import VersionFiles, check_digest, expected_sha256
 
 log = logging.getLogger(__name__)

@@ -146,22 +146,6 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_NAME.match(name))
 
 
-def private_dir(path: str, tighten: bool = True, what: str = "directory", hint: str = "") -> str:
-    """Create `path` 0700 if needed and return it; refuse one owned by another user (or reachable by a
-    symlink), so nobody else can plant or read files in it. `tighten` makes an existing one 0700 (not
-    done to a base directory the user named)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if os.path.islink(path) or not os.path.isdir(path):
-        raise RagindexError(f"{what} {path} is not a plain directory: refusing to use it")
-    if st.st_uid != os.getuid():
-        raise RagindexError(f"{what} {path} is owned by uid {st.st_uid}, not by this user ({os.getuid()}): "
-                            f"refusing to use it{hint}")
-    if tighten and st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
-
-
 def load_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     """A small JSON file, parsed: `NotFound` when it is missing, `RagindexError` when it is not JSON.
 

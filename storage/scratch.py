@@ -12,12 +12,10 @@ machine, as soon as its pid is gone (`storage.liveness`).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -34,18 +32,32 @@ _lock = threading.Lock()
 _runs: dict[int, str] = {}  # pid -> its run directory (a forked child makes its own)
 
 
+def private_dir(path: str, tighten: bool = True, what: str = "directory", hint: str = "") -> str:
+    """Create `path` 0700 if needed and return it; refuse one owned by another user (or reachable by a
+    symlink), so nobody else can plant or read files in it. `tighten` makes an existing one 0700 (not
+    done to a base directory the user named). The checks and the chmod act on one open descriptor of the
+    directory, never on its name again: a name swapped for a link in between changes nothing."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # ELOOP: a symlink; ENOTDIR: not a directory
+        raise RagindexError(f"{what} {path} is not a plain directory: refusing to use it{hint}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise RagindexError(f"{what} {path} is owned by uid {st.st_uid}, not by this user ({os.getuid()}): "
+                                f"refusing to use it{hint}")
+        if tighten and st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
+
+
 def scratch_root() -> str:
     """This user's private scratch directory, created 0700 if absent; `RagindexError` if it is not ours alone."""
-    root = os.path.join(tempfile.gettempdir(), f"ragindex-{os.getuid()}")
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(root, 0o700)
-    info = os.lstat(root)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise RagindexError(f"refusing scratch directory {root}: it must be a directory (not a link) owned by this "
-                            "user; remove it or set TMPDIR elsewhere")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(root, 0o700)  # ours (the sticky temp dir lets no one else rename it): made private again
-    return root
+    return private_dir(os.path.join(tempfile.gettempdir(), f"ragindex-{os.getuid()}"), what="scratch directory",
+                       hint=" (remove it, or set TMPDIR to a directory of your own)")
 
 
 def run_dir() -> str:

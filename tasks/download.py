@@ -21,7 +21,6 @@ import bz2
 import logging
 import os
 import re
-import tempfile
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -32,8 +31,9 @@ from tqdm import tqdm
 
 from storage import names
 from storage.errors import InvalidName, NotFound, Rejected
-from storage.fs import file_digest, is_local, join, load_json, private_dir, resolve, to_url
+from storage.fs import file_digest, is_local, join, load_json, resolve, to_url
 from storage.manifest import DumpFile, SourceDump
+from storage.scratch import private_dir, scratch_root
 from storage.store import IndexStore
 from tasks.mirror_http import DownloadError, MirrorHttp, listed_dates
 from tasks.parse import decoded_head, index_name_for
@@ -452,9 +452,7 @@ def resume_scratch(wiki: str, date: str) -> str:
     names.check_wiki(wiki)
     names.check_dump_date(date)
     hint = " (set TMPDIR to a directory of your own)"
-    root = private_dir(os.path.join(tempfile.gettempdir(), f"ragindex-{os.getuid()}"), what="scratch directory",
-                       hint=hint)
-    base = private_dir(os.path.join(root, "downloads"), what="scratch directory", hint=hint)
+    base = private_dir(os.path.join(scratch_root(), "downloads"), what="scratch directory", hint=hint)
     _drop_stale_partials(base)
     scratch = private_dir(os.path.join(base, wiki), what="scratch directory", hint=hint)
     return private_dir(os.path.join(scratch, date), what="scratch directory", hint=hint)
