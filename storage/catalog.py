@@ -32,6 +32,7 @@ class LineageSummary:
     base_dump: str  # the full dump the lineage started from (a full build's own dump)
     days: tuple[str, ...]  # the adds-changes days applied on top of base_dump, oldest first
     segments: tuple[str, ...]  # the versions whose rows a delta serves besides its own
+    live_to: str | None = None  # meta.dt of the newest EventStreams event live runs applied (ISO-8601 UTC)
 
     @property
     def watermark(self) -> str:
@@ -47,18 +48,19 @@ class LineageSummary:
             base_dump=lineage.base_dump,
             days=tuple(d.date for d in lineage.days),
             segments=tuple(s.version for s in manifest.segments),
+            live_to=lineage.stream.newest_event if lineage.stream else None,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "parent": self.parent, "base_dump": self.base_dump, "days": list(self.days),
-                "segments": list(self.segments)}
+                "segments": list(self.segments), "live_to": self.live_to}
 
 
 UNSIGNED = "unsigned"
 INVALID = "invalid"  # a manifest.sig that is malformed or not a signature of the manifest's bytes
 
 # What a version whose manifest cannot be read shows for its lineage.
-_UNKNOWN_LINEAGE = {"mode": None, "parent": None, "base_dump": None, "days": [], "segments": []}
+_UNKNOWN_LINEAGE = {"mode": None, "parent": None, "base_dump": None, "days": [], "segments": [], "live_to": None}
 
 
 @dataclass(frozen=True)

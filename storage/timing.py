@@ -10,6 +10,16 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def duration(seconds: float) -> str:
+    """`42s`, `3m38s`, `2h05m`: short enough for a log line."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 @contextmanager
 def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     """Add the seconds the block takes to `timings[key]` (rounded to ms), also when it raises."""

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from storage.timing import duration
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -41,16 +43,6 @@ class Progress:
         eta = "time left unknown" if self.eta_s is None else f"{duration(self.eta_s)} left"
         return (f"{self.done:,}/{self.total:,} {unit} ({self.fraction:.0%}), "
                 f"{self.rate:,.0f} {unit}/s, {eta}")
-
-
-def duration(seconds: float) -> str:
-    """`42s`, `3m38s`, `2h05m`: short enough for a log line."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class Meter:

@@ -3,13 +3,17 @@ soon as a version is committed (even into a directory that was already listed wh
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from storage.catalog import CatalogCache, read_catalog
+from rag_model.console.data import Freshness
+from storage.catalog import CatalogCache, LineageSummary, VersionEntry, read_catalog
 from storage.fs import atomic_write
-from tests.fixtures.versions import commit_delta, fingerprint_for, make_version, random_passages
+from storage.manifest import Lineage, StreamPosition
+from storage.store import IndexStore
+from tests.fixtures.versions import clustered_vectors, commit_delta, fingerprint_for, make_version, random_passages
 
 
 def _versions(catalog) -> set[str]:
@@ -47,3 +51,23 @@ def test_cache_follows_commits_deletions_and_pointer_moves(store):
     store.fs.rm(store.version_path(delta), recursive=True)
     assert _versions(cache.read(store)) == {base, staged}
     assert cache.read(store).to_json()["versions"] == read_catalog(store).to_json()["versions"]
+
+
+def test_freshness_says_how_far_live_runs_have_applied_the_streams(tmp_path):
+    """A lineage extended by live runs is as fresh as the newest EventStreams event it applied: the catalogue
+    carries that event's time and the console's freshness card says how long ago it was."""
+    store = IndexStore(str(tmp_path / "store"))
+    vid = make_version(store, random_passages(30), clustered_vectors(30, 8), fingerprint_for(8), wiki="enwiki")
+    newest = (datetime.now(UTC) - timedelta(minutes=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stream = StreamPosition(last_event_id='[{"topic":"eqiad.mediawiki.revision-create","partition":0,"offset":9}]',
+                            newest_event=newest)
+    manifest = store.manifest(vid)
+    live = manifest.model_copy(update={"lineage": Lineage(base_version=vid, base_dump="20240101", stream=stream)})
+    summary = LineageSummary.of(live)
+    assert summary.live_to == newest and summary.to_json()["live_to"] == newest
+    entry = VersionEntry(version=vid, status="ready", current=True, previous=False, pinned=False, reason=None,
+                         path="", own_bytes=0, lineage=summary)
+    fresh = Freshness.of(entry)
+    assert (fresh.watermark, fresh.live_to) == ("20240101", newest)
+    assert fresh.live_age is not None and fresh.live_age.startswith(("6m", "7m")), fresh.live_age
+    assert Freshness.of(replace(entry, lineage=LineageSummary.of(manifest))).live_to is None  # a full build

@@ -18,6 +18,7 @@ from storage.catalog import Catalog, CatalogCache, VersionEntry
 from storage.errors import NotFound, RagindexError, Rejected
 from storage.manifest import HistoryEntry, Manifest
 from storage.store import IndexStore
+from storage.timing import duration
 
 V = TypeVar("V")
 
@@ -47,17 +48,28 @@ class _Lru:
 class Freshness:
     watermark: str  # newest dump or adds-changes day applied (YYYYMMDD)
     age_days: int | None  # how old that is today
+    live_to: str | None = None  # meta.dt of the newest EventStreams event applied, when live runs extend it
+    live_age: str | None = None  # how long ago that event was, e.g. "7m12s"
 
     @classmethod
     def of(cls, entry: VersionEntry | None) -> Freshness | None:
         if entry is None or entry.lineage is None:
             return None
         mark = entry.lineage.watermark
+        now = datetime.now(UTC)
         try:
-            age = (datetime.now(UTC).date() - datetime.strptime(mark, "%Y%m%d").replace(tzinfo=UTC).date()).days
+            age = (now.date() - datetime.strptime(mark, "%Y%m%d").replace(tzinfo=UTC).date()).days
         except ValueError:
             age = None
-        return cls(mark, age)
+        live_to = entry.lineage.live_to
+        if live_to is None:
+            return cls(mark, age)
+        try:
+            newest = datetime.fromisoformat(live_to.replace("Z", "+00:00"))
+            live_age = duration(max(0.0, (now - newest).total_seconds())) if newest.tzinfo else None
+        except ValueError:
+            live_age = None
+        return cls(mark, age, live_to, live_age)
 
 
 class ConsoleData:
