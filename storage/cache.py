@@ -48,7 +48,7 @@ from storage.fs import file_digest, is_local
 from storage.layout import split_version_url
 from storage.manifest import Manifest
 from storage.scratch import private_dir
-from storage.verify import VersionFiles, check_digest, expected_sha256
+from storage.verify import VersionFiles, check_digest, expected_sha256, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,9 @@ class FileCache:
         if seen and record and record.get("path") == path and record.get("sha256") == sha256 \
                 and record.get("identity") == seen:
             return
-        try:
-            actual = file_digest(fs, path)
-        except FileNotFoundError:
-            raise Corrupt(f"{label}: file is missing") from None
-        check_digest(actual, sha256, label)
+        verify_file(fs, path, sha256, label)
         if seen and _object_identity(fs.info(path)) == seen:  # not replaced while it was read
-            _write_record(record_path, {"path": path, "sha256": actual, "identity": seen})
+            _write_record(record_path, {"path": path, "sha256": sha256, "identity": seen})
 
     def _private_copy_of_local(self, path: str, sha256: str, label: str, rehash: bool) -> str:
         """A verified copy of a local store's file, and the store's file itself still the verified one (a

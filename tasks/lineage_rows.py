@@ -49,16 +49,9 @@ class LineageRows:
     def live(self) -> int:
         return sum(s.live for s in self.segments)
 
-    def live_ids(self) -> np.ndarray:
-        return np.concatenate([s.live_positions() + s.first_row_id for s in self.segments])
-
-    def sample(self, n: int, seed: int) -> np.ndarray:
-        """n live row ids, uniformly over every segment."""
-        live = self.live_ids()
-        return live[sample_rows(len(live), n, seed)]
-
     def own_sample(self, n: int, seed: int) -> np.ndarray:
-        """n of the version's own rows (a delta's are never tombstoned by itself)."""
+        """n of the version's own rows, all live (a full version has no tombstones; a delta's only drop
+        its ancestors' rows)."""
         return sample_rows(self.own.rows, n, seed) + self.own.first_row_id
 
     def lineage_probes(self, own: np.ndarray, seed: int) -> np.ndarray:

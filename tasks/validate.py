@@ -218,25 +218,13 @@ def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str
 
 def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors,
                       checks: dict[str, Any]) -> tuple[float, float, float]:
-    """(self-retrieval rate, recall@10, share of lineage probes found). A full version: a sample of its rows,
-    against exact search over all of them. A delta measures the index it built (its own segment, queried by
-    its own rows, against exact search over them) and searches `LINEAGE_PROBES` rows through the whole
-    lineage: each ancestor's index was measured when it was validated and a merged search finds what each
-    segment's search finds, so exact search over every served row (O(corpus) per micro-delta) would
-    re-measure what is already known. The probes only have to show the merge answering (an approximate
-    ancestor may miss one; wrong row ids or a broken tombstone filter miss most)."""
-    params = lineage.manifest.index.search_params
-    if not lineage.manifest.is_delta:
-        ids = lineage.sample(floors.sample, floors.seed)
-        queries = lineage.gather(ids)
-        _, found = search_segments(lineage.segments, queries, 10)
-        gt_s, gt_i = exact_search_blocks(queries, lineage.blocks(), min(GT_K, lineage.live))
-        recall = recall_at_k(found, gt_i, gt_s, 10)
-        self_rate = _self_hits(lineage, ids, queries, found) / len(ids)
-        checks["self_retrieval"] = {"sample": len(ids), "hit_rate": round(self_rate, 4)}
-        checks["recall_at_10"] = {"sample": len(ids), "scope": "every live row", "recall": round(recall, 4),
-                                  "search_params": params}
-        return self_rate, recall, 1.0
+    """(self-retrieval rate, recall@10, share of lineage probes found): the index the version built (its own
+    segment; a full version has no other), queried by a sample of its rows, against exact search over them.
+    A delta also searches `LINEAGE_PROBES` rows through its whole lineage: each ancestor's index was measured
+    when it was validated and a merged search finds what each segment's search finds, so exact search over
+    every served row (O(corpus) per micro-delta) would re-measure what is already known. The probes only
+    have to show the merge answering (an approximate ancestor may miss one; wrong row ids or a broken
+    tombstone filter miss most)."""
     own = lineage.own
     ids = lineage.own_sample(floors.sample, floors.seed)
     queries = lineage.gather(ids)
@@ -244,14 +232,17 @@ def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors,
     gt_s, gt_i = exact_search_blocks(queries, lineage.blocks([own]), min(GT_K, own.live))
     recall = recall_at_k(found, gt_i, gt_s, 10)
     self_rate = _self_hits(lineage, ids, queries, found) / len(ids)
+    scope = "own rows" if lineage.manifest.is_delta else "every live row"
+    checks["self_retrieval"] = {"sample": len(ids), "scope": scope, "hit_rate": round(self_rate, 4)}
+    checks["recall_at_10"] = {"sample": len(ids), "scope": scope, "recall": round(recall, 4),
+                              "search_params": lineage.manifest.index.search_params}
+    if not lineage.manifest.is_delta:
+        return self_rate, recall, 1.0
     probes = lineage.lineage_probes(ids, floors.seed + 1)
     probe_queries = lineage.gather(probes)
     _, probe_found = search_segments(lineage.segments, probe_queries, 10)
     probe_rate = _self_hits(lineage, probes, probe_queries, probe_found) / len(probes) if len(probes) else 1.0
-    checks["self_retrieval"] = {"sample": len(ids), "scope": "own rows", "hit_rate": round(self_rate, 4)}
     checks["lineage_probes"] = {"probes": len(probes), "found": round(probe_rate, 4)}
-    checks["recall_at_10"] = {"sample": len(ids), "scope": "own rows", "recall": round(recall, 4),
-                              "search_params": params}
     return self_rate, recall, probe_rate
 
 

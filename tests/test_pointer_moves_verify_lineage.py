@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 import storage.cache
+import storage.verify
 from rag_model.server import create_app
 from storage.errors import Corrupt
 from storage.store import IndexStore
@@ -105,9 +106,9 @@ def test_a_move_hashes_only_what_changed_since_it_was_last_verified(store: Index
     """The ancestors' unchanged files are not read again on every move (a live micro-delta is promoted every
     few minutes over gigabytes of them), yet a change made after they were verified is still refused."""
     hashed: list[str] = []
-    local_hash, remote_hash = storage.cache.sha256_of_path, storage.cache.file_digest
+    local_hash, remote_hash = storage.cache.sha256_of_path, storage.verify.file_digest
     monkeypatch.setattr(storage.cache, "sha256_of_path", lambda path: hashed.append(path) or local_hash(path))
-    monkeypatch.setattr(storage.cache, "file_digest", lambda fs, path: hashed.append(path) or remote_hash(fs, path))
+    monkeypatch.setattr(storage.verify, "file_digest", lambda fs, path: hashed.append(path) or remote_hash(fs, path))
     fp = fingerprint_for(DIM)
     a = make_version(store, random_passages(40, seed=1), clustered_vectors(40, DIM, seed=1), fp)
     delta = commit_delta(store, a, ["20240102"])
