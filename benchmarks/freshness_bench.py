@@ -27,14 +27,22 @@ run); recall@10 of the day's last version against the fresh build (the same quer
 the same page and content hash, since row ids differ), and whether both serve the same passages; search p50/p99
 of single queries (k=10, `VersionIndex.search`, what `ragindex serve` answers with) at every version CURRENT held
 during the day, each point's queries interleaved one by one with the same queries on the fresh version (so load
-from other work on the machine hits both alike); per chunker, passages re-embedded per edit, passages per
+from other work on the machine hits both alike: the base, one segment like the fresh version, is the control
+that shows what is noise), and where a search's time goes at the worst point (its largest segment, the others,
+the rest); per chunker, passages re-embedded per edit, passages per
 article and hit@5 over the gensim excerpt's questions (`benchmarks.chunker_bench.compare`).
 
 Floors: recall within 0.005 of the fresh build; search p99 <= 1.2x the fresh version's at every point;
 compaction <= 15% of the reusing full build's wall; the default chunker re-embeds <= 25% of what DPR-exact
 chunking re-embeds per edit, with hit@5 no lower.
 
+Index `flat` by default (the live benchmark's), so both sides search exactly: recall below 1 means the day
+serves other passages than its end state. The base's vectors are seeded Gaussian clusters, those the day encodes
+MiniLM's (unit length), so inner-product top-10s are mostly base rows; the served-passages comparison covers
+every row.
+
     .venv/bin/python benchmarks/freshness_bench.py                                     # 100k passages, 144 runs
+    # a smoke run: 40 runs make about 27 deltas, so a lower segment budget makes compactions happen
     RAGINDEX_COMPACT_SEGMENTS=8 .venv/bin/python benchmarks/freshness_bench.py --passages 20000 --runs 40
 """
 
