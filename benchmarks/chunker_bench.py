@@ -105,13 +105,9 @@ def retrieval(chunker: str, corpus: dict, questions: list[dict]) -> tuple[dict[s
     return scores, len(texts), seconds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--edits", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=25)
-    ap.add_argument("--skip-retrieval", action="store_true")
-    args = ap.parse_args()
-
+def compare(edit_count: int = 300, seed: int = 25, with_retrieval: bool = True) -> dict[str, dict[str, float]]:
+    """Print the report (`main`'s) and return, per chunker: passages, per_article and per_edit (means), the
+    retrieval scores (`with_retrieval`) and the number of questions they are over."""
     corpus = articles()
     with open(QUESTIONS, encoding="utf-8") as f:
         questions = [json.loads(line) for line in f if line.strip()]
@@ -120,12 +116,12 @@ def main() -> None:
         raise SystemExit(f"questions name articles the excerpt does not keep: {missing}")
     print(f"excerpt: {gensim_excerpt().name}: {len(corpus)} articles kept; {len(questions)} questions")
 
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     names = sorted(corpus)
     all_sentences = [s for _, sections in corpus.values() for paras in sections for sents in paras for s in sents
                      if len(s.split()) >= 8]
     edits = []
-    for _ in range(args.edits):
+    for _ in range(edit_count):
         title = rng.choice(names)
         kind, after = edited(corpus[title][1], rng, rng.choice(all_sentences))
         edits.append((title, kind, after))
@@ -140,13 +136,14 @@ def main() -> None:
             new = sum(1 for h in hashes(page_id, title, text_of(after), chunker) if h not in old)
             per_edit.append(new)
             by_kind.setdefault(kind, []).append(new)
-        results[chunker] = {"per_edit": statistics.mean(per_edit)}
+        results[chunker] = {"per_edit": statistics.mean(per_edit), "per_article": statistics.mean(counts),
+                            "passages": sum(counts), "questions": len(questions)}
         print(f"\n[{chunker}] passages {sum(counts)}; per article mean {statistics.mean(counts):.1f}, "
               f"median {statistics.median(counts):.0f}, max {max(counts)}")
         print(f"[{chunker}] re-embedded per edit over {len(edits)} edits: mean {statistics.mean(per_edit):.2f}, "
               f"median {statistics.median(per_edit):.0f}, p90 {np.percentile(per_edit, 90):.0f}; by kind: "
               + ", ".join(f"{k} {statistics.mean(v):.2f} (n={len(v)})" for k, v in sorted(by_kind.items())))
-        if not args.skip_retrieval:
+        if with_retrieval:
             scores, n, seconds = retrieval(chunker, corpus, questions)
             results[chunker].update(scores)
             print(f"[{chunker}] " + "; ".join(f"{k} {v:.3f} ({round(v * len(questions))}/{len(questions)})"
@@ -155,10 +152,20 @@ def main() -> None:
 
     ratio = results["sections"]["per_edit"] / results["dpr"]["per_edit"]
     print(f"\nsections re-embeds {ratio:.1%} of dpr's passages per edit (floor: <= 25%)")
-    if not args.skip_retrieval:
+    if with_retrieval:
         for k in ("hit@5", "answer hit@5", "hit@1"):
             print(f"{k}: sections {results['sections'][k]:.3f} vs dpr {results['dpr'][k]:.3f}"
                   + (" (floor: no lower)" if k == "hit@5" else ""))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--edits", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=25)
+    ap.add_argument("--skip-retrieval", action="store_true")
+    args = ap.parse_args()
+    compare(args.edits, args.seed, not args.skip_retrieval)
 
 
 if __name__ == "__main__":

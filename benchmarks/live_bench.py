@@ -149,6 +149,7 @@ class Arm:
     build_s: float = 0.0
     store_url: str = ""
     kills: list[str] = field(default_factory=list)  # what each killed `ragindex refresh --live` was doing
+    outcomes: list[dict] = field(default_factory=list)  # each run's `refresh_index` result (version, compaction)
 
 
 def kill_live_run(args: list[str], env: dict, after_s: float, log: Path) -> str:
@@ -165,9 +166,11 @@ def kill_live_run(args: list[str], env: dict, after_s: float, log: Path) -> str:
 
 
 def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, work: Path,
-            kill_runs: frozenset[int] = frozenset(), name: str = "") -> Arm:
-    """Build the base, then one live run per window; before each run in `kill_runs`, a `ragindex refresh
-    --live` process of the same window is SIGKILLed at a random moment (the run after it resumes)."""
+            kill_runs: frozenset[int] = frozenset(), name: str = "", base: list[dict] | None = None,
+            spec: str = "flat") -> Arm:
+    """Build the base (`passages` random passages, or the `base` passages), then one live run per window;
+    before each run in `kill_runs`, a `ragindex refresh --live` process of the same window is SIGKILLed at a
+    random moment (the run after it resumes)."""
     from benchmarks.takedown_bench import build_store
     from flows.prefect_server import temporary_prefect_server
     from flows.refresh import refresh_index
@@ -177,8 +180,8 @@ def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, 
     articles = passages // PASSAGES_PER_ARTICLE
     arm = Arm(passages)
     started = time.perf_counter()
-    store = build_store(str(work / f"store-{passages}{name}"), passages, "flat", dump_date=dump.strftime("%Y%m%d"),
-                        pages=articles)
+    store = build_store(str(work / f"store-{passages}{name}"), passages if base is None else base, spec,
+                        dump_date=dump.strftime("%Y%m%d"), pages=articles)
     arm.build_s, arm.store_url = time.perf_counter() - started, store.url
     rng = random.Random(20)
     with temporary_prefect_server(work / f"prefect-{passages}{name}") as prefect_url, serve_eventstreams() as streams, \
@@ -188,13 +191,14 @@ def run_arm(passages: int, windows: list[Window], dump: datetime, encoder: str, 
             if k in kill_runs:
                 cli = [str(Path(sys.executable).parent / "ragindex"), "refresh", "--live", "--wiki", "enwiki",
                        "--store", store.url, "--streams", streams.url, "--api", api.url, "--encoder", encoder,
-                       "--encoder-kind", "mean", "--index-spec", "flat", "--allow-count-change"]
+                       "--encoder-kind", "mean", "--index-spec", spec, "--allow-count-change"]
                 env = {**os.environ, "PREFECT_API_URL": prefect_url, "PYTHONPATH": str(ROOT)}
                 arm.kills.append(kill_live_run(cli, env, rng.uniform(1.0, 15.0), work / f"killed-{k}.log"))
             t0 = time.perf_counter()
             out = refresh_index(wiki="enwiki", store_url=store.url, mode="live", streams_url=streams.url,
-                                api_url=api.url, encoder=encoder, encoder_kind="mean", index_spec="flat",
+                                api_url=api.url, encoder=encoder, encoder_kind="mean", index_spec=spec,
                                 allow_count_change=True)
+            arm.outcomes.append(out)
             wall = time.perf_counter() - t0
             arm.statuses[out["status"]] = arm.statuses.get(out["status"], 0) + 1
             if out["status"] not in ("promoted", "up-to-date"):
