@@ -224,6 +224,8 @@ def compact(
     version: str | None = typer.Argument(None, help="Delta version to compact (default: CURRENT)."),
     store_url: StoreOption = None,
     no_promote: bool = typer.Option(False, "--no-promote", help="Build and validate it, but leave CURRENT."),
+    keep_base: bool = typer.Option(False, "--keep-base", help="Merge only the segments above the lineage's base "
+                                   "into one on it (costs the live data, not the corpus); the base's tombstones stay."),
 ) -> None:
     """Merge a delta's segments into one version (no encoding, no retraining); promote it when it compacts
     CURRENT (compare-and-swap on the generation read, refused while a rollback hold is active)."""
@@ -235,13 +237,13 @@ def compact(
     target = version or (pointer.version if pointer else None)
     if target is None:
         raise Rejected("nothing is CURRENT: name the version to compact")
-    manifest = compact_version(store, target)
+    manifest = compact_version(store, target, keep_base=keep_base)
     if manifest.status != "ready":
         reason = manifest.validation.reason if manifest.validation else "validation failed"
         raise Rejected(f"compaction {manifest.version} of {target} was rejected: {reason}")
-    print(f"compacted {target} ({manifest.counts['segments_merged']} segments, "
+    print(f"compacted {target} ({manifest.counts['segments_merged']} segments{' above its base' if keep_base else ''}, "
           f"{manifest.counts['tombstones_dropped']} tombstoned rows dropped) into {manifest.version}: "
-          f"{manifest.counts['passages']} passages, nothing encoded")
+          f"{manifest.counts['passages']} passages of its own, nothing encoded")
     if no_promote or pointer is None or pointer.version != target:
         print(f"promote it with: ragindex promote {manifest.version}")
         return

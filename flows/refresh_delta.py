@@ -186,27 +186,30 @@ def promote_built(p: RefreshParams, steps: FlowSteps, store: IndexStore, plan: M
 
 
 def compact_if_due(p: RefreshParams, store: IndexStore, delta: Manifest) -> dict[str, Any] | None:
-    """After a delta is promoted: when its lineage is past the compaction budget (`RAGINDEX_COMPACT_SEGMENTS`,
-    `RAGINDEX_COMPACT_TOMBSTONE_SHARE`), merge it into one version and promote that on the generation the
-    delta's promote made. A failed compaction leaves the delta serving and the run successful; it says why."""
+    """After a delta is promoted: when its lineage is past the compaction budget (`RAGINDEX_COMPACT_SEGMENTS`:
+    the segments above its base are merged into one; `RAGINDEX_COMPACT_TOMBSTONE_SHARE`: everything is), compact
+    it and promote the compaction on the generation the delta's promote made. A failed compaction leaves the
+    delta serving and the run successful; it says why."""
     due = CompactionPolicy(p.compact_segments, p.compact_tombstone_share).due(delta)
     pointer = store.current()
     if due is None or pointer is None or pointer.version != delta.version:
         return None
     logger = get_run_logger()
-    logger.info("compacting %s: %s", delta.version, due)
+    logger.info("compacting %s%s: %s", delta.version, " above its base" if due.keep_base else "", due.reason)
     steps = Steps()
     try:
-        compacted = compact_version(store, delta.version, floors=p.floors(), canaries=p.canaries,
-                                    shard_rows=p.shard_rows, progress=False, steps=steps)
+        compacted = compact_version(store, delta.version, keep_base=due.keep_base, floors=p.floors(),
+                                    canaries=p.canaries, shard_rows=p.shard_rows, progress=False, steps=steps)
     except RagindexError as exc:
         logger.warning("compaction of %s failed: %s", delta.version, first_line(exc))
-        return {"status": "failed", "due": due, "reason": first_line(exc)}
+        return {"status": "failed", "due": due.reason, "reason": first_line(exc)}
     done = {"status": "rejected", "reason": compacted.validation.reason if compacted.validation else ""}
     if compacted.status == "ready":
-        done = promote_task(compacted.version, p, reason=f"refresh-index: compaction of {delta.version} ({due})",
+        done = promote_task(compacted.version, p,
+                            reason=f"refresh-index: compaction of {delta.version} ({due.reason})",
                             planned_generation=pointer.generation)
-    return {**done, "due": due, "version": compacted.version, "segments_merged": compacted.counts["segments_merged"],
+    return {**done, "due": due.reason, "above_base": due.keep_base, "version": compacted.version,
+            "segments_merged": compacted.counts["segments_merged"],
             "tombstones_dropped": compacted.counts["tombstones_dropped"], "timings": steps.timings}
 
 

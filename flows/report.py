@@ -92,7 +92,8 @@ def write_report(o: RefreshOutcome) -> None:
                      f"days applied: {days or 'none'}")
     if o.compaction:
         c = o.compaction
-        lines.append(f"- **compaction**: {c['status']} `{c.get('version')}` ({c['due']}; "
+        shape = " above the base" if c.get("above_base") else ""
+        lines.append(f"- **compaction**{shape}: {c['status']} `{c.get('version')}` ({c['due']}; "
                      f"{c.get('segments_merged', 0)} segments merged, {c.get('tombstones_dropped', 0)} tombstoned "
                      f"rows dropped){': ' + c['reason'] if c.get('reason') else ''}")
     if o.released_holds:

@@ -198,8 +198,9 @@ class Manifest(BaseModel):
     first_row_id: int = 0
     lineage: Lineage | None = None
     changes: dict[str, Any] = Field(default_factory=dict)  # what a delta added/changed/moved/dropped
-    # A compaction (tasks.compact_version): the delta whose segments this one version merges. It has no
-    # segments of its own, and that delta's lineage: it knows what the delta knows.
+    # A compaction (tasks.compact_version): the delta whose segments this version merges (all of them, or
+    # those above the base: then the base is its one segment). It has that delta's lineage: it knows what
+    # the delta knows.
     compacted_from: str | None = None
     # What made a delta other than adds-changes days: "takedown" (tasks.takedown), whose only change is
     # tombstoning the rows of pages taken down.

@@ -191,7 +191,7 @@ def publish_delta(store: IndexStore, version_id: str, parent: Manifest, ancestor
     ancestor row it no longer serves), its index, passage table and reuse hash table, then draft,
     validate, commit. A takedown version (`tasks.takedown`) comes here too, with no rows of its own."""
     tombstones = np.asarray(tombstones, dtype=np.int64)
-    _write_tombstones(store, version_id, tombstones)
+    write_tombstones(store, version_id, tombstones)
     info = steps.run("build", _build_files, store, version_id, ancestors, progress=progress)
 
     def draft_and_validate() -> Manifest:
@@ -256,6 +256,25 @@ def lineage_removals(manifests: Sequence[Manifest]) -> dict[int, tuple[int, str]
     return removed
 
 
+def net_changes(manifests: Sequence[Manifest]) -> dict[str, list[list[Any]]]:
+    """What `manifests` (oldest first) did to each page, as one version's `changes`: only each page's last
+    add/change/move (`added`, [page_id, title]) or removal (`removed`, [page_id, rev_id, title]). A compaction
+    records it for the versions it merges, so `lineage_removals` over a compacted lineage answers as over the
+    versions it merged: a page they removed stays removed, one they brought back stays served."""
+    last: dict[int, tuple[str, list[Any]]] = {}
+    for manifest in manifests:  # the order `lineage_removals` reads them in
+        changes = manifest.changes or {}
+        for page_id, *rest in [*changes.get("added", []), *changes.get("changed", []), *changes.get("moved", [])]:
+            last[int(page_id)] = ("added", [int(page_id), rest[-1] if rest else ""])
+        for page_id, rev_id, title in changes.get("removed", []):
+            last[int(page_id)] = ("removed", [int(page_id), int(rev_id), str(title)])
+    net: dict[str, list[list[Any]]] = {"added": [], "removed": []}
+    for page_id in sorted(last):
+        kind, entry = last[page_id]
+        net[kind].append(entry)
+    return net
+
+
 def _embed(store: IndexStore, version_id: str, ancestors: list[Manifest], spec: EncoderSpec, *, batch_size: int,
            precision: str, progress: bool, on_progress: Callable[[Progress], None] | None,
            progress_every_s: float) -> dict:
@@ -278,7 +297,8 @@ def _build_files(store: IndexStore, version_id: str, ancestors: list[Manifest], 
     return info
 
 
-def _write_tombstones(store: IndexStore, version_id: str, tombstones: np.ndarray) -> None:
+def write_tombstones(store: IndexStore, version_id: str, tombstones: np.ndarray) -> None:
+    """A staged delta's tombstones.npy: every ancestor row id it no longer serves, sorted."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(tombstones, dtype=np.int64), allow_pickle=False)
     with atomic_write(store.fs, store.version_path(version_id, layout.TOMBSTONES)) as f:

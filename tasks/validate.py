@@ -200,16 +200,20 @@ def _denied_problems(store, manifest: Manifest, lineage: LineageRows, checks: di
 
 
 def _lineage_problems(manifest: Manifest, lineage: LineageRows, checks: dict[str, Any]) -> list[str]:
-    """A delta's own checks: its rows continue its ancestors' ids, and tombstones only drop theirs."""
+    """A delta's own checks: its row ids come after its ancestors' (a compaction above the base skips those of
+    the segments it merged: a row id is never reused in a lineage), and tombstones only drop ancestors' rows."""
     problems = []
-    parent = lineage.segments[-2]
-    expected_first = parent.first_row_id + parent.rows
+    ancestors = lineage.segments[:-1]
+    starts = np.array([s.first_row_id for s in ancestors], dtype=np.int64)
+    ends = starts + np.array([s.rows for s in ancestors], dtype=np.int64)
     tombstones = lineage.tombstones
     checks["lineage"] = {"segments": len(lineage.segments), "tombstones": int(len(tombstones)),
                          "live_passages": lineage.live}
-    if manifest.first_row_id != expected_first:
-        problems.append(f"own rows start at row id {manifest.first_row_id}, its parent ends at {expected_first}")
-    if len(tombstones) and (tombstones[0] < 0 or tombstones[-1] >= manifest.first_row_id):
+    if manifest.first_row_id < ends[-1]:
+        problems.append(f"own rows start at row id {manifest.first_row_id}, inside its ancestors' (they end at "
+                        f"{ends[-1]})")
+    at = np.searchsorted(starts, tombstones, side="right") - 1
+    if len(tombstones) and ((at < 0).any() or (tombstones >= ends[np.maximum(at, 0)]).any()):
         problems.append("tombstones name row ids outside the ancestors' rows")
     if manifest.counts.get("live_passages") != lineage.live:
         problems.append(f"live passages {lineage.live} != the manifest's {manifest.counts.get('live_passages')}")

@@ -22,8 +22,9 @@ from storage import layout, retention
 from storage.errors import NotFound
 from storage.manifest import Lineage, Manifest
 from storage.store import IndexStore
-from tasks.compact_version import CompactionPolicy, NothingToCompact, compact_version
-from tasks.delta_version import build_delta_version
+from storage.verify import lineage_manifests
+from tasks.compact_version import CompactionPolicy, Due, NothingToCompact, compact_version
+from tasks.delta_version import build_delta_version, lineage_removals, net_changes
 from tasks.promote import promote_version, rollback_version
 from tests.fixtures.history import HistPage, history_xml
 from tests.fixtures.kills import child_env, kill_when, leftovers, staging_versions, stopping_at
@@ -82,6 +83,7 @@ def test_compaction_serves_the_same_rows_and_answers_from_one_segment(lineage):
     assert compacted.status == "ready" and not compacted.is_delta and compacted.segments == []
     assert compacted.compacted_from == delta.version and compacted.parent == delta.version
     assert compacted.lineage == delta.lineage and compacted.content == delta.content  # the same knowledge
+    assert compacted.changes == net_changes(lineage_manifests(store, delta))
     assert compacted.counts["passages"] == delta.live_passages
     assert compacted.counts["encoded"] == 0 and compacted.counts["segments_merged"] == 4
     assert compacted.counts["tombstones_dropped"] == delta.counts["tombstones"] > 0
@@ -157,13 +159,89 @@ def _manifest_with(segments: int, tombstones: int, live: int) -> Manifest:
                     lineage=Lineage(base_version="v0", base_dump="20240101"))
 
 
-def test_the_policy_says_when_a_lineage_is_due():
+def test_the_policy_says_when_a_lineage_is_due_and_how_to_compact_it():
     policy = CompactionPolicy(max_segments=32, max_tombstone_share=0.2, min_tombstones=21)
     assert policy.due(_manifest_with(32, 0, 100)) is None
-    assert "33 segments (budget 32)" in policy.due(_manifest_with(33, 0, 100))
+    assert policy.due(_manifest_with(33, 0, 100)) == Due("33 segments (budget 32)", keep_base=True)
     assert policy.due(_manifest_with(3, 20, 80)) is None
-    assert "21% of its rows are tombstoned" in policy.due(_manifest_with(3, 21, 79))
+    assert policy.due(_manifest_with(3, 21, 79)) == Due("21% of its rows are tombstoned (budget 20%)", keep_base=False)
+    # Past both budgets, the dead rows decide: only a merge of everything drops the base's.
+    assert policy.due(_manifest_with(40, 21, 79)).keep_base is False
     assert CompactionPolicy(min_tombstones=22).due(_manifest_with(3, 21, 79)) is None  # too few to be worth it
+    # One delta on its base is as small as a merge above the base can make it: past a budget of 1, merge all.
+    assert CompactionPolicy(max_segments=1).due(_manifest_with(2, 0, 100)).keep_base is False
+
+
+def test_compaction_above_the_base_shares_the_base_and_serves_the_same_answers(lineage, tmp_path, tiny_dpr):
+    store, base, deltas = lineage
+    delta = store.manifest(deltas[-1])
+    compacted = compact_version(store, delta.version, keep_base=True, progress=False)
+
+    assert compacted.status == "ready", compacted.validation
+    assert compacted.mode == "compaction" and compacted.compacted_from == delta.version
+    assert compacted.segments == delta.segments[:1] and compacted.segments[0].version == base  # the base, as pinned
+    assert compacted.lineage == delta.lineage and compacted.content == delta.content
+    assert compacted.first_row_id == delta.next_row_id  # row ids are never reused in a lineage
+    base_rows = store.manifest(base).counts["passages"]
+    tombstones = np.load(store.fs.open(store.version_path(delta.version, layout.TOMBSTONES), "rb"))
+    kept = np.load(store.fs.open(store.version_path(compacted.version, layout.TOMBSTONES), "rb"))
+    np.testing.assert_array_equal(kept, tombstones[tombstones < base_rows])  # only the base's dead rows stay
+    assert compacted.counts["tombstones_dropped"] == len(tombstones) - len(kept) > 0
+    assert compacted.counts["segments_merged"] == 3 and compacted.counts["encoded"] == 0
+    assert compacted.counts["passages"] == delta.live_passages - (base_rows - len(kept))
+    assert compacted.index.params["quantizer_reused"] and compacted.index.params["derived_from"] == base
+
+    before, after = VersionIndex.open(store, delta.version), VersionIndex.open(store, compacted.version)
+    assert len(after.segments) == 2 and after.size == before.size == compacted.live_passages
+    queries = _queries(delta.encoder.dim)
+    assert _answers(after, queries) == _answers(before, queries)
+
+    # It is a delta like any: the next one stacks on it, and gc frees the merged segments, never the base.
+    promote_version(store, compacted.version, actor="tests")
+    day, path = _day(tmp_path, "20240105", [HistPage(20, "Article 20", [(5006, _words("twenty"))])])
+    after_it = build_delta_version(store, compacted.version, [day], [path],
+                                   spec=EncoderSpec(str(tiny_dpr.ctx_dir), "dpr"), progress=False)
+    assert [s.version for s in after_it.segments] == [base, compacted.version]
+    promote_version(store, after_it.version, actor="tests")
+    report = retention.gc(store, keep=1)
+    assert sorted(report.deleted_versions) == sorted(deltas)
+    assert VersionIndex.open(store, after_it.version).size == after_it.live_passages
+    with pytest.raises(NothingToCompact, match="one segment on its base already"):
+        compact_version(store, compacted.version, keep_base=True, progress=False)
+
+
+@pytest.mark.parametrize("store_backend", ["local"], indirect=True)
+def test_ragindex_compact_keep_base_merges_above_the_base_and_promotes(lineage, store_url, tmp_path):
+    store, base, deltas = lineage
+    done = subprocess.run([str(Path(sys.executable).parent / "ragindex"), "compact", "--keep-base", "--store",
+                           store_url], env=child_env(RAGINDEX_CACHE_DIR=str(tmp_path / "cache")),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    compacted = store.manifest(store.current().version)
+    assert f"compacted {deltas[-1]} (3 segments above its base" in done.stdout
+    assert compacted.compacted_from == deltas[-1] and [s.version for s in compacted.segments] == [base]
+
+
+def _changes_of(version: str, changes: dict) -> Manifest:
+    return _manifest_with(1, 0, 1).model_copy(update={"version": version, "changes": changes, "segments": []})
+
+
+def test_a_compaction_carries_the_page_removals_of_the_versions_it_merges():
+    """A page a merged delta removed stays removed for the lineage (an older revision must not bring it back),
+    and one a later delta brought back stays served: `lineage_removals` answers the same over the compaction."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        manifests = []
+        for i in range(int(rng.integers(1, 6))):
+            changes: dict[str, list] = {"added": [], "changed": [], "moved": [], "removed": []}
+            for page in rng.choice(8, size=int(rng.integers(0, 5)), replace=False).tolist():
+                kind = ["added", "changed", "moved", "removed"][int(rng.integers(4))]
+                changes[kind].append([page, 100 * trial + i, f"P{page}"] if kind == "removed" else [page, f"P{page}"])
+            manifests.append(_changes_of(f"v{i}", changes))
+        want = lineage_removals(manifests)
+        assert lineage_removals([_changes_of("all", net_changes(manifests))]) == want
+        kept = manifests[:1]  # merged above the base: the base keeps its own changes
+        assert lineage_removals([*kept, _changes_of("tail", net_changes(manifests[1:]))]) == want
 
 
 @pytest.mark.parametrize("store_backend", ["local"], indirect=True)
@@ -201,6 +279,22 @@ def test_the_nightly_compacts_a_lineage_past_its_budget(prefect_api, mirror, tin
 
     idle = refresh_index(**common)
     assert idle["status"] == "up-to-date" and store.current().version == compacted.version
+
+    # Two more nights on a budget of 2: the second makes 3 segments, and only the two above the base merge.
+    monkeypatch.setenv("RAGINDEX_COMPACT_SEGMENTS", "2")
+    load_settings.cache_clear()
+    for date, page in (("20240103", pages[1]), ("20240104", pages[2])):
+        rev += 1
+        day = [HistPage(page.page_id, page.title, [(rev, page.text + f"\n\nA sentence of {date} .")])]
+        make_incr_day(mirror.root, "enwiki", date, history_xml("enwiki", day), maxrevid=rev)
+        night = refresh_index(**common)
+        assert night["status"] == "promoted" and night["mode"] == "delta"
+    compaction = night["compaction"]
+    assert compaction["status"] == "promoted" and compaction["above_base"] and "3 segments" in compaction["due"]
+    above = store.manifest(compaction["version"])
+    assert [s.version for s in above.segments] == [compacted.version] and above.compacted_from == night["version"]
+    assert store.current().version == above.version
+    assert _served(store, above.version) == _served(store, night["version"])
 
 
 def _holds(*patterns: str, without: tuple[str, ...] = ()) -> Callable[[IndexStore, str], bool]:

@@ -153,3 +153,31 @@ def test_canary_questions_through_the_question_encoder(tmp_path, minilm_dir):
     wrong.write_text(json.dumps({"question": "which bird cannot fly?", "title": "Chess"}) + "\n")
     result = validate_version(store, m, floors, canaries=str(wrong), question_encoder=question_encoder)
     assert not result.passed and "canary hit@1 0.000 < floor 1.0" in result.reason
+
+
+@pytest.mark.parametrize(("first_row_id", "tombstones", "problem"), [
+    (130, [5, 99, 119], None),  # a compaction above the base: its ids skip the merged segments' (100..129)
+    (110, [5], "own rows start at row id 110, inside its ancestors' (they end at 120)"),
+    (130, [5, 125], "tombstones name row ids outside the ancestors' rows"),  # 125: no segment holds it
+    (130, [-1], "tombstones name row ids outside the ancestors' rows"),
+])
+def test_a_delta_s_row_ids_come_after_its_ancestors_and_its_tombstones_name_their_rows(first_row_id, tombstones,
+                                                                                       problem):
+    from types import SimpleNamespace
+
+    import faiss
+
+    from rag_model.segments import Segment
+    from storage.manifest import IndexInfo
+    from tasks.validate import _lineage_problems
+
+    info = IndexInfo(spec="flat", factory="Flat", dim=4)
+    tombstones = np.array(tombstones, dtype=np.int64)
+    segments = [Segment("base", 0, 100, faiss.IndexFlatIP(4), info),
+                Segment("night", 100, 20, faiss.IndexFlatIP(4), info),
+                Segment("own", first_row_id, 10, faiss.IndexFlatIP(4), info)]
+    live = 130 - int(((tombstones >= 0) & (tombstones < 120)).sum())
+    manifest = SimpleNamespace(first_row_id=first_row_id, counts={"live_passages": live})
+    lineage = SimpleNamespace(segments=segments, tombstones=tombstones, live=live)
+    problems = _lineage_problems(manifest, lineage, {})
+    assert problems == ([problem] if problem else [])
