@@ -224,16 +224,18 @@ def query_vectors(store, version: str, n: int, seed: int = 10) -> np.ndarray:
 
 def paired_latency(index, fresh, queries: np.ndarray, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds per single-query search (k=K, with the hits' rows, as serving answers) on `index` and on `fresh`,
-    query by query, alternating which goes first, after a warm-up of both. Each query is timed `repeats` times
-    on each side and its best time kept: what the query costs, without the moments another process on this
-    shared 2-core machine took the CPU (those hit one side at random and made the p99 of 200 single timings
-    swing from 0.6x to 1.6x between two one-segment versions). The p99 is then over the queries' costs."""
+    query by query, alternating which goes first, after a warm-up of both. Each query is timed once a side in
+    each of `repeats` passes over all the queries, and its best time kept: what the query costs, without the
+    moments something else on this shared 2-core machine took the CPU or the GIL (the Prefect server process,
+    its client's log and event threads). Those hit one side at random and made the p99 of 200 single timings
+    swing from 0.6x to 1.6x between two one-segment versions; repeats in one go were all hit by one stall of
+    ~15 ms, so the passes spread them in time. The p99 is then over the queries' costs."""
     for ix in (index, fresh):
         ix.warm_up()
         ix.search(queries[:20], K)
     times = np.full((2, len(queries)), np.inf)
-    for i, q in enumerate(queries):
-        for r in range(repeats):
+    for r in range(repeats):
+        for i, q in enumerate(queries):
             order = (0, 1) if (i + r) % 2 == 0 else (1, 0)
             for which in order:
                 started = time.perf_counter()

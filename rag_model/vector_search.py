@@ -8,6 +8,8 @@ dimension sqrt(phi - ||d||^2) on the stored vectors, 0 on the query). Knows noth
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import faiss
@@ -116,17 +118,37 @@ def search(index: faiss.Index, info: IndexInfo, queries: np.ndarray, k: int) -> 
     if q.shape[1] != expected:
         raise ValueError(f"queries have dimension {q.shape[1]}, the index expects {expected}")
     apply_search_params(index, info)
-    if info.phi is not None:
-        d2, ids = index.search(augment_queries(q), k)
-        # ||q' - d'||^2 = ||q||^2 + phi - 2 q.d  ->  q.d = (||q||^2 + phi - d2) / 2
-        qnorm = np.einsum("ij,ij->i", q, q)[:, None]
-        scores = ((qnorm + info.phi - d2) / 2).astype(np.float32)
-    elif info.metric == "l2":
-        d2, ids = index.search(q, k)
-        scores = (-d2).astype(np.float32)  # higher is better, like inner products
-    else:
-        scores, ids = index.search(q, k)
-        scores = scores.astype(np.float32, copy=False)
+    with _threads_for(len(q)):
+        if info.phi is not None:
+            d2, ids = index.search(augment_queries(q), k)
+            # ||q' - d'||^2 = ||q||^2 + phi - 2 q.d  ->  q.d = (||q||^2 + phi - d2) / 2
+            qnorm = np.einsum("ij,ij->i", q, q)[:, None]
+            scores = ((qnorm + info.phi - d2) / 2).astype(np.float32)
+        elif info.metric == "l2":
+            d2, ids = index.search(q, k)
+            scores = (-d2).astype(np.float32)  # higher is better, like inner products
+        else:
+            scores, ids = index.search(q, k)
+            scores = scores.astype(np.float32, copy=False)
     ids = ids.astype(np.int64, copy=False)
     scores = np.where(ids < 0, np.float32(-np.inf), scores).astype(np.float32)
     return scores, ids
+
+
+@contextmanager
+def _threads_for(queries: int) -> Iterator[None]:
+    """One OpenMP thread for a single query. faiss parallelises a search over its queries, so a single query
+    leaves the rest of the team nothing to do but meet at the region's barrier, and a teammate whose core is
+    busy (another process, the encoder, a second request) is waited for: on a 2-core EPYC with one core busy,
+    one query through 20k flat rows took 16 ms (p50) with the default two threads and 1.1 ms with one; idle,
+    the same either way (`benchmarks/freshness_bench.py` saw it as a 16 ms p99 on every version). The setting
+    is the calling thread's own (an OpenMP ICV), so concurrent requests do not race on it."""
+    if queries != 1:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)

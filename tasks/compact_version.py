@@ -224,6 +224,6 @@ def _copy_live_vectors(store: IndexStore, new_id: str, segments: list[Segment], 
         record = write_embedding_shard(out.fs, out.path, shard["name"], np.ascontiguousarray(vectors),
                                        shard["sha256"], source.encoder.key, 0, source.encoder.model_id)
         records.append(EmbeddedShard(**record, seconds=0.0).dump())
-    if len(pending) or next(stream, None) is not None:
+    if len(pending) or any(len(more) for more in stream):  # a segment with no live rows yields an empty array
         raise Rejected(f"version {source.version}: its segments hold more vectors than live passages")
     write_embeddings_summary(out, source.encoder, records, source.question_encoder, 0.0)

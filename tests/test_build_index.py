@@ -221,3 +221,32 @@ def test_large_inverted_files_assign_through_an_hnsw_coarse_quantizer(tmp_path, 
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact.tolist(), strict=True)]) >= 0.9
     assert hnsw_coarse_quantizer(build(store, vid, "flat")[1]) is None
     assert index_spec.ivf_prefix(8) == "IVF8" and index_spec.ivf_prefix(16) == "IVF16_HNSW32"
+
+
+def test_a_single_query_is_searched_on_one_thread_and_a_batch_on_every_thread():
+    """A lone query cannot use a second OpenMP thread (faiss splits searches by query), only wait for it."""
+    import threading
+
+    from storage.manifest import IndexInfo
+
+    index = faiss.IndexFlatIP(8)
+    index.add(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    seen: list[int] = []
+
+    class Recording:  # the real index, with the thread count its search runs under noted
+        def search(self, q, k):
+            seen.append(faiss.omp_get_max_threads())
+            return index.search(q, k)
+
+    info = IndexInfo(spec="flat", factory="Flat", dim=8)
+    queries = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    default = faiss.omp_get_max_threads()
+    _, one = search(Recording(), info, queries[0], 3)
+    _, batch = search(Recording(), info, queries, 3)
+    assert seen == [1, default] and faiss.omp_get_max_threads() == default
+    np.testing.assert_array_equal(one[0], batch[0])
+    # Another thread's searches leave this thread's setting alone.
+    worker = threading.Thread(target=search, args=(Recording(), info, queries[1], 3))
+    worker.start()
+    worker.join()
+    assert seen[-1] == 1 and faiss.omp_get_max_threads() == default

@@ -222,6 +222,22 @@ def test_ragindex_compact_keep_base_merges_above_the_base_and_promotes(lineage, 
     assert compacted.compacted_from == deltas[-1] and [s.version for s in compacted.segments] == [base]
 
 
+@pytest.mark.parametrize("keep_base", [False, True])
+def test_a_lineage_ending_in_a_version_with_no_rows_of_its_own_compacts(lineage, keep_base):
+    """A takedown (or a removals-only delta) adds a segment of no rows: its empty vectors end the copy."""
+    from tasks.takedown import take_down
+
+    store, base, deltas = lineage
+    done = take_down(store, "Article 12", "a court order", actor="tests")
+    source = store.manifest(done.version)
+    assert source.counts["passages"] == 0 and len(source.segments) == 4
+    compacted = compact_version(store, source.version, keep_base=keep_base, progress=False)
+    assert compacted.status == "ready", compacted.validation
+    before, after = VersionIndex.open(store, source.version), VersionIndex.open(store, compacted.version)
+    assert after.size == before.size == source.live_passages
+    assert _answers(after, _queries(source.encoder.dim)) == _answers(before, _queries(source.encoder.dim))
+
+
 def _changes_of(version: str, changes: dict) -> Manifest:
     return _manifest_with(1, 0, 1).model_copy(update={"version": version, "changes": changes, "segments": []})
 
