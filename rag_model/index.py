@@ -4,7 +4,9 @@ Memory: the faiss index is read through `vector_search.read_index` with memory m
 passages through the memory-mapped `passages.arrow` (Arrow IPC file, uncompressed), so a row is
 looked up by `row_id` without the table ever being copied into the heap. Only the pages that
 searches and look-ups touch become resident, and they are file-backed: two versions side by side
-during a swap do not double anonymous memory.
+during a swap do not double anonymous memory. The one exception is bounded: the live rows of a delta
+lineage's small exact segments are copied into one in-memory index (at most
+`rag_model.segments.PACK_MAX_ROWS` rows), so that they cost one search instead of one each.
 
 Trust: every mapped file is a private read-only copy in the local file cache (`storage.cache`),
 verified against its manifest when it is opened, never the store's own file: a store file changed or
@@ -32,7 +34,7 @@ import numpy as np
 from transformers.models.rag.retrieval_rag import Index
 
 from rag_model.lineage import open_segments
-from rag_model.segments import Segment, search_segments
+from rag_model.segments import Segment, SegmentSearch
 from storage.cache import FileCache, PinnedFile
 from storage.catalog import LineageSummary
 from storage.denylist import denied_page_ids
@@ -84,6 +86,9 @@ class VersionIndex(Index):
         self.version = version
         self.manifest = manifest
         self._segments = segments
+        # Built here, once: the segment list never changes (a deny-list makes a new object), and packing
+        # the small delta segments costs a copy of their rows that no query should pay for.
+        self._search = SegmentSearch(segments)
         # Pages taken down (storage.denylist) whose rows this object drops at query time, and the object
         # as opened, before that: it owns the cache pins and is what a new deny-list is applied to.
         self.denied = denied
@@ -181,7 +186,7 @@ class VersionIndex(Index):
         queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise Rejected(f"query vectors have shape {queries.shape}; version {self.version} needs [n, {self.dim}]")
-        return search_segments(self._segments, queries, k)
+        return self._search.search(queries, k)
 
     def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
         scores, ids = self.search_ids(query_vectors, k)

@@ -3,11 +3,13 @@
 The segments are opened by `rag_model.lineage` exactly as serving opens them (the version's own files
 as its caller just checksummed them, its ancestors' checked against their manifests); this view adds
 what validation does with them: sample rows, gather vectors, stream every live vector for exact
-neighbours, and read passage columns (content hashes, titles) of given rows.
+neighbours, read passage columns (content hashes, titles) of given rows, and search the lineage through
+the same `SegmentSearch` serving builds, so the merge that is validated is the merge that is served.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Collection, Iterator
 
@@ -15,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rag_model.lineage import open_segments
-from rag_model.segments import Segment
+from rag_model.segments import Segment, SegmentSearch
 from rag_model.vectors import sample_rows
 from storage.manifest import Manifest
 from storage.store import IndexStore
@@ -48,6 +50,12 @@ class LineageRows:
     @property
     def live(self) -> int:
         return sum(s.live for s in self.segments)
+
+    @functools.cached_property
+    def segment_search(self) -> SegmentSearch:
+        """The whole lineage searched as serving searches it (built on first use: a full version's
+        validation never searches more than its own segment)."""
+        return SegmentSearch(self.segments)
 
     def own_sample(self, n: int, seed: int) -> np.ndarray:
         """n of the version's own rows, all live (a full version has no tombstones; a delta's only drop

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_model.segments import search_segments
+from rag_model.segments import SegmentSearch
 from rag_model.vectors import GT_K, exact_search_blocks, recall_at_k
 from storage import layout
 from storage.denylist import denied_page_ids
@@ -232,7 +232,8 @@ def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors,
     own = lineage.own
     ids = lineage.own_sample(floors.sample, floors.seed)
     queries = lineage.gather(ids)
-    _, found = search_segments([own], queries, 10)
+    # [own] alone: the index file this version built is what is measured (one segment is never packed)
+    _, found = SegmentSearch([own]).search(queries, 10)
     gt_s, gt_i = exact_search_blocks(queries, lineage.blocks([own]), min(GT_K, own.live))
     recall = recall_at_k(found, gt_i, gt_s, 10)
     self_rate = _self_hits(lineage, ids, queries, found) / len(ids)
@@ -244,7 +245,7 @@ def _retrieval_checks(lineage: LineageRows, floors: ValidationFloors,
         return self_rate, recall, 1.0
     probes = lineage.lineage_probes(ids, floors.seed + 1)
     probe_queries = lineage.gather(probes)
-    _, probe_found = search_segments(lineage.segments, probe_queries, 10)
+    _, probe_found = lineage.segment_search.search(probe_queries, 10)
     probe_rate = _self_hits(lineage, probes, probe_queries, probe_found) / len(probes) if len(probes) else 1.0
     checks["lineage_probes"] = {"probes": len(probes), "found": round(probe_rate, 4)}
     return self_rate, recall, probe_rate
@@ -295,7 +296,7 @@ def _canary_check(store, manifest: Manifest, lineage: LineageRows, floors: Valid
 
         question_encoder = question_encoder_for(manifest.encoder, manifest.question_encoder)
     vectors = question_encoder.encode([q for q, _ in items])
-    _, found = search_segments(lineage.segments, vectors, floors.canary_k)
+    _, found = lineage.segment_search.search(vectors, floors.canary_k)
     titles = lineage.column("title", found.reshape(-1))
     misses, hits = [], 0
     for (question, title), row in zip(items, found, strict=True):
