@@ -245,27 +245,34 @@ def paired_latency(index, fresh, queries: np.ndarray, repeats: int) -> tuple[lis
 
 
 def where_search_goes(index, queries: np.ndarray) -> str:
-    """Mean time per single query: the whole search (as `paired_latency` times it), and each segment's index
-    alone (`vector_search.search`, what `search_segments` asks every segment for); the rest is tombstone
-    filtering, merging and the hits' row look-ups."""
+    """Mean time per single query: the whole search (as `paired_latency` times it), and each index it asks
+    alone (`vector_search.search`): the segments searched on their own (`SegmentSearch.unpacked`, the largest
+    apart) and the packed index of the small exact ones; the rest is tombstone filtering, merging and the
+    hits' row look-ups."""
     from rag_model import vector_search
+    from storage.manifest import IndexInfo
 
-    segments = index.segments
-    whole, per = 0.0, np.zeros(len(segments))
+    plan = index._search  # the VersionIndex's SegmentSearch
+    alone = [(s.index, s.info, s.rows) for s in plan.unpacked]
+    if plan.packed is not None:
+        alone.append((plan.packed, IndexInfo(spec="flat", factory="Flat", dim=plan.packed.d), plan.packed.ntotal))
+    whole, per = 0.0, np.zeros(len(alone))
     for q in queries:
         started = time.perf_counter()
         index.search(q[None, :], K)
         whole += time.perf_counter() - started
-        for j, seg in enumerate(segments):
+        for j, (ix, info, _) in enumerate(alone):
             started = time.perf_counter()
-            vector_search.search(seg.index, seg.info, q[None, :], K)
+            vector_search.search(ix, info, q[None, :], K)
             per[j] += time.perf_counter() - started
     whole, per = whole / len(queries) * 1e3, per / len(queries) * 1e3
-    big = int(np.argmax([s.rows for s in segments]))
+    big = int(np.argmax([rows for *_, rows in alone]))
     others = float(per.sum() - per[big])
-    return (f"{whole:.2f} ms per query: its largest segment ({segments[big].rows:,} rows) {per[big]:.2f} ms, its "
-            f"{len(segments) - 1} other segments {others:.2f} ms ({others / max(len(segments) - 1, 1) * 1e3:.0f} us "
-            f"each), tombstones, merge and row look-ups {whole - per.sum():.2f} ms")
+    packed = (f"{len(index.segments) - len(plan.unpacked)} small exact segments packed into one index of "
+              f"{plan.packed.ntotal:,} live rows" if plan.packed is not None else "none packed")
+    return (f"{whole:.2f} ms per query: its largest index ({alone[big][2]:,} rows) {per[big]:.2f} ms, its "
+            f"{len(alone) - 1} other indexes {others:.2f} ms ({packed}), tombstones, merge and row look-ups "
+            f"{whole - per.sum():.2f} ms")
 
 
 def served_keys(hits) -> list[set[tuple[int, str]]]:
