@@ -154,7 +154,7 @@ def test_versions_json_hides_paths_without_the_token(client, console_store):
     assert client.get("/v1/history").json()["history"][0]["to_version"] == console_store.delta
 
 
-def test_actions_need_the_token_and_nothing_changes_on_get(client, console_store):
+def test_actions_need_the_token_and_nothing_changes_on_get(client, console_store, caplog):
     store = console_store.store
     before = store.current()
     body = {"version": console_store.full}
@@ -172,6 +172,19 @@ def test_actions_need_the_token_and_nothing_changes_on_get(client, console_store
     assert store.pinned() == set()
     r = client.post("/v1/admin/promote", json={"version": "enwiki-20990101-20990101t000000z"}, headers=auth)
     assert r.status_code == 404 and store.current() == before
+    # Every action an operator takes here is a serving event, like a rollback or a swap.
+    with caplog.at_level("INFO", logger="ragindex.serving"):
+        client.post("/v1/admin/pin", json=body, headers=auth)
+        client.post("/v1/admin/unpin", json=body, headers=auth)
+        assert client.post("/v1/admin/promote", json=body, headers=auth).status_code == 200
+        assert client.post("/v1/admin/promote", json={"version": before.version}, headers=auth).status_code == 200
+    logged = [(r.event, r.fields) for r in caplog.records if r.name == "ragindex.serving" and hasattr(r, "event")]
+    moves = [(f["from"], f["to"], f["actor"]) for e, f in logged if e == "promote"]
+    assert moves == [(before.version, console_store.full, "ragindex-console"),
+                     (console_store.full, before.version, "ragindex-console")]
+    assert [(e, f["version"]) for e, f in logged if e in ("pin", "unpin")] == [("pin", console_store.full),
+                                                                               ("unpin", console_store.full)]
+    assert store.current().version == before.version
 
 
 def test_history_page_shows_every_move(client, console_store):

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rag_model.console.data import ConsoleData
 from rag_model.redact import without_paths
+from rag_model.retriever import events
 
 MAX_QUERY_CHARS = 2000
+ACTOR = "ragindex-console"  # who the history and the serving events name for the console's actions
 
 
 class VersionRequest(BaseModel):
@@ -80,19 +82,31 @@ def api_router(data: ConsoleData, bearer: HTTPBearer, is_admin: Callable[[Any], 
     @router.post("/v1/admin/promote", tags=["admin"], dependencies=[Depends(require_admin)],
                  summary="Point CURRENT at a ready version (compare-and-swap) and swap to it")
     async def promote(body: VersionRequest) -> dict:
-        return await run_in_threadpool(lambda: moved(data.store.promote(
-            body.version, actor="ragindex-console", reason="POST /v1/admin/promote")))
+        def do() -> Any:
+            before = data.store.current()
+            pointer = data.store.promote(body.version, actor=ACTOR, reason="POST /v1/admin/promote")
+            events.warning("CURRENT promoted from %s to %s (generation %d)", before.version if before else None,
+                           pointer.version, pointer.generation, extra={"event": "promote", "fields": {
+                               "from": before.version if before else None, "to": pointer.version,
+                               "generation": pointer.generation, "actor": ACTOR}})
+            return pointer
+
+        return moved(await run_in_threadpool(do))
 
     @router.post("/v1/admin/pin", tags=["admin"], dependencies=[Depends(require_admin)],
                  summary="Keep a version through gc")
     async def pin(body: VersionRequest) -> dict:
         await run_in_threadpool(data.store.pin, body.version)
+        events.info("version %s pinned", body.version, extra={"event": "pin", "fields": {
+            "version": body.version, "actor": ACTOR}})
         return {"pinned": body.version}
 
     @router.post("/v1/admin/unpin", tags=["admin"], dependencies=[Depends(require_admin)],
                  summary="Let gc delete a version again")
     async def unpin(body: VersionRequest) -> dict:
         await run_in_threadpool(data.store.unpin, body.version)
+        events.info("version %s unpinned", body.version, extra={"event": "unpin", "fields": {
+            "version": body.version, "actor": ACTOR}})
         return {"unpinned": body.version}
 
     return router
