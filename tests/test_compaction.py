@@ -139,6 +139,7 @@ def test_gc_frees_merged_segments_only_when_no_kept_version_refers_to_them(linea
     assert VersionIndex.open(store, after.version).size == after.live_passages
 
 
+@pytest.mark.parametrize("store_backend", ["local"], indirect=True)  # refused before any file is read
 def test_only_a_ready_delta_is_compacted(lineage):
     store, base, _ = lineage
     with pytest.raises(NothingToCompact, match="one segment already"):
@@ -222,6 +223,7 @@ def test_ragindex_compact_keep_base_merges_above_the_base_and_promotes(lineage, 
     assert compacted.compacted_from == deltas[-1] and [s.version for s in compacted.segments] == [base]
 
 
+@pytest.mark.parametrize("store_backend", ["local"], indirect=True)  # the copy's logic; both stores run it above
 @pytest.mark.parametrize("keep_base", [False, True])
 def test_a_lineage_ending_in_a_version_with_no_rows_of_its_own_compacts(lineage, keep_base):
     """A takedown (or a removals-only delta) adds a segment of no rows: its empty vectors end the copy."""
