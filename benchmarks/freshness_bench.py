@@ -250,12 +250,11 @@ def where_search_goes(index, queries: np.ndarray) -> str:
     apart) and the packed index of the small exact ones; the rest is tombstone filtering, merging and the
     hits' row look-ups."""
     from rag_model import vector_search
-    from storage.manifest import IndexInfo
 
     plan = index._search  # the VersionIndex's SegmentSearch
     alone = [(s.index, s.info, s.rows) for s in plan.unpacked]
     if plan.packed is not None:
-        alone.append((plan.packed, IndexInfo(spec="flat", factory="Flat", dim=plan.packed.d), plan.packed.ntotal))
+        alone.append((plan.packed, plan.packed_info, plan.packed.ntotal))
     whole, per = 0.0, np.zeros(len(alone))
     for q in queries:
         started = time.perf_counter()

@@ -111,7 +111,7 @@ class SegmentSearch:
         packable = _packable(segments)
         self.packed: faiss.IndexFlatIP | None = None
         self.packed_row_ids = np.empty(0, dtype=np.int64)  # packed position -> global row id
-        self._packed_info: IndexInfo | None = None
+        self.packed_info: IndexInfo | None = None
         if len(packable) >= 2:
             vectors, row_ids = [], []
             for seg in packable:
@@ -122,7 +122,7 @@ class SegmentSearch:
             self.packed = faiss.IndexFlatIP(dim)
             self.packed.add(np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32))
             self.packed_row_ids = np.concatenate(row_ids).astype(np.int64, copy=False)
-            self._packed_info = IndexInfo(spec="flat", factory="Flat", dim=dim)
+            self.packed_info = IndexInfo(spec="flat", factory="Flat", dim=dim)
         in_pack = {id(seg) for seg in packable} if self.packed is not None else set()
         self.unpacked = [seg for seg in segments if id(seg) not in in_pack and seg.live > 0]
 
@@ -149,8 +149,8 @@ class SegmentSearch:
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
     def _search_packed(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        assert self.packed is not None and self._packed_info is not None
-        scores, positions = vector_search.search(self.packed, self._packed_info, q, min(k, self.packed.ntotal))
+        assert self.packed is not None and self.packed_info is not None
+        scores, positions = vector_search.search(self.packed, self.packed_info, q, min(k, self.packed.ntotal))
         # exact search over ntotal >= k rows fills every slot; the guard keeps a -1 a -1 regardless
         return scores, np.where(positions >= 0, self.packed_row_ids[np.maximum(positions, 0)], -1)
 
